@@ -1,0 +1,3 @@
+from ktr.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""A synthetic video reasoning task generated on the fly, in the Video-R1 schema (layer L2, no files).
+
+Each item is a short clip of coloured squares. The answer depends on what is shown *and* on frame order:
+- `direction`: one square moves across the frame; which way? (reversing the clip flips the answer)
+- `order`: two coloured squares appear one after the other; which colour came first?
+So the visual probe (hide the video) and the temporal probe (shuffle the frames) both have something to find.
+Items are a pure function of (seed, index): a dataset of any length costs no memory and no disk.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 40),
+}
+DIRECTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
+TaskKind = Literal["direction", "order"]
+
+
+@dataclass
+class SyntheticSpec:
+    """Shape of the synthetic clips."""
+
+    num_frames: int = 8
+    """Raw frames per clip (the frame sampler then picks min(max_frames, ...) of them)."""
+    size: int = 56
+    """Frame height and width in pixels (a multiple of 28 needs no resize)."""
+    fps: float = 4.0
+    """Nominal frame rate of the raw clip."""
+    square: int = 14
+    """Side of the moving square in pixels."""
+    kinds: tuple[str, ...] = ("direction", "order")
+    """Question kinds to mix."""
+
+
+def _blank(spec: SyntheticSpec) -> Tensor:
+    return torch.full((spec.num_frames, 3, spec.size, spec.size), 16, dtype=torch.uint8)  # [F, 3, H, W]
+
+
+def _paint(frames: Tensor, f: int, y: int, x: int, side: int, colour: tuple[int, int, int]) -> None:
+    frames[f, :, y: y + side, x: x + side] = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)
+
+
+def render_direction(spec: SyntheticSpec, direction: str, colour: str, lane: int) -> Tensor:
+    """A square crossing the frame in `direction`; `lane` picks the fixed coordinate. `[F, 3, H, W]` uint8."""
+    frames = _blank(spec)
+    span = spec.size - spec.square
+    for f in range(spec.num_frames):
+        step = round(span * f / max(1, spec.num_frames - 1))
+        pos = {"left to right": (lane, step), "right to left": (lane, span - step),
+               "top to bottom": (step, lane), "bottom to top": (span - step, lane)}[direction]
+        _paint(frames, f, pos[0], pos[1], spec.square, COLOURS[colour])
+    return frames
+
+
+def render_order(spec: SyntheticSpec, first: str, second: str, y: int, x: int) -> Tensor:
+    """`first` colour shown in the first half of the clip, `second` in the second half."""
+    frames = _blank(spec)
+    half = spec.num_frames // 2
+    for f in range(spec.num_frames):
+        _paint(frames, f, y, x, spec.square, COLOURS[first if f < half else second])
+    return frames
+
+
+def make_item(seed: int, index: int, spec: SyntheticSpec, render: bool = True) -> tuple[dict, Tensor | None]:
+    """Row in the Video-R1 schema (multiple choice) and its raw frames `[F, 3, H, W]` uint8 (None if not `render`)."""
+    rng = random.Random(seed * 1_000_003 + index)
+    kind = spec.kinds[rng.randrange(len(spec.kinds))]
+    span = spec.size - spec.square
+    if kind == "direction":
+        answer_text = rng.choice(DIRECTIONS)
+        colour, lane = rng.choice(list(COLOURS)), rng.randrange(span + 1)
+        frames = render_direction(spec, answer_text, colour, lane) if render else None
+        problem = "In which direction does the square move?"
+        choices = list(DIRECTIONS)
+    elif kind == "order":
+        first, second = rng.sample(list(COLOURS), 2)
+        y, x = rng.randrange(span + 1), rng.randrange(span + 1)
+        frames = render_order(spec, first, second, y, x) if render else None
+        problem = "Which colour appears first?"
+        choices, answer_text = list(COLOURS), first
+    else:
+        raise ValueError(f"unknown synthetic kind {kind!r}; expected one of ('direction', 'order')")
+    letters = "ABCD"
+    options = [f"{letters[i]}. {c}" for i, c in enumerate(choices)]
+    row = {
+        "problem_id": f"synthetic-{seed}-{index}",
+        "problem": problem,
+        "data_type": "video",
+        "problem_type": "multiple choice",
+        "options": options,
+        "solution": f"<answer>{letters[choices.index(answer_text)]}</answer>",
+        "path": f"synthetic://{seed}/{index}",
+        "data_source": f"synthetic/{kind}",
+    }
+    return row, frames

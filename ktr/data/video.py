@@ -1,0 +1,338 @@
+"""Video and image decoding, frame sampling and resizing (layer L2: torch, decord, PIL; no torchvision).
+
+The rules are those of qwen-vl-utils as vendored by the released Video-R1/Video-KTR code
+(KTR_SPEC.md section 5), re-implemented on plain torch so that the package never needs torchvision:
+
+- ``smart_nframes``/``sample_frame_indices``: how many frames and which ones;
+- ``smart_resize``: the per-frame size, both sides multiples of 28, area within pixel bounds;
+- video frames are resized like ``torchvision.transforms.functional.resize(uint8, BICUBIC,
+  antialias=True)`` (float32 interpolation, clamp to [0, 255], round, back to uint8);
+- images are resized by PIL with BICUBIC like qwen-vl-utils' ``fetch_image``.
+
+Frames stay uint8 after resizing. qwen-vl-utils calls ``.float()`` on the rounded uint8 result, so its
+values are integers in [0, 255]; Hugging Face's image processor then rescales them exactly as it rescales
+uint8, hence keeping uint8 gives bit-identical ``pixel_values`` at a quarter of the memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FRAME_FACTOR = 2
+"""Sampled frame counts are multiples of this (Qwen2.5-VL's temporal patch size)."""
+IMAGE_FACTOR = 28
+"""Frame sides are multiples of this (spatial patch 14 x merge 2)."""
+MAX_RATIO = 200
+"""Largest aspect ratio smart_resize accepts (qwen-vl-utils and Hugging Face)."""
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+"""qwen-vl-utils' default total pixel budget of one video (90,316,800), also in the released KTR code."""
+MEMORY_PATH = "<memory>"
+"""``VideoClip.path`` of clips built from in-memory frames."""
+
+
+class MediaDecodeError(RuntimeError):
+    """A media file exists but cannot be decoded (empty, corrupt, no frames). Never replaced by other data."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)  # both in ``args`` so the error pickles across DataLoader workers
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot decode {self.path!r}: {self.reason}"
+
+
+@dataclass
+class VideoSettings:
+    """How videos are sampled and resized (qwen-vl-utils rules, KTR_SPEC.md section 5)."""
+
+    fps: float = 2.0
+    """Frames sampled per second of video, before clamping to [min_frames, max_frames]."""
+    min_frames: int = 4
+    """Fewest frames sampled from a video (rounded up to a multiple of 2)."""
+    max_frames: int = 16
+    """Most frames sampled from a video (rounded down to a multiple of 2, and to the video's length)."""
+    min_pixels: int = 128 * 28 * 28
+    """Smallest area (pixels) of a sampled frame after resizing."""
+    max_pixels: int = 128 * 28 * 28
+    """Per-frame area cap (pixels); the effective cap is max(min(max_pixels, total_pixels / nframes * 2),
+    int(min_pixels * 1.05)), as in qwen-vl-utils."""
+    total_pixels: int = VIDEO_TOTAL_PIXELS
+    """Pixel budget of the whole sampled video (qwen-vl-utils' VIDEO_TOTAL_PIXELS default)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"VideoSettings.fps must be a positive number, got {self.fps}")
+        if self.min_frames < 1:
+            raise ValueError(f"VideoSettings.min_frames must be >= 1, got {self.min_frames}")
+        if self.max_frames < FRAME_FACTOR:
+            raise ValueError(f"VideoSettings.max_frames must be >= {FRAME_FACTOR}, got {self.max_frames}")
+        _check_pixels("VideoSettings", self.min_pixels, self.max_pixels)
+        if self.total_pixels <= 0:
+            raise ValueError(f"VideoSettings.total_pixels must be positive, got {self.total_pixels}")
+
+    def frame_max_pixels(self, nframes: int) -> float:
+        """Effective per-frame area cap for a clip of ``nframes`` frames (may be a float, as upstream)."""
+        budget = self.total_pixels / nframes * FRAME_FACTOR
+        return max(min(self.max_pixels, budget), int(self.min_pixels * 1.05))
+
+
+@dataclass
+class ImageSettings:
+    """How images are resized (released KTR run: qwen-vl-utils image bounds)."""
+
+    min_pixels: int = 4 * 28 * 28
+    """Smallest image area (pixels) after resizing."""
+    max_pixels: int = 256 * 28 * 28
+    """Largest image area (pixels) after resizing."""
+
+    def __post_init__(self) -> None:
+        _check_pixels("ImageSettings", self.min_pixels, self.max_pixels)
+
+
+def _check_pixels(owner: str, min_pixels: int, max_pixels: int) -> None:
+    if min_pixels <= 0 or max_pixels < min_pixels:
+        raise ValueError(f"{owner}: need 0 < min_pixels <= max_pixels, got {min_pixels=} {max_pixels=}")
+
+
+@dataclass
+class VideoClip:
+    """Sampled, resized frames of one video."""
+
+    frames: Tensor  # [F, 3, H, W] uint8, already resized to smart_resize dims (H, W multiples of 28)
+    sample_fps: float  # frames per second of the sampled clip: F / total_frames * video_fps
+    indices: list[int]  # [F] indices of the sampled frames in the source video
+    path: str  # source file, or MEMORY_PATH for in-memory frames
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+def _round_by(x: float, factor: int) -> int:
+    return round(x / factor) * factor
+
+
+def _ceil_by(x: float, factor: int) -> int:
+    return math.ceil(x / factor) * factor
+
+
+def _floor_by(x: float, factor: int) -> int:
+    return math.floor(x / factor) * factor
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: float = 4 * 28 * 28,
+    max_pixels: float = 16384 * 28 * 28,
+) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor``, aspect ratio kept, area within the bounds.
+
+    Same float operations as qwen-vl-utils, so results agree bit for bit. Like qwen-vl-utils, the
+    scaled-down size is not re-checked against ``min_pixels`` (360x640 at 100352..105369 gives 224x420,
+    94080 px). Only deviation: a side floored to 0 on the shrinking branch becomes ``factor`` (as in
+    Hugging Face's copy), where upstream would produce an unusable 0.
+
+    >>> smart_resize(360, 640, min_pixels=128 * 28 * 28, max_pixels=105369)
+    (224, 420)
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"smart_resize: height and width must be positive, got {height}x{width}")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_RATIO}, got {ratio} ({height}x{width})")
+    h_bar = max(factor, _round_by(height, factor))
+    w_bar = max(factor, _round_by(width, factor))
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, _floor_by(height / beta, factor))
+        w_bar = max(factor, _floor_by(width / beta, factor))
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = _ceil_by(height * beta, factor)
+        w_bar = _ceil_by(width * beta, factor)
+    return h_bar, w_bar
+
+
+# ------------------------------------------------------------------------------------------- frames
+
+
+def smart_nframes(
+    total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4, max_frames: int = 16
+) -> int:
+    """Number of frames to sample: ``total/video_fps*fps`` clamped to [ceil2(min_frames),
+    floor2(min(max_frames, total))], then floored to a multiple of 2 (qwen-vl-utils ``smart_nframes``).
+
+    >>> smart_nframes(491, 22.29)  # 44.06 frames at 2 fps, capped at 16
+    16
+    """
+    if total_frames < FRAME_FACTOR:
+        raise ValueError(f"a video needs at least {FRAME_FACTOR} frames to be sampled, got {total_frames}")
+    if not (math.isfinite(video_fps) and video_fps > 0):
+        raise ValueError(f"video_fps must be a positive number, got {video_fps}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps}")
+    if min_frames < 1 or max_frames < FRAME_FACTOR:
+        raise ValueError(f"need min_frames >= 1 and max_frames >= {FRAME_FACTOR}, got {min_frames=} {max_frames=}")
+    lo = _ceil_by(min_frames, FRAME_FACTOR)
+    hi = _floor_by(min(max_frames, total_frames), FRAME_FACTOR)
+    nframes = total_frames / video_fps * fps
+    # upper bound applied last, as upstream: a video shorter than min_frames gets all it has (even count)
+    nframes = min(min(max(nframes, lo), hi), total_frames)
+    return _floor_by(nframes, FRAME_FACTOR)
+
+
+def sample_frame_indices(
+    total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4, max_frames: int = 16
+) -> list[int]:
+    """Indices of the sampled frames: ``linspace(0, total_frames - 1, nframes).round()``.
+
+    ``nframes`` comes from :func:`smart_nframes`; the clip's ``sample_fps`` is
+    ``nframes / total_frames * video_fps``. Raises ValueError for fewer than 2 frames or bad rates.
+
+    >>> sample_frame_indices(10, 30.0)  # 0.67 frames at 2 fps -> min_frames=4
+    [0, 3, 6, 9]
+    """
+    nframes = smart_nframes(total_frames, video_fps, fps, min_frames, max_frames)
+    # float32 linspace + round-half-even, exactly as qwen-vl-utils (torch default dtype there)
+    grid = torch.linspace(0, total_frames - 1, nframes, dtype=torch.float32)
+    return grid.round().long().tolist()
+
+
+def resize_frames(frames: Tensor, height: int, width: int) -> Tensor:
+    """Resize ``frames`` [F, 3, H, W] uint8 to [F, 3, height, width] uint8.
+
+    Same arithmetic as torchvision's tensor ``resize(..., BICUBIC, antialias=True)`` on uint8 (the call
+    in qwen-vl-utils): float32 interpolation, clamp (bicubic overshoots), round, cast.
+    """
+    if frames.shape[-2:] == (height, width):
+        return frames.contiguous()  # bicubic-AA at scale 1 is the identity (checked in the tests)
+    out = F.interpolate(frames.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def _check_frames(frames: Tensor) -> None:
+    if not isinstance(frames, Tensor) or frames.dim() != 4 or frames.shape[1] != 3:
+        shape = tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__
+        raise ValueError(f"frames must be a [F, 3, H, W] tensor, got {shape}")
+    if frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+
+
+def _make_clip(
+    frames: Tensor, indices: list[int], total_frames: int, video_fps: float, settings: VideoSettings, path: str
+) -> VideoClip:
+    """Resize sampled ``frames`` [F, 3, H, W] uint8 with the per-frame cap for F frames."""
+    nframes, _, height, width = frames.shape
+    max_pixels = settings.frame_max_pixels(nframes)
+    new_h, new_w = smart_resize(height, width, IMAGE_FACTOR, settings.min_pixels, max_pixels)
+    sample_fps = nframes / total_frames * video_fps
+    return VideoClip(resize_frames(frames, new_h, new_w), sample_fps, indices, path)
+
+
+def frames_from_array(frames: Tensor, video_fps: float, settings: VideoSettings) -> VideoClip:
+    """Sample and resize in-memory frames [F, 3, H, W] uint8 exactly like a decoded video of F frames."""
+    _check_frames(frames)
+    indices = sample_frame_indices(frames.shape[0], video_fps, settings.fps, settings.min_frames, settings.max_frames)
+    return _make_clip(frames[indices], indices, frames.shape[0], video_fps, settings, MEMORY_PATH)
+
+
+def _require_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"{what} file not found", str(path))
+    if p.stat().st_size == 0:
+        raise MediaDecodeError(str(path), "file is empty (0 bytes)")
+    return p
+
+
+def load_video(path: str, settings: VideoSettings) -> VideoClip:
+    """Decode the sampled frames of a video file with decord and resize them.
+
+    Raises FileNotFoundError for a missing file and :class:`MediaDecodeError` for an empty, corrupt or
+    frameless one; never returns substitute frames.
+    """
+    import decord  # runtime dependency; imported here so `import ktr` stays light
+
+    _require_file(path, "video")
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        total_frames, video_fps = len(reader), float(reader.get_avg_fps())
+    except (RuntimeError, decord.DECORDError) as e:  # decord raises both for unreadable input
+        raise MediaDecodeError(str(path), f"decord cannot open it ({e})") from e
+    if total_frames < FRAME_FACTOR:
+        raise MediaDecodeError(str(path), f"{total_frames} frame(s); at least {FRAME_FACTOR} are needed")
+    if not (math.isfinite(video_fps) and video_fps > 0):
+        raise MediaDecodeError(str(path), f"invalid frame rate {video_fps}")
+    indices = sample_frame_indices(total_frames, video_fps, settings.fps, settings.min_frames, settings.max_frames)
+    try:
+        batch = reader.get_batch(indices).asnumpy()  # [F, H, W, 3] uint8
+    except (RuntimeError, decord.DECORDError) as e:
+        raise MediaDecodeError(str(path), f"decoding frames {indices} failed ({e})") from e
+    frames = torch.from_numpy(batch).permute(0, 3, 1, 2)  # [F, 3, H, W]
+    return _make_clip(frames, indices, total_frames, video_fps, settings, str(path))
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def _to_rgb(image):  # PIL.Image -> PIL.Image (RGB)
+    from PIL import Image
+
+    if image.mode == "RGBA":  # composite on white like qwen-vl-utils' to_rgb; other modes just convert
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    return image.convert("RGB")
+
+
+def _resize_pil(image, settings: ImageSettings) -> Tensor:
+    """PIL RGB image -> [3, H, W] uint8 at smart_resize dims (PIL BICUBIC, as qwen-vl-utils' fetch_image)."""
+    from PIL import Image
+
+    width, height = image.size
+    new_h, new_w = smart_resize(height, width, IMAGE_FACTOR, settings.min_pixels, settings.max_pixels)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    array = np.array(image, dtype=np.uint8)  # [H, W, 3], a writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str, settings: ImageSettings) -> Tensor:
+    """Load an image file as [3, H, W] uint8 RGB at smart_resize dims.
+
+    No EXIF rotation, as in qwen-vl-utils (the released pipeline). Raises FileNotFoundError for a
+    missing file and :class:`MediaDecodeError` for an unreadable one.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    _require_file(path, "image")
+    try:
+        with Image.open(path) as raw:
+            raw.load()  # decode now so truncated files fail here, not later
+            image = _to_rgb(raw)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise MediaDecodeError(str(path), f"PIL cannot read it ({type(e).__name__}: {e})") from e
+    return _resize_pil(image, settings)
+
+
+def image_from_array(image, settings: ImageSettings) -> Tensor:
+    """Resize an in-memory image (``[3, H, W]`` uint8 tensor or PIL image) like :func:`load_image`."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return _resize_pil(_to_rgb(image), settings)
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        desc = f"{tuple(image.shape)} {image.dtype}" if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be a [3, H, W] uint8 tensor or a PIL image, got {desc}")
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())  # [H, W, 3] -> RGB
+    return _resize_pil(pil, settings)

@@ -1,0 +1,141 @@
+"""The one forward path every scoring and training pass goes through (layer L2).
+
+Hugging Face's Qwen2.5-VL forward encodes the media of every row, so G completions of one video re-encode it
+G times. Here the vision tower runs once per pass on the B distinct media (images and videos in a single call,
+so every rank makes the same calls whatever its mix), the features are scattered into the G rows that share
+them, 3D rotary positions are computed from `mm_token_type_ids` (without it transformers silently falls back
+to 1D positions), and only the decoder trunk runs on the N rows. Log-probs come from the final hidden states
+through the chunked projection of `ktr.fused`, so no pass materialises `[N, T, V]` logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from ktr.policy import core
+from ktr.types import PromptBatch, Rollout
+
+
+@dataclass
+class VisionFeatures:
+    """Merged vision features of the B prompts' media, in prompt order."""
+
+    per_prompt: list[Tensor]  # B tensors [n_tokens_b, H]
+
+
+def encode_media(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> VisionFeatures:
+    """Run the vision tower once on all media (`pixel_values` [sum P, D], `grid_thw` [B, 3])."""
+    visual = core(model).model.visual
+    out = visual(pixel_values.to(visual.dtype if hasattr(visual, "dtype") else pixel_values.dtype),
+                 grid_thw=grid_thw)
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    merge = visual.spatial_merge_size
+    sizes = (grid_thw.prod(-1) // merge**2).tolist()
+    return VisionFeatures(per_prompt=list(torch.split(feats, sizes)))
+
+
+def rope_positions(model: nn.Module, input_ids: Tensor, mm_token_type_ids: Tensor, attention_mask: Tensor,
+                   batch: PromptBatch, prompt_index: Tensor) -> Tensor:
+    """3D rotary positions `[3, N, S]` for N rows whose media is `batch.media[prompt_index[i]]`.
+
+    Tokens with attention mask 0 are skipped, so hiding every vision token re-indexes the text after it as if
+    the media were absent (the released visual probe's behaviour).
+    """
+    m = core(model).model
+    is_video = batch.is_video[prompt_index]  # [N]
+    grids = batch.grid_thw[prompt_index]  # [N, 3]
+    # Rows whose media tokens are all masked consume no grid, so only pass grids of rows that still see media.
+    visible = ((mm_token_type_ids > 0) & attention_mask.bool()).any(-1)  # [N]
+    img_rows, vid_rows = visible & ~is_video, visible & is_video
+    kwargs = {}
+    if img_rows.any():
+        kwargs["image_grid_thw"] = grids[img_rows]
+    if vid_rows.any():
+        kwargs["video_grid_thw"] = grids[vid_rows]
+        kwargs["second_per_grid_ts"] = batch.second_per_grid_ts[prompt_index][vid_rows]
+    if not kwargs:  # no media visible anywhere: plain 1D positions over unmasked tokens
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos.unsqueeze(0).expand(3, -1, -1)
+    if not hasattr(m, "get_rope_index"):
+        raise TypeError(f"{type(m).__name__} has no get_rope_index; not a Qwen-VL model")
+    pos, _ = m.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask,
+                              **kwargs)
+    return pos
+
+
+def sequence_embeddings(model: nn.Module, input_ids: Tensor, features: VisionFeatures, prompt_index: Tensor,
+                        mm_token_type_ids: Tensor, zero_vision: Tensor | None = None) -> Tensor:
+    """Token embeddings `[N, S, H]` with each row's placeholders replaced by its prompt's vision features.
+
+    `zero_vision` `[N, S]` bool zeroes those vision positions (the `zero_embeddings` perturbation).
+    """
+    embed = core(model).get_input_embeddings()
+    embeds = embed(input_ids)  # [N, S, H]
+    row_feats = torch.cat([features.per_prompt[p] for p in prompt_index.tolist()])  # [n_vision_tokens, H]
+    is_vision = (mm_token_type_ids > 0).unsqueeze(-1)  # [N, S, 1]
+    if row_feats.shape[0] != int(is_vision.sum()):
+        raise ValueError(f"{int(is_vision.sum())} vision placeholders but {row_feats.shape[0]} vision features")
+    embeds = embeds.masked_scatter(is_vision, row_feats.to(embeds.dtype))
+    if zero_vision is not None:
+        embeds = embeds.masked_fill(zero_vision.unsqueeze(-1), 0.0)
+    return embeds
+
+
+@dataclass
+class SequenceView:
+    """What a pass sees of the N sequences: ids, masks and positions (perturbations edit copies of these)."""
+
+    input_ids: Tensor  # [N, S]
+    attention_mask: Tensor  # [N, S]
+    mm_token_type_ids: Tensor  # [N, S]
+    position_ids: Tensor  # [3, N, S]
+    prompt_index: Tensor  # [N]
+
+    @classmethod
+    def of(cls, model: nn.Module, rollout: Rollout, batch: PromptBatch) -> SequenceView:
+        pos = rope_positions(model, rollout.input_ids, rollout.mm_token_type_ids, rollout.attention_mask, batch,
+                             rollout.prompt_index)
+        return cls(rollout.input_ids, rollout.attention_mask, rollout.mm_token_type_ids, pos, rollout.prompt_index)
+
+
+def completion_hidden(model: nn.Module, view: SequenceView, features: VisionFeatures, completion_length: int,
+                      zero_vision: Tensor | None = None) -> Tensor:
+    """Final hidden states `[N, T, H]` at the positions that predict the T completion tokens."""
+    embeds = sequence_embeddings(model, view.input_ids, features, view.prompt_index, view.mm_token_type_ids,
+                                 zero_vision)
+    lm = core(model).model.language_model
+    out = lm(inputs_embeds=embeds, attention_mask=view.attention_mask, position_ids=view.position_ids,
+             use_cache=False)
+    hidden = out.last_hidden_state  # [N, S, H]
+    s = hidden.shape[1]
+    return hidden[:, s - completion_length - 1: s - 1]
+
+
+def output_projection(model: nn.Module) -> nn.Module:
+    """The `lm_head` module (its weight may be sharded or 4-bit; callers go through ktr.fused)."""
+    return core(model).lm_head
+
+
+def completion_logps(model: nn.Module, hidden: Tensor, completion_ids: Tensor, valid: Tensor,
+                     chunk_size: int | None = 1024, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs `[N, T]` of the sampled tokens (and full-vocabulary entropy `[N, T]`, no grad) from `hidden`.
+
+    `chunk_size=None` is the naive path (full logits), kept for comparison and tests; otherwise the output
+    projection runs in token chunks (`ktr.fused`), only on `valid` tokens, never materialising `[N, T, V]`.
+    Positions outside `valid` hold 0.
+    """
+    from ktr import fused
+
+    head = output_projection(model)
+    if chunk_size is None:
+        logps, ent = fused.naive_token_logps_entropy(hidden, head.weight, completion_ids, bias=head.bias,
+                                                     with_entropy=with_entropy)
+        zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+        return logps.where(valid, zero), (ent.where(valid, zero) if ent is not None else None)
+    fn = partial(fused.token_logps_entropy, tokens=completion_ids, mask=valid, chunk_size=chunk_size,
+                 with_entropy=with_entropy)
+    return fused.call_with_head(head, hidden, fn)

@@ -1,0 +1,199 @@
+"""Policy loading: any Qwen2.5-VL / Qwen2-VL checkpoint, or the built-in `tiny` model (layer L2).
+
+Both paths end in the same `Policy` object (model + processor + token ids); everything after construction
+(LoRA, 4-bit, gradient checkpointing, freezing) is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ktr.data.processor import PatchSettings, VisionLanguageProcessor
+
+log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the built-in random-init Qwen2.5-VL (real tokenizer and vocabulary, tiny trunk)."""
+
+    hidden_size: int = 64
+    """Width of the language model."""
+    num_layers: int = 2
+    """Decoder layers of the language model."""
+    num_heads: int = 4
+    """Attention heads (head dim = hidden_size / num_heads; must be divisible by 4 for 3D rotary sections)."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 128
+    """MLP width of the language model."""
+    vision_depth: int = 2
+    """Blocks of the vision tower."""
+    vision_hidden_size: int = 32
+    """Width of the vision tower."""
+    vision_heads: int = 2
+    """Attention heads of the vision tower."""
+    tie_word_embeddings: bool = True
+    """Share input embedding and output projection (halves the tiny model's size)."""
+    seed: int = 0
+    """Seed of the random initialisation (independent of the global seed)."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the language model's linear layers (vision tower untouched unless targeted)."""
+
+    r: int = 64
+    """Adapter rank."""
+    alpha: int = 128
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module name suffixes to adapt; matched inside the language model only."""
+
+
+@dataclass
+class PolicyConfig:
+    """Which model to train and how to load it."""
+
+    name_or_path: str = "tiny"
+    """`tiny` (built-in random model), a local checkpoint directory, or a hub id (needs network)."""
+    dtype: DType = "float32"
+    """Parameter dtype at load time (mixed precision is the Trainer's `precision`)."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    """Attention kernel of the language model and vision tower."""
+    trust_remote_code: bool = False
+    """Allow code shipped with a checkpoint to run. Off by default: only turn on for checkpoints you trust."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when loading by hub id."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the `tiny` model (ignored for real checkpoints)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in backward to save memory."""
+    freeze_vision: bool = False
+    """Keep the vision tower frozen (the released run trains it)."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of the full model; the reference is the base with adapters disabled."""
+
+
+@dataclass
+class Policy:
+    """A loaded policy: the model and what is needed to feed it."""
+
+    model: nn.Module
+    processor: VisionLanguageProcessor
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+
+def tiny_config(cfg: TinyModelConfig):
+    """A Qwen2.5-VL config with the real vocabulary and special-token ids and a tiny trunk."""
+    from transformers import Qwen2_5_VLConfig
+
+    head_dim = cfg.hidden_size // cfg.num_heads
+    if cfg.hidden_size % cfg.num_heads or head_dim % 4:
+        raise ValueError(f"tiny: hidden_size/num_heads = {head_dim} must be an integer divisible by 4")
+    half = head_dim // 2  # 3D rotary sections (temporal, height, width) must sum to head_dim / 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    text = dict(
+        vocab_size=151936, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section},
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    vision = dict(
+        depth=cfg.vision_depth, hidden_size=cfg.vision_hidden_size, intermediate_size=2 * cfg.vision_hidden_size,
+        num_heads=cfg.vision_heads, out_hidden_size=cfg.hidden_size, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, tokens_per_second=2, window_size=112,
+        fullatt_block_indexes=[cfg.vision_depth - 1],
+    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                            vision_start_token_id=151652, vision_end_token_id=151653,
+                            tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def _build_tiny(cfg: PolicyConfig):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ktr.tokenizer import build_qwen2_tokenizer
+
+    config = tiny_config(cfg.tiny)
+    config._attn_implementation = cfg.attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.tiny.seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model.to(_DTYPES[cfg.dtype]), build_qwen2_tokenizer(), PatchSettings()
+
+
+def _load_pretrained(cfg: PolicyConfig):
+    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    kw = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    config = AutoConfig.from_pretrained(cfg.name_or_path, **kw)
+    classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
+    if config.model_type not in classes:
+        raise ValueError(f"{cfg.name_or_path}: model_type {config.model_type!r} is not supported; "
+                         f"expected one of {sorted(classes)}")
+    model = classes[config.model_type].from_pretrained(
+        cfg.name_or_path, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **kw)
+    tokenizer.padding_side = "left"
+    patch = PatchSettings.from_pretrained(cfg.name_or_path) if Path(cfg.name_or_path).is_dir() else PatchSettings()
+    return model, tokenizer, patch
+
+
+def load_policy(cfg: PolicyConfig) -> Policy:
+    """Build or load the model and its processor, then apply the shared post-construction steps."""
+    model, tokenizer, patch = _build_tiny(cfg) if cfg.name_or_path == "tiny" else _load_pretrained(cfg)
+    model.config.use_cache = True
+    if cfg.freeze_vision:
+        vision_tower(model).requires_grad_(False)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:
+            model.enable_input_require_grads()
+    processor = VisionLanguageProcessor(tokenizer, image_token_id=core(model).config.image_token_id,
+                                        video_token_id=core(model).config.video_token_id, patch=patch)
+    return Policy(model=model, processor=processor)
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    """Wrap with peft LoRA on the language model only (the regex keeps adapters out of the vision tower)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "|".join(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=rf".*language_model.*\.({targets})")
+    return get_peft_model(model, config)
+
+
+def core(model: nn.Module) -> nn.Module:
+    """The `*ForConditionalGeneration` module under any wrapper (peft, torch.compile)."""
+    while not hasattr(model, "lm_head"):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            raise TypeError(f"{type(model).__name__} has no lm_head; not a Qwen-VL policy")
+    return model
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    return core(model).model.visual

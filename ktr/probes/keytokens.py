@@ -1,0 +1,127 @@
+"""Key-token attribution: run the enabled probes, select per signal, combine (layer L2, KTR_SPEC 1-2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ktr.data.processor import VisionLanguageProcessor
+from ktr.forward import SequenceView, VisionFeatures
+from ktr.probes.select import combine_masks, select_scope
+from ktr.probes.temporal import temporal_scores
+from ktr.probes.visual import visual_scores
+from ktr.types import PromptBatch
+
+SIGNALS = ("visual", "temporal", "entropy")
+
+
+@dataclass
+class SignalConfig:
+    """One attribution signal."""
+
+    enabled: bool = True
+    """Use this signal."""
+    ratio: float = 0.2
+    """Fraction of valid tokens per pool this signal selects (the top (1 - ratio) quantile and above)."""
+
+
+@dataclass
+class KeyTokenConfig:
+    """Which tokens receive gradient. `enabled: false` is vanilla GRPO (every valid token)."""
+
+    enabled: bool = True
+    """Video-KTR key-token masking; false gives vanilla GRPO with the same module."""
+    visual: SignalConfig = field(default_factory=SignalConfig)
+    """Visual-aware signal (counterfactual: media hidden)."""
+    temporal: SignalConfig = field(default_factory=SignalConfig)
+    """Temporal-aware signal (frames perturbed); video samples only."""
+    entropy: SignalConfig = field(default_factory=SignalConfig)
+    """Entropy of the policy's next-token distribution."""
+    visual_perturbation: Literal["attention_mask", "zero_embeddings", "random_half", "identity"] = "attention_mask"
+    """How the media is hidden for the visual probe (released: attention_mask)."""
+    temporal_perturbation: Literal["shuffle", "reverse", "segment_shuffle", "identity"] = "shuffle"
+    """How frames are perturbed for the temporal probe (released: shuffle)."""
+    scope: Literal["group", "sequence", "batch"] = "group"
+    """Pool of the quantile: the G completions of a prompt (released), each sequence, or the whole batch."""
+    combine: Literal["union", "intersection"] = "union"
+    """How per-signal masks combine (released: union)."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not any(getattr(self, s).enabled for s in SIGNALS):
+            raise ValueError("key_tokens.enabled is true but every signal is disabled; enable one or set "
+                             "key_tokens.enabled: false for vanilla GRPO")
+        for s in SIGNALS:
+            r = getattr(self, s).ratio
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"key_tokens.{s}.ratio must be in [0, 1], got {r}")
+
+
+@dataclass
+class KeyTokens:
+    """The key-token mask `M` and what produced it."""
+
+    mask: Tensor  # [N, T] bool
+    masks: dict[str, Tensor]  # signal -> [N, T] bool
+    scores: dict[str, Tensor]  # signal -> [N, T] float (0 outside valid)
+
+
+def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tensor, cfg: KeyTokenConfig,
+                      group_size: int) -> KeyTokens:
+    """Threshold each signal at its quantile within the pool and combine.
+
+    `valid` `[N, T]` bool, `video_rows` `[N]` bool. The temporal signal pools only video rows' tokens; image rows
+    combine visual and entropy only.
+    """
+    masks: dict[str, Tensor] = {}
+    for name, s in scores.items():
+        eligible = valid & video_rows.unsqueeze(-1) if name == "temporal" else valid
+        masks[name] = select_scope(s, eligible, getattr(cfg, name).ratio, cfg.scope, group_size)
+    if cfg.combine == "union" or "temporal" not in masks or len(masks) == 1:
+        mask = combine_masks(list(masks.values()), cfg.combine)
+    else:  # intersection: image rows have no temporal signal, intersect the others there
+        others = combine_masks([m for k, m in masks.items() if k != "temporal"], "intersection")
+        mask = torch.where(video_rows.unsqueeze(-1), others & masks["temporal"], others)
+    return KeyTokens(mask=mask & valid, masks=masks, scores=scores)
+
+
+@torch.no_grad()
+def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, view: SequenceView,
+              features: VisionFeatures, completion_ids: Tensor, valid: Tensor, base_logps: Tensor,
+              entropy: Tensor | None, cfg: KeyTokenConfig, group_size: int, chunk_size: int | None = 1024) -> KeyTokens:
+    """Run the enabled probes on the current policy and return the key tokens.
+
+    `base_logps` / `entropy` `[N, T]` come from the policy pass already made; the visual probe adds one decoder
+    pass (no vision call), the temporal probe one vision call and one decoder pass.
+    """
+    if not cfg.enabled:
+        return KeyTokens(mask=valid.clone(), masks={}, scores={})
+    scores: dict[str, Tensor] = {}
+    if cfg.visual.enabled:
+        scores["visual"] = visual_scores(model, batch, view, features, completion_ids, valid, base_logps,
+                                         cfg.visual_perturbation, chunk_size)
+    if cfg.temporal.enabled:
+        scores["temporal"] = temporal_scores(model, processor, batch, view, features, completion_ids, valid,
+                                             base_logps, cfg.temporal_perturbation, chunk_size)
+    if cfg.entropy.enabled:
+        if entropy is None:
+            raise ValueError("the entropy signal needs the policy pass's entropy")
+        scores["entropy"] = entropy.masked_fill(~valid, 0.0)
+    return select_key_tokens(scores, valid, batch.is_video[view.prompt_index], cfg, group_size)
+
+
+@torch.no_grad()
+def key_token_stats(kt: KeyTokens, valid: Tensor) -> dict[str, Tensor]:
+    """Fractions of valid tokens selected per signal and in `M`, pairwise overlaps (|a & b| / valid), mean scores."""
+    n = valid.sum().clamp(min=1).float()
+    out = {"frac_key": (kt.mask & valid).sum() / n}
+    for name, m in kt.masks.items():
+        out[f"frac_{name}"] = (m & valid).sum() / n
+        out[f"score_{name}"] = kt.scores[name][valid].float().mean() if valid.any() else torch.zeros(())
+    names = sorted(kt.masks)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            out[f"overlap_{a}_{b}"] = (kt.masks[a] & kt.masks[b] & valid).sum() / n
+    return out

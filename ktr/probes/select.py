@@ -1,0 +1,143 @@
+"""Key-token selection (layer L1), KTR spec section 2.
+
+For one attribution signal, a token is key when its score reaches the ``1 - ratio`` quantile of its pool:
+``thr = torch.quantile(scores[valid & finite], 1 - ratio)`` (linear interpolation) and
+``mask = valid & finite & (scores >= thr)``. The released pool is the group (all valid tokens of the G
+completions of one prompt). Signals are then combined by union.
+
+The quantile is computed here by one batched sort over all pools instead of ``torch.quantile`` per
+pool: it reproduces ``torch.quantile`` exactly (same float rank arithmetic and ``torch.lerp``, checked by
+the tests), handles every pool at once, and has no 2**24-element input limit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from ktr.ops import check_mask, upcast
+
+__all__ = ["COMBINERS", "SCOPES", "combine_masks", "pooled_quantile", "select_scope", "select_top_ratio"]
+
+Scope = Literal["group", "sequence", "batch"]
+Combine = Literal["union", "intersection"]
+
+# torch.quantile converts the row length to the input's float dtype; beyond 2**24 float32 cannot hold
+# every integer (torch.quantile refuses such inputs), so ranks are computed in float64 there.
+_EXACT_FLOAT32_INT = 2**24
+
+
+def pooled_quantile(values: Tensor, keep: Tensor, q: float) -> Tensor:
+    """Per-row ``torch.quantile(values[p][keep[p]], q)``, linear interpolation, for every row at once.
+
+    Args:
+        values: ``[P, L]`` floating scores (one pool per row).
+        keep: ``[P, L]`` bool, entries that belong to the pool.
+        q: quantile level in ``[0, 1]``.
+    Returns:
+        ``[P]`` thresholds in ``values``' dtype; NaN for a row with no kept entry.
+    """
+    p, length = values.shape
+    if length == 0:
+        return values.new_full((p,), float("nan"))
+    nan = torch.tensor(float("nan"), dtype=values.dtype, device=values.device)
+    ordered = torch.sort(torch.where(keep, values, nan), dim=-1).values  # [P, L], NaN sorted last
+    count = keep.sum(dim=-1, keepdim=True)  # [P, 1]
+    rank_dtype = values.dtype if length <= _EXACT_FLOAT32_INT else torch.float64
+    # As torch.quantile: q becomes a tensor of the input dtype, rank = q * (n - 1) in that dtype.
+    ranks = (torch.tensor(q, dtype=rank_dtype, device=values.device) * (count - 1)).clamp_min(0)  # [P, 1]
+    below = ranks.long()  # ranks >= 0, so truncation is floor
+    above = ranks.ceil().long()
+    weight = (ranks - below).to(values.dtype)
+    low, high = ordered.gather(-1, below), ordered.gather(-1, above)  # [P, 1] each
+    return torch.lerp(low, high, weight).squeeze(-1)  # [P]
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio <= 1.0:  # also rejects NaN
+        raise ValueError(f"`ratio` must be in [0, 1], got {ratio!r}")
+
+
+def select_top_ratio(scores: Tensor, valid: Tensor, ratio: float, group_size: int | None = None) -> Tensor:
+    """Boolean mask of the top-``ratio`` tokens of each pool (released Video-KTR rule).
+
+    Args:
+        scores: ``[N, T]`` attribution scores (any float dtype; bf16/fp16 are upcast to float32).
+        valid: ``[N, T]`` bool completion tokens.
+        ratio: fraction to keep, in ``[0, 1]`` (released: 0.2).
+        group_size: ``None`` pools all rows together; ``G`` pools consecutive blocks of ``G`` rows
+            (``N % G == 0``), the released per-prompt group; ``1`` makes every row its own pool.
+    Returns:
+        ``[N, T]`` bool: ``valid & isfinite(scores) & (scores >= thr_pool)``.
+
+    Behaviour at the edges, all following the quantile rule rather than a token count:
+        * non-finite scores (nan, +-inf) are never selected and are left out of the quantile;
+        * a pool without a valid finite token selects nothing;
+        * ``ratio = 1``: the threshold is the pool minimum, so every valid finite token is kept;
+        * ``ratio = 0``: the threshold is the pool maximum, so the max-valued token(s) are kept, not none
+          (this is what ``torch.quantile(..., 1.0)`` in the released code does);
+        * ties at the threshold are all kept, so more than ``ratio`` of the pool can be selected.
+    """
+    _check_ratio(ratio)
+    if scores.dim() != 2:
+        raise ValueError(f"`scores` must be [N, T], got shape {tuple(scores.shape)}")
+    check_mask(valid, scores, "valid")
+    n, t = scores.shape
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or n % group_size):
+        raise ValueError(f"`group_size` must be a positive int dividing N={n}, got {group_size!r}")
+    x = upcast(scores)  # [N, T]
+    keep = valid & torch.isfinite(x)  # [N, T]
+    if n == 0 or t == 0:
+        return keep
+    g = n if group_size is None else group_size
+    thr = pooled_quantile(x.reshape(n // g, g * t), keep.reshape(n // g, g * t), 1.0 - ratio)  # [N // G]
+    thr = thr.repeat_interleave(g).unsqueeze(-1)  # [N, 1]
+    return keep & (x >= thr)  # an empty pool has thr = NaN, and x >= NaN is False
+
+
+def _group_scope(group_size: int | None) -> int:
+    if group_size is None:
+        raise ValueError("scope 'group' needs `group_size` (G completions per prompt)")
+    return group_size
+
+
+# scope name -> pool size passed to select_top_ratio (None = one pool for the whole batch)
+SCOPES: dict[str, Callable[[int | None], int | None]] = {
+    "group": _group_scope,
+    "sequence": lambda group_size: 1,
+    "batch": lambda group_size: None,
+}
+
+
+def select_scope(
+    scores: Tensor,
+    valid: Tensor,
+    ratio: float,
+    scope: Scope = "group",
+    group_size: int | None = None,
+) -> Tensor:
+    """:func:`select_top_ratio` with the pool named: ``group`` (released; needs ``group_size``),
+    ``sequence`` (each row alone) or ``batch`` (all rows of this call). Returns ``[N, T]`` bool."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown selection scope {scope!r}; valid: {sorted(SCOPES)}")
+    return select_top_ratio(scores, valid, ratio, group_size=SCOPES[scope](group_size))
+
+
+COMBINERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "union": torch.logical_or,
+    "intersection": torch.logical_and,
+}
+
+
+def combine_masks(masks: list[Tensor], how: Combine = "union") -> Tensor:
+    """Combine per-signal key-token masks (each ``[N, T]`` bool); released: union ``M_V | M_E | M_T``."""
+    if how not in COMBINERS:
+        raise ValueError(f"unknown mask combination {how!r}; valid: {sorted(COMBINERS)}")
+    if not masks:
+        raise ValueError("combine_masks needs at least one mask")
+    for i, m in enumerate(masks):
+        check_mask(m, masks[0], f"masks[{i}]")
+    return functools.reduce(COMBINERS[how], masks)

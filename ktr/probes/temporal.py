@@ -1,0 +1,98 @@
+"""Temporal-aware probe: `s_T = log p(y | frames) - log p(y | perturbed frames)` (layer L2, KTR_SPEC 1.2).
+
+The decoded frames are permuted *before* patching (so the two frames of a temporal patch are mixed too) and
+re-encoded by the vision tower: once per prompt, not once per completion. Image rows get the identity and a
+score of exactly 0 (they are excluded from temporal selection). Every call runs exactly one vision-tower
+call and one decoder pass over all rows, whatever the mix of images and videos, so ranks stay in step.
+
+Permutations (registry `TEMPORAL_PERTURBATIONS`) draw from the global torch RNG by default: one uniform
+permutation per video per step, reproducible under `seed_everything`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ktr.data.processor import VisionLanguageProcessor
+from ktr.forward import SequenceView, VisionFeatures, completion_hidden, completion_logps, encode_media
+from ktr.types import PromptBatch
+
+# num_frames, generator -> permutation [F] long
+FramePermutation = Callable[[int, torch.Generator | None], Tensor]
+
+
+def _shuffle(n: int, gen: torch.Generator | None) -> Tensor:
+    return torch.randperm(n, generator=gen)
+
+
+def _reverse(n: int, gen: torch.Generator | None) -> Tensor:
+    return torch.arange(n - 1, -1, -1)
+
+
+def segment_permutation(n: int, gen: torch.Generator | None, segment: int = 4) -> Tensor:
+    """Permute consecutive segments of `segment` frames (the last one may be shorter), order kept inside."""
+    blocks = list(torch.arange(n).split(segment))
+    order = torch.randperm(len(blocks), generator=gen).tolist()
+    return torch.cat([blocks[i] for i in order])
+
+
+def _identity(n: int, gen: torch.Generator | None) -> Tensor:
+    return torch.arange(n)
+
+
+TEMPORAL_PERTURBATIONS: dict[str, FramePermutation] = {
+    "shuffle": _shuffle,
+    "reverse": _reverse,
+    "segment_shuffle": segment_permutation,
+    "identity": _identity,
+}
+
+
+def get_temporal_perturbation(name: str) -> FramePermutation:
+    if name not in TEMPORAL_PERTURBATIONS:
+        raise ValueError(f"unknown temporal perturbation {name!r}; valid: {sorted(TEMPORAL_PERTURBATIONS)}")
+    return TEMPORAL_PERTURBATIONS[name]
+
+
+def perturbed_features(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
+                       features: VisionFeatures, perturbation: str,
+                       generator: torch.Generator | None = None) -> VisionFeatures:
+    """Features with every video's frames permuted and re-encoded; images keep their features.
+
+    One vision-tower call: the permuted videos, or, on a batch without videos, the images (identity), so that
+    every rank makes the same call.
+    """
+    permute = get_temporal_perturbation(perturbation)
+    is_video = [m.kind == "video" for m in batch.media]
+    chosen = [i for i, v in enumerate(is_video) if v] or list(range(len(batch.media)))
+    frames = [batch.media[i].frames[permute(len(batch.media[i].frames), generator)] if is_video[i]
+              else batch.media[i].frames for i in chosen]
+    sub = _select(batch, chosen)
+    pixels, grids = processor.repatch(sub, frames)
+    fresh = encode_media(model, pixels.to(batch.pixel_values.device), grids.to(batch.grid_thw.device))
+    per_prompt = list(features.per_prompt)
+    for i, f in zip(chosen, fresh.per_prompt):
+        per_prompt[i] = f
+    return VisionFeatures(per_prompt)
+
+
+def _select(batch: PromptBatch, idx: list[int]) -> PromptBatch:
+    from dataclasses import replace
+
+    return replace(batch, grid_thw=batch.grid_thw[idx], media=[batch.media[i] for i in idx])
+
+
+@torch.no_grad()
+def temporal_scores(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
+                    view: SequenceView, features: VisionFeatures, completion_ids: Tensor, valid: Tensor,
+                    base_logps: Tensor, perturbation: str = "shuffle", chunk_size: int | None = 1024,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """`s_T` `[N, T]`: 0 outside `valid` and on image rows."""
+    feats = perturbed_features(model, processor, batch, features, perturbation, generator)
+    hidden = completion_hidden(model, view, feats, completion_ids.shape[1])
+    logps, _ = completion_logps(model, hidden, completion_ids, valid, chunk_size)
+    video_rows = batch.is_video[view.prompt_index].unsqueeze(-1)  # [N, 1]
+    return (base_logps - logps).masked_fill(~(valid & video_rows), 0.0)

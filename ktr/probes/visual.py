@@ -1,0 +1,75 @@
+"""Visual-aware probe: `s_V = log p(y | video) - log p(y | video hidden)` (layer L2, KTR_SPEC section 1.1).
+
+Perturbations (registry `VISUAL_PERTURBATIONS`) edit a copy of the sequence view; the vision features are
+reused, so this probe never calls the vision tower.
+- `attention_mask` (released): attention mask 0 on every vision placeholder; 3D positions are recomputed from
+  the mask, so the text after the media is re-indexed as if the media were absent.
+- `zero_embeddings`: vision embeddings set to zero, mask and positions kept.
+- `random_half`: a random half of each row's vision tokens masked out, positions kept.
+- `identity`: nothing hidden (scores are exactly zero; for tests and sanity checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ktr.forward import SequenceView, VisionFeatures, completion_hidden, completion_logps, rope_positions
+from ktr.types import PromptBatch
+
+# view, model, batch, generator -> (perturbed view, zero-vision mask [N, S] or None)
+VisualPerturbation = Callable[[SequenceView, nn.Module, PromptBatch, torch.Generator | None],
+                              tuple[SequenceView, Tensor | None]]
+
+
+def _identity(view, model, batch, gen):
+    return view, None
+
+
+def _attention_mask(view, model, batch, gen):
+    mask = view.attention_mask.masked_fill(view.mm_token_type_ids > 0, 0)  # [N, S]
+    pos = rope_positions(model, view.input_ids, view.mm_token_type_ids, mask, batch, view.prompt_index)
+    return replace(view, attention_mask=mask, position_ids=pos), None
+
+
+def _zero_embeddings(view, model, batch, gen):
+    return view, view.mm_token_type_ids > 0
+
+
+def _random_half(view, model, batch, gen):
+    is_vision = view.mm_token_type_ids > 0  # [N, S]
+    noise = torch.rand(is_vision.shape, generator=gen, device="cpu").to(is_vision.device)
+    noise = noise.masked_fill(~is_vision, 2.0)
+    # hide exactly floor(n/2) vision tokens per row: the lowest-noise half
+    n_hide = is_vision.sum(-1, keepdim=True) // 2  # [N, 1]
+    rank = noise.argsort(-1).argsort(-1)  # [N, S] rank of each position's noise
+    hide = is_vision & (rank < n_hide)
+    return replace(view, attention_mask=view.attention_mask.masked_fill(hide, 0)), None
+
+
+VISUAL_PERTURBATIONS: dict[str, VisualPerturbation] = {
+    "attention_mask": _attention_mask,
+    "zero_embeddings": _zero_embeddings,
+    "random_half": _random_half,
+    "identity": _identity,
+}
+
+
+def get_visual_perturbation(name: str) -> VisualPerturbation:
+    if name not in VISUAL_PERTURBATIONS:
+        raise ValueError(f"unknown visual perturbation {name!r}; valid: {sorted(VISUAL_PERTURBATIONS)}")
+    return VISUAL_PERTURBATIONS[name]
+
+
+@torch.no_grad()
+def visual_scores(model: nn.Module, batch: PromptBatch, view: SequenceView, features: VisionFeatures,
+                  completion_ids: Tensor, valid: Tensor, base_logps: Tensor, perturbation: str = "attention_mask",
+                  chunk_size: int | None = 1024, generator: torch.Generator | None = None) -> Tensor:
+    """`s_V` `[N, T]` (0 outside `valid`). `base_logps` `[N, T]` are the policy's log-probs with the media seen."""
+    perturbed, zero_vision = get_visual_perturbation(perturbation)(view, model, batch, generator)
+    hidden = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
+    hidden_logps, _ = completion_logps(model, hidden, completion_ids, valid, chunk_size)
+    return (base_logps - hidden_logps).masked_fill(~valid, 0.0)

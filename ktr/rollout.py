@@ -1,0 +1,98 @@
+"""Rollout: G sampled completions per prompt with Hugging Face `generate` (layer L2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ktr.data.processor import VisionLanguageProcessor
+from ktr.policy import core
+from ktr.types import PromptBatch, Rollout
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled (defaults: the released run)."""
+
+    group_size: int = 8
+    """Completions per prompt (G)."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k filter (0 = off)."""
+    max_new_tokens: int = 768
+    """Longest completion."""
+    max_prompt_length: int = 16384
+    """Longest prompt (tokens incl. vision placeholders); longer prompts raise an error naming the sample."""
+
+
+def end_of_sequence_ids(processor: VisionLanguageProcessor) -> list[int]:
+    """Tokens that end a completion: end of turn and end of text."""
+    tok = processor.tokenizer
+    ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
+    """`[N, T]` bool: tokens up to and including the first end-of-sequence token (all if none)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [N, T]
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first eos
+    return ~after_eos
+
+
+@torch.no_grad()
+def generate(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, cfg: SamplingConfig,
+             group_size: int | None = None, greedy: bool = False) -> Rollout:
+    """Sample `G` completions per prompt; rows `i*G .. i*G+G-1` belong to prompt `i`.
+
+    Transformers encodes the media once per prompt before expanding to G rows. Vision placeholder tokens are
+    suppressed so that a completion can never be mistaken for media.
+    """
+    g = group_size or cfg.group_size
+    too_long = [r.get("problem_id", i) for i, r in enumerate(batch.rows)
+                if int(batch.attention_mask[i].sum()) > cfg.max_prompt_length]
+    if too_long:
+        raise ValueError(f"prompts of samples {too_long} exceed max_prompt_length={cfg.max_prompt_length}")
+    was_training = model.training
+    model.eval()  # gradient checkpointing disables the KV cache in train mode
+    tok = processor.tokenizer
+    config = core(model).config
+    suppress = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                getattr(config, "vision_end_token_id", config.vision_start_token_id + 1)]
+    eos = end_of_sequence_ids(processor)
+    sample = not greedy and cfg.temperature > 0
+    gen_kwargs = dict(do_sample=sample, max_new_tokens=cfg.max_new_tokens, num_return_sequences=g,
+                      eos_token_id=eos, pad_token_id=processor.pad_token_id, suppress_tokens=suppress,
+                      use_cache=True)
+    if sample:
+        gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    try:
+        seqs = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              **batch.hf_vision_kwargs(), **gen_kwargs)  # [N, L + T]
+    finally:
+        model.train(was_training)
+    prompt_len = batch.input_ids.shape[1]
+    completion = seqs[:, prompt_len:]
+    if completion.shape[1] == 0:  # every row stopped immediately is impossible (eos is generated), but be safe
+        completion = torch.full((seqs.shape[0], 1), processor.pad_token_id, device=seqs.device, dtype=seqs.dtype)
+    valid = completion_mask(completion, eos)
+    completion = completion.masked_fill(~valid, processor.pad_token_id)
+    prompt_mask = batch.attention_mask.repeat_interleave(g, dim=0)
+    prompt_types = batch.mm_token_type_ids.repeat_interleave(g, dim=0)
+    return Rollout(
+        group_size=g,
+        input_ids=torch.cat([batch.input_ids.repeat_interleave(g, dim=0), completion], dim=1),
+        attention_mask=torch.cat([prompt_mask, valid.long()], dim=1),
+        mm_token_type_ids=torch.cat([prompt_types, torch.zeros_like(completion, dtype=prompt_types.dtype)], dim=1),
+        completion_ids=completion,
+        completion_mask=valid,
+        texts=tok.batch_decode(completion.masked_fill(~valid, processor.pad_token_id), skip_special_tokens=True),
+    )

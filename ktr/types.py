@@ -1,0 +1,106 @@
+"""Tensor containers passed between data, rollout, probes and loss (layer L0).
+
+Shapes: B prompts, G completions per prompt, N = B*G completion rows, L prompt length (left-padded),
+T completion length (right-padded), S = L + T, P vision patches, D = 3 * temporal_patch * patch**2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+MediaKind = Literal["image", "video"]
+
+
+@dataclass
+class Media:
+    """One decoded image or video, kept as frames so that temporal perturbations can re-patch it."""
+
+    kind: MediaKind
+    frames: Tensor  # [F, 3, H, W] uint8, resized (images: F = 1)
+    sample_fps: float | None  # frames per second after sampling (videos only)
+    path: str = ""
+
+
+@dataclass
+class PromptSample:
+    """One dataset item ready for collation: tokenised prompt with expanded placeholders and its media."""
+
+    row: dict
+    prompt_ids: Tensor  # [L] long
+    media: Media
+    pixel_values: Tensor  # [P, D] float32
+    grid_thw: Tensor  # [3] long
+    target_ids: Tensor | None = None  # [T'] long, supervised target (SFT) incl. end-of-turn token
+
+
+@dataclass
+class PromptBatch:
+    """B prompts, left-padded, media of all prompts in prompt order (images and videos interleaved)."""
+
+    rows: list[dict]
+    input_ids: Tensor  # [B, L] long
+    attention_mask: Tensor  # [B, L] long
+    mm_token_type_ids: Tensor  # [B, L] int (0 text, 1 image, 2 video)
+    media: list[Media]
+    pixel_values: Tensor  # [sum P, D]
+    grid_thw: Tensor  # [B, 3] long
+    second_per_grid_ts: Tensor  # [B] float (0 for images)
+    target_ids: Tensor | None = None  # [B, T'] long, right-padded with pad id (SFT)
+    target_mask: Tensor | None = None  # [B, T'] bool
+
+    @property
+    def is_video(self) -> Tensor:  # [B] bool
+        return torch.tensor([m.kind == "video" for m in self.media], device=self.grid_thw.device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        move = {k: getattr(self, k).to(device) for k in
+                ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "grid_thw",
+                 "second_per_grid_ts")}
+        for k in ("target_ids", "target_mask"):
+            if getattr(self, k) is not None:
+                move[k] = getattr(self, k).to(device)
+        return replace(self, **move)
+
+    def hf_vision_kwargs(self) -> dict:
+        """Split media into the image/video keyword arguments that Hugging Face's Qwen2.5-VL forward expects."""
+        is_video = self.is_video
+        sizes = self.grid_thw.prod(-1).tolist()
+        chunks = torch.split(self.pixel_values, sizes)
+        out: dict = {"mm_token_type_ids": self.mm_token_type_ids}
+        if (~is_video).any():
+            out["pixel_values"] = torch.cat([c for c, v in zip(chunks, is_video.tolist()) if not v])
+            out["image_grid_thw"] = self.grid_thw[~is_video]
+        if is_video.any():
+            out["pixel_values_videos"] = torch.cat([c for c, v in zip(chunks, is_video.tolist()) if v])
+            out["video_grid_thw"] = self.grid_thw[is_video]
+            out["second_per_grid_ts"] = self.second_per_grid_ts[is_video]
+        return out
+
+
+@dataclass
+class Rollout:
+    """N = B*G sampled completions; row i belongs to prompt i // G."""
+
+    group_size: int
+    input_ids: Tensor  # [N, S] prompt (left-padded) followed by completion (right-padded)
+    attention_mask: Tensor  # [N, S] long
+    mm_token_type_ids: Tensor  # [N, S] int
+    completion_ids: Tensor  # [N, T] long
+    completion_mask: Tensor  # [N, T] bool, valid up to and including the first end-of-sequence token
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.completion_ids.shape[1]
+
+    @property
+    def prompt_index(self) -> Tensor:  # [N] long
+        n = self.input_ids.shape[0]
+        return torch.arange(n, device=self.input_ids.device) // self.group_size

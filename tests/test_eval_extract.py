@@ -1,0 +1,190 @@
+"""Answer-extraction rules on real model outputs (fixture) and on hand-written edge cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ktr.eval.extract import (
+    Extraction,
+    extract_mmmu,
+    extract_mmvu,
+    extract_tempcompass_caption_matching,
+    extract_tempcompass_mc,
+    extract_tempcompass_yes_no,
+    extract_video_r1,
+    extract_videoholmes_official,
+    extract_videomme_official,
+    option_texts,
+    score_tempcompass_caption_matching,
+)
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def outputs() -> list[str]:
+    path = FIXTURES / "videor1_style_model_outputs_sample.json"
+    if not path.is_file():
+        pytest.skip(f"model-output fixture not found at {path}")
+    return [r["model_output"] for r in json.loads(path.read_text())]
+
+
+# ------------------------------------------------------------------------------------ real model outputs
+
+# Outputs 0-7 are chain of thought ending in an <answer> tag (MMVU), 8-11 bare letters (Video-MME).
+VIDEO_R1_EXPECTED = ["B", "B", "A", "C", "B", "B", "B", "C", "C", "A", "C", "C"]
+
+
+def test_video_r1_rule_on_real_outputs(outputs):
+    got = [extract_video_r1(o) for o in outputs]
+    assert [g.answer for g in got] == VIDEO_R1_EXPECTED
+    assert [g.step for g in got] == ["answer_tag"] * 8 + ["whole_output"] * 4
+    # The logs' own "extracted_answer" (TW-GRPO's Video-R1-style script) agrees.
+    rows = json.loads((FIXTURES / "videor1_style_model_outputs_sample.json").read_text())
+    logged = [r["extracted_answer"] for r in rows]
+    assert [g.answer for g in got] == logged
+
+
+def test_videomme_rule_on_real_outputs(outputs):
+    got = [extract_videomme_official(o).answer for o in outputs]
+    # On chain of thought the official rule takes the first capital A-D anywhere: "- Aluminum (Al)" (4),
+    # "A. This option is incorrect" (5), "Conversely," (6); the other CoT outputs reach the tag first.
+    assert got == ["B", "B", "A", "C", "A", "A", "C", "C", "C", "A", "C", "C"]
+
+
+def test_videoholmes_rule_on_real_outputs(outputs):
+    got = [extract_videoholmes_official(o) for o in outputs]
+    assert [g.answer for g in got] == VIDEO_R1_EXPECTED
+    # "<answer>B</answer>" holds no "B ", "B:" or "[B": every answer here came from the bare-letter step.
+    assert [g.step for g in got] == ["tag/bare_letter"] * 8 + ["text/bare_letter"] * 4
+
+
+def test_mmmu_rule_on_real_outputs(outputs):
+    letters = {x: f"option text {x}" for x in "ABCDE"}
+    got = [extract_mmmu(o, letters) for o in outputs]
+    # "B</answer>" is no letter form; output 5 lists "A. ... E. This option is incorrect" and the last "X." wins.
+    assert [g.answer for g in got] == [None] * 5 + ["E"] + [None] * 2 + ["C", "A", "C", "C"]
+    assert got[5].step == "period_or_colon" and got[8].step == "space"
+
+
+def test_mmvu_rule_falls_back_to_mmmu_on_real_outputs(outputs):
+    assert extract_mmvu(outputs[5], {x: "t" for x in "ABCDE"}) == Extraction("E", "period_or_colon")
+    assert extract_mmvu(outputs[8], {x: "t" for x in "ABCD"}) == Extraction("C", "space")
+
+
+# ------------------------------------------------------------------------------------------ edge cases
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("<answer>C.</answer>", Extraction("C.", "answer_tag")),  # kept as is: scores 0 against "C"
+    ("<think>hm</think>\n<answer>\n  B \n</answer>", Extraction("B", "answer_tag")),
+    ("<answer>A</answer> no wait <answer>D</answer>", Extraction("A", "answer_tag")),  # first tag
+    ("<answer></answer> B", Extraction("<answer></answer> B", "whole_output")),  # empty tag: whole output
+    ("<answer>B", Extraction("<answer>B", "whole_output")),  # unclosed tag
+    ("   \n", Extraction(None, "none")),
+])
+def test_video_r1_edge_cases(output, expected):
+    assert extract_video_r1(output) == expected
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("The best answer is B.", "B"),
+    ("Answer: (C)", "C"),
+    ("  D  ", "D"),
+    ("The correct answer is A", "A"),
+    ("The best option is C", "C"),  # not removed (official missing comma) but it holds no A-D before C
+    ("Best option: D", "B"),  # the official quirk: "Best option:" is never removed, and "Best" starts with B
+    ("I am unable to determine the answer from the frames that were provided to me here", None),  # > 10 words
+    ("no idea", None),
+    ("All of them; I would say B", "A"),  # first capital A-D: "All" (the official rule's weakness)
+])
+def test_videomme_official_edge_cases(output, expected):
+    assert extract_videomme_official(output).answer == expected
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("<answer>B</answer> later <answer>D: the thief</answer>", Extraction("D", "tag/pattern")),  # last tag
+    ("<think>x</think><answer>[C] the brother</answer>", Extraction("C", "tag/pattern")),
+    ("The answer is [C", Extraction("C", "text/pattern")),
+    ("I pick F because A woman left", Extraction("A", "text/pattern")),  # "A " found before F is looked at
+    ("<answer>Definitely F</answer>", Extraction("D", "tag/bare_letter")),  # "F" at the end; "D" of "Definitely"
+    ("<answer>F</answer>", Extraction("F", "tag/bare_letter")),
+    ("<answer>none of these</answer>", Extraction(None, "none")),
+])
+def test_videoholmes_edge_cases(output, expected):
+    assert extract_videoholmes_official(output) == expected
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("A. dunking a basketball", Extraction("A", "exact")),
+    ("B", Extraction("B", "letter")),
+    ("C. passing", Extraction("C", "letter_period")),
+    ("D) none", Extraction("D", "letter_paren")),
+    ("The answer is A", Extraction(None, "none")),
+    ("a", Extraction(None, "none")),  # case-sensitive
+])
+def test_tempcompass_multi_choice(output, expected):
+    assert extract_tempcompass_mc(output, "A. dunking a basketball") == expected
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("Yes, the man is dunking.", "yes"), ("no</s>", "no"), ("  NO.", "no"),
+    ("Not sure", "no"),  # official rule: starts with "no"
+    ("I think yes", None), ("", None),
+])
+def test_tempcompass_yes_no(output, expected):
+    assert extract_tempcompass_yes_no(output).answer == expected
+
+
+CAPTION_LINES = ["Option 1: The man is dribbling a basketball.", "Option 2: A man is dunking a basketball."]
+CAPTION_ANSWER = "Option 2: A man is dunking a basketball."
+
+
+@pytest.mark.parametrize(("output", "pred", "score"), [
+    ("Option 2", "Option 2", 1.0),
+    ("2.", "2", 1.0),  # index with the period removed
+    ("A man is dunking a basketball.", "A man is dunking a basketball.", 1.0),
+    ("Option 2: A man is dunking a basketball.", "Option 2: A man is dunking a basketball.", 1.0),
+    ("Option 1", "Option 1", 0.0),
+    ("The man is dribbling a basketball.", "The man is dribbling a basketball.", 0.0),
+    ("I think option 2 fits", None, 0.0),
+])
+def test_tempcompass_caption_matching(output, pred, score):
+    got = extract_tempcompass_caption_matching(output, CAPTION_LINES)
+    assert got.answer == pred
+    assert score_tempcompass_caption_matching(got.answer, CAPTION_ANSWER) == score
+
+
+def test_tempcompass_caption_matching_sentence_letters():
+    lines = ["Sentence A: A man is dunking a basketball.", "Sentence B: A person passing a basketball."]
+    got = extract_tempcompass_caption_matching("A", lines)
+    assert got == Extraction("A", "option_index")
+    assert score_tempcompass_caption_matching(got.answer, "Sentence A: A man is dunking a basketball.") == 1.0
+    assert score_tempcompass_caption_matching("Sentence B", "Sentence A: A man is dunking a basketball.") == 0.0
+
+
+FOUR = {"A": "aldose", "B": "ketose", "C": "glucose", "D": "fructose"}
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("The answer is B.", Extraction("B", "space")),  # trailing "." stripped first, then " B "
+    ("(A) is tempting, but (C) is right", Extraction("C", "bracket")),  # last occurrence wins
+    ("A: aldose. Actually D: fructose", Extraction("D", "period_or_colon")),
+    ("I believe the sugar is ketose since it has a ketone group", Extraction("B", "option_text")),
+    ("ketose", Extraction(None, "none")),  # option text needs more than 5 words
+    ("", Extraction(None, "none")),
+])
+def test_mmmu_edge_cases(output, expected):
+    assert extract_mmmu(output, FOUR) == expected
+
+
+def test_option_texts_and_mmvu_final_answer():
+    assert option_texts(["A. x", "B: y"]) == {"A": "x", "B": "y"}
+    choices = {x: "t" for x in "ABCDE"}
+    assert extract_mmvu("so (A)... Therefore, the final answer is: $B$", choices) == Extraction("B", "final_answer")
+    got = extract_mmvu("final answer is: C. Wait, the final answer is: **D**", choices)
+    assert got == Extraction("D", "final_answer")
+    assert extract_mmvu("Therefore, the final answer is: F", choices).step != "final_answer"  # F is not an option
