@@ -50,6 +50,7 @@ __all__ = [
 DEFAULT_CHUNK_SIZE = 1024
 GradStrategy = Literal["grad-in-forward", "recompute"]
 R = TypeVar("R")
+_ROW_BLOCK = 32  # rows per exp block when the entropy is wanted (a [32, V] temporary)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,10 +67,9 @@ def _compute_dtype(device_type: str, weight: Tensor) -> torch.dtype:
 class _Buffers:
     """Reused ``[chunk, V]`` scratch: fresh multi-GB allocations per chunk cost page faults on CPU."""
 
-    def __init__(self, rows: int, vocab: int, cdtype: torch.dtype, device: torch.device, exp: bool = True):
+    def __init__(self, rows: int, vocab: int, cdtype: torch.dtype, device: torch.device):
         fdtype = torch.promote_types(cdtype, torch.float32)  # softmax maths: float32 (float64 kept)
-        self.z = torch.empty(rows, vocab, dtype=fdtype, device=device)  # shifted logits
-        self.e = torch.empty_like(self.z) if exp else None  # exp(shifted logits), then dlogits
+        self.z = torch.empty(rows, vocab, dtype=fdtype, device=device)  # logits, then exp, then dlogits
         # Matmul output / low-precision dlogits; aliases z when the compute dtype is already fdtype.
         self.low = self.z if cdtype == fdtype else torch.empty(rows, vocab, dtype=cdtype, device=device)
 
@@ -90,20 +90,28 @@ def _chunk_forward(
     h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, temperature: float, buf: _Buffers, with_entropy: bool
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """For ``h [c, H]`` and sampled ids ``y [c]``: log-prob ``[c]``, entropy ``[c]`` (or None),
-    ``e = exp(z - max) [c, V]`` (in ``buf.e``), its row sums ``s [c]`` and the log-sum-exp ``[c]``."""
+    ``e = exp(z - max) [c, V]`` (in place of the logits in ``buf.z``), its row sums ``s [c]`` and the
+    log-sum-exp ``[c]``."""
     z = _logits(h, w, b, temperature, buf)  # [c, V]
     row_max = z.amax(dim=-1, keepdim=True)  # [c, 1]
     z.sub_(row_max)  # shifted so that exp() cannot overflow
-    e = torch.exp(z, out=buf.e[: h.shape[0]])  # [c, V]
-    s = e.sum(dim=-1)  # [c]
-    log_s = s.log()
-    logp = z.gather(1, y[:, None]).squeeze(1) - log_s  # [c]
-    entropy = None
+    z_y = z.gather(1, y[:, None]).squeeze(1)  # [c] shifted logit of the sampled token
+    dot = None
     if with_entropy:
-        # H = log s - sum_v p_v z_v; bmm forms the row dot products without a [c, V] temporary.
-        dot = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # [c]
-        entropy = log_s - dot / s
-    return logp, entropy, e, s, row_max.squeeze(1) + log_s
+        # Entropy needs sum_v e_v z_v while exp overwrites z: go by row blocks, so that the only
+        # temporary is [_ROW_BLOCK, V] rather than a second [c, V] buffer.
+        dot = z.new_empty(z.shape[0])  # [c]
+        for r in range(0, z.shape[0], _ROW_BLOCK):
+            zb = z[r : r + _ROW_BLOCK]
+            eb = torch.exp(zb)
+            dot[r : r + _ROW_BLOCK] = torch.bmm(eb.unsqueeze(1), zb.unsqueeze(2)).view(-1)
+            zb.copy_(eb)
+    else:
+        z.exp_()
+    s = z.sum(dim=-1)  # [c]
+    log_s = s.log()
+    entropy = None if dot is None else log_s - dot / s  # H = log s - sum_v p_v z_v
+    return z_y - log_s, entropy, z, s, row_max.squeeze(1) + log_s
 
 
 def _backprop_chunk(dlogits: Tensor, h: Tensor, w: Tensor, buf: _Buffers, grads: dict, sl: slice) -> None:
@@ -199,7 +207,7 @@ class _LogpsEntropy(torch.autograd.Function):
         cfg = ctx.cfg
         wc, bc = _cast(w, b, cfg.cdtype)
         grads = _alloc_grads(h, wc, cfg.needs)
-        buf = _Buffers(min(cfg.chunk_size, h.shape[0]), w.shape[0], cfg.cdtype, h.device, exp=False)
+        buf = _Buffers(min(cfg.chunk_size, h.shape[0]), w.shape[0], cfg.cdtype, h.device)
         with torch.autocast(h.device.type, enabled=False):
             for sl in _chunks(h.shape[0], cfg.chunk_size):
                 g = grad_logps[sl].to(lse.dtype)  # [c]

@@ -101,7 +101,11 @@ def _make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
 
 
-def _lr_lambda(step: int, total: int, cfg: OptimConfig) -> float:
+def _lr_lambda(step: int, total: int, cfg: OptimConfig, warm_start_steps: int = 0,
+               warm_start_factor: float = 1.0) -> float:
+    if step < warm_start_steps:  # SFT warm start at its own rate; the RL schedule starts after it
+        return warm_start_factor
+    step, total = step - warm_start_steps, total - warm_start_steps
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant" or total <= cfg.warmup_steps:
@@ -126,11 +130,28 @@ class PolicyModule(L.LightningModule):
         self.model = built.model
         self.processor = built.processor
 
+    def on_train_start(self) -> None:
+        dm = self.trainer.datamodule
+        self._skips = dm.make_skip_counter() if hasattr(dm, "make_skip_counter") else None
+
+    def count_skips(self, batch: StepBatch) -> None:
+        """Log undecodable samples of this batch; stop the run (clear error) past `max_skip_fraction`."""
+        self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
+        if getattr(self, "_skips", None) is not None:
+            self._skips.update_batch(batch)
+
+    def on_train_epoch_end(self) -> None:
+        if getattr(self, "_skips", None) is not None:
+            self._skips.check(final=True)
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = _make_optimizer(params, self.optim_cfg)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_lr_lambda, total=total, cfg=self.optim_cfg))
+        warm = getattr(self, "warm_start_steps", 0)
+        factor = (getattr(self, "warm_start_lr", None) or self.optim_cfg.lr) / self.optim_cfg.lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_lr_lambda, total=total, cfg=self.optim_cfg,
+                                                               warm_start_steps=warm, warm_start_factor=factor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _optimizer_step(self, loss_backwarded: bool = True) -> Tensor:
@@ -182,6 +203,9 @@ class PolicyModule(L.LightningModule):
         self.log("val/acc", per["accuracy"].mean(), batch_size=n, sync_dist=True, prog_bar=True)
         self.log("val/format", per["format"].mean(), batch_size=n, sync_dist=True)
 
+    def test_step(self, batch: StepBatch, batch_idx: int) -> None:
+        """Nothing per batch: `ktr test` is done by the benchmark evaluator callbacks (`ktr.callbacks`)."""
+
 
 def teacher_rollout(prompts: PromptBatch, processor) -> Rollout:
     """The prompts followed by their SFT targets, shaped like a rollout with G = 1."""
@@ -198,7 +222,7 @@ class SFTModule(PolicyModule):
     needs_targets = True
 
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
-        self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
+        self.count_skips(batch)
         return None if batch.prompts is None else self.sft_step(batch.prompts)
 
 
@@ -220,7 +244,8 @@ class KTRModule(PolicyModule):
     def __init__(self, policy: PolicyConfig | None = None, sampling: SamplingConfig | None = None,
                  key_tokens: KeyTokenConfig | None = None, loss: LossConfig | None = None,
                  rewards: RewardConfig | None = None, optim: OptimConfig | None = None,
-                 warm_start_steps: int = 0, val_max_new_tokens: int = 64) -> None:
+                 warm_start_steps: int = 0, warm_start_lr: float | None = None,
+                 val_max_new_tokens: int = 64) -> None:
         """
         Args:
             policy: model to train.
@@ -231,6 +256,7 @@ class KTRModule(PolicyModule):
             optim: optimiser and schedule.
             warm_start_steps: first steps are SFT on the datamodule's targets (the demo's cold start); the
                 reference model is taken after them.
+            warm_start_lr: learning rate of the warm-start steps (default: optim.lr).
             val_max_new_tokens: greedy completion length at validation.
         """
         super().__init__(policy, optim, val_max_new_tokens)
@@ -239,6 +265,7 @@ class KTRModule(PolicyModule):
         self.loss_cfg = loss or LossConfig()
         self.reward_cfg = rewards or RewardConfig()
         self.warm_start_steps = warm_start_steps
+        self.warm_start_lr = warm_start_lr
         weights = self.reward_cfg.weights or [1.0] * len(self.reward_cfg.names)
         if len(weights) != len(self.reward_cfg.names):
             raise ValueError(f"rewards.weights has {len(weights)} entries for {len(self.reward_cfg.names)} names")
@@ -282,7 +309,7 @@ class KTRModule(PolicyModule):
 
     # --- the step ------------------------------------------------------------------------------------
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
-        self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
+        self.count_skips(batch)
         if batch.prompts is None:
             return None
         if self.global_step < self.warm_start_steps:

@@ -85,6 +85,8 @@ class PolicyConfig:
     """Keep the vision tower frozen (the released run trains it)."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of the full model; the reference is the base with adapters disabled."""
+    adapter_path: str | None = None
+    """A saved LoRA adapter directory (peft format) to load on top of the base model (e.g. for `ktr test`)."""
 
 
 @dataclass
@@ -162,7 +164,11 @@ def load_policy(cfg: PolicyConfig) -> Policy:
     model.config.use_cache = True
     if cfg.freeze_vision:
         vision_tower(model).requires_grad_(False)
-    if cfg.lora is not None:
+    if cfg.adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter_path, is_trainable=cfg.lora is not None)
+    elif cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

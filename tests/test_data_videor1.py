@@ -439,9 +439,6 @@ def test_training_run_over_bad_data_completes_and_logs_skips(run_data, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="KTRModule does not yet feed StepBatch.skipped to datamodule.make_skip_counter(); "
-                          "remove this marker once it does")
 def test_training_run_stops_when_too_many_samples_fail(run_data, tmp_path, monkeypatch) -> None:
     from ktr.cli import main
 

@@ -1,0 +1,127 @@
+"""A synthetic benchmark in the Video-R1 eval format, written to disk on demand (layer L2, no Lightning).
+
+The demo evaluation (``configs/demo_eval.yaml``) must run anywhere, so its benchmark is generated: the items
+of :mod:`ktr.data.synthetic` (a disjoint index range from training and validation) are written as an
+``annotation.json`` list of Video-R1 eval rows (``path: ./Evaluation/Synthetic/<id>.mp4``) plus one small
+mp4 per row. Evaluation then reads them through exactly the path real benchmarks take: the Video-R1 row
+parser, path resolution, decord decoding, the Video-R1 prompt, extraction and scoring.
+
+:func:`write_video` is also what tests use to put tiny videos where benchmark rows expect them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ktr.data.synthetic import SyntheticSpec, make_item
+from ktr.eval.base import EvalItem, Format
+from ktr.eval.benchmarks.videor1 import DualFormatBenchmark, field_error
+from ktr.eval.extract import Extraction
+
+EVAL_FIRST_INDEX = 20_000_000
+"""First item index of the synthetic benchmark: far from training (0..) and validation (10,000,000..)."""
+VIDEO_FOLDER = ("Evaluation", "Synthetic")
+
+
+def write_video(path: str | os.PathLike, frames: Tensor, fps: float, codec: str = "libx264") -> Path:
+    """Encode ``frames`` [F, 3, H, W] uint8 (H, W even) as an mp4 at ``fps``; written atomically.
+
+    Needs PyAV (``pip install 'ktr[test]'``). H.264 4:4:4 at constant quality 10 keeps every pixel within
+    a few levels of the input (no chroma subsampling to smear small coloured squares); decord reads it like
+    any benchmark video.
+    """
+    from ktr._imports import AV_AVAILABLE, require
+
+    require(AV_AVAILABLE, "av", "test")
+    import av
+
+    if frames.dim() != 4 or frames.shape[1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"write_video: frames must be [F, 3, H, W] uint8, got {tuple(frames.shape)} {frames.dtype}")
+    _, _, height, width = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"write_video: H.264 needs even frame sides, got {height}x{width}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
+    with av.open(str(tmp), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p" if codec == "libx264" else "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "10", "preset": "ultrafast"}
+        for frame in frames.permute(0, 2, 3, 1).contiguous().numpy():  # [H, W, 3] each
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
+    os.replace(tmp, path)
+    return path
+
+
+def synthetic_rows(num_questions: int, seed: int = 0, spec: SyntheticSpec | None = None,
+                   first_index: int = EVAL_FIRST_INDEX) -> list[dict[str, Any]]:
+    """Video-R1 eval rows of the synthetic benchmark (no frames rendered)."""
+    spec = spec or SyntheticSpec()
+    rows = []
+    for index in range(first_index, first_index + num_questions):
+        row, _ = make_item(seed, index, spec, render=False)
+        row["path"] = "./" + "/".join((*VIDEO_FOLDER, f"{row['problem_id']}.mp4"))
+        rows.append(row)
+    return rows
+
+
+def write_synthetic_benchmark(root: str | os.PathLike, num_questions: int, seed: int = 0,
+                              spec: SyntheticSpec | None = None, first_index: int = EVAL_FIRST_INDEX) -> Path:
+    """Write ``root/annotation.json`` and ``root/Evaluation/Synthetic/<id>.mp4``; returns the annotation path.
+
+    Items are a pure function of (seed, index), so an existing video is kept as it is (re-runs and resumed
+    evaluations read the same files); the annotation is rewritten only when its content changes.
+    """
+    spec = spec or SyntheticSpec()
+    root = Path(root)
+    rows = synthetic_rows(num_questions, seed, spec, first_index)
+    for index, row in zip(range(first_index, first_index + num_questions), rows):
+        video = root.joinpath(*VIDEO_FOLDER, f"{row['problem_id']}.mp4")
+        if not video.is_file():
+            _, frames = make_item(seed, index, spec)
+            write_video(video, frames, spec.fps)
+    annotation = root / "annotation.json"
+    text = json.dumps(rows, indent=1)
+    if not annotation.is_file() or annotation.read_text(encoding="utf-8") != text:
+        tmp = annotation.with_name(f".annotation.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, annotation)
+    return annotation
+
+
+class SyntheticVideoR1(DualFormatBenchmark):
+    """The synthetic benchmark read as Video-R1 eval JSON; breakdown per question kind (direction, order).
+
+    Not registered in :data:`ktr.eval.BENCHMARKS`, which lists the five paper benchmarks only.
+    """
+
+    name = "synthetic"
+    breakdown_fields = ("kind",)
+
+    def __init__(self, annotation_path: str | os.PathLike, video_root: str | os.PathLike | None,
+                 format: Format = "video_r1") -> None:  # noqa: A002
+        if format != "video_r1":
+            raise ValueError(f"synthetic: only format 'video_r1' exists, got {format!r}")
+        super().__init__(annotation_path, video_root, format)
+
+    def video_r1_meta(self, row: Mapping[str, Any], index: int) -> dict[str, Any]:
+        source = str(row.get("data_source", ""))
+        if not source.startswith("synthetic/"):
+            raise field_error("data_source", f"expected 'synthetic/<kind>', got {source!r:.40}")
+        return {"kind": source.split("/", 1)[1]}
+
+    def load_official(self) -> list[EvalItem]:  # unreachable: __init__ accepts video_r1 only
+        raise ValueError("synthetic: no official format")
+
+    def extract_official(self, output: str, item: EvalItem) -> Extraction:
+        raise ValueError("synthetic: no official format")

@@ -1,0 +1,225 @@
+"""Naive vs chunked policy loss from hidden states: peak extra memory, forward+backward time, grad error.
+
+CPU (default): V=151,936, H=512, N*T=4,096 tokens (8 x 512), float32. Every case runs in a fresh
+subprocess and its peak is the resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs`` just before the op) minus the resident set just before the op.
+``--gpu`` (needs CUDA): H=3,584, N*T from 2,048 up to 8 x 2,048, bfloat16 hidden states and weight,
+peak from ``torch.cuda.max_memory_allocated`` minus the allocation before the op.
+
+The op is the KTR training loss (``beta=0.04`` with reference log-probs, ``seq-mean-token-mean``) followed
+by ``backward()``; gradients w.r.t. hidden states and weight are compared with the naive ones:
+``max_rel_grad_err = max over {hidden, weight} of max|g - g_naive| / max|g_naive|``.
+
+    python scripts/bench_loss.py --json /tmp/bench_loss.json
+    python scripts/bench_loss.py --gpu --json /tmp/bench_loss_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ktr.fused import fused_policy_loss, naive_policy_loss
+
+SEQ_LEN_CPU, SEQ_LEN_GPU = 512, 2048
+
+
+def make_inputs(tokens: int, seq_len: int, vocab: int, hidden: int, dtype: torch.dtype, device: str) -> dict:
+    """Seeded inputs: hidden ``[N, T, H]`` and weight ``[V, H]`` with grad, ids, advantages, reference."""
+    g = torch.Generator().manual_seed(0)
+    n, t = tokens // seq_len, seq_len
+    h = torch.randn(n, t, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * hidden**-0.5
+    return dict(
+        hidden=h.to(device, dtype).requires_grad_(),
+        weight=w.to(device, dtype).requires_grad_(),
+        tokens=torch.randint(0, vocab, (n, t), generator=g).to(device),
+        advantages=torch.randn(n, generator=g).to(device),
+        mask=torch.ones(n, t, dtype=torch.bool, device=device),
+        ref_logps=(torch.randn(n, t, generator=g) - 5.0).to(device),
+    )
+
+
+def step(inputs: dict, case: dict) -> None:
+    """One forward + backward of the loss; grads land in ``hidden.grad`` / ``weight.grad``."""
+    args = [inputs[k] for k in ("hidden", "weight", "tokens", "advantages", "mask")]
+    kw = dict(ref_logps=inputs["ref_logps"], beta=0.04, with_entropy=case["entropy"])
+    if case["impl"] == "naive":
+        loss, _, _ = naive_policy_loss(*args, **kw)
+    else:
+        loss, _, _ = fused_policy_loss(*args, chunk_size=case["chunk"], strategy=case["strategy"], **kw)
+    loss.backward()
+
+
+def rel_err(grads: dict, ref: dict) -> float:
+    return max(((grads[k].float() - ref[k].float()).abs().max() / ref[k].float().abs().max()).item() for k in ref)
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU: one subprocess per case.
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_worker(case: dict) -> dict:
+    """Runs in the subprocess: measure ``case`` and return its record (also stores/loads reference grads)."""
+    if case["threads"]:
+        torch.set_num_threads(case["threads"])
+    inputs = make_inputs(case["tokens"], SEQ_LEN_CPU, case["vocab"], case["hidden"], torch.float32, "cpu")
+    walls, cpus, peak_kb = [], [], 0
+    for _ in range(case["repeats"]):
+        inputs["hidden"].grad = inputs["weight"].grad = None
+        base_kb = _status_kb("VmRSS")
+        exact = _reset_peak()
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(inputs, case)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        hwm = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_kb = max(peak_kb, hwm - base_kb)
+    grads = {k: inputs[k].grad for k in ("hidden", "weight")}
+    ref_path = Path(case["ref_path"])
+    if case["impl"] == "naive":
+        torch.save(grads, ref_path)
+        err = 0.0
+    else:
+        err = rel_err(grads, torch.load(ref_path)) if ref_path.exists() else float("nan")
+    return _record(case, peak_kb / 1024, min(walls), min(cpus), err, "cpu")
+
+
+def _record(case: dict, peak_mb: float, wall: float, cpu: float | None, err: float, device: str) -> dict:
+    chunk = None if case["impl"] == "naive" else case["chunk"]
+    strategy = None if case["impl"] == "naive" else case["strategy"]
+    return dict(impl=case["impl"], strategy=strategy, tokens=case["tokens"], vocab=case["vocab"],
+                hidden=case["hidden"], chunk=chunk, peak_mem_mb=round(peak_mb, 1), time_s=round(wall, 3),
+                cpu_s=None if cpu is None else round(cpu, 3), max_rel_grad_err=err, device=device)
+
+
+def run_cpu_case(case: dict, timeout: float) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(case)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU: in process, CUDA allocator counters.
+
+
+def run_gpu_case(case: dict, ref: dict | None) -> tuple[dict, dict]:
+    device = "cuda"
+    inputs = make_inputs(case["tokens"], SEQ_LEN_GPU, case["vocab"], case["hidden"], torch.bfloat16, device)
+    walls, peak = [], 0
+    for i in range(case["repeats"] + 1):  # the first run warms up kernels and the allocator
+        inputs["hidden"].grad = inputs["weight"].grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step(inputs, case)
+        torch.cuda.synchronize()
+        if i:
+            walls.append(time.perf_counter() - t0)
+        peak = max(peak, torch.cuda.max_memory_allocated() - base)
+    grads = {k: inputs[k].grad for k in ("hidden", "weight")}
+    err = 0.0 if ref is None else rel_err(grads, ref)
+    return _record(case, peak / 2**20, min(walls), None, err, torch.cuda.get_device_name()), grads
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def print_table(records: list[dict]) -> None:
+    naive = {r["tokens"]: r for r in records if r["impl"] == "naive"}
+    cols = ["impl", "strategy", "tokens", "chunk", "peak_mem_mb", "time_s", "cpu_s", "max_rel_grad_err",
+            "mem_vs_naive", "time_vs_naive"]
+    print(f"vocab={records[0]['vocab']} hidden={records[0]['hidden']} device={records[0]['device']}")
+    print(" | ".join(f"{c:>16}" for c in cols))
+    for r in records:
+        base = naive.get(r["tokens"])
+        row = dict(r)
+        row["mem_vs_naive"] = f"{r['peak_mem_mb'] / base['peak_mem_mb']:.3f}" if base else "-"
+        row["time_vs_naive"] = f"{r['time_s'] / base['time_s']:.3f}" if base else "-"
+        row["max_rel_grad_err"] = f"{r['max_rel_grad_err']:.2e}"
+        print(" | ".join(f"{str(row[c]):>16}" for c in cols))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the records (a JSON list) here")
+    p.add_argument("--gpu", action="store_true", help="GPU case: H=3584, N*T up to 8 x 2048 (needs CUDA)")
+    p.add_argument("--tokens", type=int, nargs="+", help="N*T values (default 4096; GPU 2048..16384)")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--hidden", type=int, help="H (default 512; GPU 3584)")
+    p.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048], help="chunk sizes to try")
+    p.add_argument("--strategies", nargs="+", default=["grad-in-forward", "recompute"])
+    p.add_argument("--entropy", action="store_true", help="also compute the entropy (both impls)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per case (the minimum is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per CPU case (0: torch default)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per CPU case")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(cpu_worker(json.loads(args.worker))))
+        return []
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    tokens = args.tokens or ([2048, 4096, 8192, 16384] if args.gpu else [4096])
+    hidden = args.hidden or (3584 if args.gpu else 512)
+    common = dict(vocab=args.vocab, hidden=hidden, entropy=args.entropy, repeats=args.repeats,
+                  threads=args.threads, strategy=None, chunk=None)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_tok in tokens:
+            cases = [dict(common, impl="naive", tokens=n_tok)] + [
+                dict(common, impl="chunked", tokens=n_tok, chunk=c, strategy=s)
+                for s in args.strategies for c in args.chunks
+            ]
+            ref = None
+            for case in cases:
+                if args.gpu:
+                    rec, grads = run_gpu_case(case, ref)
+                    ref = grads if case["impl"] == "naive" else ref
+                else:
+                    case["ref_path"] = os.path.join(tmp, f"ref_{n_tok}.pt")
+                    rec = run_cpu_case(case, args.timeout)
+                records.append(rec)
+                print(json.dumps(rec), file=sys.stderr, flush=True)
+            del ref
+    print_table(records)
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Two-process FSDP2 check of ``ktr.fused`` on CPU (gloo); run by ``tests/test_fused.py``.
+
+    python tests/_fsdp_fused_worker.py PORT
+
+Each rank holds a tiny model whose lm_head is sharded with ``fully_shard`` (a DTensor outside forward),
+computes the fused policy loss on its own data through ``call_with_head``, and checks against a plain
+single-process run of the naive loss on both ranks' data: the loss, the gradient w.r.t. the hidden
+states, and the full (all-gathered) gradients of the sharded head and body, which FSDP averages over ranks.
+Prints ``OK`` and exits 0 on success.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from ktr.fused import call_with_head, fused_policy_loss, naive_policy_loss
+
+WORLD = 2
+N, T, H, V = 2, 5, 8, 67  # V odd: the head's rows do not split evenly across the two ranks
+RTOL = 1e-5
+
+
+class Tiny(nn.Module):
+    """Body + lm_head; ``forward`` returns hidden states, the head is applied by the chunked loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(H, H)
+        self.head = nn.Linear(H, V)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.body(x))  # [N, T, H]
+
+
+def rank_data(rank: int) -> dict:
+    g = torch.Generator().manual_seed(100 + rank)
+    return dict(
+        x=torch.randn(N, T, H, generator=g),
+        tokens=torch.randint(0, V, (N, T), generator=g),
+        mask=torch.rand(N, T, generator=g) > 0.3,
+        advantages=torch.randn(N, generator=g),
+        ref_logps=torch.randn(N, T, generator=g) - 3.0,
+    )
+
+
+def reference(model: Tiny) -> tuple[list, list, dict]:
+    """Naive losses and hidden grads per rank, and the rank-mean parameter grads (FSDP's reduction)."""
+    losses, hidden_grads = [], []
+    model.zero_grad(set_to_none=True)
+    for r in range(WORLD):
+        d = rank_data(r)
+        hidden = model(d["x"])
+        hidden.retain_grad()
+        loss, _, _ = naive_policy_loss(hidden, model.head.weight, d["tokens"], d["advantages"], d["mask"],
+                                       bias=model.head.bias, ref_logps=d["ref_logps"], beta=0.04)
+        (loss / WORLD).backward()
+        losses.append(loss.detach())
+        hidden_grads.append(hidden.grad * WORLD)
+    return losses, hidden_grads, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    if err > RTOL:
+        raise AssertionError(f"rank {dist.get_rank()}: {name} relative error {err:.2e} > {RTOL}")
+
+
+def check(rank: int) -> None:
+    torch.manual_seed(0)  # the same initial model on every rank
+    base = Tiny()
+    losses, hidden_grads, param_grads = reference(copy.deepcopy(base))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for strategy in ("grad-in-forward", "recompute"):
+        for reshard in (True, False):
+            model = copy.deepcopy(base)
+            fully_shard(model.head, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(model, mesh=mesh)
+            assert type(model.head.weight).__name__ == "DTensor", "the head weight should be sharded"
+            d = rank_data(rank)
+            for _ in range(2):  # a second iteration catches FSDP state left over from the first
+                model.zero_grad(set_to_none=True)
+                hidden = model(d["x"])
+                hidden.retain_grad()
+                fn = partial(fused_policy_loss, tokens=d["tokens"], advantages=d["advantages"], mask=d["mask"],
+                             ref_logps=d["ref_logps"], beta=0.04, chunk_size=3, strategy=strategy)
+                loss, _, _ = call_with_head(model.head, hidden, fn)
+                loss.backward()
+                tag = f"{strategy} reshard={reshard}"
+                close(f"{tag} loss", loss.detach(), losses[rank])
+                close(f"{tag} hidden grad", hidden.grad, hidden_grads[rank])
+                for name, p in model.named_parameters():
+                    close(f"{tag} {name} grad", p.grad.full_tensor(), param_grads[name])
+
+
+def run(rank: int, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        check(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(int(sys.argv[1]),), nprocs=WORLD, join=True)
+    print("OK")

@@ -1,0 +1,34 @@
+"""Small builders shared by tests: synthetic prompts batched through the real processor."""
+
+import torch
+
+from ktr.data.prompts import build_messages
+from ktr.data.synthetic import SyntheticSpec, make_item
+from ktr.data.video import VideoSettings, frames_from_array
+from ktr.types import Media
+
+SMALL_VIDEO = VideoSettings(fps=4.0, min_frames=4, max_frames=8, min_pixels=56 * 56, max_pixels=56 * 56)
+
+
+def synthetic_samples(processor, n: int, start: int = 0, image_every: int = 0):
+    """n prompts of the synthetic task; every `image_every`-th one is an image (first frame) instead."""
+    out = []
+    for i in range(start, start + n):
+        row, frames = make_item(0, i, SyntheticSpec())
+        if image_every and i % image_every == image_every - 1:
+            row = dict(row, data_type="image")
+            media = Media("image", frames[:1].clone(), None)
+        else:
+            clip = frames_from_array(frames, 4.0, SMALL_VIDEO)
+            media = Media("video", clip.frames, clip.sample_fps)
+        out.append(processor.encode(build_messages(row), media, row=row))
+    return out
+
+
+def rollout_for(policy, n_prompts=2, group_size=2, max_new_tokens=6, image_every=0, seed=0):
+    from ktr.rollout import SamplingConfig, generate
+
+    torch.manual_seed(seed)
+    batch = policy.processor.collate(synthetic_samples(policy.processor, n_prompts, image_every=image_every))
+    cfg = SamplingConfig(group_size=group_size, max_new_tokens=max_new_tokens, top_p=1.0)
+    return batch, generate(policy.model, policy.processor, batch, cfg)

@@ -1,0 +1,78 @@
+"""The shared forward path equals Hugging Face's Qwen2.5-VL forward; tokenizer and processor facts."""
+
+import torch
+
+from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.policy import TinyModelConfig, tiny_config
+from tests.helpers import rollout_for
+
+
+def test_tokenizer_special_ids_and_template(tiny_policy) -> None:
+    tok = tiny_policy.tokenizer
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == 151643
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 151645
+    assert tok.convert_tokens_to_ids("<|video_pad|>") == 151656
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q"}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|video_pad|><|vision_end|>Q<|im_end|>\n<|im_start|>assistant\n")
+    # known Qwen2 ids of the default system prompt
+    assert tok("You are a helpful assistant.")["input_ids"] == [2610, 525, 264, 10950, 17847, 13]
+
+
+def test_tiny_model_is_small_besides_embeddings(tiny_policy) -> None:
+    model = tiny_policy.model
+    emb = model.get_input_embeddings().weight.numel()
+    rest = sum(p.numel() for p in model.parameters()) - emb
+    assert rest * 4 < 5e6  # a few MB of weights besides the (tied) embedding
+    assert tiny_config(TinyModelConfig()).text_config.vocab_size == 151936
+
+
+def _hf_logits(model, batch, rollout):
+    kw = batch.hf_vision_kwargs()
+    g = rollout.group_size
+    sizes = batch.grid_thw.prod(-1).tolist()
+    chunks = torch.split(batch.pixel_values, sizes)
+    rows = rollout.prompt_index.tolist()
+    out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                pixel_values_videos=torch.cat([chunks[p] for p in rows]),
+                video_grid_thw=batch.grid_thw[rows], second_per_grid_ts=kw["second_per_grid_ts"].repeat_interleave(g),
+                mm_token_type_ids=rollout.mm_token_type_ids)
+    return out.logits[:, -rollout.completion_ids.shape[1] - 1:-1]
+
+
+@torch.no_grad()
+def test_forward_equals_huggingface(tiny_policy) -> None:
+    model = tiny_policy.model
+    batch, rollout = rollout_for(tiny_policy, n_prompts=2, group_size=2)
+    assert batch.attention_mask.sum(-1).unique().numel() >= 1
+    view = SequenceView.of(model, rollout, batch)
+    hidden = completion_hidden(model, view, encode_media(model, batch.pixel_values, batch.grid_thw),
+                               rollout.completion_ids.shape[1])
+    ref = _hf_logits(model, batch, rollout).log_softmax(-1)
+    ref = ref.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    mine, _ = completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask, chunk_size=7)
+    valid = rollout.completion_mask
+    torch.testing.assert_close(mine[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_positions_are_3d(tiny_policy) -> None:
+    batch, rollout = rollout_for(tiny_policy, n_prompts=1, group_size=1)
+    view = SequenceView.of(tiny_policy.model, rollout, batch)
+    vid = rollout.mm_token_type_ids[0] == 2
+    pos = view.position_ids[:, 0, vid]  # [3, n_video_tokens]
+    assert not torch.equal(pos[1], pos[2])  # height and width differ: real 3D rotary positions
+
+
+def test_video_placeholders_for_real_clip(tiny_policy, fixtures_dir) -> None:
+    from ktr.data.base import decode_video_file
+    from ktr.data.video import VideoSettings
+
+    media = decode_video_file(str(fixtures_dir / "video1.mp4"), VideoSettings())
+    sample = tiny_policy.processor.encode([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                                                        "text": "What happens?"}]}], media)
+    # 16 frames of 224x420 (smart_resize of 360x640 at 128*28*28): grid (8, 16, 30) -> 8*16*30/4 tokens
+    assert sample.grid_thw.tolist() == [8, 16, 30]
+    assert int((sample.prompt_ids == 151656).sum()) == 960
+    assert sample.pixel_values.shape == (8 * 16 * 30, 3 * 2 * 14 * 14)

@@ -1,0 +1,109 @@
+"""Probes on the tiny model: identity perturbations score exactly 0; hiding media changes scores; the vision
+tower runs once per distinct (media, perturbation) whatever G; forward calls are the same for any media mix."""
+
+import pytest
+import torch
+
+from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.probes.keytokens import KeyTokenConfig, attribute
+from ktr.probes.temporal import segment_permutation, temporal_scores
+from ktr.probes.visual import visual_scores
+from tests.helpers import rollout_for
+
+
+def _base(policy, batch, rollout):
+    model = policy.model
+    view = SequenceView.of(model, rollout, batch)
+    feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+    hidden = completion_hidden(model, view, feats, rollout.completion_ids.shape[1])
+    logps, ent = completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask, with_entropy=True)
+    return view, feats, logps, ent
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["visual", "temporal"])
+def test_identity_perturbation_scores_exactly_zero(tiny_policy, kind) -> None:
+    batch, rollout = rollout_for(tiny_policy)
+    view, feats, logps, _ = _base(tiny_policy, batch, rollout)
+    args = (rollout.completion_ids, rollout.completion_mask, logps)
+    if kind == "visual":
+        s = visual_scores(tiny_policy.model, batch, view, feats, *args, perturbation="identity")
+    else:
+        s = temporal_scores(tiny_policy.model, tiny_policy.processor, batch, view, feats, *args,
+                            perturbation="identity")
+    assert torch.equal(s, torch.zeros_like(s))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("perturbation", ["attention_mask", "zero_embeddings", "random_half"])
+def test_hiding_the_video_changes_scores(tiny_policy, perturbation) -> None:
+    batch, rollout = rollout_for(tiny_policy)
+    view, feats, logps, _ = _base(tiny_policy, batch, rollout)
+    before = (view.attention_mask.clone(), view.position_ids.clone())
+    s = visual_scores(tiny_policy.model, batch, view, feats, rollout.completion_ids, rollout.completion_mask, logps,
+                      perturbation=perturbation, generator=torch.Generator().manual_seed(0))
+    valid = rollout.completion_mask
+    assert s[valid].abs().max() > 1e-4
+    assert (s[~valid] == 0).all()
+    assert torch.equal(view.attention_mask, before[0]) and torch.equal(view.position_ids, before[1])  # no mutation
+
+
+@torch.no_grad()
+def test_temporal_shuffle_changes_video_scores_and_zero_on_images(tiny_policy) -> None:
+    torch.manual_seed(1)
+    batch, rollout = rollout_for(tiny_policy, n_prompts=2, image_every=2)  # prompt 0 video, prompt 1 image
+    view, feats, logps, _ = _base(tiny_policy, batch, rollout)
+    s = temporal_scores(tiny_policy.model, tiny_policy.processor, batch, view, feats, rollout.completion_ids,
+                        rollout.completion_mask, logps, perturbation="reverse")
+    video_rows = batch.is_video[rollout.prompt_index]
+    assert s[video_rows].abs().max() > 1e-5
+    assert (s[~video_rows] == 0).all()
+
+
+def test_segment_permutation_keeps_segments() -> None:
+    perm = segment_permutation(10, torch.Generator().manual_seed(0), segment=4)
+    assert sorted(perm.tolist()) == list(range(10))
+    runs, cur = [], [perm[0].item()]
+    for v in perm[1:].tolist():  # split into maximal runs of consecutive frames
+        if v == cur[-1] + 1 and v % 4 != 0:
+            cur.append(v)
+        else:
+            runs.append(cur)
+            cur = [v]
+    runs.append(cur)
+    assert sorted(runs) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+class _Counter:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_vision_tower_runs_once_per_media_and_perturbation(tiny_policy, group_size) -> None:
+    model = tiny_policy.model
+    batch, rollout = rollout_for(tiny_policy, n_prompts=2, group_size=group_size)
+    visual = _Counter(model.model.visual)
+    trunk = _Counter(model.model.language_model)
+    view, feats, logps, ent = _base(tiny_policy, batch, rollout)
+    attribute(model, tiny_policy.processor, batch, view, feats, rollout.completion_ids, rollout.completion_mask,
+              logps, ent, KeyTokenConfig(), group_size)
+    # policy pass encodes 2 videos in 1 call; the temporal probe re-encodes them in 1 call; visual probe: none
+    assert visual.calls == 2
+    assert trunk.calls == 3  # policy, visual probe, temporal probe: one batched pass each
+
+
+@torch.no_grad()
+def test_same_forward_calls_for_any_media_mix(tiny_policy) -> None:
+    counts = []
+    for image_every in (0, 1, 2):  # all videos, all images, mixed
+        batch, rollout = rollout_for(tiny_policy, n_prompts=2, image_every=image_every)
+        visual = _Counter(tiny_policy.model.model.visual)
+        trunk = _Counter(tiny_policy.model.model.language_model)
+        view, feats, logps, ent = _base(tiny_policy, batch, rollout)
+        attribute(tiny_policy.model, tiny_policy.processor, batch, view, feats, rollout.completion_ids,
+                  rollout.completion_mask, logps, ent, KeyTokenConfig(), 2)
+        counts.append((visual.calls, trunk.calls))
+    assert len(set(counts)) == 1, counts
