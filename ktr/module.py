@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -26,6 +27,7 @@ from ktr.forward import (SequenceView, VisionFeatures, completion_hidden, comple
 from ktr.losses import masked_kl_mean
 from ktr.policy import PolicyConfig, load_policy, vision_tower
 from ktr.probes.keytokens import KeyTokenConfig, attribute, key_token_stats
+from ktr.resume import rng_state, set_rng_state
 from ktr.rewards import compute_rewards, length_bonus
 from ktr.rollout import SamplingConfig, generate
 from ktr.types import PromptBatch, Rollout
@@ -144,8 +146,67 @@ class PolicyModule(L.LightningModule):
         if getattr(self, "_skips", None) is not None:
             self._skips.check(final=True)
 
+    # --- scale: FSDP2 sharding and exact resume (ktr.distributed, ktr.resume) -------------------------
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy`, shard the policy (and frozen models) with FSDP2; else nothing."""
+        if getattr(self, "_sharded", False) or not self._model_parallel():
+            return
+        from ktr.distributed import data_parallel_mesh, shard_policy
+
+        mesh = data_parallel_mesh(self.device_mesh)
+        for frozen in self._frozen_models():
+            shard_policy(frozen, mesh, self.policy_cfg.sharding)
+        shard_policy(self.model, mesh, self.policy_cfg.sharding, self.policy_cfg.gradient_checkpointing)
+        self._sharded = True
+
+    def _model_parallel(self) -> bool:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+
+    def _frozen_models(self) -> list:
+        """Models that are sharded alongside the policy (KTR's reference copy)."""
+        return []
+
+    def on_fit_start(self) -> None:
+        if getattr(self, "_sharded", False):
+            from ktr.distributed import ensure_root_initialized
+
+            for m in [self.model, *self._frozen_models()]:
+                ensure_root_initialized(m)
+
+    def _rollout_context(self):
+        """Weights stay gathered across `generate` under FSDP2 (one all-gather per unit, not per token)."""
+        if not getattr(self, "_sharded", False):
+            return nullcontext()
+        from ktr.distributed import gathered_for_rollout
+
+        return gathered_for_rollout(self.model, self.policy_cfg.sharding)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Every rank's RNG states (generation and the temporal probe sample from them): exact resume."""
+        state = rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)  # every rank reaches here: Lightning dumps on all
+        else:
+            states = [state]
+        checkpoint["ktr_rng"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("ktr_rng")
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if states is not None and len(states) == world:
+            set_rng_state(states[self.global_rank])
+        elif states is not None:
+            log.warning("checkpoint holds RNG states of %d processes, this run has %d: RNG not restored, the "
+                        "resumed run will not replay the interrupted one exactly", len(states), world)
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameters (a 4-bit `policy.quantization: nf4` base is "
+                             "frozen: set `policy.lora` to train adapters)")
         opt = _make_optimizer(params, self.optim_cfg)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warm = getattr(self, "warm_start_steps", 0)
@@ -286,10 +347,39 @@ class KTRModule(PolicyModule):
 
     # --- reference -----------------------------------------------------------------------------------
     def _reference_ready(self) -> None:
-        if self.loss_cfg.beta == 0 or self.policy_cfg.lora is not None or self._ref:
+        if self.loss_cfg.beta == 0 or self.policy_cfg.lora is not None:
             return
-        ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self._ref.append(ref)
+        if not self._ref:
+            self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+        elif not getattr(self, "_sharded", False):
+            self._ref[0].to(self.device)  # taken at resume time, before Lightning moved the policy to its device
+
+    def _frozen_models(self) -> list:
+        return self._ref
+
+    def configure_model(self) -> None:
+        if self._model_parallel() and not getattr(self, "_sharded", False):
+            if self.loss_cfg.beta != 0 and self.policy_cfg.lora is None and self.warm_start_steps > 0:
+                raise ValueError("under ModelParallelStrategy the reference copy is taken before sharding, so a "
+                                 "warm start with beta > 0 and full fine-tuning is not supported; use "
+                                 "warm_start_steps: 0, loss.beta: 0 or policy.lora")
+            self._reference_ready()  # the start point, copied before sharding; sharded alongside the policy
+        super().configure_model()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # After a warm start the reference is not the starting checkpoint: save it (single device only).
+        if self._ref and self.warm_start_steps > 0 and not getattr(self, "_sharded", False):
+            checkpoint["ktr_reference"] = self._ref[0].state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "ktr_reference" in checkpoint:
+            if not self._ref:
+                self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+            self._ref[0].load_state_dict(checkpoint["ktr_reference"])
+        elif self.warm_start_steps == 0:
+            self._reference_ready()  # the weights are still the start point here: Lightning loads them next
 
     @torch.no_grad()
     def reference_logps(self, prompts: PromptBatch, rollout: Rollout, view: SequenceView,
@@ -316,7 +406,8 @@ class KTRModule(PolicyModule):
             return self.sft_step(batch.prompts)
         self._reference_ready()
         prompts = batch.prompts
-        rollout = generate(self.model, self.processor, prompts, self.sampling)
+        with self._rollout_context():
+            rollout = generate(self.model, self.processor, prompts, self.sampling)
         scores = self.score(prompts, rollout)
         key = attribute(self.model, self.processor, prompts, scores.view, _detached(scores.features),
                         rollout.completion_ids, rollout.completion_mask, scores.logps, scores.entropy, self.key_cfg,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ktr.data.processor import PatchSettings, VisionLanguageProcessor
+from ktr.distributed import ShardingConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ class PolicyConfig:
     """Train LoRA adapters instead of the full model; the reference is the base with adapters disabled."""
     adapter_path: str | None = None
     """A saved LoRA adapter directory (peft format) to load on top of the base model (e.g. for `ktr test`)."""
+    quantization: Literal["none", "nf4"] = "none"
+    """`nf4`: language-model linear layers in 4-bit NF4 with double quantisation, computing in `dtype` (QLoRA;
+    needs `lora` to train, and bitsandbytes: `pip install 'ktr[quant]'`). Vision tower and output projection stay
+    in `dtype`."""
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    """FSDP2 settings, used only when the Trainer's strategy is ModelParallelStrategy."""
 
 
 @dataclass
@@ -150,8 +157,13 @@ def _load_pretrained(cfg: PolicyConfig):
     if config.model_type not in classes:
         raise ValueError(f"{cfg.name_or_path}: model_type {config.model_type!r} is not supported; "
                          f"expected one of {sorted(classes)}")
+    quant = {}
+    if cfg.quantization == "nf4":  # quantised while loading: the full-precision weights are never all in memory
+        from ktr.quant import from_pretrained_kwargs
+
+        quant = from_pretrained_kwargs(_DTYPES[cfg.dtype])
     model = classes[config.model_type].from_pretrained(
-        cfg.name_or_path, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **kw)
+        cfg.name_or_path, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **kw, **quant)
     tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **kw)
     tokenizer.padding_side = "left"
     patch = PatchSettings.from_pretrained(cfg.name_or_path) if Path(cfg.name_or_path).is_dir() else PatchSettings()
@@ -162,6 +174,10 @@ def load_policy(cfg: PolicyConfig) -> Policy:
     """Build or load the model and its processor, then apply the shared post-construction steps."""
     model, tokenizer, patch = _build_tiny(cfg) if cfg.name_or_path == "tiny" else _load_pretrained(cfg)
     model.config.use_cache = True
+    if cfg.quantization == "nf4":
+        from ktr.quant import prepare_nf4
+
+        model = prepare_nf4(model, _DTYPES[cfg.dtype])
     if cfg.freeze_vision:
         vision_tower(model).requires_grad_(False)
     if cfg.adapter_path is not None:
@@ -191,7 +207,9 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
 
 def core(model: nn.Module) -> nn.Module:
     """The `*ForConditionalGeneration` module under any wrapper (peft, torch.compile)."""
-    while not hasattr(model, "lm_head"):
+    # `_modules`, not hasattr: peft forwards unknown attributes to the wrapped model, so a PeftModel "has" an
+    # lm_head while its `.model` is not the Qwen-VL backbone.
+    while "lm_head" not in model._modules:
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
         elif hasattr(model, "_orig_mod"):

@@ -23,8 +23,13 @@ from torch.utils.data import DataLoader
 
 
 def rng_state() -> dict[str, Any]:
-    """The generators of this process: torch CPU, the current CUDA device (if any), numpy, Python."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """The generators of this process: torch CPU, the current CUDA device (if any), numpy, Python.
+
+    Only tensors and Python scalars, so that checkpoints stay loadable with `torch.load(weights_only=True)`.
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
                              "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -34,7 +39,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured (a CUDA state is restored only where CUDA is in use)."""
     torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.data.skips import SkipCounter, Skipped
@@ -22,6 +22,7 @@ from ktr.data.prompts import build_messages
 from ktr.data.video import (ImageSettings, MediaDecodeError, VideoSettings, frames_from_array, image_from_array,
                             load_image, load_video)
 from ktr.types import Media, PromptBatch, PromptSample
+from ktr.resume import ResumableDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,9 @@ class BaseDataModule(L.LightningDataModule):
         target = self.sft_target if sft else None
         ds = PromptDataset(rows, self.load_media, self.processor, eval_prompt=eval_prompt, target=target)
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self.collate, generator=gen, persistent_workers=self.num_workers > 0)
+        # Resumable: Lightning checkpoints its shuffle and position, so a resumed run sees the same data (ktr.resume).
+        return ResumableDataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                                   collate_fn=self.collate, generator=gen, persistent_workers=self.num_workers > 0)
 
     def wants_sft_targets(self) -> bool:
         module = self.trainer.lightning_module if self.trainer is not None else None

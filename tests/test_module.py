@@ -1,0 +1,71 @@
+"""KTRModule: a training step changes parameters; micro-batched gradients equal the single pass; GRPO = KTR
+with every valid token."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from ktr.data.base import SyntheticDataModule
+from ktr.module import KTRModule, LossConfig, OptimConfig, RewardConfig
+from ktr.policy import PolicyConfig
+from ktr.probes.keytokens import KeyTokenConfig, SignalConfig
+from ktr.rollout import SamplingConfig
+from tests.helpers import SMALL_VIDEO, rollout_for
+
+
+def _module(**kw) -> KTRModule:
+    torch.set_num_threads(1)
+    return KTRModule(policy=PolicyConfig(attn_implementation="eager"),
+                     sampling=SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0), **kw)
+
+
+def test_one_training_step_changes_parameters(tmp_path) -> None:
+    L.seed_everything(0)
+    module = _module(loss=LossConfig(beta=0.04), optim=OptimConfig(lr=1e-3),
+                     rewards=RewardConfig(names=["tests.helpers:length_reward", "format"]))
+    before = {k: v.detach().clone() for k, v in module.model.named_parameters()}
+    dm = SyntheticDataModule(batch_size=2, val_size=0, train_size=8, video=SMALL_VIDEO)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, dm)
+    changed = [k for k, v in module.model.named_parameters() if not torch.equal(v, before[k])]
+    assert any("visual" in k for k in changed) and any("language_model.layers" in k for k in changed)
+    assert "train/ktr/frac_key" in trainer.callback_metrics
+    assert module._ref and all(not p.requires_grad for p in module._ref[0].parameters())
+    assert not any(k.startswith("_ref") for k in module.state_dict())  # reference kept out of checkpoints
+
+
+def _grads(module, batch, rollout, micro):
+    module.loss_cfg = LossConfig(beta=0.04, micro_batch_size=micro)
+    module.manual_backward = lambda loss: loss.backward()  # no Trainer here
+    module._reference_ready()
+    module.model.zero_grad(set_to_none=True)
+    scores = module.score(batch, rollout)
+    mask = rollout.completion_mask.clone()
+    mask[:, ::2] = False  # a non-trivial key-token mask
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss = module.update(rollout, scores, mask, adv)
+    return loss, {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
+
+
+def test_micro_batches_equal_single_pass() -> None:
+    module = _module()
+    from ktr.policy import Policy
+
+    batch, rollout = rollout_for(Policy(module.model, module.processor), n_prompts=2, group_size=2)
+    loss1, g1 = _grads(module, batch, rollout, None)
+    loss2, g2 = _grads(module, batch, rollout, 1)
+    torch.testing.assert_close(loss1, loss2, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and any("visual" in k for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+
+
+def test_vanilla_grpo_is_config_of_the_same_module() -> None:
+    module = _module(key_tokens=KeyTokenConfig(enabled=False))
+    assert type(module) is KTRModule
+    with pytest.raises(ValueError, match="every signal is disabled"):
+        off = SignalConfig(enabled=False)
+        KeyTokenConfig(visual=off, temporal=off, entropy=off)
