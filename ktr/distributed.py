@@ -4,8 +4,7 @@
 `ModelParallelStrategy`. Units (each all-gathered just before it runs and freed after):
 
 - every vision block, then the vision tower (its patch embedding and merger);
-- every decoder layer, the input embeddings, the output projection (one unit with the embeddings when the
-  two are tied), then the language model (final norm);
+- every decoder layer, the input embeddings, the output projection, then the language model (final norm);
 - the root (the peft wrapper or the bare model).
 
 Units are chosen by what `ktr.forward` *calls*, not only by size: the single forward path calls the vision
@@ -17,6 +16,13 @@ Two more things make RL work under FSDP2:
   transformers does so (`synced_gpus`) for modules marked FSDP-managed, which is set here;
 - the first FSDP module to run becomes the root of its subtree; the SFT warm start and the reference pass call
   the vision tower first, so `ensure_root_initialized` fixes the real root before the first step.
+
+Tied input/output embeddings (small Qwen models, the tiny test model) cannot be one FSDP unit here: a grouped
+unit registers its backward hooks only on the output of the module that completes the group, and the single
+forward path runs a no-grad head pass (probe log-probs) between the embedding's grad forward and the backward,
+which loses the embedding's gradient. So `shard_policy` unties them into two equal weights, and
+`tied_gradients` (around gradient clipping) sums their gradients into one and mirrors it back, so both receive
+the same update and stay equal: the same maths as one shared weight, at the cost of a second (sharded) copy.
 
 Mixed precision is FSDP's: parameters all-gathered and computed in `param_dtype`, gradients reduced in
 `reduce_dtype`, float32 master weights and optimizer state sharded across ranks.
@@ -87,11 +93,11 @@ def shard_policy(model: nn.Module, mesh, cfg: ShardingConfig | None = None,
     for layer in lm.layers:
         fully_shard(layer, **kw)
     embed, head = base.get_input_embeddings(), base.lm_head
-    if embed.weight is head.weight:  # tied: a parameter can belong to one unit only
-        fully_shard([embed, head], **kw)
-    else:
-        fully_shard(embed, **kw)
-        fully_shard(head, **kw)
+    if embed.weight is head.weight:  # see the module docstring
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+        base._ktr_untied_embeddings = True
+    fully_shard(embed, **kw)
+    fully_shard(head, **kw)
     fully_shard(lm, **kw)
     fully_shard(model, **kw)
     # transformers' generate passes synced_gpus=True for modules carrying this mark (its own FSDP2 helper sets
@@ -135,6 +141,31 @@ def gathered_for_rollout(model: nn.Module, cfg: ShardingConfig | None = None) ->
             # the root keeps its weights between forward and backward anyway (FSDP's own default for it)
             m.set_reshard_after_forward(cfg.reshard_after_forward and m is not model, recurse=False)
             m.reshard()
+
+
+@contextmanager
+def tied_gradients(model: nn.Module) -> Iterator[None]:
+    """Wrap gradient clipping: embeddings untied by `shard_policy` are clipped and updated as one weight.
+
+    On entry the output projection's gradient is added to the input embedding's and removed (so the clipping
+    norm counts the shared weight once, as unsharded); on exit the clipped sum is copied back to the
+    projection, so the optimizer gives both copies the same update. A no-op for models that were not untied.
+    """
+    from ktr.policy import core
+
+    base = core(model)
+    if not getattr(base, "_ktr_untied_embeddings", False):
+        yield
+        return
+    e, h = base.get_input_embeddings().weight, base.lm_head.weight
+    if h.grad is not None:
+        e.grad = h.grad if e.grad is None else e.grad.add_(h.grad)
+        h.grad = None
+    try:
+        yield
+    finally:
+        if e.grad is not None:
+            h.grad = e.grad.clone()
 
 
 def data_parallel_mesh(device_mesh):

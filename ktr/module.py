@@ -22,6 +22,7 @@ from torch import Tensor
 from ktr import fused
 from ktr.advantages import group_advantages
 from ktr.data.base import StepBatch
+from ktr.distributed import tied_gradients
 from ktr.forward import (SequenceView, VisionFeatures, completion_hidden, completion_logps, encode_media,
                          output_projection)
 from ktr.losses import masked_kl_mean
@@ -121,7 +122,7 @@ class PolicyModule(L.LightningModule):
 
     needs_targets = False
 
-    def __init__(self, policy: PolicyConfig | None = None, optim: OptimConfig | None = None,
+    def __init__(self, policy: PolicyConfig = PolicyConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
                  val_max_new_tokens: int = 64) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -220,7 +221,8 @@ class PolicyModule(L.LightningModule):
         opt = self.optimizers()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        with tied_gradients(self.model):  # FSDP2 unties shared embeddings; their gradients are one here
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched = self.lr_schedulers()
@@ -302,9 +304,10 @@ class StepScores:
 class KTRModule(PolicyModule):
     """GRPO / Video-KTR on a Qwen2.5-VL policy, with an optional SFT warm start."""
 
-    def __init__(self, policy: PolicyConfig | None = None, sampling: SamplingConfig | None = None,
-                 key_tokens: KeyTokenConfig | None = None, loss: LossConfig | None = None,
-                 rewards: RewardConfig | None = None, optim: OptimConfig | None = None,
+    # Config defaults are dataclass instances (never mutated) so that `--help` lists every nested option.
+    def __init__(self, policy: PolicyConfig = PolicyConfig(), sampling: SamplingConfig = SamplingConfig(),  # noqa: B008
+                 key_tokens: KeyTokenConfig = KeyTokenConfig(), loss: LossConfig = LossConfig(),  # noqa: B008
+                 rewards: RewardConfig = RewardConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
                  warm_start_steps: int = 0, warm_start_lr: float | None = None,
                  val_max_new_tokens: int = 64) -> None:
         """

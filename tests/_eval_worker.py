@@ -21,8 +21,10 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     from ktr.callbacks import SyntheticBenchmark
     from ktr.cli import main
 
+    # default_root_dir: with no logger, LightningCLI saves config.yaml there (not in the repository)
     cli = main(["test", "--config", "configs/demo_eval.yaml", "--trainer.devices", str(world),
-                "--trainer.strategy", "ddp", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.strategy", "ddp", "--trainer.logger", "false", "--trainer.default_root_dir", out,
+                "--trainer.enable_progress_bar", "false",
                 "--trainer.callbacks.num_questions", "7", "--trainer.callbacks.output_dir", os.path.join(out, "eval"),
                 "--trainer.callbacks.decoding.batch_size", "2", "--trainer.callbacks.decoding.max_new_tokens", "4"])
     evaluator = next(c for c in cli.trainer.callbacks if isinstance(c, SyntheticBenchmark))

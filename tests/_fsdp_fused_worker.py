@@ -6,12 +6,15 @@ Each rank holds a tiny model whose lm_head is sharded with ``fully_shard`` (a DT
 computes the fused policy loss on its own data through ``call_with_head``, and checks against a plain
 single-process run of the naive loss on both ranks' data: the loss, the gradient w.r.t. the hidden
 states, and the full (all-gathered) gradients of the sharded head and body, which FSDP averages over ranks.
-Prints ``OK`` and exits 0 on success.
+Layouts: head and root sharded (the usual one) or the head as the only FSDP module, each with and without
+resharding after forward. (Calling ``head.unshard()`` and using ``head.weight`` directly instead gives
+wrong head gradients in the head-only layout: nothing reduce-scatters them.) Prints ``OK`` on success.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import sys
 from functools import partial
@@ -22,6 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from ktr.fused import call_with_head, fused_policy_loss, naive_policy_loss
 
@@ -80,25 +84,27 @@ def check(rank: int) -> None:
     base = Tiny()
     losses, hidden_grads, param_grads = reference(copy.deepcopy(base))
     mesh = init_device_mesh("cpu", (WORLD,))
-    for strategy in ("grad-in-forward", "recompute"):
-        for reshard in (True, False):
-            model = copy.deepcopy(base)
-            fully_shard(model.head, mesh=mesh, reshard_after_forward=reshard)
+    strategies = ("grad-in-forward", "recompute")
+    for strategy, reshard, shard_root in itertools.product(strategies, (True, False), (True, False)):
+        model = copy.deepcopy(base)
+        fully_shard(model.head, mesh=mesh, reshard_after_forward=reshard)
+        if shard_root:  # the usual layout; without it the head is the only (root) FSDP module
             fully_shard(model, mesh=mesh)
-            assert type(model.head.weight).__name__ == "DTensor", "the head weight should be sharded"
-            d = rank_data(rank)
-            for _ in range(2):  # a second iteration catches FSDP state left over from the first
-                model.zero_grad(set_to_none=True)
-                hidden = model(d["x"])
-                hidden.retain_grad()
-                fn = partial(fused_policy_loss, tokens=d["tokens"], advantages=d["advantages"], mask=d["mask"],
-                             ref_logps=d["ref_logps"], beta=0.04, chunk_size=3, strategy=strategy)
-                loss, _, _ = call_with_head(model.head, hidden, fn)
-                loss.backward()
-                tag = f"{strategy} reshard={reshard}"
-                close(f"{tag} loss", loss.detach(), losses[rank])
-                close(f"{tag} hidden grad", hidden.grad, hidden_grads[rank])
-                for name, p in model.named_parameters():
+        assert isinstance(model.head.weight, DTensor), "the head weight should be sharded"
+        d = rank_data(rank)
+        for _ in range(2):  # a second iteration catches FSDP state left over from the first
+            model.zero_grad(set_to_none=True)
+            hidden = model(d["x"])
+            hidden.retain_grad()
+            fn = partial(fused_policy_loss, tokens=d["tokens"], advantages=d["advantages"], mask=d["mask"],
+                         ref_logps=d["ref_logps"], beta=0.04, chunk_size=3, strategy=strategy)
+            loss, _, _ = call_with_head(model.head, hidden, fn)
+            loss.backward()
+            tag = f"{strategy} reshard={reshard} shard_root={shard_root}"
+            close(f"{tag} loss", loss.detach(), losses[rank])
+            close(f"{tag} hidden grad", hidden.grad, hidden_grads[rank])
+            for name, p in model.named_parameters():
+                if shard_root or name.startswith("head."):  # an unsharded body is not averaged over ranks
                     close(f"{tag} {name} grad", p.grad.full_tensor(), param_grads[name])
 
 

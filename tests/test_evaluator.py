@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "benchmarks"
 RESULT_KEYS = {"overall", "breakdown", "n_scored", "n_skipped", "n_unparsable", "settings"}
 SETTING_KEYS = {"decoding", "frames", "pixels", "prompt_variant", "extraction_rule", "checkpoint"}
-# 2 frames of 56x56 -> one merged vision token: the tiny model answers a question in milliseconds
+# 2 frames of 56x56 -> one merged vision token; greedy, since Hugging Face's top-p sorts the whole vocabulary
+# every step (most of the tiny model's time). The released decoding runs in the fit and two-process tests.
 SMALL = dict(video=EvalVideoSettings(fps=2.0, min_frames=2, max_frames=2, min_pixels=3136, max_pixels=3136),
-             decoding=DecodingConfig(max_new_tokens=8, batch_size=8))
+             decoding=DecodingConfig(temperature=0.0, max_new_tokens=8, batch_size=8))
 GREEDY_DEMO = dict(video=EvalVideoSettings(fps=4.0, min_frames=4, max_frames=8, min_pixels=3136, max_pixels=3136),
                    decoding=DecodingConfig(temperature=0.0, max_new_tokens=6, batch_size=4))
 
@@ -38,10 +39,14 @@ def fx() -> Path:
     return FIXTURES
 
 
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):  # `ktr.cli.main(args)` warns when pytest's own arguments are in sys.argv
+    monkeypatch.setattr(sys, "argv", ["ktr"])
+
+
 @pytest.fixture(scope="module")
-def policy():
-    torch.set_num_threads(1)
-    return load_policy(PolicyConfig())
+def policy(tiny_policy):
+    return tiny_policy  # conftest: the tiny model, built once per session
 
 
 def _write_videos(paths, skip=()) -> None:
@@ -146,10 +151,13 @@ def test_resume_skips_answered_questions(policy, tmp_path):
     assert {k: v for k, v in res2.items() if k != "settings"} == {k: v for k, v in res.items() if k != "settings"}
 
     with pytest.raises(ValueError, match="other settings.*decoding"):  # never mixes answers of two settings
-        evaluator(None, decoding=DecodingConfig(max_new_tokens=9)).evaluate(policy.model, policy.processor, out)
-    ev = evaluator(None, decoding=DecodingConfig(max_new_tokens=8, batch_size=3))  # batch size may change
+        evaluator(None, decoding=DecodingConfig(temperature=0.0, max_new_tokens=9)).evaluate(
+            policy.model, policy.processor, out)
+    ev = evaluator(None, decoding=DecodingConfig(temperature=0.0, max_new_tokens=8, batch_size=3))  # may change
     ev.evaluate(policy.model, policy.processor, out)
     assert ev.last_generated == []
+    ev.evaluate(policy.model, policy.processor, out, fresh=True)  # fit: a step folder is never resumed
+    assert ev.last_generated == qids and len(_predictions(out / "predictions.jsonl")) == 6
 
 
 def test_cross_check_catches_lost_or_doubled_questions(policy):
@@ -188,6 +196,7 @@ def test_ktr_test_demo_config_writes_results(tmp_path):
     assert len(_predictions(out / "predictions.jsonl")) == 4
 
 
+@pytest.mark.slow
 def test_fit_evaluates_every_n_steps_at_validation(tmp_path):
     from ktr.cli import main
 
@@ -264,6 +273,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_gathers_every_question_once(tmp_path):
     port, env = _free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_eval_worker.py"), str(r), "2", str(port),
@@ -286,3 +296,4 @@ def test_two_process_evaluation_gathers_every_question_once(tmp_path):
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert (res["n_scored"], res["n_duplicates"], res["settings"]["world_size"]) == (7, 0, 2)
     assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["metrics"]["eval/synthetic/n_scored"] == 7
+    assert (tmp_path / "config.yaml").is_file()  # LightningCLI's saved config went to the run, not the repository

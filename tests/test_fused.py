@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -183,7 +185,8 @@ def test_padding_is_skipped(strategy):
 def test_empty_mask_gives_zero_loss_and_grads(strategy):
     d = make(seed=7)
     empty = torch.zeros(N, T, dtype=torch.bool)
-    loss, _, _ = fused_policy_loss(d["hidden"], d["weight"], d["tokens"], d["advantages"], empty, strategy=strategy)
+    args = (d["hidden"], d["weight"], d["tokens"], d["advantages"], empty)
+    loss, _, _ = fused_policy_loss(*args, strategy=strategy)
     gh, gw = torch.autograd.grad(loss, [d["hidden"], d["weight"]])
     assert loss.item() == 0.0 and (gh == 0).all() and (gw == 0).all()
 
@@ -239,5 +242,13 @@ def test_fsdp2_sharded_head_two_processes():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     worker = Path(__file__).with_name("_fsdp_fused_worker.py")
-    out = subprocess.run([sys.executable, str(worker), str(port)], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-4000:]
+    # Own session, so that a hang can be ended together with the two spawned ranks.
+    proc = subprocess.Popen([sys.executable, str(worker), str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the 2-process FSDP2 worker timed out after 240 s")
+    assert proc.returncode == 0 and out.strip().endswith("OK"), err[-4000:]

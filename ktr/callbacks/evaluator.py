@@ -6,7 +6,8 @@ settings (defaults: the released evaluation). It runs
 - under ``ktr test`` / ``ktr validate`` at the end of the (placeholder) evaluation epoch, writing to
   ``<log_dir>/eval/<benchmark>/``;
 - during ``ktr fit`` at validation ends where ``global_step % every_n_steps == 0``, writing to
-  ``<log_dir>/eval/<benchmark>/step_<N>/`` (each step's answers are its own: never resumed across steps).
+  ``<log_dir>/eval/<benchmark>/step_<N>/`` (each step's answers are its own: never resumed from another
+  step or another process).
 
 Each run: questions not yet answered in ``predictions.jsonl`` are sharded over ranks (question ``i`` of the
 pending list goes to rank ``i % world``), their videos decoded (missing or unreadable: a skipped record,
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.aggregation import SumMetric
@@ -168,12 +170,12 @@ class BenchmarkEvaluator(Callback):
         if self.every_n_steps is None or step % self.every_n_steps or step == self._last_fit_step:
             return
         self._last_fit_step = step
-        self.run(trainer, pl_module, subdir=f"step_{step:07d}")
+        self.run(trainer, pl_module, subdir=f"step_{step:07d}", fresh=True)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self.run(trainer, pl_module)
 
-    def run(self, trainer, pl_module, subdir: str | None = None) -> dict[str, Any]:
+    def run(self, trainer, pl_module, subdir: str | None = None, fresh: bool = False) -> dict[str, Any]:
         """Evaluate ``pl_module.model`` and log ``eval/<benchmark>/...``; returns the results."""
         if self.output_dir is not None:
             root = Path(self.output_dir)
@@ -184,7 +186,7 @@ class BenchmarkEvaluator(Callback):
                       "name_or_path": getattr(cfg, "name_or_path", None),
                       "adapter_path": getattr(cfg, "adapter_path", None),
                       "global_step": trainer.global_step if trainer.state.fn == "fit" else None}
-        results = self.evaluate(pl_module.model, pl_module.processor, root, subdir, checkpoint)
+        results = self.evaluate(pl_module.model, pl_module.processor, root, subdir, checkpoint, fresh)
         self.log_results(pl_module, results)
         return results
 
@@ -193,10 +195,14 @@ class BenchmarkEvaluator(Callback):
         """Called on every rank before the benchmark is loaded (e.g. to write a generated benchmark)."""
 
     def evaluate(self, model: nn.Module, processor: VisionLanguageProcessor, root: str | os.PathLike,
-                 subdir: str | None = None, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+                 subdir: str | None = None, checkpoint: dict[str, Any] | None = None,
+                 fresh: bool = False) -> dict[str, Any]:
         """Answer the pending questions, write ``predictions.jsonl`` and ``results.json``; the results.
 
-        Works with or without an initialised process group; every rank must call it.
+        ``fresh`` discards earlier files in the output folder instead of resuming from them: during `fit`, a
+        step folder left by an interrupted earlier process holds answers of weights that no longer exist
+        (a resumed run re-trains from its last checkpoint). Works with or without an initialised process
+        group; every rank must call it.
         """
         rank, world = _rank_world()
         root = Path(root)
@@ -207,6 +213,14 @@ class BenchmarkEvaluator(Callback):
             items = items[: self.subset]
         settings = self.settings(checkpoint, world)
         pred_path = out / "predictions.jsonl"
+        if fresh:
+            _barrier()  # nobody may still be reading the folder
+            if rank == 0:
+                for name in ("predictions.jsonl", "results.json", "settings.json"):
+                    if (out / name).is_file():
+                        rank_zero_warn(f"{out / name}: left by an earlier run at this step; replaced")
+                        (out / name).unlink()
+            _barrier()
         self._check_resume(out, settings)  # every rank raises alike, before anything is written
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ class BaseDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 1, val_batch_size: int = 8, num_workers: int = 0,
                  video: VideoSettings | None = None, image: ImageSettings | None = None,
                  max_skip_fraction: float = 0.1, skip_min_seen: int = 20, shuffle: bool = True,
-                 seed: int = 42) -> None:
+                 seed: int = 42, val_eval_prompt: bool = False) -> None:
         """
         Args:
             batch_size: prompts per step per device (each gets G completions).
@@ -101,13 +101,15 @@ class BaseDataModule(L.LightningDataModule):
             skip_min_seen: check that fraction only once this many samples were seen.
             shuffle: shuffle the training rows each epoch.
             seed: seed of the shuffling.
+            val_eval_prompt: validate with the evaluation wording of the prompt (benchmarks use it always);
+                by default validation sees the training wording, so `val/acc` measures the trained task.
         """
         super().__init__()
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.video = video or VideoSettings()
         self.image = image or ImageSettings()
         self.max_skip_fraction, self.skip_min_seen = max_skip_fraction, skip_min_seen
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.val_eval_prompt = shuffle, seed, val_eval_prompt
         self.processor: VisionLanguageProcessor | None = None
 
     # --- to implement -------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ class BaseDataModule(L.LightningDataModule):
         rows = self.val_rows()
         if not rows:
             return []
-        return self._loader(rows, self.val_batch_size, False, False, True)
+        return self._loader(rows, self.val_batch_size, False, False, self.val_eval_prompt)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch.to(device) if isinstance(batch, StepBatch) else super().transfer_batch_to_device(

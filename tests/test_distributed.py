@@ -1,0 +1,137 @@
+"""FSDP2 through Lightning's ModelParallelStrategy: units, tied embeddings, and 2-process KTR training on CPU.
+
+The 2-process runs (`tests/_fsdp_worker.py`, gloo) give rank 0 a video and rank 1 an image: the ranks make the
+same collective calls whatever their media, or the run hangs (the subprocess timeout turns a hang into a
+failure). Their losses and gradient norms are compared with one process training on both prompts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_process_group():
+    """A world of one (gloo) so that `fully_shard` can run in this process; torn down afterwards."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_units_follow_what_the_forward_path_calls(one_process_group):
+    from torch.distributed.fsdp import FSDPModule
+
+    from ktr.distributed import ShardingConfig, is_sharded, shard_policy
+    from ktr.policy import PolicyConfig, core, load_policy
+
+    model = load_policy(PolicyConfig(attn_implementation="eager")).model  # tiny: tied embeddings
+    base = core(model)
+    assert base.lm_head.weight is base.get_input_embeddings().weight
+    shard_policy(model, one_process_group, ShardingConfig(param_dtype="float32"))
+    units = [base.model.visual, *base.model.visual.blocks, base.model.language_model,
+             *base.model.language_model.layers, base.get_input_embeddings(), base.lm_head, model]
+    assert all(isinstance(u, FSDPModule) for u in units)
+    assert is_sharded(model) and base._is_fsdp_managed_module  # generate then keeps ranks in step
+    # tied weights are untied into two equal copies (see ktr.distributed)
+    e, h = base.get_input_embeddings().weight, base.lm_head.weight
+    assert e is not h and torch.equal(e.full_tensor(), h.full_tensor())
+    with pytest.raises(RuntimeError, match="already sharded"):
+        shard_policy(model, one_process_group)
+
+
+def test_tied_gradients_clip_once_and_update_both_copies(one_process_group):
+    from ktr.distributed import ShardingConfig, shard_policy, tied_gradients
+    from ktr.policy import PolicyConfig, core, load_policy
+
+    model = load_policy(PolicyConfig(attn_implementation="eager")).model
+    shard_policy(model, one_process_group, ShardingConfig(param_dtype="float32"))
+    base = core(model)
+    e, h = base.get_input_embeddings().weight, base.lm_head.weight
+    e.grad, h.grad = torch.ones_like(e), 2 * torch.ones_like(h)
+    with tied_gradients(model):
+        assert h.grad is None  # the clipping norm sees the shared weight once
+        assert torch.equal(e.grad.full_tensor(), torch.full(e.shape, 3.0))
+        e.grad.mul_(0.5)  # what clipping does
+    assert torch.equal(h.grad.full_tensor(), torch.full(h.shape, 1.5))
+    assert h.grad is not e.grad
+
+
+def _run_worker(tmp_path: Path, scenario: str) -> dict:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = subprocess.run([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"2-process FSDP run {scenario!r} did not finish (hang?):\n{(err.stderr or '')[-3000:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / f"{scenario}.json").read_text())
+    out["weights"] = torch.load(tmp_path / f"{scenario}.pt")
+    return out
+
+
+def _single(scenario: str, monkeypatch) -> dict:
+    import ktr.module
+    from tests._fsdp_worker import run
+
+    monkeypatch.setattr(ktr.module, "generate", ktr.module.generate)  # the worker swaps it; restored after
+    return run(scenario, devices=1)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path, monkeypatch):
+    fsdp = _run_worker(tmp_path, "full")
+    single = _single("full", monkeypatch)
+    (l1, g1, _), (l2, g2, kl2) = fsdp["losses"]
+    (s1, h1, _), (s2, h2, skl2) = single["losses"]
+    assert g1 == pytest.approx(h1, rel=1e-5) and g1 > 0  # the whole gradient, reduce-scattered over ranks
+    assert l1 == pytest.approx(s1, abs=1e-7)
+    assert l2 == pytest.approx(s2, rel=1e-4) and l2 > 1e-6  # step 2 has a KL term against the sharded reference
+    assert kl2 == pytest.approx(skl2, rel=1e-4) and g2 == pytest.approx(h2, rel=1e-4)
+    w, sw = fsdp["weights"], single["weights"]
+    assert w.keys() == sw.keys()
+    for k in w:
+        torch.testing.assert_close(w[k], sw[k], atol=1e-4, rtol=0, msg=lambda m: f"{k}: {m}")
+    # the untied copies of the tied embedding got the same updates: they are still one weight
+    assert torch.equal(w["model.language_model.embed_tokens.weight"], w["lm_head.weight"])
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_bf16_trains_adapters_only(tmp_path):
+    """LoRA under FSDP2 with bf16 compute (float32 master weights); its sampled completions differ from a float32
+    run's, so it is checked on its own: it finishes, the adapters train and the base weights do not move."""
+    from ktr.policy import LoraSettings, PolicyConfig, TinyModelConfig, load_policy
+
+    fsdp = _run_worker(tmp_path, "lora_bf16")
+    assert all(torch.isfinite(torch.tensor(step)).all() for step in fsdp["losses"])
+    assert all(grad_norm > 0 for _, grad_norm, _ in fsdp["losses"])
+    start = load_policy(PolicyConfig(attn_implementation="eager", tiny=TinyModelConfig(tie_word_embeddings=False),
+                                     lora=LoraSettings(r=4, alpha=8, dropout=0.0))).model.state_dict()
+    w = fsdp["weights"]
+    assert w.keys() == start.keys()
+    base = [k for k in w if "lora_" not in k]
+    assert base and all(torch.equal(w[k], start[k].float()) for k in base)
+    assert any(w[k].abs().sum() > 0 for k in w if "lora_B" in k)  # B starts at zero: the adapters trained

@@ -1,0 +1,140 @@
+"""Export round trip: `ktr fit` a tiny policy one step, export it, reload with `from_pretrained`, same log-probs.
+
+Full fine-tuning, LoRA merged and the LoRA adapter alone, from a Lightning `.ckpt` and from a
+`ModelParallelStrategy`-style distributed checkpoint directory; the processor settings go with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ktr.export import checkpoint_weights, export, main
+from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.policy import PolicyConfig, load_policy
+
+CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+  limit_val_batches: 0
+model:
+  class_path: ktr.module.KTRModule
+  init_args:
+    policy: {attn_implementation: eager, LORA}
+    sampling: {group_size: 2, max_new_tokens: 6, top_p: 1.0}
+    loss: {beta: 0.04}
+    rewards: {names: ["tests.test_quant:text_length"]}
+    optim: {lr: 0.01}
+data:
+  class_path: ktr.data.base.SyntheticDataModule
+  init_args:
+    train_size: 4
+    val_size: 1
+    video: {fps: 4.0, min_frames: 4, max_frames: 4, min_pixels: 3136, max_pixels: 3136}
+    image: {min_pixels: 3136, max_pixels: 6272}
+"""
+LORA = "lora: {r: 4, alpha: 8, dropout: 0.0}"
+
+
+def _train(tmp: Path, lora: bool):
+    from ktr.cli import main as ktr_main
+
+    torch.set_num_threads(1)
+    cfg = tmp / "config.yaml"
+    cfg.write_text(CONFIG.replace("LORA", LORA if lora else ""))
+    cli = ktr_main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={tmp}"])
+    (ckpt,) = tmp.rglob("*.ckpt")
+    return cfg, ckpt, cli.model
+
+
+@pytest.fixture(scope="module", params=["full", "lora"])
+def trained(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    cfg, ckpt, module = _train(tmp, lora=request.param == "lora")
+    from tests.helpers import rollout_for
+
+    batch, rollout = rollout_for(module, n_prompts=2, group_size=2, max_new_tokens=6, image_every=2, seed=1)
+    return dict(kind=request.param, tmp=tmp, cfg=cfg, ckpt=ckpt, module=module, batch=batch, rollout=rollout,
+                want=_logps(module.model, batch, rollout))
+
+
+@torch.no_grad()
+def _logps(model, batch, rollout) -> torch.Tensor:
+    model.eval()
+    view = SequenceView.of(model, rollout, batch)
+    feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+    hidden = completion_hidden(model, view, feats, rollout.completion_ids.shape[1])
+    return completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask)[0]  # [N, T]
+
+
+def test_export_reloads_with_from_pretrained_and_gives_the_same_logps(trained):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = main(["--config", str(trained["cfg"]), "--ckpt", str(trained["ckpt"]), "--out",
+                str(trained["tmp"] / "hf")])
+    assert not (out / "adapter_config.json").exists()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+    got = _logps(hf, trained["batch"], trained["rollout"])
+    if trained["kind"] == "full":
+        assert torch.equal(got, trained["want"])
+    else:  # W + scale * B @ A in one matrix: the same function up to float rounding
+        torch.testing.assert_close(got, trained["want"], atol=1e-5, rtol=0)
+    # and ktr loads it as a policy, tokenizer and patch settings included
+    policy = load_policy(PolicyConfig(name_or_path=str(out), attn_implementation="eager"))
+    torch.testing.assert_close(_logps(policy.model, trained["batch"], trained["rollout"]), got, atol=0, rtol=0)
+    assert policy.tokenizer("<|im_start|>user")["input_ids"] == trained["module"].processor.tokenizer(
+        "<|im_start|>user")["input_ids"]
+
+
+def test_processor_settings_are_exported(trained):
+    out = export([trained["cfg"]], trained["ckpt"], trained["tmp"] / "hf_proc")
+    img = json.loads((out / "preprocessor_config.json").read_text())
+    vid = json.loads((out / "video_preprocessor_config.json").read_text())
+    assert (img["patch_size"], img["temporal_patch_size"], img["merge_size"]) == (14, 2, 2)
+    assert (img["min_pixels"], img["max_pixels"]) == (3136, 6272)  # from the config's data.image
+    assert (vid["min_pixels"], vid["max_pixels"], vid["max_frames"]) == (3136, 3136, 4)
+    assert img["image_mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert (out / "chat_template.jinja").exists() or "chat_template" in json.loads(
+        (out / "tokenizer_config.json").read_text())
+
+
+def test_adapter_only_export_reloads_exactly(trained):
+    if trained["kind"] != "lora":
+        with pytest.raises(ValueError, match="adapter-only needs a LoRA"):
+            export([trained["cfg"]], trained["ckpt"], trained["tmp"] / "adapter", adapter_only=True)
+        return
+    out = export([trained["cfg"]], trained["ckpt"], trained["tmp"] / "adapter", adapter_only=True)
+    assert (out / "adapter_config.json").exists()
+    policy = load_policy(PolicyConfig(attn_implementation="eager", adapter_path=str(out)))  # tiny base + adapter
+    assert torch.equal(_logps(policy.model, trained["batch"], trained["rollout"]), trained["want"])
+
+
+def test_distributed_checkpoint_directory_exports_like_the_file(trained, tmp_path):
+    """`ModelParallelStrategy` writes a directory (torch.distributed.checkpoint) plus `meta.pt`."""
+    import torch.distributed.checkpoint as dcp
+
+    if trained["kind"] != "full":
+        pytest.skip("one checkpoint layout check is enough")
+    weights = checkpoint_weights(trained["ckpt"])
+    dcp.save({"state_dict": weights}, checkpoint_id=str(tmp_path / "ckpt"))
+    torch.save({"global_step": 1}, tmp_path / "ckpt" / "meta.pt")
+    loaded = checkpoint_weights(tmp_path / "ckpt")
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def test_bad_checkpoint_paths_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint_weights(tmp_path / "nope.ckpt")
+    torch.save({"weights": {}}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        checkpoint_weights(tmp_path / "x.ckpt")
