@@ -132,7 +132,8 @@ class _Chunked:
         acc = torch.promote_types(w.dtype, torch.float32)
         wanted = cfg.needs if with_grads else (False, False, False)
         like = {"h": (h.shape, h.dtype), "w": (w.shape, acc), "b": (w.shape[:1], acc)}
-        self.grads = {k: torch.zeros(like[k][0], dtype=like[k][1], device=h.device) for k, on in zip("hwb", wanted) if on}
+        self.grads = {k: torch.zeros(like[k][0], dtype=like[k][1], device=h.device)
+                      for k, on in zip("hwb", wanted) if on}
 
     def forward(self, h: Tensor, y: Tensor, on_chunk: Callable | None = None):
         """Log-probs, entropy and log-sum-exp, each ``[M]``; ``on_chunk(sl, logp, e, s)`` sees each softmax."""
@@ -255,9 +256,11 @@ def _prepare(hidden, weight, bias, tokens, mask, chunk_size, temperature, with_e
     """Checks; selected rows ``h [M, H]`` (compute dtype, differentiable), ids ``y [M]``, flat positions
     of the selected tokens (None: all), and the chunk config."""
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"expected hidden [N, T, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+        raise ValueError(f"expected hidden [N, T, H] and weight [V, H], got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}")
     if tokens.shape != hidden.shape[:2] or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"`tokens` must be int [N, T]={tuple(hidden.shape[:2])}, got {tokens.dtype} {tuple(tokens.shape)}")
+        raise ValueError(f"`tokens` must be int [N, T]={tuple(hidden.shape[:2])}, got {tokens.dtype} "
+                         f"{tuple(tokens.shape)}")
     if mask is not None and (mask.dtype != torch.bool or mask.shape != tokens.shape):
         raise ValueError(f"`mask` must be bool [N, T]={tuple(tokens.shape)}, got {mask.dtype} {tuple(mask.shape)}")
     if chunk_size < 1 or temperature <= 0:
@@ -334,7 +337,10 @@ def _loss_recompute(hidden, weight, tokens, advantages, mask, bias, opts, loss_k
     return policy_loss(logps, advantages, mask, **loss_kwargs), logps.detach(), entropy
 
 
-_STRATEGIES: dict[str, Callable[..., tuple]] = {"grad-in-forward": _loss_grad_in_forward, "recompute": _loss_recompute}
+_STRATEGIES: dict[str, Callable[..., tuple]] = {
+    "grad-in-forward": _loss_grad_in_forward,
+    "recompute": _loss_recompute,
+}
 
 
 def fused_policy_loss(

@@ -52,7 +52,7 @@ class LossConfig:
     """PPO clip range below 1 (only active with several updates per rollout)."""
     clip_high: float = 0.2
     """PPO clip range above 1."""
-    chunk_size: int | None = 1024
+    chunk_size: int | None = 512
     """Tokens per chunk of the output projection; null materialises full logits (naive; for comparison)."""
     micro_batch_size: int | None = None
     """Completions per gradient pass; null = all N at once. The loss is normalised over the whole group."""
@@ -245,7 +245,7 @@ class PolicyModule(L.LightningModule):
 
     @property
     def chunk_size(self) -> int | None:
-        return 1024
+        return 512
 
     def sft_step(self, prompts: PromptBatch) -> Tensor:
         loss = self.sft_loss(prompts)

@@ -7,6 +7,7 @@ Full fine-tuning, LoRA merged and the LoRA adapter alone, from a Lightning `.ckp
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,9 @@ def _train(tmp: Path, lora: bool):
     torch.set_num_threads(1)
     cfg = tmp / "config.yaml"
     cfg.write_text(CONFIG.replace("LORA", LORA if lora else ""))
-    cli = ktr_main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={tmp}"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["ktr"])  # LightningCLI warns when pytest's own arguments are on sys.argv
+        cli = ktr_main(["fit", "--config", str(cfg), f"--trainer.default_root_dir={tmp}"])
     (ckpt,) = tmp.rglob("*.ckpt")
     return cfg, ckpt, cli.model
 
@@ -138,3 +141,10 @@ def test_bad_checkpoint_paths_fail_clearly(tmp_path):
     torch.save({"weights": {}}, tmp_path / "x.ckpt")
     with pytest.raises(ValueError, match="not a Lightning checkpoint"):
         checkpoint_weights(tmp_path / "x.ckpt")
+
+
+def test_the_exported_run_really_trained(trained):
+    """Otherwise the round trips above would only show that the untrained tiny model reloads."""
+    start = load_policy(PolicyConfig(attn_implementation="eager")).model
+    diff = (_logps(start, trained["batch"], trained["rollout"]) - trained["want"]).abs().max()
+    assert diff > 1e-4

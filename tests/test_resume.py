@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 
 from ktr.resume import ResumableDataLoader, rng_state, set_rng_state
 
+pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+
 N_STEPS = 4
 TRAIN_SIZE = 3  # batch 1: an epoch is 3 steps, so 4 steps cross into a second shuffled pass
 

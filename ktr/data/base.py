@@ -213,4 +213,4 @@ class SyntheticDataModule(BaseDataModule):
         It teaches the format, not the task, so that any accuracy above chance after RL comes from RL.
         """
         letter = random.Random(index).choice([o[0] for o in row["options"]])
-        return f"<think>Let me look at the frames.</think><answer>{letter}</answer>"
+        return f"<think>I watch the frames.</think><answer>{letter}</answer>"

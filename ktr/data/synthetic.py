@@ -33,8 +33,8 @@ class SyntheticSpec:
     """Frame height and width in pixels (a multiple of 28 needs no resize)."""
     fps: float = 4.0
     """Nominal frame rate of the raw clip."""
-    square: int = 14
-    """Side of the moving square in pixels."""
+    square: int = 28
+    """Side of the moving square in pixels (large, so a tiny random vision tower sees it in every patch row)."""
     kinds: tuple[str, ...] = ("direction", "order")
     """Question kinds to mix."""
 
@@ -60,11 +60,15 @@ def render_direction(spec: SyntheticSpec, direction: str, colour: str, lane: int
 
 
 def render_order(spec: SyntheticSpec, first: str, second: str, y: int, x: int) -> Tensor:
-    """`first` colour shown in the first half of the clip, `second` in the second half."""
+    """`first` colour filling the first half of the clip, `second` the second half (a flash of each colour).
+
+    `y`/`x` place a dark square on top, so that no two clips are pixel-identical.
+    """
     frames = _blank(spec)
     half = spec.num_frames // 2
     for f in range(spec.num_frames):
-        _paint(frames, f, y, x, spec.square, COLOURS[first if f < half else second])
+        _paint(frames, f, 0, 0, spec.size, COLOURS[first if f < half else second])
+        _paint(frames, f, y, x, spec.square // 2, (16, 16, 16))
     return frames
 
 

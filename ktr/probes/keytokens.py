@@ -90,7 +90,7 @@ def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tens
 @torch.no_grad()
 def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, view: SequenceView,
               features: VisionFeatures, completion_ids: Tensor, valid: Tensor, base_logps: Tensor,
-              entropy: Tensor | None, cfg: KeyTokenConfig, group_size: int, chunk_size: int | None = 1024) -> KeyTokens:
+              entropy: Tensor | None, cfg: KeyTokenConfig, group_size: int, chunk_size: int | None = 512) -> KeyTokens:
     """Run the enabled probes on the current policy and return the key tokens.
 
     `base_logps` / `entropy` `[N, T]` come from the policy pass already made; the visual probe adds one decoder

@@ -88,7 +88,7 @@ def _select(batch: PromptBatch, idx: list[int]) -> PromptBatch:
 @torch.no_grad()
 def temporal_scores(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
                     view: SequenceView, features: VisionFeatures, completion_ids: Tensor, valid: Tensor,
-                    base_logps: Tensor, perturbation: str = "shuffle", chunk_size: int | None = 1024,
+                    base_logps: Tensor, perturbation: str = "shuffle", chunk_size: int | None = 512,
                     generator: torch.Generator | None = None) -> Tensor:
     """`s_T` `[N, T]`: 0 outside `valid` and on image rows."""
     feats = perturbed_features(model, processor, batch, features, perturbation, generator)

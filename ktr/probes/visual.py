@@ -67,7 +67,7 @@ def get_visual_perturbation(name: str) -> VisualPerturbation:
 @torch.no_grad()
 def visual_scores(model: nn.Module, batch: PromptBatch, view: SequenceView, features: VisionFeatures,
                   completion_ids: Tensor, valid: Tensor, base_logps: Tensor, perturbation: str = "attention_mask",
-                  chunk_size: int | None = 1024, generator: torch.Generator | None = None) -> Tensor:
+                  chunk_size: int | None = 512, generator: torch.Generator | None = None) -> Tensor:
     """`s_V` `[N, T]` (0 outside `valid`). `base_logps` `[N, T]` are the policy's log-probs with the media seen."""
     perturbed, zero_vision = get_visual_perturbation(perturbation)(view, model, batch, generator)
     hidden = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
