@@ -74,9 +74,12 @@ def generate(model: nn.Module, processor: VisionLanguageProcessor, batch: Prompt
         gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    vision = batch.hf_vision_kwargs()
+    if config.model_type != "qwen2_5_vl":  # Qwen2-VL has no temporal scaling of rotary positions
+        vision.pop("second_per_grid_ts", None)
     try:
         seqs = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              **batch.hf_vision_kwargs(), **gen_kwargs)  # [N, L + T]
+                              **vision, **gen_kwargs)  # [N, L + T]
     finally:
         model.train(was_training)
     prompt_len = batch.input_ids.shape[1]

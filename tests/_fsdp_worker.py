@@ -4,7 +4,8 @@
 
 Lightning re-runs this script for rank 1. Each rank trains on one fixed prompt: rank 0 a video, rank 1 an image
 (the dataset is [video, image] and the distributed sampler does not shuffle). Rank 0 writes
-`OUT_DIR/SCENARIO.json`: the global loss of every step (mean over ranks) and the full final weights.
+`OUT_DIR/SCENARIO.json`: the global loss, gradient norm and KL of every step (means over ranks), the full final
+weights (`SCENARIO.pt`), and the run's sharded Lightning checkpoint (`SCENARIO.ckpt/`).
 `run(...)` with `devices=1` is the single-process run on both prompts at once, for comparison.
 
 Sampling is made independent of the batch layout: each prompt is generated on its own with a seed of its own
@@ -15,7 +16,6 @@ rollout (scoring passes, probes, loss, backward, optimizer) is the module's own 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +28,6 @@ SCENARIOS = {
     # LoRA adapters, bf16 mixed precision, reference = adapters disabled, untied embeddings (as the 7B model)
     "lora_bf16": dict(lora=True, param_dtype="bfloat16", beta=0.04, steps=2, tied=False),
 }
-_calls = {"n": 0}
 
 
 def _one_prompt(batch, i: int):
@@ -66,11 +65,12 @@ def _merge(parts, batch, pad: int):
 def per_prompt_generate(model, processor, batch, cfg, **kwargs):
     from ktr.rollout import generate
 
-    _calls["n"] += 1
+    # one draw from the global RNG per call (the same on every rank and in one process; restored on resume)
+    base = int(torch.randint(0, 2**30, (1,)))
     parts = []
     for i, row in enumerate(batch.rows):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1000 * _calls["n"] + int(row["problem_id"].rsplit("-", 1)[1]))
+            torch.manual_seed(base + int(row["problem_id"].rsplit("-", 1)[1]))
             parts.append(generate(model, processor, _one_prompt(batch, i), cfg, **kwargs))
     return _merge(parts, batch, processor.pad_token_id)
 
@@ -100,8 +100,12 @@ def datamodule(batch_size: int):
                                              max_pixels=56 * 56))
 
 
-def run(scenario: str, devices: int) -> dict:
-    """Train `scenario` on `devices` CPU processes; returns (on rank 0) losses per step and final weights."""
+def run(scenario: str, devices: int, save: Path | None = None, resume: Path | None = None,
+        max_steps: int | None = None) -> dict:
+    """Train `scenario` on `devices` CPU processes; returns (on rank 0) losses per step and final weights.
+
+    `save`: also write a Lightning checkpoint there at the end (a sharded directory under FSDP); `resume`: start
+    from such a checkpoint; `max_steps`: instead of the scenario's."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -117,7 +121,6 @@ def run(scenario: str, devices: int) -> dict:
     s = SCENARIOS[scenario]
     torch.set_num_threads(1)
     ktr.module.generate = per_prompt_generate
-    _calls["n"] = 0
     L.seed_everything(0)
     policy = PolicyConfig(attn_implementation="eager", gradient_checkpointing=True,
                           tiny=TinyModelConfig(tie_word_embeddings=s.get("tied", True)),
@@ -137,10 +140,12 @@ def run(scenario: str, devices: int) -> dict:
             losses.append([float(loss), float(m["train/grad_norm"]), float(kl)])
 
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if devices > 1 else "auto"
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=s["steps"], logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps or s["steps"], logger=False,
                         callbacks=[Losses()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, datamodule(batch_size=1 if devices > 1 else 2))
+    trainer.fit(module, datamodule(batch_size=1 if devices > 1 else 2), ckpt_path=resume)
+    if save is not None:
+        trainer.save_checkpoint(save)
     full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {"losses": losses, "rank": trainer.global_rank,
             "weights": {k: v.float() for k, v in full.items()}}
@@ -153,7 +158,14 @@ def text_length(completion: str, solution: str, problem_type: str) -> float:
 
 if __name__ == "__main__":
     out_dir, name = Path(sys.argv[1]), sys.argv[2]
-    result = run(name, devices=2)
+    result = run(name, devices=2, save=out_dir / f"{name}.ckpt")
+    summary = {"losses": result["losses"]}
+    if name == "full":  # exact resume under FSDP: 2 steps + 1 resumed step == 3 uninterrupted steps
+        resumed = run(name, devices=2, resume=out_dir / f"{name}.ckpt", max_steps=3)
+        straight = run(name, devices=2, max_steps=3)
+        w, r = straight["weights"], resumed["weights"]
+        summary["resume_equal"] = sorted(k for k in w if not torch.equal(w[k], r[k])) if result["rank"] == 0 else []
+        summary["resume_changed"] = any(not torch.equal(w[k], result["weights"][k]) for k in w)
     if result["rank"] == 0:
         torch.save(result["weights"], out_dir / f"{name}.pt")
-        (out_dir / f"{name}.json").write_text(json.dumps({"losses": result["losses"], "pid": os.getpid()}))
+        (out_dir / f"{name}.json").write_text(json.dumps(summary))

@@ -117,6 +117,13 @@ def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path, m
         torch.testing.assert_close(w[k], sw[k], atol=1e-4, rtol=0, msg=lambda m: f"{k}: {m}")
     # the untied copies of the tied embedding got the same updates: they are still one weight
     assert torch.equal(w["model.language_model.embed_tokens.weight"], w["lm_head.weight"])
+    # the sharded checkpoint holds every rank's RNG state, and its weights read back whole (what export uses)
+    from ktr.export import checkpoint_weights
+
+    ckpt = tmp_path / "full.ckpt"
+    assert ckpt.is_dir() and len(torch.load(ckpt / "meta.pt", weights_only=True)["ktr_rng"]) == 2
+    saved = checkpoint_weights(ckpt)
+    assert all(torch.equal(saved["model." + k].float(), w[k]) for k in w)
 
 
 @pytest.mark.slow

@@ -76,3 +76,38 @@ def test_video_placeholders_for_real_clip(tiny_policy, fixtures_dir) -> None:
     assert sample.grid_thw.tolist() == [8, 16, 30]
     assert int((sample.prompt_ids == 151656).sum()) == 960
     assert sample.pixel_values.shape == (8 * 16 * 30, 3 * 2 * 14 * 14)
+
+
+@torch.no_grad()
+def test_qwen2_vl_checkpoint_directory_loads_and_matches_hf(tiny_policy, tmp_path) -> None:
+    """A Qwen2-VL (not 2.5) checkpoint directory goes through the same code after construction."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from ktr.policy import PolicyConfig, load_policy
+
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=151645,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    tiny_policy.tokenizer.save_pretrained(tmp_path)
+    policy = load_policy(PolicyConfig(name_or_path=str(tmp_path), attn_implementation="eager"))
+    assert type(policy.model).__name__ == "Qwen2VLForConditionalGeneration"
+    batch, rollout = rollout_for(policy, n_prompts=2, group_size=2)
+    view = SequenceView.of(policy.model, rollout, batch)
+    hidden = completion_hidden(policy.model, view, encode_media(policy.model, batch.pixel_values, batch.grid_thw),
+                               rollout.completion_ids.shape[1])
+    mine, _ = completion_logps(policy.model, hidden, rollout.completion_ids, rollout.completion_mask)
+    sizes = batch.grid_thw.prod(-1).tolist()
+    chunks = torch.split(batch.pixel_values, sizes)
+    rows = rollout.prompt_index.tolist()
+    out = policy.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                       pixel_values_videos=torch.cat([chunks[p] for p in rows]), video_grid_thw=batch.grid_thw[rows],
+                       mm_token_type_ids=rollout.mm_token_type_ids)
+    ref = out.logits[:, -rollout.completion_ids.shape[1] - 1:-1].log_softmax(-1)
+    ref = ref.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    valid = rollout.completion_mask
+    torch.testing.assert_close(mine[valid], ref[valid], rtol=1e-5, atol=1e-5)
