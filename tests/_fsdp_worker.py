@@ -140,8 +140,8 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
             losses.append([float(loss), float(m["train/grad_norm"]), float(kl)])
 
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if devices > 1 else "auto"
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps or s["steps"], logger=False,
-                        callbacks=[Losses()], enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps or s["steps"],
+                        logger=False, callbacks=[Losses()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule(batch_size=1 if devices > 1 else 2), ckpt_path=resume)
     if save is not None:
@@ -164,7 +164,7 @@ if __name__ == "__main__":
         resumed = run(name, devices=2, resume=out_dir / f"{name}.ckpt", max_steps=3)
         straight = run(name, devices=2, max_steps=3)
         w, r = straight["weights"], resumed["weights"]
-        summary["resume_equal"] = sorted(k for k in w if not torch.equal(w[k], r[k])) if result["rank"] == 0 else []
+        summary["resume_differs"] = sorted(k for k in w if not torch.equal(w[k], r[k])) if result["rank"] == 0 else []
         summary["resume_changed"] = any(not torch.equal(w[k], result["weights"][k]) for k in w)
     if result["rank"] == 0:
         torch.save(result["weights"], out_dir / f"{name}.pt")

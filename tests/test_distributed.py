@@ -2,7 +2,8 @@
 
 The 2-process runs (`tests/_fsdp_worker.py`, gloo) give rank 0 a video and rank 1 an image: the ranks make the
 same collective calls whatever their media, or the run hangs (the subprocess timeout turns a hang into a
-failure). Their losses and gradient norms are compared with one process training on both prompts at once.
+failure). Their losses and gradient norms are compared with one process training on both prompts at once, and
+a run resumed from the sharded checkpoint is compared with an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path, m
     assert ckpt.is_dir() and len(torch.load(ckpt / "meta.pt", weights_only=True)["ktr_rng"]) == 2
     saved = checkpoint_weights(ckpt)
     assert all(torch.equal(saved["model." + k].float(), w[k]) for k in w)
+    # resuming from it for one more step ends exactly where 3 uninterrupted steps end (the worker compares)
+    assert fsdp["resume_changed"] and fsdp["resume_differs"] == []
 
 
 @pytest.mark.slow

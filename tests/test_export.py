@@ -107,6 +107,12 @@ def test_processor_settings_are_exported(trained):
     assert (img["min_pixels"], img["max_pixels"]) == (3136, 6272)  # from the config's data.image
     assert (vid["min_pixels"], vid["max_pixels"], vid["max_frames"]) == (3136, 3136, 4)
     assert img["image_mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    # Hugging Face's image processor reads the same settings (its video processor needs torchvision, which
+    # ktr does not depend on, so AutoProcessor is not loaded here)
+    from transformers import AutoImageProcessor
+
+    hf = AutoImageProcessor.from_pretrained(out)
+    assert (hf.patch_size, hf.merge_size, hf.size.shortest_edge, hf.size.longest_edge) == (14, 2, 3136, 6272)
     assert (out / "chat_template.jinja").exists() or "chat_template" in json.loads(
         (out / "tokenizer_config.json").read_text())
 

@@ -8,9 +8,12 @@ with beta > 0, so each of these matters.
 
 from __future__ import annotations
 
+import functools
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -77,11 +80,11 @@ def test_loader_rejects_a_foreign_state():
         _loader(_Counting(3)).load_state_dict({"served": 1})
 
 
-def test_rng_state_round_trip():
-    state = rng_state()
-    a = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
-    set_rng_state(state)
-    b = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+def test_rng_state_round_trip_and_loads_as_weights_only(tmp_path):
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    a = (torch.rand(3), np.random.rand(), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # as in a Lightning checkpoint
+    b = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
@@ -98,7 +101,7 @@ class _Record(Callback):
             trainer.should_stop = True
 
 
-def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: Path | None = None):
+def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: Path | None = None, warm: int = 0):
     from ktr.data.base import SyntheticDataModule
     from ktr.data.video import VideoSettings
     from ktr.module import KTRModule, LossConfig, OptimConfig
@@ -109,7 +112,8 @@ def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: 
     L.seed_everything(42)
     module = KTRModule(policy=PolicyConfig(attn_implementation="eager"),
                        sampling=SamplingConfig(group_size=2, max_new_tokens=6, temperature=1.0, top_p=0.95),
-                       loss=LossConfig(beta=0.04), optim=OptimConfig(lr=1e-3, schedule="cosine", grad_clip=5.0))
+                       loss=LossConfig(beta=0.04), optim=OptimConfig(lr=1e-3, schedule="cosine", grad_clip=5.0),
+                       warm_start_steps=warm)
     data = SyntheticDataModule(train_size=TRAIN_SIZE, val_size=1, batch_size=1, shuffle=True, seed=7,
                                video=VideoSettings(fps=4.0, min_frames=4, max_frames=4, min_pixels=56 * 56,
                                                    max_pixels=56 * 56))
@@ -124,9 +128,9 @@ def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: 
     return module, record.ids
 
 
-@pytest.fixture(scope="module")
-def uninterrupted():
-    module, ids = _fit()
+@functools.lru_cache(maxsize=None)
+def _uninterrupted(warm: int = 0):
+    module, ids = _fit(warm=warm)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, ids
 
 
@@ -136,16 +140,19 @@ def _equal_weights(a: dict, b: dict) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [2, 3], ids=["mid-epoch", "epoch-end"])
-def test_resumed_run_ends_with_the_uninterrupted_weights(uninterrupted, tmp_path, k):
-    want, want_ids = uninterrupted
-    first, first_ids = _fit(ckpt_dir=tmp_path, stop_at=k)
+@pytest.mark.parametrize(("k", "warm"), [(2, 0), (3, 0), (2, 1)], ids=["mid-epoch", "epoch-end", "after-warm-start"])
+def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, k, warm):
+    """`after-warm-start`: one SFT step, then RL; the KL reference is the post-SFT model, saved in the checkpoint."""
+    want, want_ids = _uninterrupted(warm)
+    first, first_ids = _fit(ckpt_dir=tmp_path, stop_at=k, warm=warm)
     (ckpt,) = tmp_path.glob("*.ckpt")
     assert f"step={k}" in ckpt.name
     start = dict(first.state_dict())
     assert _equal_weights(start, want), "the stopped run should not already hold the final weights"
 
-    resumed, resumed_ids = _fit(resume_from=ckpt)
+    if warm:
+        assert "ktr_reference" in torch.load(ckpt, weights_only=True)
+    resumed, resumed_ids = _fit(resume_from=ckpt, warm=warm)
     assert first_ids + resumed_ids == want_ids  # same prompts, same order, nothing repeated or lost
     assert len(want_ids) == N_STEPS and len({tuple(i) for i in want_ids[:TRAIN_SIZE]}) == TRAIN_SIZE
     differ = _equal_weights({k_: v.detach() for k_, v in resumed.state_dict().items()}, want)
@@ -153,12 +160,12 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(uninterrupted, tmp_path
 
 
 @pytest.mark.slow
-def test_resume_without_the_rng_state_diverges(uninterrupted, tmp_path):
+def test_resume_without_the_rng_state_diverges(tmp_path):
     """The check above can fail: drop the saved RNG and the resumed run samples other completions."""
-    want, _ = uninterrupted
+    want, _ = _uninterrupted()
     _fit(ckpt_dir=tmp_path, stop_at=2)
     (ckpt,) = tmp_path.glob("*.ckpt")
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     del state["ktr_rng"]
     torch.save(state, tmp_path / "no_rng.ckpt")
     resumed, _ = _fit(resume_from=tmp_path / "no_rng.ckpt")
