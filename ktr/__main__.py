@@ -1,3 +1,3 @@
-from ktr.cli import main
+from ktr.cli import console
 
-main()
+console()

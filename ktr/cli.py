@@ -34,5 +34,10 @@ def main(args: list[str] | None = None, run: bool = True) -> KTRCLI:
     )
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `ktr` console script (returns nothing, so the exit status is 0 on success)."""
     main()
+
+
+if __name__ == "__main__":
+    console()

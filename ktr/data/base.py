@@ -8,7 +8,6 @@ on without it, and the module counts and logs it (`data/skipped`). Too many fail
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ktr.data.processor import VisionLanguageProcessor
+from ktr.data.synthetic import SyntheticSpec
 from ktr.data.skips import SkipCounter, Skipped
 from ktr.data.prompts import build_messages
 from ktr.data.video import (ImageSettings, MediaDecodeError, VideoSettings, frames_from_array, image_from_array,
@@ -171,7 +171,7 @@ class BaseDataModule(L.LightningDataModule):
 class SyntheticDataModule(BaseDataModule):
     """The built-in synthetic video task (see `ktr.data.synthetic`), generated on the fly, no files."""
 
-    def __init__(self, train_size: int = 4096, val_size: int = 64, spec: "SyntheticSpec | None" = None,
+    def __init__(self, train_size: int = 4096, val_size: int = 64, spec: SyntheticSpec = SyntheticSpec(),  # noqa: B008
                  data_seed: int = 0, **kwargs) -> None:
         """
         Args:
@@ -181,11 +181,9 @@ class SyntheticDataModule(BaseDataModule):
             data_seed: seed of the item generator (items are a pure function of seed and index).
             **kwargs: see BaseDataModule.
         """
-        from ktr.data.synthetic import SyntheticSpec
-
         super().__init__(**kwargs)
         self.train_size, self.val_size, self.data_seed = train_size, val_size, data_seed
-        self.spec = spec or SyntheticSpec()
+        self.spec = spec
         self._frames: dict[str, torch.Tensor] = {}
 
     def _rows(self, start: int, count: int) -> list[dict]:
@@ -208,9 +206,10 @@ class SyntheticDataModule(BaseDataModule):
         return Media("video", clip.frames, clip.sample_fps, row["path"])
 
     def sft_target(self, row: dict, index: int) -> str:
-        """Warm-start target: the answer format with a *random* option letter.
+        """Warm-start target: the answer format with the correct option letter.
 
-        It teaches the format, not the task, so that any accuracy above chance after RL comes from RL.
+        Like the released run, which starts RL from a chain-of-thought SFT checkpoint, the policy first sees
+        supervised answers; the demo stops that stage early, while the policy is only partly right, so the gain
+        measured after RL comes from RL.
         """
-        letter = random.Random(index).choice([o[0] for o in row["options"]])
-        return f"<think>I watch the frames.</think><answer>{letter}</answer>"
+        return f"<think>I watch the frames.</think>{row['solution']}"
