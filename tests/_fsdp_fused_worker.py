@@ -112,10 +112,11 @@ def run(rank: int, port: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        check(rank)
-    finally:
-        dist.destroy_process_group()
+    check(rank)
+    # Both ranks finish their collectives before either tears gloo down: destroying the group while the peer
+    # still talks aborts the process natively ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
