@@ -216,7 +216,7 @@ class PolicyModule(L.LightningModule):
                                                                warm_start_steps=warm, warm_start_factor=factor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def _optimizer_step(self, loss_backwarded: bool = True) -> Tensor:
+    def _optimizer_step(self) -> Tensor:
         """Clip, step, zero, schedule. Returns the pre-clip global gradient norm."""
         opt = self.optimizers()
         params = [p for p in self.model.parameters() if p.requires_grad]
