@@ -126,8 +126,8 @@ class PolicyModule(L.LightningModule):
                  val_max_new_tokens: int = 64) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.policy_cfg = policy or PolicyConfig()
-        self.optim_cfg = optim or OptimConfig()
+        self.policy_cfg = policy
+        self.optim_cfg = optim
         self.val_max_new_tokens = val_max_new_tokens
         built = load_policy(self.policy_cfg)
         self.model = built.model
@@ -324,10 +324,10 @@ class KTRModule(PolicyModule):
             val_max_new_tokens: greedy completion length at validation.
         """
         super().__init__(policy, optim, val_max_new_tokens)
-        self.sampling = sampling or SamplingConfig()
-        self.key_cfg = key_tokens or KeyTokenConfig()
-        self.loss_cfg = loss or LossConfig()
-        self.reward_cfg = rewards or RewardConfig()
+        self.sampling = sampling
+        self.key_cfg = key_tokens
+        self.loss_cfg = loss
+        self.reward_cfg = rewards
         self.warm_start_steps = warm_start_steps
         self.warm_start_lr = warm_start_lr
         weights = self.reward_cfg.weights or [1.0] * len(self.reward_cfg.names)

@@ -83,9 +83,7 @@ def generate(model: nn.Module, processor: VisionLanguageProcessor, batch: Prompt
     finally:
         model.train(was_training)
     prompt_len = batch.input_ids.shape[1]
-    completion = seqs[:, prompt_len:]
-    if completion.shape[1] == 0:  # every row stopped immediately is impossible (eos is generated), but be safe
-        completion = torch.full((seqs.shape[0], 1), processor.pad_token_id, device=seqs.device, dtype=seqs.dtype)
+    completion = seqs[:, prompt_len:]  # [N, T], T >= 1: generate always emits at least one token
     valid = completion_mask(completion, eos)
     completion = completion.masked_fill(~valid, processor.pad_token_id)
     prompt_mask = batch.attention_mask.repeat_interleave(g, dim=0)

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import FIXTURES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="session")

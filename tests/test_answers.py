@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from ktr.answers import extract_answer, extract_answer_or_text, has_answer_tag
+from tests import FIXTURES as FIXTURES_ROOT
 
 OUTPUTS_FILE = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "benchmarks"
+    FIXTURES_ROOT / "benchmarks"
     / "videor1_style_model_outputs_sample.json"
 )
 

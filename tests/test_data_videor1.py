@@ -22,11 +22,11 @@ from ktr.data.skips import SkipCounter, Skipped, SkipLimitExceeded
 from ktr.data.video import ImageSettings, VideoSettings
 from ktr.data.videor1 import (DataFileError, Holmes16kDataModule, VideoR1COTDataModule, VideoR1DataModule,
                               load_rows, resolve_media_path)
+from tests import FIXTURES
 
 av = pytest.importorskip("av")
 PIL = pytest.importorskip("PIL.Image")
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(video=VideoSettings(min_pixels=56 * 56, max_pixels=56 * 56),
              image=ImageSettings(min_pixels=56 * 56, max_pixels=56 * 84))

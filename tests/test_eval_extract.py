@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,9 @@ from ktr.eval.extract import (
     option_texts,
     score_tempcompass_caption_matching,
 )
+from tests import FIXTURES as FIXTURES_ROOT
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "benchmarks"
+FIXTURES = FIXTURES_ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")

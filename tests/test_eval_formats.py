@@ -14,8 +14,9 @@ import pytest
 from ktr.eval import BENCHMARKS, SchemaError, get_benchmark, resolve_video_path
 from ktr.eval.benchmarks.tempcompass import TempCompass
 from ktr.eval.benchmarks.videommmu import VideoMMMU
+from tests import FIXTURES as FIXTURES_ROOT
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "benchmarks"
+FIXTURES = FIXTURES_ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")

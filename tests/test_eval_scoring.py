@@ -18,8 +18,9 @@ from ktr.eval import (
 )
 from ktr.eval.benchmarks import mean_relative_accuracy, score_video_r1
 from ktr.eval.benchmarks.videommmu import VideoMMMU, score_open
+from tests import FIXTURES as FIXTURES_ROOT
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "benchmarks"
+FIXTURES = FIXTURES_ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")

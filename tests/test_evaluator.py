@@ -19,9 +19,10 @@ from ktr.callbacks import DecodingConfig, EvalVideoSettings, SyntheticBenchmark
 from ktr.data.eval_synthetic import write_video
 from ktr.eval import prompt_hash, summarize
 from ktr.policy import PolicyConfig, load_policy
+from tests import FIXTURES as FIXTURES_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "benchmarks"
+FIXTURES = FIXTURES_ROOT / "benchmarks"
 RESULT_KEYS = {"overall", "breakdown", "n_scored", "n_skipped", "n_unparsable", "settings"}
 SETTING_KEYS = {"decoding", "frames", "pixels", "prompt_variant", "extraction_rule", "checkpoint"}
 # 2 frames of 56x56 -> one merged vision token; greedy, since Hugging Face's top-p sorts the whole vocabulary

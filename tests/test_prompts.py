@@ -7,7 +7,6 @@ by the code under test.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +18,8 @@ from ktr.data.prompts import (
     build_question,
     validate_row,
 )
+from tests import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 ROWS_FILE = FIXTURES / "video_r1_rows.json"
 
 # Spec text after "{Question}", training wording.

@@ -6,7 +6,6 @@ import doctest
 import json
 import math
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +27,9 @@ from ktr.rewards import (
     length_bonus,
     register_reward,
 )
+from tests import FIXTURES as FIXTURES_ROOT
 
-ROWS_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "video_r1_rows.json"
+ROWS_FILE = FIXTURES_ROOT / "video_r1_rows.json"
 TYPES = ["multiple choice", "numerical", "OCR", "free-form", "regression"]
 
 

@@ -23,8 +23,8 @@ from ktr.data.video import (
     sample_frame_indices,
     smart_nframes,
 )
+from tests import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 VIDEO1 = FIXTURES / "video1.mp4"
 # decord on video1.mp4: 491 frames, get_avg_fps() == 22.29 exactly, 640x360
 VIDEO1_FRAMES, VIDEO1_FPS = 491, 22.29

@@ -11,6 +11,7 @@ permutation per video per step, reproducible under `seed_everything`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -80,8 +81,6 @@ def perturbed_features(model: nn.Module, processor: VisionLanguageProcessor, bat
 
 
 def _select(batch: PromptBatch, idx: list[int]) -> PromptBatch:
-    from dataclasses import replace
-
     return replace(batch, grid_thw=batch.grid_thw[idx], media=[batch.media[i] for i in idx])
 
 
