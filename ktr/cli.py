@@ -25,7 +25,7 @@ def main(args: list[str] | None = None, run: bool = True) -> KTRCLI:
     """Entry point of the `ktr` console script; `args` for in-process use (tests)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ktr.data.base import BaseDataModule
-    from ktr.module import PolicyModule
+    from ktr.policy_module import PolicyModule
 
     return KTRCLI(
         PolicyModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,

@@ -31,27 +31,15 @@ Mixed precision is FSDP's: parameters all-gathered and computed in `param_dtype`
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from ktr.config import ShardingConfig  # noqa: F401 (re-exported)
+from ktr.families import core
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class ShardingConfig:
-    """FSDP2 settings, used only under `ModelParallelStrategy` (ignored on one device)."""
-
-    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Dtype of the all-gathered weights and of the computation (master weights stay in the load dtype)."""
-    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the gradient reduce-scatter."""
-    reshard_after_forward: bool = True
-    """Free gathered weights after each unit's forward (ZeRO-3); false keeps them until backward (ZeRO-2)."""
-    gather_for_rollout: bool = True
-    """Keep weights gathered for the whole of `generate` instead of re-gathering every layer for every token."""
 
 
 def _fsdp():
@@ -72,8 +60,6 @@ def shard_policy(model: nn.Module, mesh, cfg: ShardingConfig | None = None,
     `activation_checkpointing` turns on the model's gradient checkpointing (decoder layers and vision blocks
     recompute their activations in backward; FSDP re-gathers their weights for the recomputation).
     """
-    from ktr.policy import core
-
     _, MixedPrecisionPolicy, fully_shard = _fsdp()
     cfg = cfg or ShardingConfig()
     base = core(model)
@@ -151,8 +137,6 @@ def tied_gradients(model: nn.Module) -> Iterator[None]:
     norm counts the shared weight once, as unsharded); on exit the clipped sum is copied back to the
     projection, so the optimizer gives both copies the same update. A no-op for models that were not untied.
     """
-    from ktr.policy import core
-
     base = core(model)
     if not getattr(base, "_ktr_untied_embeddings", False):
         yield

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ktr.policy import core
+from ktr.families import core
 from ktr.types import PromptBatch, Rollout
 
 

@@ -1,292 +1,35 @@
-"""The RL LightningModule: GRPO with Video-KTR key-token masking, and the SFT stage (layer L3).
+"""The RL LightningModule: GRPO with Video-KTR key-token masking (layer L3).
 
 `training_step` reads as the method: rollout -> score passes (policy, probes, reference) -> rewards ->
 advantages -> masked policy loss -> optimizer step. The maths lives in L1/L2 functions; this file wires them.
-Vanilla GRPO is `key_tokens.enabled: false` on the same module.
+Vanilla GRPO is `key_tokens.enabled: false` on the same module. What SFT and RL share (policy loading,
+optimisation, checkpoints, validation) is `ktr.policy_module.PolicyModule`; the SFT stage is `ktr.sft`.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import math
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
-import lightning as L
 import torch
 from torch import Tensor
 
 from ktr import fused
 from ktr.advantages import group_advantages
+from ktr.config import (KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig, RewardConfig,  # noqa: F401
+                        SamplingConfig)
 from ktr.data.base import StepBatch
-from ktr.distributed import tied_gradients
 from ktr.forward import (SequenceView, VisionFeatures, completion_hidden, completion_logps, encode_media,
                          output_projection)
 from ktr.losses import masked_kl_mean
-from ktr.policy import PolicyConfig, load_policy, vision_tower
-from ktr.probes.keytokens import KeyTokenConfig, attribute, key_token_stats
-from ktr.resume import rng_state, set_rng_state
+from ktr.families import vision_tower
+from ktr.policy_module import PolicyModule
+from ktr.probes.keytokens import attribute, key_token_stats
 from ktr.rewards import compute_rewards, length_bonus
-from ktr.rollout import SamplingConfig, generate
+from ktr.rollout import rollout_backend
+from ktr.sft import SFTModule  # noqa: F401 (re-exported: `ktr.module.SFTModule` in configs)
 from ktr.types import PromptBatch, Rollout
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class LossConfig:
-    """The policy objective (KTR_SPEC section 3)."""
-
-    beta: float = 0.04
-    """KL coefficient (k3 estimator against the frozen reference); 0 drops the reference entirely."""
-    kl_on: Literal["key", "valid"] = "key"
-    """Tokens carrying the KL term: key tokens only (released) or every valid token."""
-    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
-    """Loss aggregation: released GRPO, DAPO token mean, or Dr. GRPO."""
-    advantage: Literal["grpo", "drgrpo"] = "grpo"
-    """Group advantage: (r - mean) / (std + eps), or r - mean (Dr. GRPO)."""
-    clip_low: float = 0.2
-    """PPO clip range below 1 (only active with several updates per rollout)."""
-    clip_high: float = 0.2
-    """PPO clip range above 1."""
-    chunk_size: int | None = 512
-    """Tokens per chunk of the output projection; null materialises full logits (naive; for comparison)."""
-    micro_batch_size: int | None = None
-    """Completions per gradient pass; null = all N at once. The loss is normalised over the whole group."""
-
-
-@dataclass
-class RewardConfig:
-    """Rewards summed into the scalar that advantages are computed from (KTR_SPEC section 4)."""
-
-    names: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    """Registered reward names or dotted paths `pkg.module:function` of your own rewards."""
-    weights: list[float] | None = None
-    """One weight per reward (default 1 each)."""
-    length_bonus: bool = False
-    """Add the released length bonus (+0.2 for correct completions of 320-512 tokens in a group with >1 correct)."""
-    length_reading: Literal["generated", "key"] = "key"
-    """Length counted over generated tokens, or over key tokens as the released code did."""
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser and schedule (defaults: the released run)."""
-
-    lr: float = 2e-6
-    """Peak learning rate."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
-    """8-bit and paged variants need bitsandbytes (`pip install 'ktr[quant]'`)."""
-    schedule: Literal["constant", "cosine"] = "cosine"
-    """Learning-rate schedule over the run's optimizer steps."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    grad_clip: float | None = 5.0
-    """Clip the global gradient norm to this value (null: no clipping)."""
-
-
-def _make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    from ktr._imports import BITSANDBYTES_AVAILABLE, require
-
-    require(BITSANDBYTES_AVAILABLE, "bitsandbytes", "quant")
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-
-
-def _lr_lambda(step: int, total: int, cfg: OptimConfig, warm_start_steps: int = 0,
-               warm_start_factor: float = 1.0) -> float:
-    if step < warm_start_steps:  # SFT warm start at its own rate; the RL schedule starts after it
-        return warm_start_factor
-    step, total = step - warm_start_steps, total - warm_start_steps
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant" or total <= cfg.warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class PolicyModule(L.LightningModule):
-    """What SFT and RL share: the policy, manual optimisation with clipping, greedy validation accuracy."""
-
-    needs_targets = False
-
-    def __init__(self, policy: PolicyConfig = PolicyConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
-                 val_max_new_tokens: int = 64) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.policy_cfg = policy
-        self.optim_cfg = optim
-        self.val_max_new_tokens = val_max_new_tokens
-        built = load_policy(self.policy_cfg)
-        self.model = built.model
-        self.processor = built.processor
-
-    def on_train_start(self) -> None:
-        dm = self.trainer.datamodule
-        self._skips = dm.make_skip_counter() if hasattr(dm, "make_skip_counter") else None
-
-    def count_skips(self, batch: StepBatch) -> None:
-        """Log undecodable samples of this batch; stop the run (clear error) past `max_skip_fraction`."""
-        self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
-        if getattr(self, "_skips", None) is not None:
-            self._skips.update_batch(batch)
-
-    def on_train_epoch_end(self) -> None:
-        if getattr(self, "_skips", None) is not None:
-            self._skips.check(final=True)
-
-    # --- scale: FSDP2 sharding and exact resume (ktr.distributed, ktr.resume) -------------------------
-    def configure_model(self) -> None:
-        """Under `ModelParallelStrategy`, shard the policy (and frozen models) with FSDP2; else nothing."""
-        if getattr(self, "_sharded", False) or not self._model_parallel():
-            return
-        from ktr.distributed import data_parallel_mesh, shard_policy
-
-        mesh = data_parallel_mesh(self.device_mesh)
-        for frozen in self._frozen_models():
-            shard_policy(frozen, mesh, self.policy_cfg.sharding)
-        shard_policy(self.model, mesh, self.policy_cfg.sharding, self.policy_cfg.gradient_checkpointing)
-        self._sharded = True
-
-    def _model_parallel(self) -> bool:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
-
-    def _frozen_models(self) -> list:
-        """Models that are sharded alongside the policy (KTR's reference copy)."""
-        return []
-
-    def on_fit_start(self) -> None:
-        if getattr(self, "_sharded", False):
-            from ktr.distributed import ensure_root_initialized
-
-            for m in [self.model, *self._frozen_models()]:
-                ensure_root_initialized(m)
-
-    def _rollout_context(self):
-        """Weights stay gathered across `generate` under FSDP2 (one all-gather per unit, not per token)."""
-        if not getattr(self, "_sharded", False):
-            return nullcontext()
-        from ktr.distributed import gathered_for_rollout
-
-        return gathered_for_rollout(self.model, self.policy_cfg.sharding)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Every rank's RNG states (generation and the temporal probe sample from them): exact resume."""
-        state = rng_state()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            states = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(states, state)  # every rank reaches here: Lightning dumps on all
-        else:
-            states = [state]
-        checkpoint["ktr_rng"] = states
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("ktr_rng")
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if states is not None and len(states) == world:
-            set_rng_state(states[self.global_rank])
-        elif states is not None:
-            log.warning("checkpoint holds RNG states of %d processes, this run has %d: RNG not restored, the "
-                        "resumed run will not replay the interrupted one exactly", len(states), world)
-
-    def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the policy has no trainable parameters (a 4-bit `policy.quantization: nf4` base is "
-                             "frozen: set `policy.lora` to train adapters)")
-        opt = _make_optimizer(params, self.optim_cfg)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warm = getattr(self, "warm_start_steps", 0)
-        factor = (getattr(self, "warm_start_lr", None) or self.optim_cfg.lr) / self.optim_cfg.lr
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_lr_lambda, total=total, cfg=self.optim_cfg,
-                                                               warm_start_steps=warm, warm_start_factor=factor))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _optimizer_step(self) -> Tensor:
-        """Clip, step, zero, schedule. Returns the pre-clip global gradient norm."""
-        opt = self.optimizers()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
-        with tied_gradients(self.model):  # FSDP2 unties shared embeddings; their gradients are one here
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    def sft_loss(self, prompts: PromptBatch) -> Tensor:
-        """Teacher-forced negative log-likelihood of the targets (mean over target tokens)."""
-        if prompts.target_ids is None:
-            raise ValueError("SFT needs targets: the datamodule must provide sft_target for its rows")
-        rollout = teacher_rollout(prompts, self.processor)
-        feats = encode_media(self.model, prompts.pixel_values, prompts.grid_thw)
-        view = SequenceView.of(self.model, rollout, prompts)
-        hidden = completion_hidden(self.model, view, feats, rollout.completion_ids.shape[1])
-        logps, _ = completion_logps(self.model, hidden, rollout.completion_ids, rollout.completion_mask,
-                                    self.chunk_size)
-        mask = rollout.completion_mask
-        return -(logps * mask).sum() / mask.sum().clamp(min=1)
-
-    @property
-    def chunk_size(self) -> int | None:
-        return 512
-
-    def sft_step(self, prompts: PromptBatch) -> Tensor:
-        loss = self.sft_loss(prompts)
-        self.manual_backward(loss)
-        norm = self._optimizer_step()
-        self.log_dict({"train/sft_loss": loss.detach(), "train/grad_norm": norm}, batch_size=len(prompts))
-        return loss.detach()
-
-    def validation_step(self, batch: StepBatch, batch_idx: int) -> None:
-        if batch.prompts is None:
-            return
-        cfg = SamplingConfig(group_size=1, max_new_tokens=self.val_max_new_tokens, temperature=0.0)
-        rollout = generate(self.model, self.processor, batch.prompts, cfg, greedy=True)
-        rows = batch.prompts.rows
-        _, per, _ = compute_rewards(rollout.texts, [r["solution"] for r in rows], [r["problem_type"] for r in rows],
-                                    names=["accuracy", "format"], weights=[1.0, 1.0], device=self.device)
-        n = len(rows)
-        self.log("val/acc", per["accuracy"].mean(), batch_size=n, sync_dist=True, prog_bar=True)
-        self.log("val/format", per["format"].mean(), batch_size=n, sync_dist=True)
-
-    def test_step(self, batch: StepBatch, batch_idx: int) -> None:
-        """Nothing per batch: `ktr test` is done by the benchmark evaluator callbacks (`ktr.callbacks`)."""
-
-
-def teacher_rollout(prompts: PromptBatch, processor) -> Rollout:
-    """The prompts followed by their SFT targets, shaped like a rollout with G = 1."""
-    target, valid = prompts.target_ids, prompts.target_mask
-    return Rollout(group_size=1, input_ids=torch.cat([prompts.input_ids, target], 1),
-                   attention_mask=torch.cat([prompts.attention_mask, valid.long()], 1),
-                   mm_token_type_ids=torch.cat([prompts.mm_token_type_ids, torch.zeros_like(target, dtype=torch.int)], 1),
-                   completion_ids=target, completion_mask=valid)
-
-
-class SFTModule(PolicyModule):
-    """Supervised fine-tuning on the datamodule's targets (e.g. Video-R1-COT-165k: `process + "\\n" + solution`)."""
-
-    needs_targets = True
-
-    def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
-        self.count_skips(batch)
-        return None if batch.prompts is None else self.sft_step(batch.prompts)
 
 
 @dataclass
@@ -339,6 +82,7 @@ class KTRModule(PolicyModule):
             get_reward(name)
         self._weights = weights
         self._ref: list = []  # frozen reference, kept out of state_dict and checkpoints
+        self.rollout_backend = rollout_backend(sampling.backend)
 
     @property
     def needs_targets(self) -> bool:  # the datamodule provides SFT targets only when a warm start is asked for
@@ -410,7 +154,7 @@ class KTRModule(PolicyModule):
         self._reference_ready()
         prompts = batch.prompts
         with self._rollout_context():
-            rollout = generate(self.model, self.processor, prompts, self.sampling)
+            rollout = self.rollout_backend.generate(self.model, self.processor, prompts, self.sampling)
         scores = self.score(prompts, rollout)
         key = attribute(self.model, self.processor, prompts, scores.view, _detached(scores.features),
                         rollout.completion_ids, rollout.completion_mask, scores.logps, scores.entropy, self.key_cfg,
@@ -420,6 +164,7 @@ class KTRModule(PolicyModule):
         advantages = group_advantages(rewards, rollout.group_size, scale_by_std=scale)
         loss = self.update(rollout, scores, key.mask, advantages)
         norm = self._optimizer_step()
+        self.rollout_backend.on_weights_updated(self.model)
         self._log_step(rollout, rewards, per_reward, failed, loss, norm, scores, key)
         return loss
 

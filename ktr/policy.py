@@ -7,93 +7,19 @@ Both paths end in the same `Policy` object (model + processor + token ids); ever
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
 from ktr.data.processor import PatchSettings, VisionLanguageProcessor
-from ktr.distributed import ShardingConfig
+from ktr.config import DType, LoraSettings, PolicyConfig, TinyModelConfig  # noqa: F401 (re-exported)
+from ktr.families import core, get_family, vision_tower  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-DType = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TinyModelConfig:
-    """Shape of the built-in random-init Qwen2.5-VL (real tokenizer and vocabulary, tiny trunk)."""
-
-    hidden_size: int = 64
-    """Width of the language model."""
-    num_layers: int = 2
-    """Decoder layers of the language model."""
-    num_heads: int = 4
-    """Attention heads (head dim = hidden_size / num_heads; must be divisible by 4 for 3D rotary sections)."""
-    num_kv_heads: int = 2
-    """Key/value heads (grouped-query attention)."""
-    intermediate_size: int = 128
-    """MLP width of the language model."""
-    vision_depth: int = 2
-    """Blocks of the vision tower."""
-    vision_hidden_size: int = 32
-    """Width of the vision tower."""
-    vision_heads: int = 2
-    """Attention heads of the vision tower."""
-    tie_word_embeddings: bool = True
-    """Share input embedding and output projection (halves the tiny model's size)."""
-    seed: int = 0
-    """Seed of the random initialisation (independent of the global seed)."""
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters on the language model's linear layers (vision tower untouched unless targeted)."""
-
-    r: int = 64
-    """Adapter rank."""
-    alpha: int = 128
-    """Scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    """Module name suffixes to adapt; matched inside the language model only."""
-
-
-@dataclass
-class PolicyConfig:
-    """Which model to train and how to load it."""
-
-    name_or_path: str = "tiny"
-    """`tiny` (built-in random model), a local checkpoint directory, or a hub id (needs network)."""
-    dtype: DType = "float32"
-    """Parameter dtype at load time (mixed precision is the Trainer's `precision`)."""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    """Attention kernel of the language model and vision tower."""
-    trust_remote_code: bool = False
-    """Allow code shipped with a checkpoint to run. Off by default: only turn on for checkpoints you trust."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) when loading by hub id."""
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    """Shape of the `tiny` model (ignored for real checkpoints)."""
-    gradient_checkpointing: bool = False
-    """Recompute decoder activations in backward to save memory."""
-    freeze_vision: bool = False
-    """Keep the vision tower frozen (the released run trains it)."""
-    lora: LoraSettings | None = None
-    """Train LoRA adapters instead of the full model; the reference is the base with adapters disabled."""
-    adapter_path: str | None = None
-    """A saved LoRA adapter directory (peft format) to load on top of the base model (e.g. for `ktr test`)."""
-    quantization: Literal["none", "nf4"] = "none"
-    """`nf4`: language-model linear layers in 4-bit NF4 with double quantisation, computing in `dtype` (QLoRA;
-    needs `lora` to train, and bitsandbytes: `pip install 'ktr[quant]'`). Vision tower and output projection stay
-    in `dtype`."""
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
-    """FSDP2 settings, used only when the Trainer's strategy is ModelParallelStrategy."""
 
 
 @dataclass
@@ -149,20 +75,17 @@ def _build_tiny(cfg: PolicyConfig):
 
 
 def _load_pretrained(cfg: PolicyConfig):
-    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig, AutoTokenizer
 
     kw = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     config = AutoConfig.from_pretrained(cfg.name_or_path, **kw)
-    classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
-    if config.model_type not in classes:
-        raise ValueError(f"{cfg.name_or_path}: model_type {config.model_type!r} is not supported; "
-                         f"expected one of {sorted(classes)}")
+    family = get_family(config.model_type, cfg.name_or_path)
     quant = {}
     if cfg.quantization == "nf4":  # quantised while loading: the full-precision weights are never all in memory
         from ktr.quant import from_pretrained_kwargs
 
-        quant = from_pretrained_kwargs(_DTYPES[cfg.dtype])
-    model = classes[config.model_type].from_pretrained(
+        quant = from_pretrained_kwargs(_DTYPES[cfg.dtype], family.quant_skip_modules)
+    model = family.load_class().from_pretrained(
         cfg.name_or_path, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **kw, **quant)
     tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **kw)
     tokenizer.padding_side = "left"
@@ -203,21 +126,3 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=rf".*language_model.*\.({targets})")
     return get_peft_model(model, config)
-
-
-def core(model: nn.Module) -> nn.Module:
-    """The `*ForConditionalGeneration` module under any wrapper (peft, torch.compile)."""
-    # `_modules`, not hasattr: peft forwards unknown attributes to the wrapped model, so a PeftModel "has" an
-    # lm_head while its `.model` is not the Qwen-VL backbone.
-    while "lm_head" not in model._modules:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            raise TypeError(f"{type(model).__name__} has no lm_head; not a Qwen-VL policy")
-    return model
-
-
-def vision_tower(model: nn.Module) -> nn.Module:
-    return core(model).model.visual

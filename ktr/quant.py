@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from ktr._imports import BITSANDBYTES_AVAILABLE, require
+from ktr.families import QUANT_SKIP_MODULES, core
 
-# Modules kept in high precision, as transformers' `llm_int8_skip_modules` prefixes. In transformers 5 the
-# vision tower lives at `model.visual` (the bare name "visual" no longer matches).
-SKIP_MODULES = ("model.visual", "lm_head")
+# Modules kept in high precision, as transformers' `llm_int8_skip_modules` prefixes (per family).
+SKIP_MODULES = QUANT_SKIP_MODULES
 QUANT_TYPE = "nf4"
 BLOCKSIZE = 64
 
@@ -43,16 +43,17 @@ def _bnb():
     return bnb
 
 
-def nf4_config(compute_dtype: torch.dtype):
-    """transformers' `BitsAndBytesConfig` for NF4 + double quantisation, vision tower and head skipped."""
+def nf4_config(compute_dtype: torch.dtype, skip_modules: tuple[str, ...] = SKIP_MODULES):
+    """transformers' `BitsAndBytesConfig` for NF4 + double quantisation, `skip_modules` (vision, head) skipped."""
     from transformers import BitsAndBytesConfig
 
     _bnb()
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QUANT_TYPE, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(SKIP_MODULES))
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(skip_modules))
 
 
-def from_pretrained_kwargs(compute_dtype: torch.dtype) -> dict[str, Any]:
+def from_pretrained_kwargs(compute_dtype: torch.dtype,
+                           skip_modules: tuple[str, ...] = SKIP_MODULES) -> dict[str, Any]:
     """Extra `from_pretrained` arguments to load a checkpoint directly in NF4.
 
     On a GPU machine the weights are quantised on this process's GPU (`LOCAL_RANK`), never staged in full
@@ -60,7 +61,7 @@ def from_pretrained_kwargs(compute_dtype: torch.dtype) -> dict[str, Any]:
     """
     import os
 
-    kwargs: dict[str, Any] = {"quantization_config": nf4_config(compute_dtype)}
+    kwargs: dict[str, Any] = {"quantization_config": nf4_config(compute_dtype, skip_modules)}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     return kwargs
@@ -77,8 +78,6 @@ def quantize_language_model(model: nn.Module, compute_dtype: torch.dtype) -> int
     Quantisation happens on the device the weight is on; the full-precision weight of each layer is released
     as soon as that layer is replaced, so peak memory grows by one layer only.
     """
-    from ktr.policy import core
-
     bnb = _bnb()
     lm = core(model).model.language_model
     count = 0

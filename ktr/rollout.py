@@ -1,33 +1,19 @@
-"""Rollout: G sampled completions per prompt with Hugging Face `generate` (layer L2)."""
+"""Rollout: G sampled completions per prompt (layer L2).
+
+Backends are looked up by name (`sampling.backend`, registry `ROLLOUT_BACKENDS`); an entry may be a dotted
+`module:Class` path so that a heavy engine is imported only when it is chosen. `hf` is transformers'
+`generate` (`generate` below), which also serves validation and evaluation.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ktr.config import SamplingConfig
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.policy import core
+from ktr.families import core, family_of
 from ktr.types import PromptBatch, Rollout
-
-
-@dataclass
-class SamplingConfig:
-    """How completions are sampled (defaults: the released run)."""
-
-    group_size: int = 8
-    """Completions per prompt (G)."""
-    temperature: float = 1.0
-    """Sampling temperature; 0 means greedy decoding."""
-    top_p: float = 0.95
-    """Nucleus sampling mass."""
-    top_k: int = 0
-    """Top-k filter (0 = off)."""
-    max_new_tokens: int = 768
-    """Longest completion."""
-    max_prompt_length: int = 16384
-    """Longest prompt (tokens incl. vision placeholders); longer prompts raise an error naming the sample."""
 
 
 def end_of_sequence_ids(processor: VisionLanguageProcessor) -> list[int]:
@@ -75,7 +61,7 @@ def generate(model: nn.Module, processor: VisionLanguageProcessor, batch: Prompt
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     vision = batch.hf_vision_kwargs()
-    if config.model_type != "qwen2_5_vl":  # Qwen2-VL has no temporal scaling of rotary positions
+    if not family_of(model).video_time_scaling:  # Qwen2-VL has no temporal scaling of rotary positions
         vision.pop("second_per_grid_ts", None)
     try:
         seqs = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -97,3 +83,47 @@ def generate(model: nn.Module, processor: VisionLanguageProcessor, batch: Prompt
         completion_mask=valid,
         texts=tok.batch_decode(completion.masked_fill(~valid, processor.pad_token_id), skip_special_tokens=True),
     )
+
+
+def teacher_rollout(prompts: PromptBatch, processor) -> Rollout:
+    """The prompts followed by their SFT targets, shaped like a rollout with G = 1."""
+    target, valid = prompts.target_ids, prompts.target_mask
+    return Rollout(group_size=1, input_ids=torch.cat([prompts.input_ids, target], 1),
+                   attention_mask=torch.cat([prompts.attention_mask, valid.long()], 1),
+                   mm_token_type_ids=torch.cat([prompts.mm_token_type_ids, torch.zeros_like(target, dtype=torch.int)], 1),
+                   completion_ids=target, completion_mask=valid)
+
+
+class RolloutBackend:
+    """Samples G completions per prompt. One instance per training module."""
+
+    def generate(self, model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
+                 cfg: SamplingConfig, group_size: int | None = None, greedy: bool = False) -> Rollout:
+        raise NotImplementedError
+
+    def on_weights_updated(self, model: nn.Module) -> None:
+        """Called after every optimizer step: a backend holding its own copy of the weights syncs them here."""
+
+
+class HFBackend(RolloutBackend):
+    """transformers' `generate` with `num_return_sequences` (module-level `generate`)."""
+
+    def generate(self, model, processor, batch, cfg, group_size=None, greedy=False) -> Rollout:
+        return generate(model, processor, batch, cfg, group_size=group_size, greedy=greedy)
+
+
+# name -> backend class, or "module:Class" imported on first use
+ROLLOUT_BACKENDS: dict[str, type[RolloutBackend] | str] = {"hf": HFBackend}
+
+
+def rollout_backend(name: str) -> RolloutBackend:
+    """A new instance of the backend registered as `name`; ValueError listing the registered names."""
+    if name not in ROLLOUT_BACKENDS:
+        raise ValueError(f"unknown rollout backend {name!r}; expected one of {sorted(ROLLOUT_BACKENDS)}")
+    entry = ROLLOUT_BACKENDS[name]
+    if isinstance(entry, str):
+        import importlib
+
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+    return entry()

@@ -16,7 +16,7 @@ import torch
 
 from ktr import callbacks as C
 from ktr.callbacks import DecodingConfig, EvalVideoSettings, SyntheticBenchmark
-from ktr.data.eval_synthetic import write_video
+from ktr.data.video import write_video
 from ktr.eval import prompt_hash, summarize
 from ktr.policy import PolicyConfig, load_policy
 from tests import FIXTURES as FIXTURES_ROOT

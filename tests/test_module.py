@@ -69,3 +69,29 @@ def test_vanilla_grpo_is_config_of_the_same_module() -> None:
     with pytest.raises(ValueError, match="every signal is disabled"):
         off = SignalConfig(enabled=False)
         KeyTokenConfig(visual=off, temporal=off, entropy=off)
+
+
+def test_metrics_are_logged_only_in_the_steps_that_compute_them() -> None:
+    """The warm start's `train/sft_loss` must not be re-logged (stale) at the RL steps after it."""
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    class Recorder(DummyLogger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int, set[str]]] = []
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.rows.append((step, set(metrics)))
+
+    L.seed_everything(0)
+    module = _module(warm_start_steps=2, warm_start_lr=1e-3, loss=LossConfig(beta=0.0))
+    dm = SyntheticDataModule(batch_size=2, val_size=0, train_size=16, video=SMALL_VIDEO)
+    recorder = Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=recorder, log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(module, dm)
+    sft = [step for step, keys in recorder.rows if "train/sft_loss" in keys]
+    rl = [step for step, keys in recorder.rows if "train/loss" in keys]
+    assert len(sft) == 2 and len(rl) == 2, recorder.rows
+    assert max(sft) < min(rl)  # no step logs both: the SFT value is not carried into the RL steps

@@ -85,7 +85,7 @@ class SyntheticBenchmark(BenchmarkEvaluator):
 
     def __init__(self, num_questions: int = 32, data_seed: int = 0, spec: SyntheticSpec | None = None,
                  data_dir: str | None = None, **kwargs) -> None:
-        from ktr.data.eval_synthetic import SyntheticVideoR1
+        from ktr.eval.benchmarks.synthetic import SyntheticVideoR1
 
         if num_questions < 1:
             raise ValueError(f"synthetic: num_questions must be >= 1, got {num_questions}")
@@ -95,7 +95,7 @@ class SyntheticBenchmark(BenchmarkEvaluator):
         super().__init__(SyntheticVideoR1(Path(data_dir or ".") / "annotation.json", data_dir), **kwargs)
 
     def prepare(self, root: Path) -> None:
-        from ktr.data.eval_synthetic import SyntheticVideoR1, write_synthetic_benchmark
+        from ktr.eval.benchmarks.synthetic import SyntheticVideoR1, write_synthetic_benchmark
 
         data = Path(self.data_dir) if self.data_dir is not None else root / "data"
         if _rank_world()[0] == 0:

@@ -34,36 +34,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.aggregation import SumMetric
 
+from ktr.config import DecodingConfig
 from ktr.data.base import BaseDataModule, StepBatch, decode_video_file
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.data.video import MediaDecodeError, VideoSettings
 from ktr.eval import Benchmark, EvalItem, append_prediction, load_predictions, pending_items, prompt_hash, summarize
-from ktr.rollout import SamplingConfig, generate
+from ktr.rollout import generate
 from ktr.types import PromptSample
 
 Record = dict[str, Any]
-
-
-@dataclass
-class DecodingConfig:
-    """How answers are generated (defaults: the released evaluation, KTR_SPEC section 6)."""
-
-    temperature: float = 0.1
-    """Sampling temperature; 0 means greedy decoding."""
-    top_p: float = 0.001
-    """Nucleus sampling mass (0.001 keeps almost only the most likely token)."""
-    top_k: int = 0
-    """Top-k filter (0 = off)."""
-    max_new_tokens: int = 1024
-    """Longest answer."""
-    batch_size: int = 8
-    """Questions per `generate` call on each rank."""
-    max_prompt_length: int = 32768
-    """Prompts longer than this (tokens incl. video placeholders) are skipped and listed, never truncated."""
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(group_size=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, max_prompt_length=self.max_prompt_length)
 
 
 @dataclass
@@ -150,9 +129,7 @@ class BenchmarkEvaluator(Callback):
         if subset is not None and subset < 1:
             raise ValueError(f"{benchmark.name}: subset must be >= 1 or null, got {subset}")
         self.benchmark = benchmark
-        self.decoding = decoding or DecodingConfig()
-        if self.decoding.batch_size < 1:
-            raise ValueError(f"{benchmark.name}: decoding.batch_size must be >= 1, got {self.decoding.batch_size}")
+        self.decoding = decoding or DecodingConfig()  # validated where it is built (ktr.config)
         self.video = video or EvalVideoSettings()
         self.every_n_steps, self.subset, self.output_dir = every_n_steps, subset, output_dir
         self.num_workers = num_workers
@@ -273,7 +250,7 @@ class BenchmarkEvaluator(Callback):
         if ready:
             device = next(model.parameters()).device
             prompts = processor.collate([batch[i][1] for i in ready]).to(device)
-            rollout = generate(model, processor, prompts, self.decoding.sampling(), group_size=1,
+            rollout = generate(model, processor, prompts, self.decoding, group_size=1,
                                greedy=self.decoding.temperature == 0)
             for i, text in zip(ready, rollout.texts):
                 item = batch[i][0]
@@ -301,7 +278,8 @@ class BenchmarkEvaluator(Callback):
     def settings(self, checkpoint: dict[str, Any] | None, world: int) -> dict[str, Any]:
         """The ``settings`` of ``results.json``: decoding, frames, pixels, prompt, extraction, checkpoint."""
         v = self.video
-        return {"decoding": asdict(self.decoding),
+        decoding = {k: val for k, val in asdict(self.decoding).items() if k != "group_size"}  # always 1
+        return {"decoding": decoding,
                 "frames": {"fps": v.fps, "min_frames": v.min_frames, "max_frames": v.max_frames},
                 "pixels": {"min_pixels": v.min_pixels, "max_pixels": v.max_pixels, "total_pixels": v.total_pixels},
                 "prompt_variant": self.benchmark.prompt_variant, "extraction_rule": self.benchmark.extraction_rule,

@@ -12,11 +12,10 @@ from ktr.eval.base import (
     EvalItem,
     Format,
     SchemaError,
-    get_benchmark,
     register_benchmark,
     resolve_video_path,
 )
-from ktr.eval.benchmarks import MMVU, TempCompass, VideoHolmes, VideoMME, VideoMMMU  # registers the five
+from ktr.eval.benchmarks import MMVU, TempCompass, VideoHolmes, VideoMME, VideoMMMU, get_benchmark  # registers the five
 from ktr.eval.extract import Extraction
 from ktr.eval.metrics import (
     append_prediction,

@@ -6,7 +6,7 @@ an item (``breakdown_keys``). :meth:`Benchmark.evaluate` runs the last three and
 written to ``predictions.jsonl`` and aggregated by :func:`ktr.eval.metrics.summarize`.
 
 Benchmarks are registered by name in :data:`BENCHMARKS` (``"videomme"``, ``"tempcompass"``,
-``"videommmu"``, ``"mmvu"``, ``"videoholmes"``); :func:`get_benchmark` fails with the valid names.
+``"videommmu"``, ``"mmvu"``, ``"videoholmes"``); :func:`ktr.eval.get_benchmark` fails with the valid names.
 """
 
 from __future__ import annotations
@@ -240,11 +240,3 @@ def register_benchmark(name: str) -> Callable[[type[Benchmark]], type[Benchmark]
 
     return wrap
 
-
-def get_benchmark(name: str) -> type[Benchmark]:
-    """The benchmark class registered as ``name``; ValueError listing the valid names otherwise."""
-    import ktr.eval.benchmarks  # noqa: F401 - registers the built-in benchmarks
-
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
-    return BENCHMARKS[name]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -13,50 +12,8 @@ from ktr.forward import SequenceView, VisionFeatures
 from ktr.probes.select import combine_masks, select_scope
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
+from ktr.config import SIGNALS, KeyTokenConfig, SignalConfig  # noqa: F401 (re-exported)
 from ktr.types import PromptBatch
-
-SIGNALS = ("visual", "temporal", "entropy")
-
-
-@dataclass
-class SignalConfig:
-    """One attribution signal."""
-
-    enabled: bool = True
-    """Use this signal."""
-    ratio: float = 0.2
-    """Fraction of valid tokens per pool this signal selects (the top (1 - ratio) quantile and above)."""
-
-
-@dataclass
-class KeyTokenConfig:
-    """Which tokens receive gradient. `enabled: false` is vanilla GRPO (every valid token)."""
-
-    enabled: bool = True
-    """Video-KTR key-token masking; false gives vanilla GRPO with the same module."""
-    visual: SignalConfig = field(default_factory=SignalConfig)
-    """Visual-aware signal (counterfactual: media hidden)."""
-    temporal: SignalConfig = field(default_factory=SignalConfig)
-    """Temporal-aware signal (frames perturbed); video samples only."""
-    entropy: SignalConfig = field(default_factory=SignalConfig)
-    """Entropy of the policy's next-token distribution."""
-    visual_perturbation: Literal["attention_mask", "zero_embeddings", "random_half", "identity"] = "attention_mask"
-    """How the media is hidden for the visual probe (released: attention_mask)."""
-    temporal_perturbation: Literal["shuffle", "reverse", "segment_shuffle", "identity"] = "shuffle"
-    """How frames are perturbed for the temporal probe (released: shuffle)."""
-    scope: Literal["group", "sequence", "batch"] = "group"
-    """Pool of the quantile: the G completions of a prompt (released), each sequence, or the whole batch."""
-    combine: Literal["union", "intersection"] = "union"
-    """How per-signal masks combine (released: union)."""
-
-    def __post_init__(self) -> None:
-        if self.enabled and not any(getattr(self, s).enabled for s in SIGNALS):
-            raise ValueError("key_tokens.enabled is true but every signal is disabled; enable one or set "
-                             "key_tokens.enabled: false for vanilla GRPO")
-        for s in SIGNALS:
-            r = getattr(self, s).ratio
-            if not 0.0 <= r <= 1.0:
-                raise ValueError(f"key_tokens.{s}.ratio must be in [0, 1], got {r}")
 
 
 @dataclass

@@ -1,0 +1,249 @@
+"""Configuration dataclasses read by several layers (layer L0: stdlib only).
+
+Each option group is a dataclass whose attribute docstrings become `--help` text. Validation that needs only
+the values themselves happens in `__post_init__`, so a bad value fails where the config is built (parse time
+for the CLI), naming the key. The old import paths (`ktr.module.LossConfig`, `ktr.rollout.SamplingConfig`,
+`ktr.probes.keytokens.KeyTokenConfig`, `ktr.policy.PolicyConfig`, `ktr.distributed.ShardingConfig`) re-export
+these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled (defaults: the released run)."""
+
+    group_size: int = 8
+    """Completions per prompt (G)."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k filter (0 = off)."""
+    max_new_tokens: int = 768
+    """Longest completion."""
+    max_prompt_length: int = 16384
+    """Longest prompt (tokens incl. vision placeholders); longer prompts raise an error naming the sample."""
+    backend: Literal["hf"] = "hf"
+    """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `hf` = transformers `generate` with
+    `num_return_sequences`."""
+
+
+@dataclass
+class DecodingConfig(SamplingConfig):
+    """Sampling settings at evaluation: the rollout's fields with the released evaluation's defaults
+    (KTR_SPEC section 6), plus how many questions go into one `generate` call."""
+
+    group_size: int = 1
+    """Answers per question (evaluation scores one answer: must be 1)."""
+    temperature: float = 0.1
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 0.001
+    """Nucleus sampling mass (0.001 keeps almost only the most likely token)."""
+    max_new_tokens: int = 1024
+    """Longest answer."""
+    max_prompt_length: int = 32768
+    """Prompts longer than this (tokens incl. video placeholders) are skipped and listed, never truncated."""
+    batch_size: int = 8
+    """Questions per `generate` call on each rank."""
+
+    def __post_init__(self) -> None:
+        if self.group_size != 1:
+            raise ValueError(f"decoding.group_size must be 1 at evaluation, got {self.group_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"decoding.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class LossConfig:
+    """The policy objective (KTR_SPEC section 3)."""
+
+    beta: float = 0.04
+    """KL coefficient (k3 estimator against the frozen reference); 0 drops the reference entirely."""
+    kl_on: Literal["key", "valid"] = "key"
+    """Tokens carrying the KL term: key tokens only (released) or every valid token."""
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """Loss aggregation: released GRPO, DAPO token mean, or Dr. GRPO."""
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    """Group advantage: (r - mean) / (std + eps), or r - mean (Dr. GRPO)."""
+    clip_low: float = 0.2
+    """PPO clip range below 1 (only active with several updates per rollout)."""
+    clip_high: float = 0.2
+    """PPO clip range above 1."""
+    chunk_size: int | None = 512
+    """Tokens per chunk of the output projection; null materialises full logits (naive; for comparison)."""
+    micro_batch_size: int | None = None
+    """Completions per gradient pass; null = all N at once. The loss is normalised over the whole group."""
+
+
+@dataclass
+class RewardConfig:
+    """Rewards summed into the scalar that advantages are computed from (KTR_SPEC section 4)."""
+
+    names: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Registered reward names or dotted paths `pkg.module:function` of your own rewards."""
+    weights: list[float] | None = None
+    """One weight per reward (default 1 each)."""
+    length_bonus: bool = False
+    """Add the released length bonus (+0.2 for correct completions of 320-512 tokens in a group with >1 correct)."""
+    length_reading: Literal["generated", "key"] = "key"
+    """Length counted over generated tokens, or over key tokens as the released code did."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (defaults: the released run)."""
+
+    lr: float = 2e-6
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """8-bit and paged variants need bitsandbytes (`pip install 'ktr[quant]'`)."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Learning-rate schedule over the run's optimizer steps."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    grad_clip: float | None = 5.0
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+
+SIGNALS = ("visual", "temporal", "entropy")
+
+
+@dataclass
+class SignalConfig:
+    """One attribution signal."""
+
+    enabled: bool = True
+    """Use this signal."""
+    ratio: float = 0.2
+    """Fraction of valid tokens per pool this signal selects (the top (1 - ratio) quantile and above)."""
+
+
+@dataclass
+class KeyTokenConfig:
+    """Which tokens receive gradient. `enabled: false` is vanilla GRPO (every valid token)."""
+
+    enabled: bool = True
+    """Video-KTR key-token masking; false gives vanilla GRPO with the same module."""
+    visual: SignalConfig = field(default_factory=SignalConfig)
+    """Visual-aware signal (counterfactual: media hidden)."""
+    temporal: SignalConfig = field(default_factory=SignalConfig)
+    """Temporal-aware signal (frames perturbed); video samples only."""
+    entropy: SignalConfig = field(default_factory=SignalConfig)
+    """Entropy of the policy's next-token distribution."""
+    visual_perturbation: Literal["attention_mask", "zero_embeddings", "random_half", "identity"] = "attention_mask"
+    """How the media is hidden for the visual probe (released: attention_mask)."""
+    temporal_perturbation: Literal["shuffle", "reverse", "segment_shuffle", "identity"] = "shuffle"
+    """How frames are perturbed for the temporal probe (released: shuffle)."""
+    scope: Literal["group", "sequence", "batch"] = "group"
+    """Pool of the quantile: the G completions of a prompt (released), each sequence, or the whole batch."""
+    combine: Literal["union", "intersection"] = "union"
+    """How per-signal masks combine (released: union)."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not any(getattr(self, s).enabled for s in SIGNALS):
+            raise ValueError("key_tokens.enabled is true but every signal is disabled; enable one or set "
+                             "key_tokens.enabled: false for vanilla GRPO")
+        for s in SIGNALS:
+            r = getattr(self, s).ratio
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"key_tokens.{s}.ratio must be in [0, 1], got {r}")
+
+
+@dataclass
+class ShardingConfig:
+    """FSDP2 settings, used only under `ModelParallelStrategy` (ignored on one device)."""
+
+    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Dtype of the all-gathered weights and of the computation (master weights stay in the load dtype)."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the gradient reduce-scatter."""
+    reshard_after_forward: bool = True
+    """Free gathered weights after each unit's forward (ZeRO-3); false keeps them until backward (ZeRO-2)."""
+    gather_for_rollout: bool = True
+    """Keep weights gathered for the whole of `generate` instead of re-gathering every layer for every token."""
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the built-in random-init Qwen2.5-VL (real tokenizer and vocabulary, tiny trunk)."""
+
+    hidden_size: int = 64
+    """Width of the language model."""
+    num_layers: int = 2
+    """Decoder layers of the language model."""
+    num_heads: int = 4
+    """Attention heads (head dim = hidden_size / num_heads; must be divisible by 4 for 3D rotary sections)."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 128
+    """MLP width of the language model."""
+    vision_depth: int = 2
+    """Blocks of the vision tower."""
+    vision_hidden_size: int = 32
+    """Width of the vision tower."""
+    vision_heads: int = 2
+    """Attention heads of the vision tower."""
+    tie_word_embeddings: bool = True
+    """Share input embedding and output projection (halves the tiny model's size)."""
+    seed: int = 0
+    """Seed of the random initialisation (independent of the global seed)."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the language model's linear layers (vision tower untouched unless targeted)."""
+
+    r: int = 64
+    """Adapter rank."""
+    alpha: int = 128
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module name suffixes to adapt; matched inside the language model only."""
+
+
+@dataclass
+class PolicyConfig:
+    """Which model to train and how to load it."""
+
+    name_or_path: str = "tiny"
+    """`tiny` (built-in random model), a local checkpoint directory, or a hub id (needs network)."""
+    dtype: DType = "float32"
+    """Parameter dtype at load time (mixed precision is the Trainer's `precision`)."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    """Attention kernel of the language model and vision tower."""
+    trust_remote_code: bool = False
+    """Allow code shipped with a checkpoint to run. Off by default: only turn on for checkpoints you trust."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when loading by hub id."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the `tiny` model (ignored for real checkpoints)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in backward to save memory."""
+    freeze_vision: bool = False
+    """Keep the vision tower frozen (the released run trains it)."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of the full model; the reference is the base with adapters disabled."""
+    adapter_path: str | None = None
+    """A saved LoRA adapter directory (peft format) to load on top of the base model (e.g. for `ktr test`)."""
+    quantization: Literal["none", "nf4"] = "none"
+    """`nf4`: language-model linear layers in 4-bit NF4 with double quantisation, computing in `dtype` (QLoRA;
+    needs `lora` to train, and bitsandbytes: `pip install 'ktr[quant]'`). Vision tower and output projection stay
+    in `dtype`."""
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    """FSDP2 settings, used only when the Trainer's strategy is ModelParallelStrategy."""

@@ -1,0 +1,193 @@
+"""What SFT and RL share: `PolicyModule`, the Lightning base of both stages (layer L3).
+
+The policy and its processor, manual optimisation with clipping and the schedule (`ktr.optim`), the SFT loss
+used by the SFT module and the RL warm start, undecodable-sample accounting, FSDP2 sharding hooks, RNG state in
+checkpoints (exact resume) and greedy validation accuracy. The RL step itself is in `ktr.module`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from functools import partial
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ktr.config import OptimConfig, PolicyConfig, SamplingConfig
+from ktr.data.base import StepBatch
+from ktr.distributed import tied_gradients
+from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.optim import lr_lambda, make_optimizer
+from ktr.policy import load_policy
+from ktr.resume import rng_state, set_rng_state
+from ktr.rewards import compute_rewards
+from ktr.rollout import generate, teacher_rollout
+from ktr.types import PromptBatch
+
+log = logging.getLogger(__name__)
+
+
+class PolicyModule(L.LightningModule):
+    """What SFT and RL share: the policy, manual optimisation with clipping, greedy validation accuracy."""
+
+    needs_targets = False
+
+    def __init__(self, policy: PolicyConfig = PolicyConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
+                 val_max_new_tokens: int = 64) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy_cfg = policy
+        self.optim_cfg = optim
+        self.val_max_new_tokens = val_max_new_tokens
+        built = load_policy(self.policy_cfg)
+        self.model = built.model
+        self.processor = built.processor
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Forget last step's per-step metrics, so that a metric is logged only in the steps that compute it.
+
+        Lightning keeps an `on_step` metric's last value until the epoch ends and logs it again at every later
+        step: the warm start's `train/sft_loss` would otherwise be drawn as a flat line over all RL steps. Only
+        per-step metrics (`on_epoch` false) are touched, so nothing accumulated over the epoch is lost.
+        """
+        for item in self.trainer._results.values():  # Lightning's result collection: no public API for this
+            if item.meta.on_step and not item.meta.on_epoch:
+                item.has_reset = True
+
+    def on_train_start(self) -> None:
+        dm = self.trainer.datamodule
+        self._skips = dm.make_skip_counter() if hasattr(dm, "make_skip_counter") else None
+
+    def count_skips(self, batch: StepBatch) -> None:
+        """Log undecodable samples of this batch; stop the run (clear error) past `max_skip_fraction`."""
+        self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
+        if getattr(self, "_skips", None) is not None:
+            self._skips.update_batch(batch)
+
+    def on_train_epoch_end(self) -> None:
+        if getattr(self, "_skips", None) is not None:
+            self._skips.check(final=True)
+
+    # --- scale: FSDP2 sharding and exact resume (ktr.distributed, ktr.resume) -------------------------
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy`, shard the policy (and frozen models) with FSDP2; else nothing."""
+        if getattr(self, "_sharded", False) or not self._model_parallel():
+            return
+        from ktr.distributed import data_parallel_mesh, shard_policy
+
+        mesh = data_parallel_mesh(self.device_mesh)
+        for frozen in self._frozen_models():
+            shard_policy(frozen, mesh, self.policy_cfg.sharding)
+        shard_policy(self.model, mesh, self.policy_cfg.sharding, self.policy_cfg.gradient_checkpointing)
+        self._sharded = True
+
+    def _model_parallel(self) -> bool:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+
+    def _frozen_models(self) -> list:
+        """Models that are sharded alongside the policy (KTR's reference copy)."""
+        return []
+
+    def on_fit_start(self) -> None:
+        if getattr(self, "_sharded", False):
+            from ktr.distributed import ensure_root_initialized
+
+            for m in [self.model, *self._frozen_models()]:
+                ensure_root_initialized(m)
+
+    def _rollout_context(self):
+        """Weights stay gathered across `generate` under FSDP2 (one all-gather per unit, not per token)."""
+        if not getattr(self, "_sharded", False):
+            return nullcontext()
+        from ktr.distributed import gathered_for_rollout
+
+        return gathered_for_rollout(self.model, self.policy_cfg.sharding)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Every rank's RNG states (generation and the temporal probe sample from them): exact resume."""
+        state = rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)  # every rank reaches here: Lightning dumps on all
+        else:
+            states = [state]
+        checkpoint["ktr_rng"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("ktr_rng")
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if states is not None and len(states) == world:
+            set_rng_state(states[self.global_rank])
+        elif states is not None:
+            log.warning("checkpoint holds RNG states of %d processes, this run has %d: RNG not restored, the "
+                        "resumed run will not replay the interrupted one exactly", len(states), world)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameters (a 4-bit `policy.quantization: nf4` base is "
+                             "frozen: set `policy.lora` to train adapters)")
+        opt = make_optimizer(params, self.optim_cfg)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warm = getattr(self, "warm_start_steps", 0)
+        factor = (getattr(self, "warm_start_lr", None) or self.optim_cfg.lr) / self.optim_cfg.lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_lambda, total=total, cfg=self.optim_cfg,
+                                                               warm_start_steps=warm, warm_start_factor=factor))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _optimizer_step(self) -> Tensor:
+        """Clip, step, zero, schedule. Returns the pre-clip global gradient norm."""
+        opt = self.optimizers()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
+        with tied_gradients(self.model):  # FSDP2 unties shared embeddings; their gradients are one here
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def sft_loss(self, prompts: PromptBatch) -> Tensor:
+        """Teacher-forced negative log-likelihood of the targets (mean over target tokens)."""
+        if prompts.target_ids is None:
+            raise ValueError("SFT needs targets: the datamodule must provide sft_target for its rows")
+        rollout = teacher_rollout(prompts, self.processor)
+        feats = encode_media(self.model, prompts.pixel_values, prompts.grid_thw)
+        view = SequenceView.of(self.model, rollout, prompts)
+        hidden = completion_hidden(self.model, view, feats, rollout.completion_ids.shape[1])
+        logps, _ = completion_logps(self.model, hidden, rollout.completion_ids, rollout.completion_mask,
+                                    self.chunk_size)
+        mask = rollout.completion_mask
+        return -(logps * mask).sum() / mask.sum().clamp(min=1)
+
+    @property
+    def chunk_size(self) -> int | None:
+        return 512
+
+    def sft_step(self, prompts: PromptBatch) -> Tensor:
+        loss = self.sft_loss(prompts)
+        self.manual_backward(loss)
+        norm = self._optimizer_step()
+        self.log_dict({"train/sft_loss": loss.detach(), "train/grad_norm": norm}, batch_size=len(prompts))
+        return loss.detach()
+
+    def validation_step(self, batch: StepBatch, batch_idx: int) -> None:
+        if batch.prompts is None:
+            return
+        cfg = SamplingConfig(group_size=1, max_new_tokens=self.val_max_new_tokens, temperature=0.0)
+        rollout = generate(self.model, self.processor, batch.prompts, cfg, greedy=True)
+        rows = batch.prompts.rows
+        _, per, _ = compute_rewards(rollout.texts, [r["solution"] for r in rows], [r["problem_type"] for r in rows],
+                                    names=["accuracy", "format"], weights=[1.0, 1.0], device=self.device)
+        n = len(rows)
+        self.log("val/acc", per["accuracy"].mean(), batch_size=n, sync_dist=True, prog_bar=True)
+        self.log("val/format", per["format"].mean(), batch_size=n, sync_dist=True)
+
+    def test_step(self, batch: StepBatch, batch_idx: int) -> None:
+        """Nothing per batch: `ktr test` is done by the benchmark evaluator callbacks (`ktr.callbacks`)."""
