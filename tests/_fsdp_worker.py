@@ -75,6 +75,16 @@ def per_prompt_generate(model, processor, batch, cfg, **kwargs):
     return _merge(parts, batch, processor.pad_token_id)
 
 
+class PerPromptBackend:
+    """A rollout backend whose samples do not depend on how prompts are split over ranks."""
+
+    def generate(self, model, processor, batch, cfg, **kwargs):
+        return per_prompt_generate(model, processor, batch, cfg, **kwargs)
+
+    def on_weights_updated(self, model) -> None:
+        pass
+
+
 def datamodule(batch_size: int):
     from ktr.data.base import SyntheticDataModule
     from ktr.data.synthetic import make_item
@@ -111,7 +121,6 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    import ktr.module
     from ktr.distributed import ShardingConfig
     from ktr.module import KTRModule, LossConfig, OptimConfig, RewardConfig
     from ktr.policy import LoraSettings, PolicyConfig, TinyModelConfig
@@ -120,7 +129,6 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
 
     s = SCENARIOS[scenario]
     torch.set_num_threads(1)
-    ktr.module.generate = per_prompt_generate
     L.seed_everything(0)
     policy = PolicyConfig(attn_implementation="eager", gradient_checkpointing=True,
                           tiny=TinyModelConfig(tie_word_embeddings=s.get("tied", True)),
@@ -130,6 +138,7 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
                        key_tokens=KeyTokenConfig(temporal_perturbation="reverse"),
                        loss=LossConfig(beta=s["beta"]), optim=OptimConfig(lr=1e-3, schedule="constant"),
                        rewards=RewardConfig(names=["tests._fsdp_worker:text_length"]))
+    module.rollout_backend = PerPromptBackend()
     losses: list[float] = []
 
     class Losses(Callback):

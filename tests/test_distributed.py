@@ -95,10 +95,8 @@ def _run_worker(tmp_path: Path, scenario: str) -> dict:
 
 
 def _single(scenario: str, monkeypatch) -> dict:
-    import ktr.module
     from tests._fsdp_worker import run
 
-    monkeypatch.setattr(ktr.module, "generate", ktr.module.generate)  # the worker swaps it; restored after
     return run(scenario, devices=1)
 
 
