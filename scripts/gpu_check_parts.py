@@ -161,12 +161,12 @@ def _hf_logps(model, batch, rollout) -> torch.Tensor:
     """transformers' own forward on the N rows (each row re-encodes its video), log-probs `[N, T]`."""
     rows = rollout.prompt_index.tolist()
     chunks = torch.split(batch.pixel_values, batch.grid_thw.prod(-1).tolist())
+    t = rollout.completion_ids.shape[1]
     out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                 pixel_values_videos=torch.cat([chunks[p] for p in rows]), video_grid_thw=batch.grid_thw[rows],
                 second_per_grid_ts=batch.second_per_grid_ts[rows], mm_token_type_ids=rollout.mm_token_type_ids,
-                use_cache=False)
-    t = rollout.completion_ids.shape[1]
-    logps = out.logits[:, -t - 1:-1].float().log_softmax(-1)  # [N, T, V]
+                use_cache=False, logits_to_keep=t + 1)  # logits of the last T + 1 positions only
+    logps = out.logits[:, :-1].float().log_softmax(-1)  # [N, T, V]
     return logps.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
@@ -266,33 +266,50 @@ def _headline(name: str, rec: dict) -> str:
     return text
 
 
-def _phase_table(res: dict) -> list[str]:
+def _summary_rows(summary: dict) -> list[str]:
+    fmt = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
     lines = ["| phase | seconds | peak allocated GiB | peak reserved GiB |", "|---|---:|---:|---:|"]
-    for phase, v in res["summary"].items():
-        fmt = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+    for phase, v in summary.items():
         lines.append(f"| {phase} | {v['seconds']:.2f} | {fmt(v['peak_gb'])} | {fmt(v['reserved_gb'])} |")
-    setup = res["setup"]
-    lines.append(f"\nweights at rest {setup['allocated_gb']:.2f} GiB (built in {setup['seconds']:.1f} s); "
-                 f"{res['arch']}, {res['parameters'] / 1e9:.2f}B parameters, G={res['group_size']}, "
-                 f"{res['max_new_tokens']} new tokens (full length: {res['full_length_ok']}), {res['strategy']}, "
-                 f"{res['precision']}; memory: {res['memory']}")
     return lines
+
+
+def _phase_table(res: dict) -> list[str]:
+    setup = res["setup"]
+    note = (f"\nweights at rest {setup['allocated_gb']:.2f} GiB (built in {setup['seconds']:.1f} s); "
+            f"{res['arch']}, {res['parameters'] / 1e9:.2f}B parameters, G={res['group_size']}, "
+            f"{res['max_new_tokens']} new tokens (full length: {res['full_length_ok']}), {res['strategy']}, "
+            f"{res['precision']}; memory: {res['memory']}")
+    return [*_summary_rows(res["summary"]), note]
+
+
+def _partial_table(progress: dict) -> list[str]:
+    """Per-phase figures of the steps a failed step part got through (the failing phase included)."""
+    from bench_step import summarise
+
+    setup = progress.get("setup") or {}
+    return [*_summary_rows(summarise(progress["steps"])),
+            f"\nweights at rest {setup.get('allocated_gb')} GiB; {len(progress['steps'])} step(s) started"]
 
 
 def markdown(report: dict) -> str:
     env = report["environment"]
     v = env["versions"]
-    lines = [f"# ktr GPU check ({report['mode']})", "",
-             f"{env.get('gpu') or env['cpu']} ({env.get('gpu_memory_gib', '-')} GiB); torch {v['torch']} "
-             f"(CUDA {env['cuda']}), transformers {v['transformers']}, lightning {v['lightning']}, peft {v['peft']}, "
-             f"bitsandbytes {v['bitsandbytes']}, flash-attn {v['flash-attn']}; {report['seconds']} s in all "
-             f"(budget {report['budget_s']:.0f} s)", "", "| part | status | seconds | headline |", "|---|---|---:|---|"]
+    machine = (f"{env.get('gpu') or env['cpu']} ({env.get('gpu_memory_gib', '-')} GiB); torch {v['torch']} "
+               f"(CUDA {env['cuda']}), transformers {v['transformers']}, lightning {v['lightning']}, "
+               f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}, flash-attn {v['flash-attn']}; "
+               f"{report['seconds']} s in all (budget {report['budget_s']:.0f} s)")
+    lines = [f"# ktr GPU check ({report['mode']})", "", machine, "",
+             "| part | status | seconds | headline |", "|---|---|---:|---|"]
     for name, rec in report["parts"].items():
         lines.append(f"| {name} | {rec['status']} | {rec['seconds']} | {_headline(name, rec)} |")
     for name in ("qlora_step", "qlora_step_naive", "fsdp_step"):
         rec = report["parts"].get(name)
         if rec and rec["status"] == "ok":
             lines += ["", f"## {name}", "", *_phase_table(rec["result"])]
+        elif rec and (rec.get("measured") or {}).get("progress", {}).get("steps"):
+            lines += ["", f"## {name} ({rec['status']}): what was measured before it stopped", "",
+                      *_partial_table(rec["measured"]["progress"])]
     naive, chunked = report["parts"].get("qlora_step_naive"), report["parts"].get("qlora_step")
     if naive and chunked and naive["status"] == chunked["status"] == "ok":
         a, b = naive["result"]["summary"]["step"]["peak_gb"], chunked["result"]["summary"]["step"]["peak_gb"]
