@@ -158,7 +158,7 @@ def build_module(config: dict, arch: str | None, device: torch.device, overrides
     `overrides`: `{"section.key": value}` of the module's init args (`{"loss.chunk_size": None}`)."""
     from jsonargparse import ArgumentParser
 
-    from ktr.module import PolicyModule
+    from ktr.policy_module import PolicyModule
 
     model_cfg = json.loads(json.dumps(config["model"]))  # deep copy
     init = model_cfg.setdefault("init_args", {})
@@ -196,16 +196,18 @@ def instrumented(module, meter: PhaseMeter):
     """Time the phases of `module`'s training step into `meter`; the originals are restored on exit."""
     import ktr.module
 
-    saved = ktr.module.generate, ktr.module.attribute
-    ktr.module.generate = meter.wrap("rollout", saved[0])
-    ktr.module.attribute = meter.wrap("probes", saved[1])
+    saved = ktr.module.attribute
+    ktr.module.attribute = meter.wrap("probes", saved)
+    backend = module.rollout_backend  # the module's own sampler instance (`sampling.backend`)
+    backend.generate = meter.wrap("rollout", backend.generate)
     methods = {"score": "scoring", "update": "backward", "_optimizer_step": "optimizer"}
     for name, phase in methods.items():
         setattr(module, name, meter.wrap(phase, getattr(module, name)))
     try:
         yield
     finally:
-        ktr.module.generate, ktr.module.attribute = saved
+        ktr.module.attribute = saved
+        backend.__dict__.pop("generate", None)
         for name in methods:
             module.__dict__.pop(name, None)
 
@@ -214,7 +216,7 @@ def force_full_length(module) -> None:
     """Every completion runs to `max_new_tokens`: end tokens are suppressed until then (`min_new_tokens`).
 
     A random model rarely emits an end token anyway; this makes the measured length exact, the worst case."""
-    from ktr.policy import core
+    from ktr.families import core
 
     core(module.model).generation_config.min_new_tokens = module.sampling.max_new_tokens
 

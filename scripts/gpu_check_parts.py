@@ -181,7 +181,8 @@ def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     from transformers.utils import is_flash_attn_2_available
 
     from ktr.policy import TinyModelConfig, tiny_config
-    from ktr.rollout import SamplingConfig, generate
+    from ktr.config import SamplingConfig
+    from ktr.rollout import generate
 
     config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 2, 2)
     fa2 = device.type == "cuda" and is_flash_attn_2_available()
