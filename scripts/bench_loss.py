@@ -4,7 +4,9 @@ CPU (default): V=151,936, H=512, N*T=4,096 tokens (8 x 512), float32. Every case
 subprocess and its peak is the resident-set high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before the op) minus the resident set just before the op.
 ``--gpu`` (needs CUDA): H=3,584, N*T from 2,048 up to 8 x 2,048, bfloat16 hidden states and weight,
-peak from ``torch.cuda.max_memory_allocated`` minus the allocation before the op.
+peak from ``torch.cuda.max_memory_allocated`` minus the allocation before the op; inputs are drawn on the GPU.
+``inprocess_records(...)`` is that GPU path as a function (``scripts/gpu_check.py`` calls it; on CPU it runs
+the same code with no memory figure, for tests).
 
 The op is the KTR training loss (``beta=0.04`` with reference log-probs, ``seq-mean-token-mean``) followed
 by ``backward()``; gradients w.r.t. hidden states and weight are compared with the naive ones:
@@ -35,17 +37,18 @@ SEQ_LEN_CPU, SEQ_LEN_GPU = 512, 2048
 
 def make_inputs(tokens: int, seq_len: int, vocab: int, hidden: int, dtype: torch.dtype, device: str) -> dict:
     """Seeded inputs: hidden ``[N, T, H]`` and weight ``[V, H]`` with grad, ids, advantages, reference."""
-    g = torch.Generator().manual_seed(0)
+    # drawn on `device`: a random [V, H] weight at H = 3,584 takes many seconds on the host
+    g = torch.Generator(device).manual_seed(0)
     n, t = tokens // seq_len, seq_len
-    h = torch.randn(n, t, hidden, generator=g)
-    w = torch.randn(vocab, hidden, generator=g) * hidden**-0.5
+    h = torch.randn(n, t, hidden, generator=g, device=device)
+    w = torch.randn(vocab, hidden, generator=g, device=device) * hidden**-0.5
     return dict(
-        hidden=h.to(device, dtype).requires_grad_(),
-        weight=w.to(device, dtype).requires_grad_(),
-        tokens=torch.randint(0, vocab, (n, t), generator=g).to(device),
-        advantages=torch.randn(n, generator=g).to(device),
+        hidden=h.to(dtype).requires_grad_(),
+        weight=w.to(dtype).requires_grad_(),
+        tokens=torch.randint(0, vocab, (n, t), generator=g, device=device),
+        advantages=torch.randn(n, generator=g, device=device),
         mask=torch.ones(n, t, dtype=torch.bool, device=device),
-        ref_logps=(torch.randn(n, t, generator=g) - 5.0).to(device),
+        ref_logps=torch.randn(n, t, generator=g, device=device) - 5.0,
     )
 
 
@@ -128,26 +131,53 @@ def run_cpu_case(case: dict, timeout: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------
-# GPU: in process, CUDA allocator counters.
+# GPU: in process, CUDA allocator counters (the same code runs on CPU without a memory figure).
 
 
 def run_gpu_case(case: dict, inputs: dict, ref: dict | None) -> tuple[dict, dict]:
+    device = inputs["hidden"].device
+    cuda = device.type == "cuda"
     walls, peak = [], 0
     for i in range(case["repeats"] + 1):  # the first run warms up kernels and the allocator
         inputs["hidden"].grad = inputs["weight"].grad = None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         step(inputs, case)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
+            peak = max(peak, torch.cuda.max_memory_allocated() - base)
         if i:
             walls.append(time.perf_counter() - t0)
-        peak = max(peak, torch.cuda.max_memory_allocated() - base)
     grads = {k: inputs[k].grad for k in ("hidden", "weight")}
     inputs["hidden"].grad = inputs["weight"].grad = None
     err = 0.0 if ref is None else rel_err(grads, ref)
-    return _record(case, peak / 2**20, min(walls), None, err, torch.cuda.get_device_name()), grads
+    rec = _record(case, peak / 2**20, min(walls), None, err, torch.cuda.get_device_name(device) if cuda else "cpu")
+    if not cuda:
+        rec["peak_mem_mb"] = None  # no in-process peak on CPU (the CPU mode measures in subprocesses)
+    return rec, grads
+
+
+def inprocess_records(tokens: list[int], hidden: int, vocab: int, chunks: list[int], strategies: list[str],
+                      entropy: bool = False, repeats: int = 2, device: str = "cuda", seq_len: int = SEQ_LEN_GPU,
+                      dtype: torch.dtype = torch.bfloat16, log=None) -> list[dict]:
+    """The ``--gpu`` benchmark: for each N*T in `tokens`, naive then every (strategy, chunk), in this process."""
+    common = dict(vocab=vocab, hidden=hidden, entropy=entropy, repeats=repeats, threads=0, strategy=None, chunk=None)
+    records = []
+    for n_tok in tokens:
+        cases = [dict(common, impl="naive", tokens=n_tok)] + [
+            dict(common, impl="chunked", tokens=n_tok, chunk=c, strategy=s) for s in strategies for c in chunks]
+        inputs, ref = make_inputs(n_tok, seq_len, vocab, hidden, dtype, device), None
+        for case in cases:
+            rec, grads = run_gpu_case(case, inputs, ref)
+            ref = grads if case["impl"] == "naive" else ref
+            records.append(rec)
+            if log is not None:
+                log(rec)
+        del ref, inputs
+    return records
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -162,11 +192,29 @@ def print_table(records: list[dict]) -> None:
     for r in records:
         base = naive.get(r["tokens"])
         row = dict(r)
-        row["mem_vs_naive"] = f"{r['peak_mem_mb'] / base['peak_mem_mb']:.3f}" if base else "-"
+        row["mem_vs_naive"] = f"{r['peak_mem_mb'] / base['peak_mem_mb']:.3f}" if base and r["peak_mem_mb"] else "-"
         row["time_vs_naive"] = f"{r['time_s'] / base['time_s']:.3f}" if base else "-"
         row["cpu_vs_naive"] = f"{r['cpu_s'] / base['cpu_s']:.3f}" if base and r["cpu_s"] else "-"
         row["max_rel_grad_err"] = f"{r['max_rel_grad_err']:.2e}"
         print(" | ".join(f"{str(row[c]):>13}" for c in cols))
+
+
+def cpu_records(args: argparse.Namespace, tokens: list[int], hidden: int, log) -> list[dict]:
+    """CPU mode: every case in a fresh subprocess (the naive one first: it stores the reference gradients)."""
+    common = dict(vocab=args.vocab, hidden=hidden, entropy=args.entropy, repeats=args.repeats,
+                  threads=args.threads, strategy=None, chunk=None)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_tok in tokens:
+            cases = [dict(common, impl="naive", tokens=n_tok)] + [
+                dict(common, impl="chunked", tokens=n_tok, chunk=c, strategy=s)
+                for s in args.strategies for c in args.chunks
+            ]
+            for case in cases:
+                case["ref_path"] = os.path.join(tmp, f"ref_{n_tok}.pt")
+                records.append(run_cpu_case(case, args.timeout))
+                log(records[-1])
+    return records
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -195,28 +243,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("--gpu needs a CUDA device")
     tokens = args.tokens or ([2048, 4096, 8192, 16384] if args.gpu else [4096])
     hidden = args.hidden or (3584 if args.gpu else 512)
-    common = dict(vocab=args.vocab, hidden=hidden, entropy=args.entropy, repeats=args.repeats,
-                  threads=args.threads, strategy=None, chunk=None)
-    records = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n_tok in tokens:
-            cases = [dict(common, impl="naive", tokens=n_tok)] + [
-                dict(common, impl="chunked", tokens=n_tok, chunk=c, strategy=s)
-                for s in args.strategies for c in args.chunks
-            ]
-            ref, inputs = None, None
-            if args.gpu:  # built once per size: a random [V, 3584] weight takes a while on the host
-                inputs = make_inputs(n_tok, SEQ_LEN_GPU, args.vocab, hidden, torch.bfloat16, "cuda")
-            for case in cases:
-                if args.gpu:
-                    rec, grads = run_gpu_case(case, inputs, ref)
-                    ref = grads if case["impl"] == "naive" else ref
-                else:
-                    case["ref_path"] = os.path.join(tmp, f"ref_{n_tok}.pt")
-                    rec = run_cpu_case(case, args.timeout)
-                records.append(rec)
-                print(json.dumps(rec), file=sys.stderr, flush=True)
-            del ref, inputs
+    log = lambda rec: print(json.dumps(rec), file=sys.stderr, flush=True)  # noqa: E731
+    if args.gpu:
+        records = inprocess_records(tokens, hidden, args.vocab, args.chunks, args.strategies, args.entropy,
+                                    args.repeats, log=log)
+    else:
+        records = cpu_records(args, tokens, hidden, log)
     print_table(records)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))

@@ -12,14 +12,22 @@ Phases (one training step): rollout (`generate`), scoring passes (vision feature
 the gradient, reference log-probs), probes (visual and temporal counterfactual passes), backward (the masked
 loss, micro-batched), optimizer (clipping, step). On CUDA each phase's peak allocated memory is measured
 (`torch.cuda.max_memory_allocated`, reset at the start of each phase) and the GPU is synchronised around it.
+The peak reserved memory (`torch.cuda.max_memory_reserved`, what the caching allocator holds: what must fit
+on the card) is recorded alongside. Before the first step the allocator's cache is emptied, so the phases do not
+inherit the random initialisation's full-precision 7B copy (a checkpoint is quantised while it loads); the
+weights at rest after loading are reported as `setup`.
 Without a GPU the built-in tiny model runs on CPU and memory is the process's peak RSS (monotonic).
-Runs on one device even for a multi-GPU config (the FSDP strategy is not used).
+Runs on one device even for a multi-GPU config (the FSDP strategy is not used), unless `measure` is given a
+`strategy` (`scripts/gpu_check.py` runs a one-GPU `ModelParallelStrategy` step that way).
+
+`measure(...)` is the importable entry point (used by `scripts/gpu_check.py`); `main` is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import resource
@@ -43,17 +51,38 @@ ARCHS = {
 PHASES = ("rollout", "scoring", "probes", "backward", "optimizer")
 
 
-def arch_config(name: str):
+def arch_config(name: str, text_layers: int | None = None, vision_depth: int | None = None):
+    """The `Qwen2_5_VLConfig` of architecture `name`; `text_layers`/`vision_depth` cut its depth (same widths)."""
     from transformers import Qwen2_5_VLConfig
 
     a = ARCHS[name]
-    return Qwen2_5_VLConfig(text_config=a["text"], vision_config=a["vision"], image_token_id=151655,
+    text, vision = dict(a["text"]), dict(a["vision"])
+    if text_layers is not None:
+        text["num_hidden_layers"] = text_layers
+    if vision_depth is not None:  # the last block keeps full attention, as every fourth block of the 7B tower
+        vision.update(depth=vision_depth, fullatt_block_indexes=[vision_depth - 1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
                             video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
                             tie_word_embeddings=False)
 
 
+def build_random(config, device: torch.device, dtype: torch.dtype):
+    """`Qwen2_5_VLForConditionalGeneration(config)` with random weights, created directly on `device` in `dtype`
+    (on CUDA the initialisation runs on the GPU: seconds for the 7B model)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
 @contextlib.contextmanager
-def random_architecture(name: str | None, device: torch.device, dtype: torch.dtype):
+def random_architecture(name: str | None, device: torch.device, dtype: torch.dtype,
+                        text_layers: int | None = None, vision_depth: int | None = None):
     """Point the policy loader's random-init path (`tiny`) at a real architecture, built on `device`."""
     import ktr.policy
 
@@ -63,21 +92,12 @@ def random_architecture(name: str | None, device: torch.device, dtype: torch.dty
     original = ktr.policy._build_tiny
 
     def build(cfg):
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
         from ktr.data.processor import PatchSettings
         from ktr.tokenizer import build_qwen2_tokenizer
 
-        config = arch_config(name)
+        config = arch_config(name, text_layers, vision_depth)
         config._attn_implementation = cfg.attn_implementation
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = Qwen2_5_VLForConditionalGeneration(config)
-        finally:
-            torch.set_default_dtype(default)
-        return model, build_qwen2_tokenizer(), PatchSettings()
+        return build_random(config, device, dtype), build_qwen2_tokenizer(), PatchSettings()
 
     ktr.policy._build_tiny = build
     try:
@@ -103,9 +123,11 @@ class PhaseMeter:
                 return fn(*args, **kwargs)
             finally:
                 self._sync()
-                rec = self.steps[-1].setdefault(phase, {"seconds": 0.0, "peak_gb": 0.0})
+                rec = self.steps[-1].setdefault(phase, {"seconds": 0.0, "peak_gb": 0.0, "reserved_gb": None})
                 rec["seconds"] += time.perf_counter() - start
                 rec["peak_gb"] = max(rec["peak_gb"], self._peak_gb())
+                if self.cuda:
+                    rec["reserved_gb"] = max(rec["reserved_gb"] or 0.0, torch.cuda.max_memory_reserved() / 2**30)
 
         return timed
 
@@ -118,12 +140,25 @@ class PhaseMeter:
             return torch.cuda.max_memory_allocated() / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process peak so far
 
+    def at_rest(self) -> dict:
+        """Memory held now (after loading: the weights), and the cache is emptied so phases start clean."""
+        if not self.cuda:
+            return {"allocated_gb": self._peak_gb(), "reserved_gb": None}
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return {"allocated_gb": torch.cuda.memory_allocated() / 2**30,
+                "reserved_gb": torch.cuda.memory_reserved() / 2**30}
 
-def build_module(config: dict, arch: str | None, device: torch.device, overrides: dict):
-    """The config's KTRModule, its policy random-initialised with architecture `arch` (None: the tiny model)."""
+
+def build_module(config: dict, arch: str | None, device: torch.device, overrides: dict,
+                 text_layers: int | None = None, vision_depth: int | None = None):
+    """The config's KTRModule, its policy random-initialised with architecture `arch` (None: the tiny model).
+
+    `overrides`: `{"section.key": value}` of the module's init args (`{"loss.chunk_size": None}`)."""
     from jsonargparse import ArgumentParser
 
-    from ktr.module import PolicyModule
+    from ktr.policy_module import PolicyModule
 
     model_cfg = json.loads(json.dumps(config["model"]))  # deep copy
     init = model_cfg.setdefault("init_args", {})
@@ -138,49 +173,90 @@ def build_module(config: dict, arch: str | None, device: torch.device, overrides
     parsed = parser.parse_object({"model": model_cfg})
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         policy.get("dtype", "float32")]
-    with random_architecture(arch, device, dtype):
+    with random_architecture(arch, device, dtype, text_layers, vision_depth):
         return parser.instantiate_classes(parsed).model
 
 
-def datamodule(config: dict, frames: int | None):
+def datamodule(config: dict, frames: int | None, video: dict | None = None):
+    """One synthetic prompt per step with the config's frame settings (`video` overrides VideoSettings fields)."""
     from ktr.data.base import SyntheticDataModule
     from ktr.data.synthetic import SyntheticSpec
     from ktr.data.video import VideoSettings
 
-    video = dict(((config.get("data") or {}).get("init_args") or {}).get("video") or {})
+    cfg_video = dict(((config.get("data") or {}).get("init_args") or {}).get("video") or {})
     released = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 * 28, max_pixels=128 * 28 * 28)
-    settings = VideoSettings(**{**released, **video, **({"max_frames": frames} if frames else {})})
+    settings = VideoSettings(**{**released, **cfg_video, **({"max_frames": frames} if frames else {}), **(video or {})})
     side = int(settings.max_pixels ** 0.5)  # square synthetic frames of about max_pixels
     spec = SyntheticSpec(num_frames=2 * settings.max_frames, size=side - side % 28, fps=settings.fps)
     return SyntheticDataModule(train_size=64, val_size=1, batch_size=1, spec=spec, video=settings, shuffle=False)
 
 
-def instrument(module, meter: PhaseMeter) -> None:
+@contextlib.contextmanager
+def instrumented(module, meter: PhaseMeter):
+    """Time the phases of `module`'s training step into `meter`; the originals are restored on exit."""
     import ktr.module
 
-    ktr.module.generate = meter.wrap("rollout", ktr.module.generate)
-    ktr.module.attribute = meter.wrap("probes", ktr.module.attribute)
-    module.score = meter.wrap("scoring", module.score)
-    module.update = meter.wrap("backward", module.update)
-    module._optimizer_step = meter.wrap("optimizer", module._optimizer_step)
+    saved = ktr.module.attribute
+    ktr.module.attribute = meter.wrap("probes", saved)
+    backend = module.rollout_backend  # the module's own sampler instance (`sampling.backend`)
+    backend.generate = meter.wrap("rollout", backend.generate)
+    methods = {"score": "scoring", "update": "backward", "_optimizer_step": "optimizer"}
+    for name, phase in methods.items():
+        setattr(module, name, meter.wrap(phase, getattr(module, name)))
+    try:
+        yield
+    finally:
+        ktr.module.attribute = saved
+        backend.__dict__.pop("generate", None)
+        for name in methods:
+            module.__dict__.pop(name, None)
 
 
-def run(args) -> dict:
+def force_full_length(module) -> None:
+    """Every completion runs to `max_new_tokens`: end tokens are suppressed until then (`min_new_tokens`).
+
+    A random model rarely emits an end token anyway; this makes the measured length exact, the worst case."""
+    from ktr.families import core
+
+    core(module.model).generation_config.min_new_tokens = module.sampling.max_new_tokens
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: str = "auto",
+            frames: int | None = None, overrides: dict | None = None, video: dict | None = None, strategy=None,
+            text_layers: int | None = None, vision_depth: int | None = None, full_length: bool = True,
+            progress: dict | None = None) -> dict:
+    """Train `steps` steps of the merged configs and return memory and time per phase (see the module docstring).
+
+    `arch`: "auto" (the 7B architecture on CUDA, the tiny model on CPU), a name in `ARCHS`, or None (tiny);
+    `text_layers`/`vision_depth` cut its depth. `overrides`: module init args (`{"loss.chunk_size": None}`);
+    `video`: VideoSettings fields of the synthetic data; `strategy`: a Lightning strategy (default: one device).
+    `progress`: filled as the run goes (setup, then the steps' records), so a caller keeps what was measured
+    when a later phase fails (out of memory, time guard).
+    """
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
     from ktr.export import read_configs
 
-    config = read_configs(args.config)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    arch = args.arch if args.arch != "auto" else ("qwen2.5-vl-7b" if device.type == "cuda" else None)
-    overrides = {"sampling.max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    config = read_configs(config_paths)
+    dev = _device(device)
+    arch = ("qwen2.5-vl-7b" if dev.type == "cuda" else None) if arch == "auto" else arch
     L.seed_everything(config.get("seed_everything", 42))
-    module = build_module(config, arch, device, overrides)
+    meter = PhaseMeter(dev)
+    start = time.perf_counter()
+    module = build_module(config, arch, dev, dict(overrides or {}), text_layers, vision_depth)
     n_params = sum(p.numel() for p in module.model.parameters())
-    meter = PhaseMeter(device)
-    instrument(module, meter)
+    if full_length:
+        force_full_length(module)
+    setup = {"seconds": time.perf_counter() - start, **meter.at_rest()}
+    if progress is not None:
+        progress.update(setup=setup, steps=meter.steps)
 
     class Steps(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -191,41 +267,67 @@ def run(args) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             meter._sync()
             meter.steps[-1]["step_seconds"] = time.perf_counter() - self.start
-            meter.steps[-1]["completion_tokens"] = int(trainer.callback_metrics.get("train/completion_length", 0)
-                                                       * module.sampling.group_size)
+            m = trainer.callback_metrics
+            meter.steps[-1]["completion_tokens"] = int(round(float(
+                m.get("train/completion_length", 0)) * module.sampling.group_size))
+            meter.steps[-1].update({k: float(m[f"train/{k}"]) for k in ("loss", "grad_norm") if f"train/{k}" in m})
 
-    precision = (config.get("trainer") or {}).get("precision", "32-true") if device.type == "cuda" else "32-true"
-    trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=args.steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Steps()])
-    trainer.fit(module, datamodule(config, args.frames))
-    return {"config": [str(c) for c in args.config], "arch": arch or "tiny", "parameters": n_params,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "memory": "cuda max_memory_allocated per phase" if device.type == "cuda" else "process peak RSS",
-            "group_size": module.sampling.group_size, "max_new_tokens": module.sampling.max_new_tokens,
-            "steps": meter.steps, "summary": summarise(meter.steps)}
+    precision = (config.get("trainer") or {}).get("precision", "32-true") if dev.type == "cuda" else "32-true"
+    trainer = L.Trainer(accelerator=dev.type, devices=1, precision=precision, max_steps=steps,
+                        strategy=strategy or "auto", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Steps()])
+    with instrumented(module, meter):
+        trainer.fit(module, datamodule(config, frames, video))
+    g, t = module.sampling.group_size, module.sampling.max_new_tokens
+    return {"config": [str(c) for c in config_paths], "arch": arch or "tiny", "parameters": n_params,
+            "text_layers": text_layers, "vision_depth": vision_depth,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "strategy": type(trainer.strategy).__name__, "sharded": bool(getattr(module, "_sharded", False)),
+            "precision": precision,
+            "memory": "cuda max_memory_allocated / max_memory_reserved per phase" if dev.type == "cuda"
+            else "process peak RSS", "overrides": dict(overrides or {}),
+            "group_size": g, "max_new_tokens": t, "full_length": full_length,
+            "full_length_ok": all(s.get("completion_tokens") == g * t for s in meter.steps) if full_length else None,
+            "setup": setup, "steps": meter.steps, "summary": summarise(meter.steps)}
+
+
+def run(args) -> dict:
+    overrides = {"sampling.max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    arch = None if args.arch == "tiny" else args.arch
+    return measure(args.config, steps=args.steps, arch=arch, device=args.device, frames=args.frames,
+                   overrides=overrides)
 
 
 def summarise(steps: list[dict]) -> dict:
-    """Mean seconds over the steps after the first (warm-up) when there are several; max peak over all."""
+    """Mean seconds over the steps after the first (warm-up) when there are several; max peaks over all."""
     timed = steps[1:] if len(steps) > 1 else steps
     out = {}
     for phase in (*PHASES, "step"):
         key = "step_seconds" if phase == "step" else phase
-        secs = [s[key] if phase == "step" else s.get(phase, {}).get("seconds", 0.0) for s in timed]
-        peaks = [s.get(phase, {}).get("peak_gb", 0.0) for s in steps] if phase != "step" else []
-        out[phase] = {"seconds": sum(secs) / max(1, len(secs)), "peak_gb": max(peaks, default=None)}
-    out["step"]["peak_gb"] = max((v["peak_gb"] for k, v in out.items() if k != "step"), default=None)
+        secs = [s.get(key, 0.0) if phase == "step" else s.get(phase, {}).get("seconds", 0.0) for s in timed]
+        recs = [s.get(phase, {}) for s in steps] if phase != "step" else []
+        reserved = [r["reserved_gb"] for r in recs if r.get("reserved_gb") is not None]
+        out[phase] = {"seconds": sum(secs) / max(1, len(secs)),
+                      "peak_gb": max((r.get("peak_gb", 0.0) for r in recs), default=None),
+                      "reserved_gb": max(reserved, default=None)}
+    phases = [v for k, v in out.items() if k != "step"]
+    out["step"]["peak_gb"] = max((v["peak_gb"] for v in phases if v["peak_gb"] is not None), default=None)
+    out["step"]["reserved_gb"] = max((v["reserved_gb"] for v in phases if v["reserved_gb"] is not None),
+                                     default=None)
     return out
 
 
 def table(result: dict) -> str:
+    setup = result["setup"]
     lines = [f"{result['arch']} ({result['parameters'] / 1e9:.2f}B parameters) on {result['device']}, "
              f"G={result['group_size']}, max_new_tokens={result['max_new_tokens']}; memory: {result['memory']}",
-             f"{'phase':<12}{'seconds':>10}{'peak GB':>10}"]
+             f"weights at rest {setup['allocated_gb']:.2f} GB (built in {setup['seconds']:.1f} s)",
+             f"{'phase':<12}{'seconds':>10}{'peak GB':>10}{'reserved GB':>13}"]
     for phase, rec in result["summary"].items():
         peak = "" if rec["peak_gb"] is None else f"{rec['peak_gb']:.2f}"
-        lines.append(f"{phase:<12}{rec['seconds']:>10.3f}{peak:>10}")
+        reserved = "" if rec["reserved_gb"] is None else f"{rec['reserved_gb']:.2f}"
+        lines.append(f"{phase:<12}{rec['seconds']:>10.3f}{peak:>10}{reserved:>13}")
     return "\n".join(lines)
 
 
@@ -241,7 +343,7 @@ def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", required=True, help="ktr fit config(s), merged in order")
     parser.add_argument("--steps", type=int, default=3, help="training steps (the first is reported apart)")
-    parser.add_argument("--arch", default="auto", choices=["auto", *ARCHS],
+    parser.add_argument("--arch", default="auto", choices=["auto", "tiny", *ARCHS],
                         help="auto: the 7B architecture on CUDA, the config's tiny model on CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     parser.add_argument("--frames", type=int, default=None, help="override data video max_frames (default 16)")
@@ -250,7 +352,7 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     args = parser.parse_args(argv)
     if args.dry_run:
-        arch = "qwen2.5-vl-7b" if args.arch == "auto" else args.arch
+        arch = "qwen2.5-vl-7b" if args.arch in ("auto", "tiny") else args.arch
         print(f"{arch}: {dry_run(arch):,} parameters")
         return None
     result = run(args)

@@ -1,0 +1,318 @@
+"""The comparison parts of `scripts/gpu_check.py` (vision processor, bf16 parity) and its report helpers.
+
+Each part fills `out` as it goes (so that a failure keeps what was measured) and returns its headline figures;
+`{"status": "skipped", "reason": ...}` when something it needs is absent. See `gpu_check.py` for the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from ktr.data.video import VideoSettings
+
+TRAIN_VIDEO = VideoSettings()  # the released training settings: 16 frames at 128*28*28 pixels
+EVAL_VIDEO = VideoSettings(min_pixels=128 * 28 * 28, max_pixels=256 * 28 * 28)  # configs/eval.yaml
+
+
+def _processor(config):
+    from ktr.data.processor import VisionLanguageProcessor
+    from ktr.tokenizer import build_qwen2_tokenizer
+
+    return VisionLanguageProcessor(build_qwen2_tokenizer(), image_token_id=config.image_token_id,
+                                   video_token_id=config.video_token_id)
+
+
+# ---------------------------------------------------------------------------------------- vision processor
+
+
+def _synthetic_source(n: int = 24, height: int = 360, width: int = 640) -> torch.Tensor:
+    """A smooth moving pattern `[n, 3, H, W]` uint8 (stands in for the video when none is given)."""
+    y = torch.linspace(0, 1, height).view(1, 1, height, 1)
+    x = torch.linspace(0, 1, width).view(1, 1, 1, width)
+    t = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1) / n
+    c = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    return (127.5 + 127.5 * torch.sin(6.28 * (c * x + 2 * y + t))).round().to(torch.uint8)
+
+
+def _clips(video: Path | None, settings: VideoSettings, raw_too: bool):
+    """ktr's resized clip, the sampled frames at source size `[F, 3, H, W]` uint8 (if `raw_too`), the source."""
+    from ktr.data.video import frames_from_array, load_video
+
+    if video is None:
+        source = _synthetic_source()
+        clip = frames_from_array(source, 8.0, settings)
+        return clip, source[clip.indices], "synthetic 24 frames 360x640 at 8 fps (no --video)"
+    clip = load_video(str(video), settings)
+    if not raw_too:
+        return clip, None, str(video)
+    import decord
+
+    raw = decord.VideoReader(str(video), num_threads=1).get_batch(clip.indices).asnumpy()  # [F, H, W, 3]
+    return clip, torch.from_numpy(raw).permute(0, 3, 1, 2).contiguous(), str(video)
+
+
+def _hf_video(raw: torch.Tensor, settings: VideoSettings) -> dict:
+    """transformers' Qwen2-VL video processor on `raw` with ktr's per-frame pixel bounds (it resizes itself)."""
+    from transformers import Qwen2VLVideoProcessor
+
+    kw = dict(size={"shortest_edge": settings.min_pixels, "longest_edge": settings.frame_max_pixels(raw.shape[0])},
+              do_sample_frames=False, return_tensors="pt")
+    if "cap_pixels_per_frame" in getattr(Qwen2VLVideoProcessor.valid_kwargs, "__annotations__", {}):
+        kw["cap_pixels_per_frame"] = False  # transformers < 5.22: the cap is already in longest_edge above
+    return dict(Qwen2VLVideoProcessor()(videos=[raw], **kw))
+
+
+def _qwen_vl_utils_resize(raw: torch.Tensor, clip) -> dict:
+    """ktr's resized frames vs the call qwen-vl-utils makes (torchvision v1 `resize`, uint8, BICUBIC, antialias)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    theirs = resize(raw, list(clip.frames.shape[-2:]), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    d = (theirs.int() - clip.frames.int()).abs()  # [F, 3, H, W] in uint8 levels
+    return {"max_abs_diff_levels": d.max().item(), "frac_differ": (d > 0).float().mean().item()}
+
+
+def _compare_pixels(mine: torch.Tensor, theirs: torch.Tensor, std) -> dict:
+    """`[P, D]` patch rows of both: max abs difference, normalised and in uint8 levels."""
+    if mine.shape != theirs.shape:
+        return {"same_shape": False, "ktr_shape": list(mine.shape), "hf_shape": list(theirs.shape)}
+    diff = (mine.float() - theirs.float()).abs()  # [P, D], D = (C, tp, py, px)
+    levels = diff.view(diff.shape[0], 3, -1) * torch.tensor(std).view(1, 3, 1) * 255
+    return {"same_shape": True, "max_abs_pixel_diff": diff.max().item(), "max_abs_diff_levels": levels.max().item(),
+            "frac_differ_over_half_level": (levels > 0.5).float().mean().item()}
+
+
+def vision_processor(video: Path | None, out: dict) -> dict:
+    """ktr's grids and token counts at both settings; transformers' side when torchvision and the video exist."""
+    from ktr.policy import TinyModelConfig, tiny_config
+    from ktr.types import Media
+
+    reason = None
+    if importlib.util.find_spec("torchvision") is None:
+        reason = "torchvision is not installed (transformers' video processor needs it)"
+    elif video is None:
+        reason = "no --video given (copy the fixture into the repo, see the docstring)"
+    elif not Path(video).is_file():
+        reason = f"--video {video} does not exist"
+    use = video if video is not None and Path(video).is_file() else None  # ktr's side runs without torchvision
+    processor = _processor(tiny_config(TinyModelConfig()))  # only the token ids matter here
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    merge = processor.patch.merge_size
+    for name, settings in (("train", TRAIN_VIDEO), ("eval", EVAL_VIDEO)):
+        clip, raw, source = _clips(use, settings, raw_too=reason is None)
+        sample = processor.encode(messages, Media("video", clip.frames, clip.sample_fps))
+        rec = out.setdefault(name, {})
+        rec["ktr"] = {"source": source, "frames": int(clip.frames.shape[0]), "size": list(clip.frames.shape[-2:]),
+                      "grid": sample.grid_thw.tolist(),
+                      "tokens": int((sample.prompt_ids == processor.video_token_id).sum())}
+        if reason is not None:
+            continue
+        hf = _hf_video(raw, settings)
+        grid = hf["video_grid_thw"][0]
+        rec["transformers"] = {"grid": grid.tolist(), "tokens": int(grid.prod()) // merge**2}
+        rec["grids_agree"] = rec["ktr"]["grid"] == rec["transformers"]["grid"]
+        rec["tokens_agree"] = rec["ktr"]["tokens"] == rec["transformers"]["tokens"]
+        rec.update(_compare_pixels(sample.pixel_values, hf["pixel_values_videos"], processor.patch.image_std))
+        rec["frames_vs_qwen_vl_utils_resize"] = _qwen_vl_utils_resize(raw, clip)
+    if reason is not None:
+        return {"status": "skipped", "reason": reason}
+    keys = ("grids_agree", "tokens_agree", "max_abs_pixel_diff", "max_abs_diff_levels", "frac_differ_over_half_level")
+    return {k: {**{f: out[k].get(f) for f in keys},
+                "vs_qwen_vl_utils_levels": out[k]["frames_vs_qwen_vl_utils_resize"]["max_abs_diff_levels"]}
+            for k in ("train", "eval")}
+
+
+# ---------------------------------------------------------------------------------------------- bf16 parity
+
+
+def _prompts(processor, settings: VideoSettings, n: int):
+    from ktr.data.prompts import build_messages
+    from ktr.data.synthetic import SyntheticSpec, make_item
+    from ktr.data.video import frames_from_array
+    from ktr.types import Media
+
+    side = int(settings.max_pixels ** 0.5)
+    spec = SyntheticSpec(num_frames=2 * settings.max_frames, size=side - side % 28, fps=4.0)
+    samples = []
+    for i in range(n):
+        row, frames = make_item(0, i, spec)
+        clip = frames_from_array(frames, spec.fps, settings)
+        samples.append(processor.encode(build_messages(row), Media("video", clip.frames, clip.sample_fps), row=row))
+    return processor.collate(samples)
+
+
+@torch.no_grad()
+def _ktr_logps(model, batch, rollout, chunk_size: int) -> torch.Tensor:
+    from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+
+    view = SequenceView.of(model, rollout, batch)
+    hidden = completion_hidden(model, view, encode_media(model, batch.pixel_values, batch.grid_thw),
+                               rollout.completion_ids.shape[1])
+    logps, _ = completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask, chunk_size)
+    return logps.float()  # [N, T]
+
+
+@torch.no_grad()
+def _hf_logps(model, batch, rollout) -> torch.Tensor:
+    """transformers' own forward on the N rows (each row re-encodes its video), log-probs `[N, T]`."""
+    rows = rollout.prompt_index.tolist()
+    chunks = torch.split(batch.pixel_values, batch.grid_thw.prod(-1).tolist())
+    t = rollout.completion_ids.shape[1]
+    out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                pixel_values_videos=torch.cat([chunks[p] for p in rows]), video_grid_thw=batch.grid_thw[rows],
+                second_per_grid_ts=batch.second_per_grid_ts[rows], mm_token_type_ids=rollout.mm_token_type_ids,
+                use_cache=False, logits_to_keep=t + 1)  # logits of the last T + 1 positions only
+    logps = out.logits[:, :-1].float().log_softmax(-1)  # [N, T, V]
+    return logps.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> dict:
+    d = (a - b).abs()[valid]
+    return {"max_abs": d.max().item(), "mean_abs": d.mean().item()}
+
+
+def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict:
+    """bf16 log-probs of ktr's path vs transformers' forward, per attention kernel, and vs a float32 forward."""
+    from bench_step import arch_config, build_random
+    from transformers.utils import is_flash_attn_2_available
+
+    from ktr.policy import TinyModelConfig, tiny_config
+    from ktr.config import SamplingConfig
+    from ktr.rollout import generate
+
+    config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 2, 2)
+    fa2 = device.type == "cuda" and is_flash_attn_2_available()
+    out["model"] = "tiny" if tiny else "qwen2.5-vl-7b widths, 2 decoder layers, 2 vision blocks, random weights"
+    out["flash_attention_2_status"] = "compared" if fa2 else "skipped: " + (
+        "flash_attn is not importable" if device.type == "cuda" else "needs CUDA")
+    processor = _processor(config)
+    batch = _prompts(processor, VideoSettings(max_frames=4, min_pixels=56 * 56, max_pixels=56 * 56) if tiny
+                     else TRAIN_VIDEO, n=2).to(device)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = build_random(config, device, torch.bfloat16).eval()
+    rollout = generate(model, processor, batch, SamplingConfig(group_size=2, max_new_tokens=new_tokens, top_p=1.0))
+    valid = rollout.completion_mask
+    out["tokens_compared"], out["sequence_length"] = int(valid.sum()), int(rollout.input_ids.shape[1])
+    fp32 = copy.deepcopy(model).float()
+    hf32 = _hf_logps(fp32, batch, rollout)
+    out["float32"] = {"ktr_vs_hf": _diff(_ktr_logps(fp32, batch, rollout, 1024), hf32, valid)}
+    del fp32
+    state = model.state_dict()
+    for impl in ["sdpa"] + (["flash_attention_2"] if fa2 else []):
+        if impl != "sdpa":
+            cfg = copy.deepcopy(config)
+            cfg._attn_implementation = impl
+            del model
+            model = build_random(cfg, device, torch.bfloat16).eval()
+            model.load_state_dict(state)
+        mine, theirs = _ktr_logps(model, batch, rollout, 1024), _hf_logps(model, batch, rollout)
+        out[impl] = {"ktr_vs_hf": _diff(mine, theirs, valid), "ktr_vs_hf_float32": _diff(mine, hf32, valid),
+                     "hf_vs_hf_float32": _diff(theirs, hf32, valid)}
+    return {impl: out[impl]["ktr_vs_hf"]["max_abs"] for impl in ("sdpa", "flash_attention_2") if impl in out}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def loss_summary(records: list[dict]) -> dict:
+    """Per N*T: naive peak/time and the best chunked case by peak memory, with the gradient error."""
+    out = {}
+    for n in sorted({r["tokens"] for r in records}):
+        rs = [r for r in records if r["tokens"] == n]
+        naive = next((r for r in rs if r["impl"] == "naive"), None)
+        chunked = [r for r in rs if r["impl"] != "naive"]
+        best = min(chunked, key=lambda r: (r["peak_mem_mb"] or 0, r["time_s"]), default=None)
+        out[str(n)] = {"naive_mb": naive and naive["peak_mem_mb"], "naive_s": naive and naive["time_s"],
+                       "best_chunked": best and {k: best[k] for k in ("strategy", "chunk", "peak_mem_mb", "time_s")},
+                       "max_rel_grad_err": max((r["max_rel_grad_err"] for r in chunked), default=None)}
+    return out
+
+
+def goal(summary: dict, goal_gib: float, cuda: bool) -> dict:
+    """The step's peak against the QLoRA goal (only meaningful on CUDA: on CPU it is the process RSS)."""
+    step = summary["step"]
+    worst = max(v for v in (step["peak_gb"], step["reserved_gb"]) if v is not None)
+    return {"goal_gib": goal_gib, "peak_allocated_gib": step["peak_gb"], "peak_reserved_gib": step["reserved_gb"],
+            "fits": (worst <= goal_gib) if cuda else None}
+
+
+def _headline(name: str, rec: dict) -> str:
+    if rec["status"] not in ("ok",):
+        return rec.get("reason") or rec.get("error", "")[:160]
+    if name == "vision_processor":
+        return "; ".join(f"{k}: grids {v['grids_agree']}, tokens {v['tokens_agree']}, max |d| vs HF "
+                         f"{v['max_abs_diff_levels']:.2g} levels ({100 * v['frac_differ_over_half_level']:.1f}% of "
+                         f"values), vs qwen-vl-utils resize {v['vs_qwen_vl_utils_levels']}"
+                         for k, v in rec.items() if k in ("train", "eval"))
+    if name == "parity":
+        return "; ".join(f"{k}: max |d logp| {rec[k]:.3g}" for k in ("sdpa", "flash_attention_2") if k in rec)
+    if name == "loss_bench":
+        top = rec["summary"][max(rec["summary"], key=int)]
+        best = top["best_chunked"] or {}
+        return (f"N*T={max(rec['summary'], key=int)}: naive {top['naive_mb']} MB / best chunked {best.get('peak_mem_mb')}"
+                f" MB ({best.get('strategy')}, {best.get('chunk')}); max rel grad err {top['max_rel_grad_err']:.2g}")
+    res = rec["result"]
+    s = res["summary"]["step"]
+    text = f"step {s['seconds']:.1f} s, peak {s['peak_gb']:.2f} GiB" + (
+        f" (reserved {s['reserved_gb']:.2f})" if s["reserved_gb"] is not None else "")
+    if "goal" in rec and rec["goal"]["fits"] is not None:
+        text += f", {'fits' if rec['goal']['fits'] else 'does NOT fit'} the {rec['goal']['goal_gib']:.0f} GiB goal"
+    if name == "fsdp_step":
+        text += f", backend {rec.get('backend')}, sharded {res['sharded']}"
+    return text
+
+
+def _summary_rows(summary: dict) -> list[str]:
+    fmt = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = ["| phase | seconds | peak allocated GiB | peak reserved GiB |", "|---|---:|---:|---:|"]
+    for phase, v in summary.items():
+        lines.append(f"| {phase} | {v['seconds']:.2f} | {fmt(v['peak_gb'])} | {fmt(v['reserved_gb'])} |")
+    return lines
+
+
+def _phase_table(res: dict) -> list[str]:
+    setup = res["setup"]
+    note = (f"\nweights at rest {setup['allocated_gb']:.2f} GiB (built in {setup['seconds']:.1f} s); "
+            f"{res['arch']}, {res['parameters'] / 1e9:.2f}B parameters, G={res['group_size']}, "
+            f"{res['max_new_tokens']} new tokens (full length: {res['full_length_ok']}), {res['strategy']}, "
+            f"{res['precision']}; memory: {res['memory']}")
+    return [*_summary_rows(res["summary"]), note]
+
+
+def _partial_table(progress: dict) -> list[str]:
+    """Per-phase figures of the steps a failed step part got through (the failing phase included)."""
+    from bench_step import summarise
+
+    setup = progress.get("setup") or {}
+    return [*_summary_rows(summarise(progress["steps"])),
+            f"\nweights at rest {setup.get('allocated_gb')} GiB; {len(progress['steps'])} step(s) started"]
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    v = env["versions"]
+    machine = (f"{env.get('gpu') or env['cpu']} ({env.get('gpu_memory_gib', '-')} GiB); torch {v['torch']} "
+               f"(CUDA {env['cuda']}), transformers {v['transformers']}, lightning {v['lightning']}, "
+               f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}, flash-attn {v['flash-attn']}; "
+               f"{report['seconds']} s in all (budget {report['budget_s']:.0f} s)")
+    lines = [f"# ktr GPU check ({report['mode']})", "", machine, "",
+             "| part | status | seconds | headline |", "|---|---|---:|---|"]
+    for name, rec in report["parts"].items():
+        lines.append(f"| {name} | {rec['status']} | {rec['seconds']} | {_headline(name, rec)} |")
+    for name in ("qlora_step", "qlora_step_naive", "fsdp_step"):
+        rec = report["parts"].get(name)
+        if rec and rec["status"] == "ok":
+            lines += ["", f"## {name}", "", *_phase_table(rec["result"])]
+        elif rec and (rec.get("measured") or {}).get("progress", {}).get("steps"):
+            lines += ["", f"## {name} ({rec['status']}): what was measured before it stopped", "",
+                      *_partial_table(rec["measured"]["progress"])]
+    naive, chunked = report["parts"].get("qlora_step_naive"), report["parts"].get("qlora_step")
+    if naive and chunked and naive["status"] == chunked["status"] == "ok":
+        a, b = naive["result"]["summary"]["step"]["peak_gb"], chunked["result"]["summary"]["step"]["peak_gb"]
+        lines += ["", f"naive / chunked step peak: {a:.2f} / {b:.2f} GiB = {a / b:.2f}"]
+    return "\n".join(lines) + "\n"

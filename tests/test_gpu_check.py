@@ -1,0 +1,107 @@
+"""`scripts/gpu_check.py --tiny`: every part of the GPU check runs on CPU at toy size and reports its figures.
+
+One subprocess (1 torch thread) runs the whole check, as a GPU machine would at real size; the test reads its
+JSON and markdown. Without torchvision (as in CI) the vision-processor part compares nothing with transformers
+and says so ("skipped", with the reason), but ktr's side of it still runs on the real fixture video.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import FIXTURES
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ["vision_processor", "parity", "loss_bench", "fsdp_step", "qlora_step", "qlora_step_naive"]
+VIDEO = FIXTURES / "video1.mp4"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpu_check")
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--threads", "1", "--out", str(out)]
+    if VIDEO.is_file():
+        cmd += ["--video", str(VIDEO)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((out / "gpu_check.json").read_text())
+    data["_markdown"] = (out / "gpu_check.md").read_text()
+    return data
+
+
+def test_every_part_ran(report) -> None:
+    assert report["mode"] == "tiny" and report["device"] == "cpu"
+    assert list(report["parts"]) == PARTS  # cheapest first, all of them
+    for name, rec in report["parts"].items():
+        assert {"status", "seconds", "guard_s"} <= set(rec), name
+        if name == "vision_processor" and importlib.util.find_spec("torchvision") is None:
+            assert rec["status"] == "skipped" and "torchvision" in rec["reason"]
+            continue
+        assert rec["status"] == "ok", (name, rec.get("error"), rec.get("traceback"))
+    for name in PARTS:
+        assert f"| {name} | {report['parts'][name]['status']} |" in report["_markdown"]
+
+
+def test_vision_processor_ktr_side(report) -> None:
+    measured = report["parts"]["vision_processor"]["measured"]
+    for setting in ("train", "eval"):
+        ktr = measured[setting]["ktr"]
+        t, h, w = ktr["grid"]
+        assert ktr["tokens"] == t * h * w // 4 and ktr["frames"] == 2 * t
+        if "transformers" in measured[setting]:
+            assert measured[setting]["grids_agree"] in (True, False)
+    if VIDEO.is_file():  # 360x640 clip: 16 frames of 224x420 (train), 336x588 (eval, up to 256*28*28 pixels)
+        assert measured["train"]["ktr"]["grid"] == [8, 16, 30] and measured["train"]["ktr"]["tokens"] == 960
+        assert measured["eval"]["ktr"]["grid"] == [8, 24, 42]
+
+
+def test_parity_figures(report) -> None:
+    rec = report["parts"]["parity"]
+    m = rec["measured"]
+    assert m["tokens_compared"] > 0 and "sdpa" in rec
+    assert m["float32"]["ktr_vs_hf"]["max_abs"] < 1e-4  # the same maths in float32
+    assert m["sdpa"]["ktr_vs_hf"]["max_abs"] < 5e-2
+    assert m["sdpa"]["hf_vs_hf_float32"]["max_abs"] > 0  # bf16 really ran
+    assert m["flash_attention_2_status"].startswith("skipped")  # CPU
+
+
+def test_loss_bench_records(report) -> None:
+    rec = report["parts"]["loss_bench"]
+    records = rec["measured"]["records"]
+    assert len(records) == 2 * (1 + 2 * 2)  # 2 sizes x (naive + 2 strategies x 2 chunks)
+    assert all(r["impl"] == "naive" or r["max_rel_grad_err"] < 5e-2 for r in records)
+    assert set(rec["summary"]) == {"256", "512"}
+
+
+def _check_step(result: dict, steps: int) -> None:
+    assert len(result["steps"]) == steps and result["full_length_ok"]
+    for s in result["steps"]:
+        assert math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"])
+        assert all(s[phase]["seconds"] > 0 for phase in ("rollout", "scoring", "probes", "backward", "optimizer"))
+    assert result["summary"]["step"]["peak_gb"] > 0
+
+
+def test_fsdp_step_is_sharded(report) -> None:
+    rec = report["parts"]["fsdp_step"]
+    res = rec["result"]
+    _check_step(res, 1)
+    assert res["strategy"] == "ModelParallelStrategy" and res["sharded"] and rec["backend"] == "gloo"
+
+
+def test_qlora_steps(report) -> None:
+    chunked, naive = report["parts"]["qlora_step"], report["parts"]["qlora_step_naive"]
+    _check_step(chunked["result"], 1)
+    _check_step(naive["result"], 1)
+    assert naive["result"]["overrides"]["loss.chunk_size"] is None
+    assert "loss.chunk_size" not in chunked["result"]["overrides"]
+    assert chunked["goal"]["fits"] is None  # CPU: RSS says nothing about the 22 GiB GPU goal
