@@ -116,6 +116,7 @@ class OptimConfig:
 
 
 SIGNALS = ("visual", "temporal", "entropy")
+SCORES = ("logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger")  # = ktr.probes.scores.SCORE_FUNCTIONS
 
 
 @dataclass
@@ -126,6 +127,11 @@ class SignalConfig:
     """Use this signal."""
     ratio: float = 0.2
     """Fraction of valid tokens per pool this signal selects (the top (1 - ratio) quantile and above)."""
+    score: Literal["logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger"] = "logp_diff"
+    """How the probe compares the policy with and without the perturbation (`ktr.probes.scores`): the signed
+    log-prob difference of the sampled token (released), or a distance between the full next-token
+    distributions (KL(P || Q) with P the unperturbed policy, Jensen-Shannon, L1, L2, cosine, Hellinger). The
+    entropy signal has no perturbation: it takes `logp_diff` only."""
 
 
 @dataclass
@@ -148,6 +154,20 @@ class KeyTokenConfig:
     """Pool of the quantile: the G completions of a prompt (released), each sequence, or the whole batch."""
     combine: Literal["union", "intersection"] = "union"
     """How per-signal masks combine (released: union)."""
+    weighting: Literal["hard", "softmax", "sigmoid", "linear", "exponential"] = "hard"
+    """`hard` (released): the 0/1 key-token mask. Otherwise per-token float weights from each signal's score
+    rank within the pool (`ktr.probes.weighting`), combined over signals by `weight_combine`; every valid token
+    then carries gradient with its weight."""
+    weight_combine: Literal["mean", "max"] = "mean"
+    """How soft weights of several signals combine per token (the authors' early code: mean, or max)."""
+    soft_k: float = 20.0
+    """Steepness of the `sigmoid` weights and inverse temperature of the `softmax` weights."""
+    soft_gamma: float = 1.5
+    """Spread of the `sigmoid`, `linear` and `exponential` weights: they span [1 - gamma/2, 1 + gamma/2]."""
+    soft_norm: Literal["weights", "valid"] = "weights"
+    """Normaliser of a soft-weighted loss: the sum of the weights (a 0/1 weight is then exactly the mask), or
+    the number of valid tokens (the authors' early soft code multiplied the per-token loss by the weight and kept
+    the valid-token denominators)."""
 
     def __post_init__(self) -> None:
         if self.enabled and not any(getattr(self, s).enabled for s in SIGNALS):
@@ -157,6 +177,42 @@ class KeyTokenConfig:
             r = getattr(self, s).ratio
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"key_tokens.{s}.ratio must be in [0, 1], got {r}")
+            if getattr(self, s).score not in SCORES:
+                raise ValueError(f"key_tokens.{s}.score must be one of {list(SCORES)}, got {getattr(self, s).score!r}")
+        if self.entropy.score != "logp_diff":
+            raise ValueError("key_tokens.entropy.score must be logp_diff: the entropy signal compares no two passes")
+        if self.weighting != "hard" and self.soft_k <= 0:
+            raise ValueError(f"key_tokens.soft_k must be > 0, got {self.soft_k}")
+        if self.weighting in ("sigmoid", "linear", "exponential") and not 0.0 <= self.soft_gamma < 2.0:
+            raise ValueError(f"key_tokens.soft_gamma must be in [0, 2) (weights stay positive), got {self.soft_gamma}")
+
+    @property
+    def needs_base_hidden(self) -> bool:
+        """Whether an enabled probe compares full distributions (then `attribute` needs the policy's hidden states)."""
+        return self.enabled and any(getattr(self, s).enabled and getattr(self, s).score != "logp_diff"
+                                    for s in ("visual", "temporal"))
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of the paper's same-data baselines, used with `algorithm: t_grpo | tw_grpo` (`ktr.baselines`)."""
+
+    shuffled_group_size: int | None = None
+    """T-GRPO: completions sampled per video prompt on shuffled frames; null = G // 2 (Video-R1)."""
+    temporal_bonus: float = 0.3
+    """T-GRPO: added to the accuracy reward of correct ordered completions when the rule holds (Video-R1: 0.3)."""
+    temporal_ratio: float = 0.8
+    """T-GRPO: the bonus applies when mean ordered accuracy >= this x mean shuffled accuracy (Video-R1: 0.8)."""
+    correct_threshold: float = 0.1
+    """T-GRPO: a completion is correct when its accuracy exceeds this (Video-R1: 0.1)."""
+    tw_alpha: float = 1.7
+    """TW-GRPO: largest token weight; weights span [1, tw_alpha]."""
+
+    def __post_init__(self) -> None:
+        if self.shuffled_group_size is not None and self.shuffled_group_size < 1:
+            raise ValueError(f"baseline.shuffled_group_size must be >= 1 or null, got {self.shuffled_group_size}")
+        if self.tw_alpha < 1.0:
+            raise ValueError(f"baseline.tw_alpha must be >= 1, got {self.tw_alpha}")
 
 
 @dataclass

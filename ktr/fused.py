@@ -373,7 +373,7 @@ def fused_policy_loss(
             made in forward, and can run once) or ``"recompute"`` (4 matmuls; keeps ``[M]`` floats).
         **loss_kwargs: for :func:`ktr.losses.policy_loss` (``ref_logps``, ``beta``, ``old_logps``,
             ``clip_low``, ``clip_high``, ``aggregation``, ``kl_mask``, ``num_sequences``, ``num_tokens``,
-            ``max_len``, ``num_kl_tokens``).
+            ``max_len``, ``num_kl_tokens``, ``weights``, ``weight_norm``: float token weights on ``mask``).
     Returns:
         ``(loss, logps, entropy)``: scalar float32 loss; detached float32 ``[N, T]`` log-probs and entropy
         (None unless ``with_entropy``), computed on ``mask`` (``| kl_mask`` with the KL term), 0 elsewhere.

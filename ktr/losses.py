@@ -14,7 +14,7 @@ Shapes: ``N`` completions (``B * G``), ``T`` completion positions.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,8 +31,11 @@ __all__ = [
     "masked_kl_mean",
     "per_token_loss",
     "policy_loss",
+    "released_kl_mean",
     "token_weights",
 ]
+
+WeightNorm = Literal["weights", "mask"]
 
 # Bound on |log ratio| in the clipped objective: exp(20) ~ 5e8 keeps ratio * A finite in float32
 # (an unbounded exp overflows to inf, and inf * 0 = NaN). Only reached by wildly off-policy tokens.
@@ -163,6 +166,8 @@ def token_weights(
     num_tokens: int | Tensor | None = None,
     max_len: int | None = None,
     dtype: torch.dtype = torch.float32,
+    weights: Tensor | None = None,
+    weight_norm: WeightNorm = "weights",
 ) -> Tensor:
     """Weights ``W [N, T]`` such that ``loss = sum(W * l)`` under ``aggregation`` (0 outside ``mask``).
 
@@ -170,14 +175,33 @@ def token_weights(
         mask: ``[N, T]`` bool, the tokens the term is averaged over.
         num_sequences: global number of sequences (denominator of the mean over i); default ``N``.
             Pass the whole batch's ``N`` when this call sees one micro-batch of it.
-        num_tokens: global ``mask`` token count for ``token-mean``; default this call's count.
+        num_tokens: global ``mask`` token count for ``token-mean`` (with float ``weights`` and
+            ``weight_norm="weights"``: the global sum of the weights); default this call's.
         max_len: ``seq-mean-token-sum-norm`` length normaliser; default ``T``.
+        weights: ``[N, T]`` float per-token weights ``w >= 0`` (soft key tokens, TW-GRPO), read on ``mask``.
+        weight_norm: how the aggregation normalises with ``weights``. ``"weights"``: the rule runs on ``w``
+            in place of the 0/1 mask, so every count becomes a sum of weights: ``seq-mean-token-mean`` is
+            ``mean_i(sum_t w l / sum_t w)``, ``token-mean`` ``sum w l / sum w``, ``seq-mean-token-sum-norm``
+            ``sum w l / (N * max_len)``; a 0/1 ``w`` equal to ``mask`` gives the mask's ``W`` bit for bit.
+            ``"mask"``: ``W = w * W_mask``, the mask's counts kept (``mean_i(sum_t w l / sum_t M)``, ...), as the
+            authors' early soft-weight code and TW-GRPO's code did.
     """
-    return get_aggregation(aggregation)(mask, dtype, num_sequences, num_tokens, max_len)
+    rule = get_aggregation(aggregation)
+    if weights is None:
+        return rule(mask, dtype, num_sequences, num_tokens, max_len)
+    if weights.shape != mask.shape or not weights.dtype.is_floating_point:
+        raise ValueError(f"`weights` must be float {tuple(mask.shape)}, got {weights.dtype} {tuple(weights.shape)}")
+    w = masked_fill_zero(weights.to(dtype), mask)  # [N, T]
+    if weight_norm == "weights":
+        return rule(w, dtype, num_sequences, num_tokens, max_len)
+    if weight_norm == "mask":
+        return rule(mask, dtype, num_sequences, num_tokens, max_len) * w
+    raise ValueError(f"unknown weight_norm {weight_norm!r}; valid: ['mask', 'weights']")
 
 
 def aggregate(values: Tensor, mask: Tensor, aggregation: str = "seq-mean-token-mean", **counts) -> Tensor:
-    """Scalar ``sum(W * values)`` for ``values [N, T]`` over ``mask [N, T]``; ``counts`` as in :func:`token_weights`.
+    """Scalar ``sum(W * values)`` for ``values [N, T]`` over ``mask [N, T]``; ``counts`` (and ``weights``,
+    ``weight_norm``) as in :func:`token_weights`.
 
     Entries outside ``mask`` are dropped with ``where`` (not multiplied by 0), so NaN there cannot leak.
     """
@@ -215,6 +239,8 @@ def policy_loss(
     num_tokens: int | Tensor | None = None,
     max_len: int | None = None,
     num_kl_tokens: int | Tensor | None = None,
+    weights: Tensor | None = None,
+    weight_norm: WeightNorm = "weights",
 ) -> Tensor:
     """GRPO / Video-KTR loss, a scalar (float32 at least).
 
@@ -237,6 +263,11 @@ def policy_loss(
             row-wise micro-batches equals the whole-batch loss, in value and gradient.
         num_kl_tokens: global ``kl_mask`` token count for ``token-mean`` (only with ``kl_mask``; with
             ``kl_mask=None`` the KL term shares ``num_tokens``).
+        weights: ``[N, T]`` float token weights on ``mask`` (soft key tokens, TW-GRPO); ``None`` is the 0/1
+            mask. With ``kl_mask=None`` the KL term is weighted too (``w * (policy + kl)``, as the authors' soft
+            code); a given ``kl_mask`` keeps its own unweighted aggregation.
+        weight_norm: normaliser with ``weights``, see :func:`token_weights` (``"weights"``: sums of weights;
+            ``"mask"``: the mask's counts). Pass ``num_tokens`` accordingly when micro-batching.
     Returns:
         scalar loss. Empty masks never give NaN: a row without selected tokens adds 0, a batch without
         any gives 0 with zero gradients. Positions outside ``mask`` (and ``kl_mask``) get exactly zero
@@ -262,11 +293,12 @@ def policy_loss(
         old_logps=old, clip_low=clip_low, clip_high=clip_high,
     )
     counts = dict(num_sequences=num_sequences, max_len=max_len)
+    weighted = {} if weights is None else dict(weights=weights, weight_norm=weight_norm)
     if terms.kl is None:
-        return aggregate(terms.policy, mask, aggregation, num_tokens=num_tokens, **counts)
+        return aggregate(terms.policy, mask, aggregation, num_tokens=num_tokens, **counts, **weighted)
     if kl_mask is None:
-        return aggregate(terms.policy + terms.kl, mask, aggregation, num_tokens=num_tokens, **counts)
-    loss = aggregate(terms.policy, mask, aggregation, num_tokens=num_tokens, **counts)
+        return aggregate(terms.policy + terms.kl, mask, aggregation, num_tokens=num_tokens, **counts, **weighted)
+    loss = aggregate(terms.policy, mask, aggregation, num_tokens=num_tokens, **counts, **weighted)
     return loss + aggregate(terms.kl, kl_mask, aggregation, num_tokens=num_kl_tokens, **counts)
 
 
@@ -280,6 +312,22 @@ def masked_kl_mean(logps: Tensor, ref_logps: Tensor, mask: Tensor) -> Tensor:
     check_mask(mask, logps, "mask")
     logps, ref_logps = masked_fill_zero(logps, mask), masked_fill_zero(ref_logps, mask)
     return masked_mean(kl_k3(logps, ref_logps), mask)
+
+
+@torch.no_grad()
+def released_kl_mean(logps: Tensor, ref_logps: Tensor, mask: Tensor) -> Tensor:
+    """The released trainer's KL metric: k3 averaged over each row's ``mask`` tokens, then over rows.
+
+    With ``mask`` the key-token mask this is what the released code logged as ``kl`` (its completion mask had
+    been replaced by the key tokens); :func:`masked_kl_mean` (ktr's ``train/kl``) averages over all valid tokens
+    at once instead. Rows without a ``mask`` token are left out (the released code divided 0 by 0 there);
+    0 when no row has one. Inputs ``[N, T]``.
+    """
+    check_mask(mask, logps, "mask")
+    k3 = kl_k3(masked_fill_zero(logps, mask), masked_fill_zero(ref_logps, mask))  # [N, T]
+    per_row = masked_mean(k3, mask, dim=-1)  # [N]
+    has = mask.any(-1)  # [N]
+    return masked_mean(per_row, has)
 
 
 @torch.no_grad()

@@ -17,12 +17,14 @@ from torch import Tensor
 
 from ktr import fused
 from ktr.advantages import group_advantages
-from ktr.config import (KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig, RewardConfig,  # noqa: F401
-                        SamplingConfig)
+from typing import Literal
+
+from ktr.config import (BaselineConfig, KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig,  # noqa: F401
+                        RewardConfig, SamplingConfig)
 from ktr.data.base import StepBatch
 from ktr.forward import (SequenceView, VisionFeatures, completion_hidden, completion_logps, encode_media,
                          output_projection)
-from ktr.losses import masked_kl_mean
+from ktr.losses import masked_kl_mean, released_kl_mean
 from ktr.families import vision_tower
 from ktr.policy_module import PolicyModule
 from ktr.probes.keytokens import attribute, key_token_stats
@@ -42,6 +44,7 @@ class StepScores:
     logps: Tensor  # [N, T] policy log-probs, no grad
     ref_logps: Tensor | None  # [N, T]
     entropy: Tensor | None  # [N, T] full-vocabulary entropy of the policy, no grad
+    base_hidden: Tensor | None = None  # [N, T, H] detached policy hidden states (distribution scores, TW-GRPO)
 
 
 class KTRModule(PolicyModule):
@@ -52,7 +55,8 @@ class KTRModule(PolicyModule):
                  key_tokens: KeyTokenConfig = KeyTokenConfig(), loss: LossConfig = LossConfig(),  # noqa: B008
                  rewards: RewardConfig = RewardConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
                  warm_start_steps: int = 0, warm_start_lr: float | None = None,
-                 val_max_new_tokens: int = 64) -> None:
+                 val_max_new_tokens: int = 64, algorithm: Literal["grpo", "t_grpo", "tw_grpo"] = "grpo",
+                 baseline: BaselineConfig = BaselineConfig()) -> None:  # noqa: B008
         """
         Args:
             policy: model to train.
@@ -65,6 +69,11 @@ class KTRModule(PolicyModule):
                 reference model is taken after them.
             warm_start_lr: learning rate of the warm-start steps (default: optim.lr).
             val_max_new_tokens: greedy completion length at validation.
+            algorithm: `grpo` (GRPO, with Video-KTR key tokens when `key_tokens.enabled`), or a same-data
+                baseline of the paper (`ktr.baselines`, docs/baselines.md): `t_grpo` (Video-R1's temporal bonus
+                from G/2 extra rollouts on shuffled frames) or `tw_grpo` (TW-GRPO's token weights in
+                [1, baseline.tw_alpha]; needs `key_tokens.enabled: false`).
+            baseline: settings of the baselines.
         """
         super().__init__(policy, optim, val_max_new_tokens)
         self.sampling = sampling
@@ -83,6 +92,9 @@ class KTRModule(PolicyModule):
         self._weights = weights
         self._ref: list = []  # frozen reference, kept out of state_dict and checkpoints
         self.rollout_backend = rollout_backend(sampling.backend)
+        self.algorithm, self.baseline_cfg = algorithm, baseline
+        check_algorithm(algorithm, baseline, key_tokens, sampling)
+        self._extra_metrics: dict[str, Tensor] = {}
 
     @property
     def needs_targets(self) -> bool:  # the datamodule provides SFT targets only when a warm start is asked for
@@ -158,11 +170,14 @@ class KTRModule(PolicyModule):
         scores = self.score(prompts, rollout)
         key = attribute(self.model, self.processor, prompts, scores.view, _detached(scores.features),
                         rollout.completion_ids, rollout.completion_mask, scores.logps, scores.entropy, self.key_cfg,
-                        rollout.group_size, self.chunk_size)
+                        rollout.group_size, self.chunk_size, base_hidden=scores.base_hidden)
+        weights, weight_norm = self.token_weights(rollout, scores, key)
         rewards, per_reward, failed = self.rewards(prompts, rollout, key.mask)
+        if self.algorithm == "t_grpo":
+            rewards = self.add_temporal_bonus(prompts, rollout, rewards, per_reward)
         scale = self.loss_cfg.advantage == "grpo"
         advantages = group_advantages(rewards, rollout.group_size, scale_by_std=scale)
-        loss = self.update(rollout, scores, key.mask, advantages)
+        loss = self.update(rollout, scores, key.mask, advantages, weights, weight_norm)
         norm = self._optimizer_step()
         self.rollout_backend.on_weights_updated(self.model)
         self._log_step(rollout, rewards, per_reward, failed, loss, norm, scores, key)
@@ -183,7 +198,41 @@ class KTRModule(PolicyModule):
             logps, entropy = completion_logps(self.model, hidden.detach(), ids, valid, self.chunk_size,
                                               with_entropy=need_entropy)
         ref = self.reference_logps(prompts, rollout, view, _detached(features))
-        return StepScores(hidden if single else None, features, view, logps, ref, entropy)
+        keep = self.key_cfg.needs_base_hidden or self.algorithm == "tw_grpo"
+        return StepScores(hidden if single else None, features, view, logps, ref, entropy,
+                          hidden.detach() if keep else None)
+
+    def token_weights(self, rollout: Rollout, scores: StepScores, key) -> tuple[Tensor | None, str]:
+        """Float token weights `[N, T]` for the loss (soft key tokens or TW-GRPO) and their normaliser, or None."""
+        if self.algorithm == "tw_grpo":
+            from ktr.baseline_rollout import tw_weights
+
+            w = tw_weights(self.model, scores.base_hidden, rollout.completion_mask, rollout.group_size,
+                           self.baseline_cfg.tw_alpha, self.chunk_size)
+            self._extra_metrics["train/tw_grpo/mean_weight"] = w[rollout.completion_mask].mean()
+            return w, "mask"
+        if key.weights is not None:
+            return key.weights, "weights" if self.key_cfg.soft_norm == "weights" else "mask"
+        return None, "weights"
+
+    def add_temporal_bonus(self, prompts: PromptBatch, rollout: Rollout, rewards: Tensor, per_reward: dict) -> Tensor:
+        """T-GRPO: sample G' completions on shuffled frames, add the temporal bonus to the ordered ones."""
+        from ktr.baseline_rollout import shuffled_accuracy
+        from ktr.baselines import temporal_bonus
+
+        cfg, g = self.baseline_cfg, rollout.group_size
+        g_shuffled = cfg.shuffled_group_size or g // 2
+        with self._rollout_context():
+            shuffled = shuffled_accuracy(self.model, self.processor, self.rollout_backend, prompts, self.sampling,
+                                         g_shuffled)
+        acc = per_reward.get("accuracy")
+        if acc is None:
+            raise ValueError("algorithm t_grpo needs the `accuracy` reward in rewards.names")
+        bonus = temporal_bonus(acc, shuffled.to(acc), g, g_shuffled, prompts.is_video, cfg.temporal_bonus,
+                               cfg.temporal_ratio, cfg.correct_threshold)
+        per_reward["temporal"] = bonus
+        self._extra_metrics["train/t_grpo/shuffled_accuracy"] = shuffled.mean()
+        return rewards + bonus
 
     def rewards(self, prompts: PromptBatch, rollout: Rollout, key_mask: Tensor):
         g = rollout.group_size
@@ -198,15 +247,24 @@ class KTRModule(PolicyModule):
             total = total + per["length"]
         return total, per, failed
 
-    def update(self, rollout: Rollout, scores: StepScores, mask: Tensor, advantages: Tensor) -> Tensor:
-        """Backward of the masked objective, in micro-batches of rows normalised over the whole batch."""
+    def update(self, rollout: Rollout, scores: StepScores, mask: Tensor, advantages: Tensor,
+               weights: Tensor | None = None, weight_norm: str = "weights") -> Tensor:
+        """Backward of the masked (or weighted, `weights` `[N, T]`) objective, in micro-batches of rows normalised
+        over the whole batch."""
         cfg = self.loss_cfg
         ids, valid = rollout.completion_ids, rollout.completion_mask
         n = ids.shape[0]
         kl_mask = valid if cfg.kl_on == "valid" else None
+        weighted = weights is not None and weight_norm == "weights"
         common = dict(beta=cfg.beta if scores.ref_logps is not None else 0.0, clip_low=cfg.clip_low,
                       clip_high=cfg.clip_high, aggregation=cfg.aggregation, num_sequences=n,
-                      num_tokens=mask.sum(), max_len=ids.shape[1])
+                      num_tokens=weights.masked_fill(~mask, 0.0).sum() if weighted else mask.sum(),
+                      max_len=ids.shape[1])
+        if weights is not None:
+            common["weight_norm"] = weight_norm
+            self._step_weights = weights
+        else:
+            self._step_weights = None
         if kl_mask is not None:
             common["num_kl_tokens"] = kl_mask.sum()
         if scores.hidden is not None:
@@ -225,6 +283,8 @@ class KTRModule(PolicyModule):
     def _loss_backward(self, hidden, rows, rollout, scores, mask, kl_mask, advantages, common) -> Tensor:
         ids = rollout.completion_ids[rows]
         kw = dict(common, ref_logps=None if scores.ref_logps is None else scores.ref_logps[rows])
+        if self._step_weights is not None:
+            kw["weights"] = self._step_weights[rows]
         if kl_mask is not None:
             kw["kl_mask"] = kl_mask[rows]
         head = output_projection(self.model)
@@ -246,13 +306,30 @@ class KTRModule(PolicyModule):
         metrics.update({f"train/reward/failed/{k}": float(v) for k, v in failed.items()})
         if scores.ref_logps is not None:
             metrics["train/kl"] = masked_kl_mean(scores.logps, scores.ref_logps, valid)
+            # The released trainer's `kl` metric: per-sequence mean over the loss tokens (key tokens), then the mean.
+            metrics["train/kl_released_key"] = released_kl_mean(scores.logps, scores.ref_logps, key.mask)
         else:
             metrics["train/kl"] = torch.zeros((), device=self.device)
         if self.key_cfg.enabled:
             metrics.update({f"train/ktr/{k}": v for k, v in key_token_stats(key, valid).items()})
+        metrics.update(self._extra_metrics)
+        self._extra_metrics = {}
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         self.log_dict(metrics, batch_size=n)
         self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=n, logger=False)
+
+
+def check_algorithm(algorithm: str, baseline: BaselineConfig, key_tokens: KeyTokenConfig,
+                    sampling: SamplingConfig) -> None:
+    """Fail at construction on an unknown algorithm or settings it cannot run with."""
+    if algorithm not in ("grpo", "t_grpo", "tw_grpo"):
+        raise ValueError(f"algorithm must be one of ['grpo', 't_grpo', 'tw_grpo'], got {algorithm!r}")
+    if algorithm == "tw_grpo" and key_tokens.enabled:
+        raise ValueError("algorithm tw_grpo weights every valid token by its divergence from the group; set "
+                         "key_tokens.enabled: false")
+    if algorithm == "t_grpo" and (baseline.shuffled_group_size or sampling.group_size // 2) < 1:
+        raise ValueError(f"algorithm t_grpo samples G // 2 completions on shuffled frames: sampling.group_size "
+                         f"{sampling.group_size} gives none; use G >= 2 or set baseline.shuffled_group_size")
 
 
 def _detached(features: VisionFeatures) -> VisionFeatures:

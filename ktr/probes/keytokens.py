@@ -23,6 +23,7 @@ class KeyTokens:
     mask: Tensor  # [N, T] bool
     masks: dict[str, Tensor]  # signal -> [N, T] bool
     scores: dict[str, Tensor]  # signal -> [N, T] float (0 outside valid)
+    weights: Tensor | None = None  # [N, T] float soft weights (key_tokens.weighting != hard; `mask` is then valid)
 
 
 def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tensor, cfg: KeyTokenConfig,
@@ -41,27 +42,47 @@ def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tens
     else:  # intersection: image rows have no temporal signal, intersect the others there
         others = combine_masks([m for k, m in masks.items() if k != "temporal"], "intersection")
         mask = torch.where(video_rows.unsqueeze(-1), others & masks["temporal"], others)
+    if cfg.weighting != "hard":
+        return soft_key_tokens(scores, masks, valid, video_rows, cfg, group_size)
     return KeyTokens(mask=mask & valid, masks=masks, scores=scores)
+
+
+def soft_key_tokens(scores: dict[str, Tensor], masks: dict[str, Tensor], valid: Tensor, video_rows: Tensor,
+                    cfg: KeyTokenConfig, group_size: int) -> KeyTokens:
+    """Soft weights per signal (`ktr.probes.weighting`), combined; `mask` is `valid` (every token is weighted)."""
+    from ktr.probes.weighting import combine_weights, rank_weights
+
+    ws, elig = [], []
+    for name, s in scores.items():
+        eligible = valid & video_rows.unsqueeze(-1) if name == "temporal" else valid
+        ws.append(rank_weights(s, eligible, cfg.weighting, cfg.scope, group_size, cfg.soft_k, cfg.soft_gamma))
+        elig.append(eligible & torch.isfinite(s))
+    weights = combine_weights(ws, elig, cfg.weight_combine)
+    return KeyTokens(mask=valid.clone(), masks=masks, scores=scores, weights=weights.masked_fill(~valid, 0.0))
 
 
 @torch.no_grad()
 def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, view: SequenceView,
               features: VisionFeatures, completion_ids: Tensor, valid: Tensor, base_logps: Tensor,
-              entropy: Tensor | None, cfg: KeyTokenConfig, group_size: int, chunk_size: int | None = 512) -> KeyTokens:
+              entropy: Tensor | None, cfg: KeyTokenConfig, group_size: int, chunk_size: int | None = 512,
+              base_hidden: Tensor | None = None) -> KeyTokens:
     """Run the enabled probes on the current policy and return the key tokens.
 
     `base_logps` / `entropy` `[N, T]` come from the policy pass already made; the visual probe adds one decoder
-    pass (no vision call), the temporal probe one vision call and one decoder pass.
+    pass (no vision call), the temporal probe one vision call and one decoder pass. `base_hidden` `[N, T, H]`
+    (detached policy-pass hidden states) is read only by distribution scores (`cfg.needs_base_hidden`).
     """
     if not cfg.enabled:
         return KeyTokens(mask=valid.clone(), masks={}, scores={})
     scores: dict[str, Tensor] = {}
     if cfg.visual.enabled:
         scores["visual"] = visual_scores(model, batch, view, features, completion_ids, valid, base_logps,
-                                         cfg.visual_perturbation, chunk_size)
+                                         cfg.visual_perturbation, chunk_size, score=cfg.visual.score,
+                                         base_hidden=base_hidden)
     if cfg.temporal.enabled:
         scores["temporal"] = temporal_scores(model, processor, batch, view, features, completion_ids, valid,
-                                             base_logps, cfg.temporal_perturbation, chunk_size)
+                                             base_logps, cfg.temporal_perturbation, chunk_size,
+                                             score=cfg.temporal.score, base_hidden=base_hidden)
     if cfg.entropy.enabled:
         if entropy is None:
             raise ValueError("the entropy signal needs the policy pass's entropy")

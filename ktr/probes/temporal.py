@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.forward import SequenceView, VisionFeatures, completion_hidden, completion_logps, encode_media
+from ktr.forward import SequenceView, VisionFeatures, completion_hidden, encode_media
+from ktr.probes.compare import compare_passes
 from ktr.types import PromptBatch
 
 # num_frames, generator -> permutation [F] long
@@ -88,10 +89,11 @@ def _select(batch: PromptBatch, idx: list[int]) -> PromptBatch:
 def temporal_scores(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
                     view: SequenceView, features: VisionFeatures, completion_ids: Tensor, valid: Tensor,
                     base_logps: Tensor, perturbation: str = "shuffle", chunk_size: int | None = 512,
-                    generator: torch.Generator | None = None) -> Tensor:
-    """`s_T` `[N, T]`: 0 outside `valid` and on image rows."""
+                    generator: torch.Generator | None = None, score: str = "logp_diff",
+                    base_hidden: Tensor | None = None) -> Tensor:
+    """`s_T` `[N, T]`: 0 outside `valid` and on image rows. `score` / `base_hidden` as in `visual_scores`."""
     feats = perturbed_features(model, processor, batch, features, perturbation, generator)
     hidden = completion_hidden(model, view, feats, completion_ids.shape[1])
-    logps, _ = completion_logps(model, hidden, completion_ids, valid, chunk_size)
+    s = compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
     video_rows = batch.is_video[view.prompt_index].unsqueeze(-1)  # [N, 1]
-    return (base_logps - logps).masked_fill(~(valid & video_rows), 0.0)
+    return s.masked_fill(~(valid & video_rows), 0.0)

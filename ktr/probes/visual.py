@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ktr.forward import SequenceView, VisionFeatures, completion_hidden, completion_logps, rope_positions
+from ktr.forward import SequenceView, VisionFeatures, completion_hidden, rope_positions
+from ktr.probes.compare import compare_passes
 from ktr.types import PromptBatch
 
 # view, model, batch, generator -> (perturbed view, zero-vision mask [N, S] or None)
@@ -67,9 +68,10 @@ def get_visual_perturbation(name: str) -> VisualPerturbation:
 @torch.no_grad()
 def visual_scores(model: nn.Module, batch: PromptBatch, view: SequenceView, features: VisionFeatures,
                   completion_ids: Tensor, valid: Tensor, base_logps: Tensor, perturbation: str = "attention_mask",
-                  chunk_size: int | None = 512, generator: torch.Generator | None = None) -> Tensor:
-    """`s_V` `[N, T]` (0 outside `valid`). `base_logps` `[N, T]` are the policy's log-probs with the media seen."""
+                  chunk_size: int | None = 512, generator: torch.Generator | None = None, score: str = "logp_diff",
+                  base_hidden: Tensor | None = None) -> Tensor:
+    """`s_V` `[N, T]` (0 outside `valid`). `base_logps` `[N, T]` are the policy's log-probs with the media seen;
+    `score` names the comparison (`ktr.probes.scores`), `base_hidden` `[N, T, H]` is needed for a distance."""
     perturbed, zero_vision = get_visual_perturbation(perturbation)(view, model, batch, generator)
     hidden = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
-    hidden_logps, _ = completion_logps(model, hidden, completion_ids, valid, chunk_size)
-    return (base_logps - hidden_logps).masked_fill(~valid, 0.0)
+    return compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
