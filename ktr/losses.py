@@ -119,11 +119,17 @@ def _check_kl_args(ref_logps: Tensor | None, beta: float) -> None:
 # returns W [N, T] with W = 0 outside `mask`. Counts may be ints or (all-reduced) 0-dim tensors.
 
 
+def _positive(x: Tensor) -> Tensor:
+    # An empty count (0) becomes 1 so that 0 / 1 = 0. Not clamp_min(1): a sum of float weights may lie in (0, 1);
+    # on integer counts the two are identical.
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
 def _seq_mean_token_mean(mask: Tensor, dtype: torch.dtype, num_sequences, num_tokens, max_len) -> Tensor:
     # Released rule: mean_i( sum_t M l / sum_t M ). A row with no selected token has W = 0, so it adds 0,
     # yet it still counts in the mean over i (the released code divides by the number of sequences).
-    m = mask.to(dtype)  # [N, T]
-    per_row = m.sum(dim=-1, keepdim=True).clamp_min(1.0)  # [N, 1]
+    m = mask.to(dtype)  # [N, T] (0/1, or float weights)
+    per_row = _positive(m.sum(dim=-1, keepdim=True))  # [N, 1]
     n_seq = safe_denominator(mask.shape[0] if num_sequences is None else num_sequences, m)
     return m / (per_row * n_seq)
 
@@ -131,7 +137,8 @@ def _seq_mean_token_mean(mask: Tensor, dtype: torch.dtype, num_sequences, num_to
 def _token_mean(mask: Tensor, dtype: torch.dtype, num_sequences, num_tokens, max_len) -> Tensor:
     # DAPO: sum_{i,t} M l / sum_{i,t} M. No token at all -> numerator 0 over 1.
     m = mask.to(dtype)
-    n_tok = safe_denominator(masked_count(mask) if num_tokens is None else num_tokens, m)
+    n_tok = _positive(torch.as_tensor(masked_count(mask) if num_tokens is None else num_tokens, dtype=m.dtype,
+                                      device=m.device))
     return m / n_tok
 
 

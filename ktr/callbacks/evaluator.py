@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -45,12 +45,40 @@ from ktr.types import PromptSample
 Record = dict[str, Any]
 
 
+# Named evaluation pixel settings (min_pixels, max_pixels); the 1.05 rule of VideoSettings applies to both.
+PIXEL_PRESETS: dict[str, tuple[int, int]] = {
+    # Video-R1's README asks for 256*28*28 per frame at evaluation.
+    "video_r1_readme": (128 * 28 * 28, 256 * 28 * 28),
+    # The shipped eval_bench.py passes no max_pixels, so the vendored qwen-vl-utils' 128*28*28 applies, raised to
+    # int(min_pixels * 1.05) = 105,369 per frame by the 1.05 rule.
+    "released_eval_bench": (128 * 28 * 28, 128 * 28 * 28),
+}
+
+
 @dataclass
 class EvalVideoSettings(VideoSettings):
     """Frames at evaluation (released: fps 2, up to 16 frames; 32/64 via `max_frames`), 256*28*28 pixels per frame."""
 
     max_pixels: int = 256 * 28 * 28
     """Per-frame area cap at evaluation (training uses 128*28*28, a known cause of lower scores)."""
+    preset: Literal["video_r1_readme", "released_eval_bench"] | None = None
+    """Named pixel setting (`PIXEL_PRESETS`), recorded in results.json: `video_r1_readme` (256*28*28 per frame)
+    or `released_eval_bench` (128*28*28, i.e. ~105k with the 1.05 rule, what the shipped eval_bench.py ran).
+    It sets min_pixels / max_pixels; null keeps the two fields as given."""
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PIXEL_PRESETS:
+                raise ValueError(f"video.preset must be one of {sorted(PIXEL_PRESETS)} or null, got {self.preset!r}")
+            lo, hi = PIXEL_PRESETS[self.preset]
+            defaults = (128 * 28 * 28, 256 * 28 * 28)
+            for name, given, want, default in (("min_pixels", self.min_pixels, lo, defaults[0]),
+                                               ("max_pixels", self.max_pixels, hi, defaults[1])):
+                if given not in (want, default):
+                    raise ValueError(f"video.preset {self.preset!r} sets {name}={want}, but {name}={given} was given; "
+                                     "drop one of them")
+            self.min_pixels, self.max_pixels = lo, hi
+        super().__post_init__()
 
 
 class QuestionDataset(Dataset):
@@ -249,7 +277,7 @@ class BenchmarkEvaluator(Callback):
                 records[i] = self.benchmark.skipped(item, got, prompt_hash(item.prompt_text))
         if ready:
             device = next(model.parameters()).device
-            prompts = processor.collate([batch[i][1] for i in ready]).to(device)
+            prompts = processor.collate([batch[i][1] for i in ready], self.video.rope_time).to(device)
             rollout = generate(model, processor, prompts, self.decoding, group_size=1,
                                greedy=self.decoding.temperature == 0)
             for i, text in zip(ready, rollout.texts):
@@ -281,7 +309,8 @@ class BenchmarkEvaluator(Callback):
         decoding = {k: val for k, val in asdict(self.decoding).items() if k != "group_size"}  # always 1
         return {"decoding": decoding,
                 "frames": {"fps": v.fps, "min_frames": v.min_frames, "max_frames": v.max_frames},
-                "pixels": {"min_pixels": v.min_pixels, "max_pixels": v.max_pixels, "total_pixels": v.total_pixels},
+                "pixels": {"min_pixels": v.min_pixels, "max_pixels": v.max_pixels, "total_pixels": v.total_pixels,
+                           "preset": getattr(v, "preset", None), "rope_time": v.rope_time},
                 "prompt_variant": self.benchmark.prompt_variant, "extraction_rule": self.benchmark.extraction_rule,
                 "checkpoint": checkpoint or {}, "benchmark": self.benchmark.settings(), "subset": self.subset,
                 "world_size": world}

@@ -140,7 +140,7 @@ class BaseDataModule(L.LightningDataModule):
     def collate(self, items: list[PromptSample | Skipped]) -> StepBatch:
         skipped = [x for x in items if isinstance(x, Skipped)]
         samples = [x for x in items if not isinstance(x, Skipped)]
-        return StepBatch(self.processor.collate(samples) if samples else None, skipped)
+        return StepBatch(self.processor.collate(samples, self.video.rope_time) if samples else None, skipped)
 
     def _loader(self, rows: Sequence[dict], batch_size: int, shuffle: bool, sft: bool, eval_prompt: bool):
         target = self.sft_target if sft else None

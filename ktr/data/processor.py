@@ -97,8 +97,15 @@ class VisionLanguageProcessor:
         types[input_ids == self.video_token_id] = _VIDEO
         return types
 
-    def collate(self, samples: list[PromptSample]) -> PromptBatch:
-        """Left-pad prompts (generation appends on the right); right-pad SFT targets."""
+    def collate(self, samples: list[PromptSample], rope_time: str = "sampled") -> PromptBatch:
+        """Left-pad prompts (generation appends on the right); right-pad SFT targets.
+
+        `rope_time` (`VideoSettings.rope_time`): `sampled` gives videos `second_per_grid_ts = temporal_patch /
+        sample_fps`; `released` gives 1.0, which is exactly transformers' value when the key is absent (its
+        `get_rope_index` then uses 1 per video), so every pass and `generate` behave as the released trainer.
+        """
+        if rope_time not in ("sampled", "released"):
+            raise ValueError(f"rope_time must be 'sampled' or 'released', got {rope_time!r}")
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         length = max(len(s.prompt_ids) for s in samples)
@@ -107,8 +114,8 @@ class VisionLanguageProcessor:
         for i, s in enumerate(samples):
             ids[i, length - len(s.prompt_ids):] = s.prompt_ids
             mask[i, length - len(s.prompt_ids):] = 1
-        spg = [self.patch.temporal_patch_size / s.media.sample_fps if s.media.kind == "video" else 0.0
-               for s in samples]
+        spg = [(1.0 if rope_time == "released" else self.patch.temporal_patch_size / s.media.sample_fps)
+               if s.media.kind == "video" else 0.0 for s in samples]
         batch = PromptBatch(
             rows=[s.row for s in samples], input_ids=ids, attention_mask=mask,
             mm_token_type_ids=self.token_types(ids), media=[s.media for s in samples],

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,8 +70,15 @@ class VideoSettings:
     int(min_pixels * 1.05)), as in qwen-vl-utils."""
     total_pixels: int = VIDEO_TOTAL_PIXELS
     """Pixel budget of the whole sampled video (qwen-vl-utils' VIDEO_TOTAL_PIXELS default)."""
+    rope_time: Literal["sampled", "released"] = "sampled"
+    """Temporal rotary step of video tokens. `sampled`: `second_per_grid_ts = temporal_patch / sample_fps`, as
+    the Qwen2.5-VL processor computes it. `released`: as if `second_per_grid_ts` were absent (transformers'
+    default 1.0), in every pass and in generation: the released Video-KTR / Video-R1 trainers delete it before
+    every forward, and the Video-R1 SFT checkpoint was trained that way (KTR_SPEC section 5)."""
 
     def __post_init__(self) -> None:
+        if self.rope_time not in ("sampled", "released"):
+            raise ValueError(f"VideoSettings.rope_time must be 'sampled' or 'released', got {self.rope_time!r}")
         if not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"VideoSettings.fps must be a positive number, got {self.fps}")
         if self.min_frames < 1:
