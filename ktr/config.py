@@ -181,6 +181,10 @@ class KeyTokenConfig:
                 raise ValueError(f"key_tokens.{s}.score must be one of {list(SCORES)}, got {getattr(self, s).score!r}")
         if self.entropy.score != "logp_diff":
             raise ValueError("key_tokens.entropy.score must be logp_diff: the entropy signal compares no two passes")
+        for key, allowed in (("weighting", ("hard", "softmax", "sigmoid", "linear", "exponential")),
+                             ("weight_combine", ("mean", "max")), ("soft_norm", ("weights", "valid"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"key_tokens.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.weighting != "hard" and self.soft_k <= 0:
             raise ValueError(f"key_tokens.soft_k must be > 0, got {self.soft_k}")
         if self.weighting in ("sigmoid", "linear", "exponential") and not 0.0 <= self.soft_gamma < 2.0:
