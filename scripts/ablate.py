@@ -54,7 +54,7 @@ def run_one(variant: str, seed: int, config: str, extra: list[str], out: Path) -
 
     from ktr.cli import KTRCLI
     from ktr.data.base import BaseDataModule
-    from ktr.module import PolicyModule
+    from ktr.policy_module import PolicyModule
 
     torch.set_num_threads(1)
     curve: list[tuple[int, float]] = []
