@@ -4,7 +4,9 @@ Every run is `ktr fit` on one config (default `configs/ablation.yaml`: the `thir
 with the variant's overrides and `seed_everything=SEED`; the tiny model's initialisation and the data are the
 same for every run, so within a seed the variants share the SFT warm start (same seed, same batches) and differ
 only in the RL steps. Runs go in subprocesses, `--jobs` at a time (1 torch thread each); each writes
-`OUT/runs/VARIANT_sSEED.json`, and a finished run is not run again (rerun the command to resume).
+`OUT/runs/VARIANT_sSEED.json`, and a finished run is not run again (rerun the command to resume). A run is
+claimed by `OUT/runs/VARIANT_sSEED.lock` first, so two invocations on the same OUT split the work; a lock left
+by a killed run must be deleted by hand. `--summary-only` tabulates the finished runs.
 
 Reported: held-out greedy accuracy after RL (mean, 95% t-interval over seeds), paired differences against
 GRPO and against the random mask on the same seeds (mean, t-interval, sign test), and learning curves.
@@ -216,6 +218,12 @@ def launch(variant: str, seed: int, args, extra: list[str], out: Path) -> dict |
     if path.is_file():
         return json.loads(path.read_text())
     if args.summary_only:
+        return None
+    try:  # claim the run: several invocations on one OUT share the work without running a run twice
+        os.close(os.open(path.with_suffix(".lock"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        print(f"{variant:>12} seed {seed}: claimed by another invocation (delete {path.with_suffix('.lock')} "
+              "if none is running)", flush=True)
         return None
     rc = child(["--one", variant, str(seed)], args, extra, out / "logs" / f"{variant}_s{seed}.log")
     if rc != 0 or not path.is_file():
