@@ -115,7 +115,7 @@ def score_heldout(policy, n: int, batch_size: int, seed: int) -> tuple[dict[str,
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, list[Tensor]] = {s: [] for s in SIGNALS}
     labels: dict[str, list[Tensor]] = {k: [] for k in LABELS}
-    valids, stats = [], {"greedy_token_acc": [], "labelled_token_acc": []}
+    valids, stats = [], {"target_top_all": [], "target_top_content": []}
     for start in range(0, n, batch_size):
         items, labs = samples(proc, EVAL_START + start, min(batch_size, n - start))
         batch = proc.collate(items)
@@ -134,9 +134,9 @@ def score_heldout(policy, n: int, batch_size: int, seed: int) -> tuple[dict[str,
             labels[k].append(lab)
         # does the model know the answer? argmax == target, over all and over labelled tokens
         argmax = (logps > -0.6931).logical_and(valid)  # p(target) > 1/2, so the target token is the argmax
-        stats["greedy_token_acc"].append((argmax[valid].float().mean()))
+        stats["target_top_all"].append((argmax[valid].float().mean()))
         content = labels["content"][-1]
-        stats["labelled_token_acc"].append(argmax[content].float().mean())
+        stats["target_top_content"].append(argmax[content].float().mean())
         valids.append(valid)
     acc = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
     return out, labels, valids, acc
@@ -169,8 +169,8 @@ def table(records: list[dict], acc: dict) -> str:
                      f"{r['precision_at_ratio']:.3f} | {r['oracle_precision']:.3f} | "
                      f"{r['n_positive']} / {r['n_tokens']} |")
     lines.append("")
-    lines.extend(f"- {m}: teacher-forced target is the argmax on {a['greedy_token_acc']:.3f} of all tokens, "
-                 f"{a['labelled_token_acc']:.3f} of content tokens" for m, a in acc.items())
+    lines.extend(f"- {m}: p(target token) > 1/2 (so it is the argmax) on {a['target_top_all']:.3f} of all tokens, "
+                 f"{a['target_top_content']:.3f} of content tokens" for m, a in acc.items())
     return "\n".join(lines)
 
 
