@@ -182,8 +182,8 @@ def plot(records: list[dict], path: str) -> None:
     smax = max(s for c in curves.values() for s, _, _ in c)
     accs = [a for c in curves.values() for _, a, _ in c]
     lo, hi = math.floor(min(accs) * 20 - 1) / 20, math.ceil(max(accs) * 20 + 1) / 20  # 0.05 grid around the data
-    x = lambda s: pad + (w - 2 * pad - 120) * s / max(1, smax)  # noqa: E731
-    y = lambda a: h - pad - (h - 2 * pad) * (a - lo) / (hi - lo)  # noqa: E731
+    x = lambda s: pad + (w - 2 * pad - 120) * s / max(1, smax)
+    y = lambda a: h - pad - (h - 2 * pad) * (a - lo) / (hi - lo)
     d.line([(pad, pad), (pad, h - pad), (w - pad - 120, h - pad)], fill="black")
     for a in [lo + 0.05 * i for i in range(round((hi - lo) / 0.05) + 1)]:
         d.text((10, y(a) - 6), f"{a:.2f}", fill="black")
@@ -238,7 +238,7 @@ def child(flags: list[str], args, extra: list[str], log: Path) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, __file__, *flags, "--config", args.config, "--out", args.out, "--", *extra]
     with log.open("w") as f:
-        return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
 
 
 def rl_overrides(args, out: Path) -> tuple[list[str], dict]:
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     base_lr = float(config_value(args.config, args.extra, "optim.lr"))
     order = [v for v in PRIORITY if v in args.variants]  # KTR first: matched-step GRPO needs its fraction
     with ThreadPoolExecutor(args.jobs) as pool:
-        run = lambda v, s, more=(): launch(v, s, args, [*start, *VARIANTS[v], *args.extra, *more], out)  # noqa: E731
+        run = lambda v, s, more=(): launch(v, s, args, [*start, *VARIANTS[v], *args.extra, *more], out)
         records = [r for r in pool.map(lambda s: run("ktr", s), args.seeds if "ktr" in order else []) if r]
         scale = args.matched_scale or (1.0 / statistics.mean(r["frac_key"] for r in records) if records else None)
         if "grpo-matched" in order and scale is None:

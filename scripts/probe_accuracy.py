@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ktr.config import PolicyConfig, TinyModelConfig
 from ktr.data.planted import LABELS, planted_target, token_labels
 from ktr.data.prompts import build_messages
 from ktr.data.synthetic import SyntheticSpec, make_item
 from ktr.data.video import VideoSettings, frames_from_array
 from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.rollout import teacher_rollout
-from ktr.config import PolicyConfig, TinyModelConfig
 from ktr.policy import load_policy
 from ktr.probes.select import select_top_ratio
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
+from ktr.rollout import teacher_rollout
 from ktr.types import Media
 
 SPEC = SyntheticSpec(kinds=("third",), num_frames=6)  # 6 frames: each colour one temporal patch
@@ -134,7 +134,7 @@ def score_heldout(policy, n: int, batch_size: int, seed: int) -> tuple[dict[str,
             labels[k].append(lab)
         # does the model know the answer? argmax == target, over all and over labelled tokens
         argmax = (logps > -0.6931).logical_and(valid)  # p(target) > 1/2, so the target token is the argmax
-        stats["target_top_all"].append((argmax[valid].float().mean()))
+        stats["target_top_all"].append(argmax[valid].float().mean())
         content = labels["content"][-1]
         stats["target_top_content"].append(argmax[content].float().mean())
         valids.append(valid)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ktr.data.planted import all_clips, planted_target, token_labels
 from ktr.data.synthetic import COLOURS, SyntheticSpec, make_item
