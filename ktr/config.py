@@ -168,11 +168,20 @@ class KeyTokenConfig:
     """Normaliser of a soft-weighted loss: the sum of the weights (a 0/1 weight is then exactly the mask), or
     the number of valid tokens (the authors' early soft code multiplied the per-token loss by the weight and kept
     the valid-token denominators)."""
+    random: bool = False
+    """Control, not the method: run the probes and selection as configured, then replace the mask by as many
+    tokens per group chosen uniformly at random among the valid ones (`random_same_count`), so the key fraction
+    matches Video-KTR's step by step. Drawn from the global RNG: reproducible under `seed_everything`."""
 
     def __post_init__(self) -> None:
         if self.enabled and not any(getattr(self, s).enabled for s in SIGNALS):
             raise ValueError("key_tokens.enabled is true but every signal is disabled; enable one or set "
                              "key_tokens.enabled: false for vanilla GRPO")
+        if self.random and not self.enabled:
+            raise ValueError("key_tokens.random matches the count Video-KTR selects, so it needs "
+                             "key_tokens.enabled: true")
+        if self.random and self.weighting != "hard":
+            raise ValueError("key_tokens.random replaces a hard mask; it needs key_tokens.weighting: hard")
         for s in SIGNALS:
             r = getattr(self, s).ratio
             if not 0.0 <= r <= 1.0:

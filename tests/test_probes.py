@@ -107,3 +107,21 @@ def test_same_forward_calls_for_any_media_mix(tiny_policy) -> None:
                   rollout.completion_mask, logps, ent, KeyTokenConfig(), 2)
         counts.append((visual.calls, trunk.calls))
     assert len(set(counts)) == 1, counts
+
+
+@torch.no_grad()
+def test_random_control_keeps_ktr_count_per_group(tiny_policy) -> None:
+    batch, rollout = rollout_for(tiny_policy, n_prompts=2, group_size=2, max_new_tokens=8)
+    view, feats, logps, ent = _base(tiny_policy, batch, rollout)
+    args = (tiny_policy.model, tiny_policy.processor, batch, view, feats, rollout.completion_ids,
+            rollout.completion_mask, logps, ent)
+    torch.manual_seed(0)
+    ktr = attribute(*args, KeyTokenConfig(), 2)
+    torch.manual_seed(0)  # same temporal shuffle, so the same KTR mask is matched
+    rand = attribute(*args, KeyTokenConfig(random=True), 2)
+    valid = rollout.completion_mask
+    assert rand.mask.view(2, -1).sum(-1).tolist() == ktr.mask.view(2, -1).sum(-1).tolist()
+    assert not (rand.mask & ~valid).any()
+    assert not torch.equal(rand.mask, ktr.mask)
+    with pytest.raises(ValueError, match="key_tokens.random"):
+        KeyTokenConfig(enabled=False, random=True)

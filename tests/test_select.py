@@ -180,3 +180,39 @@ def test_combine_masks() -> None:
         combine_masks([a, torch.ones(1, 3, dtype=torch.bool)])
     with pytest.raises(ValueError, match="union"):
         combine_masks([a, b], "xor")  # type: ignore[arg-type]
+
+
+def test_random_same_count_matches_group_counts_and_stays_in_valid() -> None:
+    from ktr.probes.select import random_same_count
+
+    gen = torch.Generator().manual_seed(0)
+    valid = torch.rand(8, 12, generator=gen) > 0.2  # [N=8, T] (G = 4: two groups)
+    mask = valid & (torch.rand(8, 12, generator=gen) > 0.6)
+    out = random_same_count(mask, valid, 4, generator=torch.Generator().manual_seed(1))
+    assert out.dtype == torch.bool and out.shape == mask.shape
+    assert not (out & ~valid).any()
+    assert out.view(2, -1).sum(-1).tolist() == mask.view(2, -1).sum(-1).tolist()
+
+
+def test_random_same_count_reproducible_under_seed_and_differs_across_seeds() -> None:
+    from ktr.probes.select import random_same_count
+
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    mask = torch.zeros(4, 50, dtype=torch.bool)
+    mask[:, :10] = True  # KTR's tokens: the first 10 of each row
+    draw = [random_same_count(mask, valid, 2, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(draw[0], draw[1])
+    assert not torch.equal(draw[0], draw[2])
+    assert not torch.equal(draw[0], mask)  # not the KTR tokens themselves
+    torch.manual_seed(3)  # the global RNG (the module's default) is reproducible too
+    a = random_same_count(mask, valid, 2)
+    torch.manual_seed(3)
+    assert torch.equal(a, random_same_count(mask, valid, 2))
+
+
+def test_random_same_count_rejects_bad_group_size() -> None:
+    from ktr.probes.select import random_same_count
+
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="group_size"):
+        random_same_count(valid, valid, 2)

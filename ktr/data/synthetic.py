@@ -3,6 +3,8 @@
 Each item is a short clip of coloured squares. The answer depends on what is shown *and* on frame order:
 - `direction`: one square moves across the frame; which way? (reversing the clip flips the answer)
 - `order`: two coloured squares appear one after the other; which colour came first?
+- `third`: three of the four colours flash one after the other; which colour came third? (harder: knowing
+  which colours are shown narrows it to 3 of 4 options, only frame order settles it)
 So the visual probe (hide the video) and the temporal probe (shuffle the frames) both have something to find.
 Items are a pure function of (seed, index): a dataset of any length costs no memory and no disk.
 """
@@ -20,7 +22,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 40),
 }
 DIRECTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
-TaskKind = Literal["direction", "order"]
+TaskKind = Literal["direction", "order", "third"]
+KINDS = ("direction", "order", "third")
 
 
 @dataclass
@@ -72,6 +75,20 @@ def render_order(spec: SyntheticSpec, first: str, second: str, y: int, x: int) -
     return frames
 
 
+def render_sequence(spec: SyntheticSpec, colours: list[str], y: int, x: int) -> Tensor:
+    """Each colour of `colours` fills one consecutive block of frames, in order (`[F, 3, H, W]` uint8).
+
+    Block `k` covers frames `[k * F // n, (k + 1) * F // n)`; with `F = 2 n` (e.g. 6 frames for 3 colours) every
+    block is one temporal patch of the vision tower. `y`/`x` place a dark square on top, as in `render_order`.
+    """
+    frames = _blank(spec)
+    n = len(colours)
+    for f in range(spec.num_frames):
+        _paint(frames, f, 0, 0, spec.size, COLOURS[colours[min(n - 1, f * n // spec.num_frames)]])
+        _paint(frames, f, y, x, spec.square // 2, (16, 16, 16))
+    return frames
+
+
 def make_item(seed: int, index: int, spec: SyntheticSpec, render: bool = True) -> tuple[dict, Tensor | None]:
     """Row in the Video-R1 schema (multiple choice) and its raw frames `[F, 3, H, W]` uint8 (None if not `render`)."""
     rng = random.Random(seed * 1_000_003 + index)
@@ -89,8 +106,14 @@ def make_item(seed: int, index: int, spec: SyntheticSpec, render: bool = True) -
         frames = render_order(spec, first, second, y, x) if render else None
         problem = "Which colour appears first?"
         choices, answer_text = list(COLOURS), first
+    elif kind == "third":
+        shown = rng.sample(list(COLOURS), 3)
+        y, x = rng.randrange(span + 1), rng.randrange(span + 1)
+        frames = render_sequence(spec, shown, y, x) if render else None
+        problem = "Which colour appears third?"
+        choices, answer_text = list(COLOURS), shown[2]
     else:
-        raise ValueError(f"unknown synthetic kind {kind!r}; expected one of ('direction', 'order')")
+        raise ValueError(f"unknown synthetic kind {kind!r}; expected one of {KINDS}")
     letters = "ABCD"
     options = [f"{letters[i]}. {c}" for i, c in enumerate(choices)]
     row = {
@@ -103,4 +126,6 @@ def make_item(seed: int, index: int, spec: SyntheticSpec, render: bool = True) -
         "path": f"synthetic://{seed}/{index}",
         "data_source": f"synthetic/{kind}",
     }
+    if kind == "third":
+        row["colours"] = shown  # ground truth in frame order (the planted-attribution task reads it)
     return row, frames

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.forward import SequenceView, VisionFeatures
-from ktr.probes.select import combine_masks, select_scope
+from ktr.probes.select import combine_masks, random_same_count, select_scope
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
 from ktr.config import SIGNALS, KeyTokenConfig, SignalConfig  # noqa: F401 (re-exported)
@@ -87,7 +87,10 @@ def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: Promp
         if entropy is None:
             raise ValueError("the entropy signal needs the policy pass's entropy")
         scores["entropy"] = entropy.masked_fill(~valid, 0.0)
-    return select_key_tokens(scores, valid, batch.is_video[view.prompt_index], cfg, group_size)
+    key = select_key_tokens(scores, valid, batch.is_video[view.prompt_index], cfg, group_size)
+    if cfg.random:  # the control: same count per group, random tokens
+        key = replace(key, mask=random_same_count(key.mask, valid, group_size))
+    return key
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ktr.ops import check_mask, upcast
 
-__all__ = ["COMBINERS", "SCOPES", "combine_masks", "pooled_quantile", "select_scope", "select_top_ratio"]
+__all__ = ["COMBINERS", "SCOPES", "combine_masks", "pooled_quantile", "random_same_count", "select_scope",
+           "select_top_ratio"]
 
 Scope = Literal["group", "sequence", "batch"]
 Combine = Literal["union", "intersection"]
@@ -141,3 +142,29 @@ def combine_masks(masks: list[Tensor], how: Combine = "union") -> Tensor:
     for i, m in enumerate(masks):
         check_mask(m, masks[0], f"masks[{i}]")
     return functools.reduce(COMBINERS[how], masks)
+
+
+def random_same_count(mask: Tensor, valid: Tensor, group_size: int,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """The random-selection control: per group, as many valid tokens as ``mask`` keeps there, chosen uniformly.
+
+    Args:
+        mask: ``[N, T]`` bool, the key tokens to match (e.g. Video-KTR's union mask).
+        valid: ``[N, T]`` bool completion tokens; only these can be drawn.
+        group_size: ``G``, consecutive blocks of ``G`` rows form a group (``N % G == 0``).
+        generator: CPU generator of the draw (default: the global RNG, reproducible under ``seed_everything``).
+    Returns:
+        ``[N, T]`` bool with ``out[group].sum() == (mask & valid)[group].sum()`` for every group, a uniformly
+        random subset of that group's valid tokens.
+    """
+    check_mask(mask, valid, "mask")
+    n, t = valid.shape
+    if not isinstance(group_size, int) or group_size < 1 or n % group_size:
+        raise ValueError(f"`group_size` must be a positive int dividing N={n}, got {group_size!r}")
+    g = n // group_size
+    pool = valid.reshape(g, group_size * t)  # [N / G, G * T]
+    count = (mask & valid).reshape(g, group_size * t).sum(-1, keepdim=True)  # [N / G, 1]
+    noise = torch.rand(pool.shape, generator=generator).to(valid.device)  # [N / G, G * T] in [0, 1)
+    noise = noise.masked_fill(~pool, 2.0)  # invalid tokens rank last
+    rank = noise.argsort(-1).argsort(-1)  # [N / G, G * T] rank of each token's noise in its group
+    return (pool & (rank < count)).reshape(n, t)

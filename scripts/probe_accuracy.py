@@ -1,0 +1,212 @@
+"""Do the probes find the tokens that depend on the video and on frame order? Planted ground truth (issue 17).
+
+The `third` synthetic clips (three of four colours in sequence) get the planted completion of
+`ktr.data.planted` ("<think>colours: blue, green, red. order: red, blue, green.</think><answer>B</answer>"),
+whose tokens carry exact labels: `content` (hiding the video can change them) and `order` (only frame order can).
+The tiny policy is trained by SFT on these completions, then held-out completions are scored under teacher
+forcing with each probe (visual: media hidden by attention mask; temporal: frames shuffled; entropy; and a
+uniform random score as the baseline), for the trained model and for the same model untrained (random init).
+
+Per (model, signal, label): AUROC of the score over all valid completion tokens of the held-out set, and
+precision at the configured ratio (the tokens `select_top_ratio` keeps per completion: G = 1 here, so the
+pool is the sequence). `oracle` is the precision a perfect score would get with the same selected counts.
+
+    python scripts/probe_accuracy.py --json docs/probe_accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ktr.config import PolicyConfig, TinyModelConfig
+from ktr.data.planted import LABELS, planted_target, token_labels
+from ktr.data.prompts import build_messages
+from ktr.data.synthetic import SyntheticSpec, make_item
+from ktr.data.video import VideoSettings, frames_from_array
+from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.policy import load_policy
+from ktr.probes.select import select_top_ratio
+from ktr.probes.temporal import temporal_scores
+from ktr.probes.visual import visual_scores
+from ktr.rollout import teacher_rollout
+from ktr.types import Media
+
+SPEC = SyntheticSpec(kinds=("third",), num_frames=6)  # 6 frames: each colour one temporal patch
+VIDEO = VideoSettings(fps=4.0, min_frames=4, max_frames=8, min_pixels=3136, max_pixels=3136)
+TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+SIGNALS = ("visual", "temporal", "entropy", "random")
+EVAL_START = 10_000_000  # held-out indices, as SyntheticDataModule.val_rows
+
+
+def samples(processor, start: int, n: int, data_seed: int = 0):
+    """Encoded prompts with planted targets, and their labels `{label: [T] bool}`."""
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    out, labels = [], []
+    for i in range(start, start + n):
+        row, frames = make_item(data_seed, i, SPEC)
+        clip = frames_from_array(frames, SPEC.fps, VIDEO)
+        media = Media("video", clip.frames, clip.sample_fps, row["path"])
+        target = planted_target(row["colours"])
+        s = processor.encode(build_messages(row), media, row=row, target=target)
+        lab = token_labels(row["colours"], lambda t: tok(t, add_special_tokens=False)["input_ids"], [end])
+        if len(lab["content"]) != len(s.target_ids):
+            raise ValueError(f"labels of {row['problem_id']} have {len(lab['content'])} tokens, target "
+                             f"{len(s.target_ids)}")
+        out.append(s)
+        labels.append({k: torch.tensor(v) for k, v in lab.items()})
+    return out, labels
+
+
+def teacher_pass(model, processor, batch, with_grad: bool = False):
+    rollout = teacher_rollout(batch, processor)
+    with torch.set_grad_enabled(with_grad):
+        feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+        view = SequenceView.of(model, rollout, batch)
+        hidden = completion_hidden(model, view, feats, rollout.completion_ids.shape[1])
+    return rollout, feats, view, hidden
+
+
+def sft(policy, steps: int, batch_size: int, lr: float, log_every: int = 50) -> list[dict]:
+    """Teacher-forced NLL of the planted completions, AdamW, fresh training items every step."""
+    model, proc = policy.model, policy.processor
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    history = []
+    for step in range(steps):
+        batch = proc.collate(samples(proc, step * batch_size, batch_size)[0])
+        rollout, _, _, hidden = teacher_pass(model, proc, batch, with_grad=True)
+        logps, _ = completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask, 512)
+        mask = rollout.completion_mask
+        loss = -(logps * mask).sum() / mask.sum()  # [N, T] -> scalar
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == steps - 1:
+            history.append({"step": step, "loss": loss.item()})
+            print(f"sft step {step:4d} loss {loss.item():.4f}", flush=True)
+    model.eval()
+    return history
+
+
+def auroc(scores: Tensor, labels: Tensor) -> float:
+    """Mann-Whitney AUROC with ties counted half (`scores`, `labels` 1-D). NaN without both classes."""
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    s = scores.double()
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)  # sorted unique values
+    first = torch.cumsum(counts, 0) - counts  # 0-based rank of each value's first occurrence
+    ranks = (first + (counts + 1) / 2.0)[inverse]  # average 1-based rank of tied values
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+@torch.no_grad()
+def score_heldout(policy, n: int, batch_size: int, seed: int) -> tuple[dict[str, list[Tensor]], dict, list[Tensor]]:
+    """Per signal the scores of every held-out completion, the labels, and the valid masks (lists over batches)."""
+    model, proc = policy.model, policy.processor
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, list[Tensor]] = {s: [] for s in SIGNALS}
+    labels: dict[str, list[Tensor]] = {k: [] for k in LABELS}
+    valids, stats = [], {"target_top_all": [], "target_top_content": []}
+    for start in range(0, n, batch_size):
+        items, labs = samples(proc, EVAL_START + start, min(batch_size, n - start))
+        batch = proc.collate(items)
+        rollout, feats, view, hidden = teacher_pass(model, proc, batch)
+        ids, valid = rollout.completion_ids, rollout.completion_mask  # [N, T]
+        logps, ent = completion_logps(model, hidden, ids, valid, 512, with_entropy=True)
+        out["visual"].append(visual_scores(model, batch, view, feats, ids, valid, logps, "attention_mask"))
+        out["temporal"].append(temporal_scores(model, proc, batch, view, feats, ids, valid, logps, "shuffle",
+                                               generator=gen))
+        out["entropy"].append(ent.masked_fill(~valid, 0.0))
+        out["random"].append(torch.rand(ids.shape, generator=gen))
+        for k in LABELS:
+            lab = torch.zeros_like(valid)
+            for i, v in enumerate(labs):
+                lab[i, : len(v[k])] = v[k]
+            labels[k].append(lab)
+        # does the model know the answer? argmax == target, over all and over labelled tokens
+        argmax = (logps > -0.6931).logical_and(valid)  # p(target) > 1/2, so the target token is the argmax
+        stats["target_top_all"].append(argmax[valid].float().mean())
+        content = labels["content"][-1]
+        stats["target_top_content"].append(argmax[content].float().mean())
+        valids.append(valid)
+    acc = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+    return out, labels, valids, acc
+
+
+def metrics(scores, labels, valids, ratio: float, model_name: str) -> list[dict]:
+    records = []
+    for sig, per_batch in scores.items():
+        for lab in LABELS:
+            flat_s = torch.cat([s[v] for s, v in zip(per_batch, valids)])
+            flat_l = torch.cat([l[v] for l, v in zip(labels[lab], valids)])
+            sel_hits = sel_n = oracle_hits = 0
+            for s, l, v in zip(per_batch, labels[lab], valids):
+                sel = select_top_ratio(s, v, ratio, group_size=1)  # [N, T] per-sequence pool (G = 1)
+                sel_hits += int((sel & l).sum())
+                sel_n += int(sel.sum())
+                oracle_hits += int(torch.minimum(sel.sum(-1), (l & v).sum(-1)).sum())
+            records.append({"model": model_name, "signal": sig, "label": lab, "auroc": auroc(flat_s, flat_l),
+                            "precision_at_ratio": sel_hits / max(1, sel_n), "ratio": ratio,
+                            "n_tokens": int(flat_l.numel()), "n_positive": int(flat_l.sum()),
+                            "oracle_precision": oracle_hits / max(1, sel_n)})
+    return records
+
+
+def table(records: list[dict], acc: dict) -> str:
+    lines = ["| model | signal | label | AUROC | precision@ratio | oracle precision | positives / tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['model']} | {r['signal']} | {r['label']} | {r['auroc']:.3f} | "
+                     f"{r['precision_at_ratio']:.3f} | {r['oracle_precision']:.3f} | "
+                     f"{r['n_positive']} / {r['n_tokens']} |")
+    lines.append("")
+    lines.extend(f"- {m}: p(target token) > 1/2 (so it is the argmax) on {a['target_top_all']:.3f} of all tokens, "
+                 f"{a['target_top_content']:.3f} of content tokens" for m, a in acc.items())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=400, help="SFT steps on the planted completions")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--heldout", type=int, default=128, help="held-out completions scored")
+    p.add_argument("--ratio", type=float, default=0.2, help="selection ratio (released: 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    cfg = PolicyConfig(name_or_path="tiny", attn_implementation="sdpa", tiny=TINY)
+    records, acc, t0 = [], {}, time.time()
+    print(f"planted example: {planted_target(('red', 'blue', 'green'))}")
+    random_policy = load_policy(cfg)
+    scores, labels, valids, acc["random"] = score_heldout(random_policy, args.heldout, 32, args.seed)
+    records += metrics(scores, labels, valids, args.ratio, "random")
+    trained = load_policy(cfg)  # the same initialisation, then SFT
+    history = sft(trained, args.steps, args.batch_size, args.lr)
+    scores, labels, valids, acc["trained"] = score_heldout(trained, args.heldout, 32, args.seed)
+    records += metrics(scores, labels, valids, args.ratio, "trained")
+    md = table(records, acc)
+    print(md)
+    print(f"wall {time.time() - t0:.0f} s")
+    if args.json:
+        for r in records:  # context for each record: how well that model knows the planted completions
+            r.update({f"model_{k}": v for k, v in acc[r["model"]].items()}, sft_steps=args.steps,
+                     final_sft_loss=history[-1]["loss"] if r["model"] == "trained" else None)
+        Path(args.json).write_text(json.dumps(records, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
