@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.forward import SequenceView, VisionFeatures
-from ktr.probes.select import combine_masks, select_scope
+from ktr.probes.select import combine_masks, scope_thresholds, select_scope
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
 from ktr.config import SIGNALS, KeyTokenConfig, SignalConfig  # noqa: F401 (re-exported)
@@ -23,6 +23,7 @@ class KeyTokens:
     mask: Tensor  # [N, T] bool
     masks: dict[str, Tensor]  # signal -> [N, T] bool
     scores: dict[str, Tensor]  # signal -> [N, T] float (0 outside valid)
+    thresholds: dict[str, Tensor] = field(default_factory=dict)  # signal -> [N] its pool's threshold (NaN: empty)
 
 
 def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tensor, cfg: KeyTokenConfig,
@@ -33,15 +34,18 @@ def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tens
     combine visual and entropy only.
     """
     masks: dict[str, Tensor] = {}
+    thresholds: dict[str, Tensor] = {}
     for name, s in scores.items():
         eligible = valid & video_rows.unsqueeze(-1) if name == "temporal" else valid
-        masks[name] = select_scope(s, eligible, getattr(cfg, name).ratio, cfg.scope, group_size)
+        ratio = getattr(cfg, name).ratio
+        masks[name] = select_scope(s, eligible, ratio, cfg.scope, group_size)
+        thresholds[name] = scope_thresholds(s, eligible, ratio, cfg.scope, group_size)  # reports show them
     if cfg.combine == "union" or "temporal" not in masks or len(masks) == 1:
         mask = combine_masks(list(masks.values()), cfg.combine)
     else:  # intersection: image rows have no temporal signal, intersect the others there
         others = combine_masks([m for k, m in masks.items() if k != "temporal"], "intersection")
         mask = torch.where(video_rows.unsqueeze(-1), others & masks["temporal"], others)
-    return KeyTokens(mask=mask & valid, masks=masks, scores=scores)
+    return KeyTokens(mask=mask & valid, masks=masks, scores=scores, thresholds=thresholds)
 
 
 @torch.no_grad()
