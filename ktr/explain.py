@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -49,7 +49,8 @@ def load_explain_policy(cfg: PolicyConfig, ckpt: str | None) -> Policy:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ktr explain", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="ktr explain", description="Key tokens of one answer to a question about one "
+                                "video or image (report.html, report.json, answer.png), or --stats over a run.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], help="the `ktr fit` config(s) of the run (repeatable)")
     p.add_argument("--ckpt", help="Lightning .ckpt, ModelParallelStrategy dir, HF model dir or LoRA adapter dir")

@@ -269,3 +269,14 @@ def test_index_lists_steps_in_order(tmp_path) -> None:
     html = render_index([{"href": "b.html", "step": 20, "kind": "train", "reward": 0.5, "key_fraction": 0.3,
                           "fractions": {"visual": 0.2}}])
     assert 'href="b.html"' in html and "0.300" in html
+
+
+def test_vanilla_grpo_step_shows_every_token_trained(tok) -> None:
+    record = _record(tok, ["a b", "c"], group_size=1)
+    valid = record.rollout.completion_mask
+    record.key = KeyTokens(mask=valid.clone(), masks={}, scores={})  # what `attribute` returns when disabled
+    data = report_data(record, tok, KeyTokenConfig(enabled=False))
+    html = render_page(data)
+    assert data["signals"] == [] and "Key-token masking is off" in html
+    spans = [s for r in _parse(html).rows.values() for s in r]
+    assert spans and all("key" in c and not any(x.startswith("s-") for x in c) for c, *_ in spans)

@@ -95,7 +95,8 @@ def render(html: str | Path, png: str | Path | None, width: int = 1100, height: 
             cmd.append(f"--screenshot={Path(png).resolve()}")
         else:
             cmd.append("--dump-dom")
-        proc = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=timeout,
+                              check=False)  # the caller reads the return code and stderr
         console = [m.group(1) for line in proc.stderr.splitlines() if (m := _CONSOLE.search(line))]
         requests = page_requests(_read_netlog(netlog))
     shot = Path(png) if png is not None and Path(png).is_file() else None

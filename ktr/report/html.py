@@ -29,7 +29,7 @@ main{max-width:1100px;margin:0 auto;padding:16px 20px}
 h1{font-size:1.35em;margin:.2em 0}h2{font-size:1.15em;margin:1.2em 0 .3em}h3{font-size:1em;margin:.2em 0}
 .meta,.stats{color:#333;font-size:.92em}
 .legend{border:1px solid #bbb;border-radius:6px;padding:8px 12px;margin:10px 0}
-.legend ul{margin:.2em 0;padding-left:1.2em}
+.legend ul{margin:.2em 0;padding-left:1.2em;line-height:2.2}
 .frames{display:flex;flex-wrap:wrap;gap:4px;margin:6px 0}
 .frames figure{margin:0;text-align:center;font-size:.75em;color:#333}
 .frames img{display:block;image-rendering:pixelated;border:1px solid #999}

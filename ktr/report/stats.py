@@ -19,7 +19,7 @@ from html import escape
 from pathlib import Path
 
 from ktr.probes.keytokens import SIGNALS
-from ktr.report.html import _head, _TAIL
+from ktr.report.html import _TAIL, _head
 from ktr.report.record import FORMAT
 
 log = logging.getLogger(__name__)
@@ -186,12 +186,12 @@ def render_stats_page(stats: dict, venn: Path, bad: list[str]) -> str:
     """The statistics as one self-contained HTML page (the Venn PNG inline)."""
     uri = "data:image/png;base64," + base64.b64encode(Path(venn).read_bytes()).decode("ascii")
     rows = "".join(f"<tr><td>{s}</td><td>{f:.3f}</td></tr>" for s, f in stats["fraction"].items())
-    body = [f"<h1>Token statistics</h1><p class=\"meta\">{stats['reports']} report(s), {stats['completions']} "
-            f"completion(s), {stats['valid_tokens']} valid tokens</p>",
-            f"<h2>Selected fraction per signal</h2><table><tr><th>signal</th><th>fraction of valid tokens</th></tr>"
-            f"{rows}</table>",
-            f'<h2>Overlap of the signals</h2><img src="{uri}" alt="Venn diagram of selected tokens: ' +
-            escape(", ".join(f"{k} {v}" for k, v in stats["regions"].items())) + '">',
+    body = [(f"<h1>Token statistics</h1><p class=\"meta\">{stats['reports']} report(s), {stats['completions']} "
+             f"completion(s), {stats['valid_tokens']} valid tokens</p>"),
+            (f"<h2>Selected fraction per signal</h2><table><tr><th>signal</th><th>fraction of valid tokens</th></tr>"
+             f"{rows}</table>"),
+            (f'<h2>Overlap of the signals</h2><img src="{uri}" alt="Venn diagram of selected tokens: '
+             + escape(", ".join(f"{k} {v}" for k, v in stats["regions"].items())) + '">'),
             "<h2>Most frequent selected words</h2>"]
     for s, top in stats["top_words"].items():
         cells = ", ".join(f"{escape(w)} ({c})" for w, c in top) or "none"
