@@ -21,7 +21,7 @@ def write_report(data: dict, thumbs: list[list[str]] | None, out_dir: str | Path
     """`<stem>.html` (self-contained page) and `<stem>.json` (its data) in `out_dir`; returns the page path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / f"{stem}.json", json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    _atomic_write(out / f"{stem}.json", json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
     page = out / f"{stem}.html"
     _atomic_write(page, render_page(data, thumbs))
     return page
