@@ -82,7 +82,7 @@ def _prompt(args, processor, video, image):
     row = {"problem_id": Path(args.video or args.image).name, "problem": args.question,
            "problem_type": args.problem_type, "options": list(args.options), "data_type": media.kind,
            "solution": f"<answer>{args.solution}</answer>" if args.solution else "", "path": media.path}
-    sample = processor.encode(build_messages(row, eval=not args.train_prompt), media, row=row)
+    sample = processor.encode(build_messages(row, eval=not args.train_prompt), media, row=row, target=args.answer)
     return processor.collate([sample])
 
 
@@ -104,7 +104,7 @@ def explain(args: argparse.Namespace) -> Path:
     sampling = SamplingConfig(group_size=args.samples, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens)
     record = explain_batch(policy.model, policy.processor, prompts, key_cfg, sampling,
-                           answers=[args.answer] if args.answer is not None else None, chunk_size=chunk,
+                           given=args.answer is not None, chunk_size=chunk,
                            greedy=args.temperature == 0)
     where = args.ckpt or policy_cfg.name_or_path
     data = report_data(record, policy.tokenizer, replace(key_cfg, enabled=True), kind="explain",

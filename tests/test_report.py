@@ -149,7 +149,11 @@ def _check_spans_equal_masks(tok, record: StepRecord, html: str) -> _Spans:
             assert ("key" in classes) == any(bool(key.mask[i, p]) for p in pos)
             assert attrs["tabindex"] == "0" and attrs["data-tip"]  # keyboard focus shows the tip
             for s in SIGNALS:
-                assert f"threshold {float(key.thresholds[s][i]):.3f}" in attrs["data-tip"]
+                assert f"threshold {float(key.thresholds[s][i]):.4g}" in attrs["data-tip"]
+                for p in pos:  # each token's raw score, compared with its pool's threshold
+                    v, thr = float(key.scores[s][i, p]), float(key.thresholds[s][i])
+                    line = f"{s:<8} {v:.4g} {'>=' if v >= thr else '<'} threshold {thr:.4g}"
+                    assert line in attrs["data-tip"], (line, attrs["data-tip"])
     return parsed
 
 
@@ -178,6 +182,7 @@ def test_no_key_token_and_all_three_overlapping(tok) -> None:
     parsed = _check_spans_equal_masks(tok, record, html)
     assert not any(c for classes, *_ in parsed.rows[0] for c in classes if c == "key" or c.startswith("s-"))
     assert any("No key token" in n for n in parsed.notes[0])
+    assert not any("<|im_end|>" in n for n in parsed.notes[0])  # an unselected special token is not mentioned
     overlap = [(c, text) for c, _, text, _ in parsed.rows[1] if {"s-visual", "s-temporal", "s-entropy"} <= c]
     assert [text for _, text in overlap] == [" three"]
     assert any("<|im_end|>" in n and "entropy" in n for n in parsed.notes[1])  # hidden, but said

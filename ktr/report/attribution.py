@@ -18,42 +18,26 @@ from ktr.forward import SequenceView, completion_hidden, completion_logps, encod
 from ktr.probes.keytokens import KeyTokenConfig, attribute
 from ktr.report.record import StepRecord
 from ktr.rewards import compute_rewards
-from ktr.rollout import SamplingConfig, generate
-from ktr.types import PromptBatch, Rollout
-
-
-def given_rollout(prompts: PromptBatch, processor: VisionLanguageProcessor, answers: list[str]) -> Rollout:
-    """A rollout (G = 1) whose completions are `answers` (one per prompt), each closed by the end-of-turn token."""
-    if len(answers) != len(prompts):
-        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
-    tok = processor.tokenizer
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    seqs = [tok(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), processor.pad_token_id, dtype=torch.long)  # [B, T]
-    valid = torch.zeros((len(seqs), t), dtype=torch.bool)  # [B, T]
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        valid[i, : len(s)] = True
-    ids, valid = ids.to(prompts.input_ids.device), valid.to(prompts.input_ids.device)
-    return Rollout(group_size=1, input_ids=torch.cat([prompts.input_ids, ids], 1),
-                   attention_mask=torch.cat([prompts.attention_mask, valid.long()], 1),
-                   mm_token_type_ids=torch.cat([prompts.mm_token_type_ids,
-                                                torch.zeros_like(ids, dtype=prompts.mm_token_type_ids.dtype)], 1),
-                   completion_ids=ids, completion_mask=valid, texts=list(answers))
+from ktr.rollout import SamplingConfig, generate, teacher_rollout
+from ktr.types import PromptBatch
 
 
 @torch.no_grad()
 def explain_batch(model: nn.Module, processor: VisionLanguageProcessor, prompts: PromptBatch,
-                  key_cfg: KeyTokenConfig, sampling: SamplingConfig | None = None, answers: list[str] | None = None,
+                  key_cfg: KeyTokenConfig, sampling: SamplingConfig | None = None, given: bool = False,
                   chunk_size: int | None = 512, step: int = 0, greedy: bool = False) -> StepRecord:
-    """Key tokens of sampled (or given) answers to `prompts`, with rewards when the rows carry a solution.
+    """Key tokens of sampled answers to `prompts` (or, with `given`, of their targets: answers to score, as
+    `processor.encode(..., target=answer)` puts them), with rewards when the rows carry a solution.
 
     The probes run whatever `key_cfg.enabled` says (a GRPO config still names the signals to compute). With
     one completion per prompt the selection pool is that completion alone.
     """
-    if answers is not None:
-        rollout = given_rollout(prompts, processor, answers)
+    if given:
+        if prompts.target_ids is None:
+            raise ValueError("given answers are read from the prompts' targets: encode them with target=answer")
+        rollout = teacher_rollout(prompts, processor)
+        shown = rollout.completion_ids.masked_fill(~rollout.completion_mask, processor.pad_token_id)
+        rollout.texts = processor.tokenizer.batch_decode(shown, skip_special_tokens=True)
     else:
         rollout = generate(model, processor, prompts, sampling or SamplingConfig(group_size=1), greedy=greedy)
     ids, valid = rollout.completion_ids, rollout.completion_mask  # [N, T] each

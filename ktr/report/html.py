@@ -68,6 +68,11 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
+def fmt_score(x: float | None) -> str:
+    """A raw score or threshold: 4 significant digits (visual scores of a tiny model are ~1e-3)."""
+    return "n/a" if x is None else f"{x:.4g}"
+
+
 def legend(signals: list[str], config: dict | None) -> str:
     """The legend: one sample per signal, one of all three overlapping, and how to read scores."""
     ratios = (config or {}).get("ratios", {})
@@ -96,11 +101,11 @@ def _tip(tokens: list[dict], thresholds: dict, n_tokens: int) -> str:
         for s, v in tok["scores"].items():
             thr = thresholds.get(s)
             if thr is None:
-                lines.append(f"{s:<8} {_fmt(v)}  (no pool: not selectable)")
+                lines.append(f"{s:<8} {fmt_score(v)}  (no pool: not selectable)")
                 continue
             rel = ">=" if v is not None and v >= thr else "<"
             mark = "  selected" if s in tok["signals"] else ""
-            lines.append(f"{s:<8} {_fmt(v)} {rel} threshold {_fmt(thr)}{mark}")
+            lines.append(f"{s:<8} {fmt_score(v)} {rel} threshold {fmt_score(thr)}{mark}")
         lines.append("key token: gets gradient" if tok["key"] else "not key: no gradient")
     return "\n".join(lines)
 
@@ -128,14 +133,14 @@ def _completion(c: dict, rank: int) -> str:
     parts = ", ".join(f"{k} {_fmt(v)}" for k, v in c["rewards"].items())
     stats = (f"reward {reward}" + (f" ({parts})" if parts else "") + f" · advantage {_fmt(c['advantage'], True)}"
              f" · key tokens {c['num_key']}/{c['num_valid']} ({c['key_fraction']:.0%})")
-    hidden = [t for t in c["tokens"] if t["special"]]
+    hidden = [t for t in c["tokens"] if t["special"] and (t["key"] or t["signals"])]  # selected, yet not shown
     notes = []
     if c["num_key"] == 0:
         notes.append("No key token: this completion receives no policy gradient.")
     for t in hidden:
         sel = ", ".join(t["signals"]) if t["signals"] else "none"
         notes.append(f"Hidden special token {t.get('token', t['id'])} at position {t['pos']}: "
-                     f"{'key' if t['key'] else 'not key'} (signals: {sel}).")
+                     f"{'key' if t['key'] else 'not key'} (selected by: {sel}).")
     note = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
     return (f'<article class="completion" data-row="{c["row"]}"><h3>Completion {rank + 1}</h3>'
             f'<p class="stats">{escape(stats)}</p><p class="answer">{answer_spans(c)}</p>{note}</article>\n')
