@@ -13,10 +13,11 @@ from ktr.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_command_writes_a_report(tmp_path: Path) -> None:
+def test_demo_command_writes_a_report(tmp_path: Path, monkeypatch) -> None:
     # `ktr fit --config configs/demo.yaml --trainer.max_steps=4`: all four steps are warm-start (SFT) steps,
     # which have no key tokens; the callback's end-of-training page explains the last batch with the final policy.
     torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)  # the demo keeps its checkpoint in ./runs/demo/checkpoints
     main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.max_steps=4",
           f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     pages = sorted(p.name for p in tmp_path.rglob("key_tokens/*.html"))
@@ -24,12 +25,24 @@ def test_demo_command_writes_a_report(tmp_path: Path) -> None:
     data = json.loads(next(tmp_path.rglob("key_tokens/step_0000004_final.json")).read_text())
     assert data["kind"] == "final" and data["signals"] == ["visual", "temporal", "entropy"]
     assert len(data["prompts"]) == 2 and all(len(p["completions"]) == 8 for p in data["prompts"])
+    # `ktr explain` reads the run's real Lightning checkpoint (weights only)
+    from PIL import Image
+
+    from ktr.explain import main as explain
+
+    Image.new("RGB", (56, 56), (30, 30, 200)).save(tmp_path / "blue.png")
+    explain(["--config", str(ROOT / "configs/demo.yaml"), "--ckpt", str(tmp_path / "runs/demo/checkpoints/last.ckpt"),
+             "--image", str(tmp_path / "blue.png"), "--question", "Which colour?", "--answer", "<answer>C</answer>",
+             "--no-png", "--out", str(tmp_path / "explain")])
+    comp = json.loads((tmp_path / "explain" / "report.json").read_text())["prompts"][0]["completions"][0]
+    assert comp["text"] == "<answer>C</answer>" and comp["num_key"] >= 1
 
 
-def test_rl_steps_are_reported_with_index_and_tensorboard_text(tmp_path: Path) -> None:
+def test_rl_steps_are_reported_with_index_and_tensorboard_text(tmp_path: Path, monkeypatch) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
     every_step = tmp_path / "every_step.yaml"
     every_step.write_text("trainer:\n  callbacks:\n    - class_path: ktr.callbacks.KeyTokenReport\n"
                           "      init_args: {every_n_steps: 1, num_prompts: 1}\n")
