@@ -239,7 +239,8 @@ def test_statistics_count_the_seven_regions(tmp_path) -> None:
     assert stats["fraction"]["visual"] == pytest.approx(10 / 20) and stats["fraction"]["key"] == pytest.approx(16 / 20)
     assert dict(stats["top_words"]["visual"])["red"] == 4  # 'Red' and ' red', twice each, lower-cased
     assert dict(stats["top_words"]["temporal"])["square"] == 2  # 'sq' + 'uare' is one word, selected via 'uare'
-    assert ("square", {v, t, e}) in completion_words(rep["prompts"][0]["completions"][0])
+    assert ("square", {v, t, e, "key"}) in completion_words(rep["prompts"][0]["completions"][0])
+    assert dict(stats["top_words"]["key"]).get("left") is None  # ' left' has no signal and is not key
     pos = stats["pos"]
     assert pos["available"] or "install" in pos["reason"] or "downloader" in pos["reason"]
     (tmp_path / "a").mkdir()
@@ -285,3 +286,15 @@ def test_vanilla_grpo_step_shows_every_token_trained(tok) -> None:
     assert data["signals"] == [] and "Key-token masking is off" in html
     spans = [s for r in _parse(html).rows.values() for s in r]
     assert spans and all("key" in c and not any(x.startswith("s-") for x in c) for c, *_ in spans)
+
+
+def test_word_type_shares_per_signal() -> None:
+    from ktr.report.stats import word_type_shares
+
+    kinds = {"red": "adjective", "square": "noun", "moves": "verb"}
+    words = [[("red", {"visual", "key"}), ("square", {"visual", "temporal", "key"}), ("moves", set())]]
+    out = word_type_shares(words, (lambda ws: [kinds[w] for w in ws], "lookup"))
+    assert out["available"] and out["tagger"] == "lookup"
+    assert out["shares"]["visual"] == {"adjective": 0.5, "noun": 0.5}
+    assert out["shares"]["temporal"] == {"noun": 1.0} and out["shares"]["entropy"] == {}
+    assert out["shares"]["all"] == pytest.approx({"adjective": 1 / 3, "noun": 1 / 3, "verb": 1 / 3})

@@ -52,11 +52,12 @@ def find_reports(run_dir: str | Path) -> tuple[list[dict], list[str]]:
 
 
 def completion_words(completion: dict) -> list[tuple[str, set[str]]]:
-    """(word, signals selecting any of its tokens) for each word of one completion's readable text."""
+    """(word, signals selecting any of its tokens, plus "key" when one of them is key) per word of the text."""
     by_pos = {t["pos"]: t for t in completion["tokens"]}
     spans, text = [], ""
     for piece in completion["pieces"]:
-        sig = set().union(*(by_pos[p]["signals"] for p in piece["positions"]))
+        toks = [by_pos[p] for p in piece["positions"]]
+        sig = set().union(*(t["signals"] for t in toks)) | ({"key"} if any(t["key"] for t in toks) else set())
         spans.append((len(text), len(text) + len(piece["text"]), sig))
         text += piece["text"]
     out = []
@@ -118,8 +119,6 @@ def token_statistics(reports: list[dict], top_k: int = 15) -> dict:
                 for w, sig in cw:
                     for s in sig:
                         words[s][w.lower()] += 1
-                    if sig:
-                        words["key"][w.lower()] += 1
     n = max(1, valid)
     out = {"reports": len(reports), "completions": n_completions, "valid_tokens": valid,
            "fraction": {s: per_signal[s] / n for s in SIGNALS} | {"key": key / n},
@@ -129,9 +128,12 @@ def token_statistics(reports: list[dict], top_k: int = 15) -> dict:
     return out
 
 
-def word_type_shares(all_words: list[list[tuple[str, set[str]]]]) -> dict:
-    """Share of each coarse word type among the words each signal selects (and among all words)."""
-    tag, source = _tagger()
+def word_type_shares(all_words: list[list[tuple[str, set[str]]]], tagger=None) -> dict:
+    """Share of each coarse word type among the words each signal selects (and among all words).
+
+    `tagger`: (function words -> word types, its name); default: the installed one (spaCy, NLTK) or none.
+    """
+    tag, source = tagger or _tagger()
     if tag is None:
         return {"available": False, "reason": source}
     counts: dict[str, Counter] = {s: Counter() for s in ("all", *SIGNALS)}
@@ -140,7 +142,7 @@ def word_type_shares(all_words: list[list[tuple[str, set[str]]]]) -> dict:
             continue
         for (w, sig), kind in zip(cw, tag([w for w, _ in cw])):
             counts["all"][kind] += 1
-            for s in sig:
+            for s in sig & set(SIGNALS):
                 counts[s][kind] += 1
     shares = {s: {k: v / max(1, sum(c.values())) for k, v in c.most_common()} for s, c in counts.items()}
     return {"available": True, "tagger": source, "shares": shares}
