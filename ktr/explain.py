@@ -157,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         parser.error("missing " + ", ".join(missing))
     if args.samples < 1:
         parser.error("--samples must be >= 1")
+    if args.samples > 1 and (args.temperature == 0 or args.answer is not None):
+        parser.error("--samples > 1 needs sampling: set --temperature > 0 (and no --answer)")
     return explain(args)
 
 
