@@ -1,4 +1,4 @@
-"""The `ktr` command: a LightningCLI with `fit`, `validate`, `test`, `predict` (layer L4).
+"""The `ktr` command: a LightningCLI with `fit`, `validate`, `test`, `predict`, plus `ktr explain` (layer L4).
 
 Every option of the module, the datamodule and the trainer is typed; attribute docstrings become `--help`
 text; unknown keys and bad choices fail at parse time naming the key.
@@ -36,6 +36,11 @@ def main(args: list[str] | None = None, run: bool = True) -> KTRCLI:
 
 def console() -> None:
     """The `ktr` console script (returns nothing, so the exit status is 0 on success)."""
+    if sys.argv[1:2] == ["explain"]:  # its own small parser (ktr.explain), not a LightningCLI subcommand
+        from ktr.explain import main as explain
+
+        explain(sys.argv[2:])
+        return
     main()
 
 

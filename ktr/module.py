@@ -28,6 +28,7 @@ from ktr.losses import masked_kl_mean, released_kl_mean
 from ktr.families import vision_tower
 from ktr.policy_module import PolicyModule
 from ktr.probes.keytokens import attribute, key_token_stats
+from ktr.report.record import StepRecord
 from ktr.rewards import compute_rewards, length_bonus
 from ktr.rollout import rollout_backend
 from ktr.sft import SFTModule  # noqa: F401 (re-exported: `ktr.module.SFTModule` in configs)
@@ -177,6 +178,7 @@ class KTRModule(PolicyModule):
             rewards = self.add_temporal_bonus(prompts, rollout, rewards, per_reward)
         scale = self.loss_cfg.advantage == "grpo"
         advantages = group_advantages(rewards, rollout.group_size, scale_by_std=scale)
+        self.last_step = StepRecord(self.global_step, prompts, rollout, key, rewards, per_reward, advantages)  # reports
         loss = self.update(rollout, scores, key.mask, advantages, weights, weight_norm)
         norm = self._optimizer_step()
         self.rollout_backend.on_weights_updated(self.model)

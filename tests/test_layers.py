@@ -8,7 +8,7 @@ L0_L2 = ["ktr._imports", "ktr.config", "ktr.types", "ktr.families", "ktr.optim",
          "ktr.probes.scores", "ktr.probes.compare", "ktr.probes.weighting", "ktr.baselines", "ktr.baseline_rollout",
          "ktr.policy", "ktr.forward", "ktr.rollout", "ktr.tokenizer", "ktr.data.video", "ktr.data.patches",
          "ktr.data.processor", "ktr.data.prompts", "ktr.data.synthetic", "ktr.eval", "ktr.eval.benchmarks.synthetic",
-         "ktr.quant", "ktr.distributed"]
+         "ktr.quant", "ktr.distributed", "ktr.report", "ktr.report.chromium"]
 
 
 def test_lower_layers_do_not_import_lightning() -> None:

@@ -216,3 +216,22 @@ def test_random_same_count_rejects_bad_group_size() -> None:
     valid = torch.ones(3, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="group_size"):
         random_same_count(valid, valid, 2)
+
+
+def test_thresholds_are_the_quantiles_that_selection_applies() -> None:
+    from ktr.probes.select import scope_thresholds
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 7, generator=g)  # [N, T], 3 groups of 2
+    v = torch.rand(6, 7, generator=g) > 0.3
+    v[4:] = False  # last group: empty pool
+    thr = scope_thresholds(s, v, 0.2, "group", group_size=2)  # [N]
+    for p in range(2):  # each pool's value is torch.quantile of its valid scores, shared by its rows
+        rows = slice(2 * p, 2 * p + 2)
+        expected = torch.quantile(s[rows][v[rows]], 0.8)
+        assert thr[2 * p] == expected and thr[2 * p + 1] == expected
+    assert thr[4:].isnan().all()
+    assert torch.equal(select_scope(s, v, 0.2, "group", group_size=2), v & (s >= thr[:, None]))
+    seq = scope_thresholds(s, v, 0.5, "sequence")
+    for i in range(4):
+        assert seq[i] == torch.quantile(s[i][v[i]], 0.5)

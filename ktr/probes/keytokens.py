@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.forward import SequenceView, VisionFeatures
-from ktr.probes.select import combine_masks, random_same_count, select_scope
+from ktr.probes.select import combine_masks, random_same_count, scope_thresholds, select_scope
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
 from ktr.config import SIGNALS, KeyTokenConfig, SignalConfig  # noqa: F401 (re-exported)
@@ -24,6 +24,7 @@ class KeyTokens:
     masks: dict[str, Tensor]  # signal -> [N, T] bool
     scores: dict[str, Tensor]  # signal -> [N, T] float (0 outside valid)
     weights: Tensor | None = None  # [N, T] float soft weights (key_tokens.weighting != hard; `mask` is then valid)
+    thresholds: dict[str, Tensor] = field(default_factory=dict)  # signal -> [N] its pool's threshold (NaN: empty)
 
 
 def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tensor, cfg: KeyTokenConfig,
@@ -34,17 +35,20 @@ def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tens
     combine visual and entropy only.
     """
     masks: dict[str, Tensor] = {}
+    thresholds: dict[str, Tensor] = {}
     for name, s in scores.items():
         eligible = valid & video_rows.unsqueeze(-1) if name == "temporal" else valid
-        masks[name] = select_scope(s, eligible, getattr(cfg, name).ratio, cfg.scope, group_size)
+        ratio = getattr(cfg, name).ratio
+        masks[name] = select_scope(s, eligible, ratio, cfg.scope, group_size)
+        thresholds[name] = scope_thresholds(s, eligible, ratio, cfg.scope, group_size)  # reports show them
     if cfg.combine == "union" or "temporal" not in masks or len(masks) == 1:
         mask = combine_masks(list(masks.values()), cfg.combine)
     else:  # intersection: image rows have no temporal signal, intersect the others there
         others = combine_masks([m for k, m in masks.items() if k != "temporal"], "intersection")
         mask = torch.where(video_rows.unsqueeze(-1), others & masks["temporal"], others)
     if cfg.weighting != "hard":
-        return soft_key_tokens(scores, masks, valid, video_rows, cfg, group_size)
-    return KeyTokens(mask=mask & valid, masks=masks, scores=scores)
+        return replace(soft_key_tokens(scores, masks, valid, video_rows, cfg, group_size), thresholds=thresholds)
+    return KeyTokens(mask=mask & valid, masks=masks, scores=scores, thresholds=thresholds)
 
 
 def soft_key_tokens(scores: dict[str, Tensor], masks: dict[str, Tensor], valid: Tensor, video_rows: Tensor,

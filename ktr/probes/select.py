@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ktr.ops import check_mask, upcast
 
-__all__ = ["COMBINERS", "SCOPES", "combine_masks", "pooled_quantile", "random_same_count", "select_scope",
-           "select_top_ratio"]
+__all__ = ["COMBINERS", "SCOPES", "combine_masks", "pooled_quantile", "random_same_count", "scope_thresholds",
+           "select_scope", "select_top_ratio", "top_ratio_thresholds"]
 
 Scope = Literal["group", "sequence", "batch"]
 Combine = Literal["union", "intersection"]
@@ -82,6 +82,18 @@ def select_top_ratio(scores: Tensor, valid: Tensor, ratio: float, group_size: in
           (this is what ``torch.quantile(..., 1.0)`` in the released code does);
         * ties at the threshold are all kept, so more than ``ratio`` of the pool can be selected.
     """
+    x = upcast(scores)  # [N, T]
+    thr = top_ratio_thresholds(scores, valid, ratio, group_size).unsqueeze(-1)  # [N, 1]
+    return valid & torch.isfinite(x) & (x >= thr)  # an empty pool has thr = NaN, and x >= NaN is False
+
+
+def top_ratio_thresholds(scores: Tensor, valid: Tensor, ratio: float, group_size: int | None = None) -> Tensor:
+    """The threshold :func:`select_top_ratio` applies to each row: ``[N]`` float, its pool's quantile.
+
+    Same arguments as :func:`select_top_ratio`; rows of one pool share a value; NaN where the pool has no
+    valid finite token (nothing selected there). Scores are upcast as in the selection, so
+    ``select_top_ratio(...) == valid & isfinite(s) & (upcast(s) >= thr[:, None])`` exactly.
+    """
     _check_ratio(ratio)
     if scores.dim() != 2:
         raise ValueError(f"`scores` must be [N, T], got shape {tuple(scores.shape)}")
@@ -90,13 +102,12 @@ def select_top_ratio(scores: Tensor, valid: Tensor, ratio: float, group_size: in
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or n % group_size):
         raise ValueError(f"`group_size` must be a positive int dividing N={n}, got {group_size!r}")
     x = upcast(scores)  # [N, T]
-    keep = valid & torch.isfinite(x)  # [N, T]
     if n == 0 or t == 0:
-        return keep
+        return x.new_full((n,), float("nan"))
+    keep = valid & torch.isfinite(x)  # [N, T]
     g = n if group_size is None else group_size
     thr = pooled_quantile(x.reshape(n // g, g * t), keep.reshape(n // g, g * t), 1.0 - ratio)  # [N // G]
-    thr = thr.repeat_interleave(g).unsqueeze(-1)  # [N, 1]
-    return keep & (x >= thr)  # an empty pool has thr = NaN, and x >= NaN is False
+    return thr.repeat_interleave(g)  # [N]
 
 
 def _group_scope(group_size: int | None) -> int:
@@ -125,6 +136,14 @@ def select_scope(
     if scope not in SCOPES:
         raise ValueError(f"unknown selection scope {scope!r}; valid: {sorted(SCOPES)}")
     return select_top_ratio(scores, valid, ratio, group_size=SCOPES[scope](group_size))
+
+
+def scope_thresholds(scores: Tensor, valid: Tensor, ratio: float, scope: Scope = "group",
+                     group_size: int | None = None) -> Tensor:
+    """``[N]`` thresholds that :func:`select_scope` applies (see :func:`top_ratio_thresholds`)."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown selection scope {scope!r}; valid: {sorted(SCOPES)}")
+    return top_ratio_thresholds(scores, valid, ratio, group_size=SCOPES[scope](group_size))
 
 
 COMBINERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
