@@ -29,7 +29,7 @@ class SamplingConfig:
     """Longest completion."""
     max_prompt_length: int = 16384
     """Longest prompt (tokens incl. vision placeholders); longer prompts raise an error naming the sample."""
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "shared"] = "hf"
     """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `hf` = transformers `generate` with
     `num_return_sequences`."""
 
