@@ -157,3 +157,23 @@ def test_registered_and_restores_train_mode(untied_policy) -> None:
     with pytest.raises(ValueError, match="exceed max_prompt_length=10"):
         backend.generate(model, untied_policy.processor, _batch(untied_policy),
                          SamplingConfig(group_size=2, max_prompt_length=10))
+
+
+@pytest.mark.parametrize("image_every", [0, 1, 2])  # all videos, all images, mixed: the same calls
+def test_prompt_prefilled_once_per_prompt(tiny_policy, image_every) -> None:
+    """One vision call for the B prompts, one decoder prefill on B rows, then one N-row call per new token."""
+    model = tiny_policy.model
+    batch = tiny_policy.processor.collate(synthetic_samples(tiny_policy.processor, 2, image_every=image_every))
+    shapes, vision_calls = [], []
+    hooks = [model.model.language_model.register_forward_hook(
+                 lambda m, args, kwargs, out: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])),
+                 with_kwargs=True),
+             model.model.visual.register_forward_hook(lambda *a: vision_calls.append(1))]
+    try:
+        out = generate_shared(model, tiny_policy.processor, batch, SamplingConfig(group_size=G, max_new_tokens=3))
+    finally:
+        for h in hooks:
+            h.remove()
+    t = out.completion_ids.shape[1]
+    assert len(vision_calls) == 1
+    assert shapes == [(2, batch.input_ids.shape[1])] + [(2 * G, 1)] * (t - 1)
