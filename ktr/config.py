@@ -29,9 +29,11 @@ class SamplingConfig:
     """Longest completion."""
     max_prompt_length: int = 16384
     """Longest prompt (tokens incl. vision placeholders); longer prompts raise an error naming the sample."""
-    backend: Literal["hf"] = "hf"
-    """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `hf` = transformers `generate` with
-    `num_return_sequences`."""
+    backend: Literal["shared", "hf"] = "shared"
+    """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `shared` = each prompt prefilled once, its
+    key/value cache repeated to the G rows, sampled by ktr's loop with `generate`'s logits processing (the same
+    per-step distribution; with a fixed seed the same tokens); `hf` = transformers `generate` with
+    `num_return_sequences`, which prefills every prompt G times (the released code's rollout)."""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Backends are looked up by name (`sampling.backend`, registry `ROLLOUT_BACKENDS`); an entry may be a dotted
 `module:Class` path so that a heavy engine is imported only when it is chosen. `hf` is transformers'
-`generate` (`generate` below), which also serves validation and evaluation.
+`generate` (`generate` below), which also serves validation and evaluation; `shared` prefills each prompt
+once and samples the G rows with ktr's own loop (`ktr.rollout_shared`).
 """
 
 from __future__ import annotations
@@ -32,44 +33,63 @@ def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
     return ~after_eos
 
 
+def check_prompt_lengths(batch: PromptBatch, cfg: SamplingConfig) -> None:
+    """ValueError naming the samples whose prompt (tokens incl. vision placeholders) exceeds `max_prompt_length`."""
+    too_long = [r.get("problem_id", i) for i, r in enumerate(batch.rows)
+                if int(batch.attention_mask[i].sum()) > cfg.max_prompt_length]
+    if too_long:
+        raise ValueError(f"prompts of samples {too_long} exceed max_prompt_length={cfg.max_prompt_length}")
+
+
+def suppressed_token_ids(model: nn.Module) -> list[int]:
+    """Vision placeholder tokens, never sampled so that a completion can never be mistaken for media."""
+    config = core(model).config
+    return [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+            getattr(config, "vision_end_token_id", config.vision_start_token_id + 1)]
+
+
 @torch.no_grad()
 def generate(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, cfg: SamplingConfig,
              group_size: int | None = None, greedy: bool = False) -> Rollout:
     """Sample `G` completions per prompt; rows `i*G .. i*G+G-1` belong to prompt `i`.
 
-    Transformers encodes the media once per prompt before expanding to G rows. Vision placeholder tokens are
-    suppressed so that a completion can never be mistaken for media.
+    Transformers encodes the media once per prompt before expanding to G rows, then prefills the G copies.
     """
     g = group_size or cfg.group_size
-    too_long = [r.get("problem_id", i) for i, r in enumerate(batch.rows)
-                if int(batch.attention_mask[i].sum()) > cfg.max_prompt_length]
-    if too_long:
-        raise ValueError(f"prompts of samples {too_long} exceed max_prompt_length={cfg.max_prompt_length}")
+    check_prompt_lengths(batch, cfg)
     was_training = model.training
     model.eval()  # gradient checkpointing disables the KV cache in train mode
-    tok = processor.tokenizer
-    config = core(model).config
-    suppress = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
-                getattr(config, "vision_end_token_id", config.vision_start_token_id + 1)]
-    eos = end_of_sequence_ids(processor)
+    try:
+        seqs = model.generate(**hf_generate_kwargs(model, processor, batch, cfg, g, greedy))  # [N, L + T]
+    finally:
+        model.train(was_training)
+    completion = seqs[:, batch.input_ids.shape[1]:]  # [N, T], T >= 1: generate always emits at least one token
+    return assemble_rollout(batch, completion, g, processor, end_of_sequence_ids(processor))
+
+
+def hf_generate_kwargs(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
+                       cfg: SamplingConfig, group_size: int, greedy: bool) -> dict:
+    """Everything `generate` passes to transformers' `model.generate` (inputs, media, sampling settings)."""
     sample = not greedy and cfg.temperature > 0
-    gen_kwargs = dict(do_sample=sample, max_new_tokens=cfg.max_new_tokens, num_return_sequences=g,
-                      eos_token_id=eos, pad_token_id=processor.pad_token_id, suppress_tokens=suppress,
-                      use_cache=True)
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=sample,
+                  max_new_tokens=cfg.max_new_tokens, num_return_sequences=group_size,
+                  eos_token_id=end_of_sequence_ids(processor), pad_token_id=processor.pad_token_id,
+                  suppress_tokens=suppressed_token_ids(model), use_cache=True)
     if sample:
-        gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
     else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(temperature=None, top_p=None, top_k=None)
     vision = batch.hf_vision_kwargs()
     if not family_of(model).video_time_scaling:  # Qwen2-VL has no temporal scaling of rotary positions
         vision.pop("second_per_grid_ts", None)
-    try:
-        seqs = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              **vision, **gen_kwargs)  # [N, L + T]
-    finally:
-        model.train(was_training)
-    prompt_len = batch.input_ids.shape[1]
-    completion = seqs[:, prompt_len:]  # [N, T], T >= 1: generate always emits at least one token
+    return {**kwargs, **vision}
+
+
+def assemble_rollout(batch: PromptBatch, completion: Tensor, group_size: int,
+                     processor: VisionLanguageProcessor, eos: list[int]) -> Rollout:
+    """The `Rollout` of `completion` `[N, T]` (rows grouped by prompt): tokens after the first end-of-sequence
+    token become padding and leave the masks; prompts are repeated G times."""
+    g = group_size
     valid = completion_mask(completion, eos)
     completion = completion.masked_fill(~valid, processor.pad_token_id)
     prompt_mask = batch.attention_mask.repeat_interleave(g, dim=0)
@@ -81,7 +101,7 @@ def generate(model: nn.Module, processor: VisionLanguageProcessor, batch: Prompt
         mm_token_type_ids=torch.cat([prompt_types, torch.zeros_like(completion, dtype=prompt_types.dtype)], dim=1),
         completion_ids=completion,
         completion_mask=valid,
-        texts=tok.batch_decode(completion.masked_fill(~valid, processor.pad_token_id), skip_special_tokens=True),
+        texts=processor.tokenizer.batch_decode(completion, skip_special_tokens=True),
     )
 
 
@@ -113,7 +133,10 @@ class HFBackend(RolloutBackend):
 
 
 # name -> backend class, or "module:Class" imported on first use
-ROLLOUT_BACKENDS: dict[str, type[RolloutBackend] | str] = {"hf": HFBackend}
+ROLLOUT_BACKENDS: dict[str, type[RolloutBackend] | str] = {
+    "hf": HFBackend,
+    "shared": "ktr.rollout_shared:SharedPrefixBackend",  # imports this module: a dotted entry avoids the cycle
+}
 
 
 def rollout_backend(name: str) -> RolloutBackend:

@@ -14,4 +14,10 @@ def test_unknown_backend_names_the_registered_ones() -> None:
 def test_dotted_entry_is_imported_on_first_use(monkeypatch) -> None:
     monkeypatch.setitem(ROLLOUT_BACKENDS, "lazy", "ktr.rollout:HFBackend")
     assert type(rollout_backend("lazy")) is HFBackend
-    assert type(rollout_backend(SamplingConfig().backend)) is HFBackend
+    assert type(rollout_backend("hf")) is HFBackend
+
+
+def test_shared_prefix_is_the_default() -> None:
+    from ktr.rollout_shared import SharedPrefixBackend
+
+    assert type(rollout_backend(SamplingConfig().backend)) is SharedPrefixBackend

@@ -1,0 +1,116 @@
+"""Next-token logits processing for the rollout's own sampling loop (layer L1: torch only).
+
+`process_logits` applies, in transformers' order, what `generate` applies for ktr's rollouts: suppressed
+tokens, temperature, top-k, top-p (`SuppressTokensLogitsProcessor`, `TemperatureLogitsWarper`,
+`TopKLogitsWarper`, `TopPLogitsWarper`, with `min_tokens_to_keep=1`), so that the shared-prefix backend
+samples from the same distribution as `generate`. Filtered entries hold `-inf`.
+
+`nucleus_filter` is an exact top-p filter that avoids sorting the whole vocabulary (a full sort of
+8 x 151,936 floats is a large share of CPU decode time): it sorts only the `torch.topk` candidates and falls
+back to the full sort for the rows where the candidates cannot decide the kept set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NUCLEUS_CANDIDATES = (64, 1024)
+"""Candidate-set sizes tried in turn by `nucleus_filter` before the full sort."""
+NUCLEUS_MARGIN = 1e-5
+"""Probability mass by which a kept/removed decision must clear the `top_p` boundary to be taken from the
+candidates. It bounds the float32 rounding of either computation (~1e-7 for a 151,936-entry softmax and
+cumulative sum); decisions closer than this go to the full sort, i.e. to transformers' own arithmetic."""
+
+
+def top_p_full_sort(scores: Tensor, top_p: float, min_tokens_to_keep: int = 1) -> Tensor:
+    """`scores` `[R, V]` with tokens outside the nucleus set to `-inf`: transformers' `TopPLogitsWarper`."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)  # [R, V] ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [R, V]
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -min_tokens_to_keep:] = 0
+    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)  # [R, V] back in vocabulary order
+    return scores.masked_fill(remove, -float("inf"))
+
+
+def _nucleus_from_candidates(scores: Tensor, top_p: float, k: int, min_tokens_to_keep: int,
+                             lse: Tensor) -> tuple[Tensor, Tensor]:
+    """The smallest kept score `[R, 1]` from the top-`k` candidates, and `[R]` bool: rows where it is exact.
+
+    In exact arithmetic the full-sort filter keeps token j iff the mass strictly above it (in descending
+    order) is below `top_p`, plus the `min_tokens_to_keep` most likely. A row is decided here when the cut
+    falls inside the candidates, no tie of values straddles it (the full sort orders ties arbitrarily), and
+    the masses on both sides of it clear the boundary by `NUCLEUS_MARGIN`. Then the kept set is exactly
+    `scores >= threshold`. `lse` `[R, 1]`: log-sum-exp of each row.
+    """
+    values, _ = torch.topk(scores, k, dim=-1)  # [R, k] descending
+    probs = (values.double() - lse.double()).exp()  # [R, k]
+    above = probs.cumsum(-1) - probs  # [R, k] mass strictly above each candidate
+    n_mass = (above < top_p).sum(-1)  # [R]: the kept prefix by mass (`above` is non-decreasing)
+    n_keep = n_mass.clamp(min=min_tokens_to_keep)  # [R]
+    inside = n_keep < k
+    cut = n_keep.clamp(max=k - 1).unsqueeze(-1)  # [R, 1] first removed candidate
+    last = (cut - 1).clamp(min=0)  # [R, 1] last kept candidate
+    threshold = values.gather(-1, last)  # [R, 1]
+    no_tie = threshold != values.gather(-1, cut)
+    removed_clear = above.gather(-1, cut) - top_p > NUCLEUS_MARGIN
+    kept_clear = (top_p - above.gather(-1, last) > NUCLEUS_MARGIN) | (n_keep > n_mass).unsqueeze(-1)
+    return threshold, inside & (no_tie & removed_clear & kept_clear).squeeze(-1)
+
+
+def nucleus_filter(scores: Tensor, top_p: float, min_tokens_to_keep: int = 1,
+                   candidates: tuple[int, ...] = NUCLEUS_CANDIDATES) -> Tensor:
+    """`top_p_full_sort` (the same kept set), sorting only candidate sets where they suffice. `scores` `[R, V]`.
+
+    Rows are tried with each candidate size in turn; rows no candidate set decides go to the full sort.
+    """
+    if top_p >= 1.0 or not scores.is_floating_point():
+        return top_p_full_sort(scores, top_p, min_tokens_to_keep)
+    threshold = torch.full_like(scores[:, :1], -float("inf"))  # [R, 1]
+    todo = torch.arange(scores.shape[0], device=scores.device)  # rows still undecided
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [R, 1]
+    for k in candidates:
+        k = min(k, scores.shape[-1])
+        if todo.numel() == 0 or k <= min_tokens_to_keep:
+            break
+        thr, exact = _nucleus_from_candidates(scores[todo], top_p, k, min_tokens_to_keep, lse[todo])
+        threshold[todo[exact]] = thr[exact]
+        todo = todo[~exact]
+    out = scores.masked_fill(scores < threshold, -float("inf"))
+    if todo.numel():
+        out[todo] = top_p_full_sort(scores[todo], top_p, min_tokens_to_keep)
+    return out
+
+
+def top_k_filter(scores: Tensor, top_k: int) -> Tensor:
+    """`scores` `[R, V]` below the k-th largest set to `-inf` (transformers' `TopKLogitsWarper`)."""
+    k = min(top_k, scores.shape[-1])
+    kth = torch.topk(scores, k)[0][..., -1, None]  # [R, 1]
+    return scores.masked_fill(scores < kth, -float("inf"))
+
+
+def process_logits(logits: Tensor, suppress: Tensor, sample: bool, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, exact_nucleus: bool = True) -> Tensor:
+    """Scores `[R, V]` float32 to sample (or argmax) from, as transformers' `generate` builds them.
+
+    `suppress` `[n]` long: token ids never produced. Warpers apply only when sampling, and only when active
+    (temperature != 1, top_k > 0, top_p < 1), as in `generate`. `exact_nucleus=False` uses the full sort.
+    """
+    scores = logits.float()
+    scores = scores.index_fill(-1, suppress, -float("inf"))
+    if not sample:
+        return scores
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        scores = top_k_filter(scores, top_k)
+    if top_p < 1.0:
+        scores = nucleus_filter(scores, top_p) if exact_nucleus else top_p_full_sort(scores, top_p)
+    return scores
+
+
+def choose_tokens(scores: Tensor, sample: bool) -> Tensor:
+    """`[R]` next tokens: a multinomial draw from `softmax(scores)` (as `generate` draws), or the argmax."""
+    if sample:
+        return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+    return scores.argmax(-1)

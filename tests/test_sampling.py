@@ -1,0 +1,81 @@
+"""The rollout loop's logits processing equals transformers' processors; the candidate-set nucleus filter keeps
+exactly the full-sort filter's set."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import (SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from ktr.sampling import _nucleus_from_candidates, nucleus_filter, process_logits, top_p_full_sort
+
+V = 151936
+
+
+def _hf_top_p(scores, top_p, min_keep=1):
+    return TopPLogitsWarper(top_p, min_tokens_to_keep=min_keep)(None, scores)
+
+
+def _peaked(rows: int, scale: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, V, generator=g) * scale  # [R, V]
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 6.0])
+@pytest.mark.parametrize("top_p", [0.001, 0.5, 0.9, 0.95, 0.999])
+def test_nucleus_equals_full_sort_on_random_rows(scale, top_p) -> None:
+    scores = _peaked(4, scale, seed=int(scale * 10 + top_p * 1000))
+    mine, ref = nucleus_filter(scores, top_p), _hf_top_p(scores, top_p)
+    assert torch.equal(torch.isinf(mine), torch.isinf(ref))
+    assert torch.equal(mine, ref)
+
+
+def test_fast_path_is_taken_on_peaked_rows_and_refuses_flat_ones() -> None:
+    """The comparison above is not vacuous: peaked rows are decided from 64 candidates, flat rows are not."""
+    peaked = _peaked(4, 6.0, seed=1)
+    _, exact = _nucleus_from_candidates(peaked, 0.5, 64, 1, peaked.logsumexp(-1, keepdim=True))
+    assert exact.all()
+    flat = torch.zeros(2, V)
+    _, exact = _nucleus_from_candidates(flat, 0.5, 1024, 1, flat.logsumexp(-1, keepdim=True))
+    assert not exact.any()
+    assert torch.equal(nucleus_filter(flat, 0.5), _hf_top_p(flat, 0.5))
+
+
+def test_ties_at_the_boundary_go_to_the_full_sort() -> None:
+    """Four equal tokens holding 0.2 each around a 0.5 cut: which ones survive is the full sort's tie order."""
+    scores = torch.full((3, V), -1e4)
+    scores[:, [10, 20, 30, 40]] = 5.0  # tied, ~0.25 mass each
+    scores[1, 50] = 5.5
+    _, exact = _nucleus_from_candidates(scores, 0.5, 64, 1, scores.logsumexp(-1, keepdim=True))
+    assert not exact[0]
+    assert torch.equal(nucleus_filter(scores, 0.5), _hf_top_p(scores, 0.5))
+
+
+def test_exact_boundary_and_min_tokens_to_keep() -> None:
+    # two tokens of mass exactly 0.5 each (in binary): top_p = 0.5 sits on the boundary
+    scores = torch.full((2, V), -float("inf"))
+    scores[:, 7] = 0.0
+    scores[:, 9] = 0.0
+    scores[1, 9] = -20.0  # one dominant token: only it is kept
+    for top_p in (0.5, 0.0, 1e-9, 0.9999):
+        for m in (1, 2, 3):
+            assert torch.equal(nucleus_filter(scores, top_p, m), _hf_top_p(scores, top_p, m)), (top_p, m)
+
+
+def test_top_p_one_and_suppressed_tokens() -> None:
+    scores = _peaked(2, 4.0, seed=3)
+    scores[:, :100] = -float("inf")  # suppressed: zero mass
+    assert torch.equal(nucleus_filter(scores, 1.0), _hf_top_p(scores, 1.0))
+    assert torch.equal(top_p_full_sort(scores, 0.9), _hf_top_p(scores, 0.9))
+    assert torch.equal(nucleus_filter(scores, 0.9), _hf_top_p(scores, 0.9))
+
+
+def test_process_logits_equals_transformers_processors() -> None:
+    logits = _peaked(3, 2.0, seed=5)
+    suppress = torch.tensor([151655, 151656, 151652, 151653])
+    ref = SuppressTokensLogitsProcessor(suppress.tolist())(None, logits)
+    assert torch.equal(process_logits(logits, suppress, sample=False), ref)
+    ref = TemperatureLogitsWarper(0.7)(None, ref)
+    ref = TopKLogitsWarper(50)(None, ref)
+    ref = TopPLogitsWarper(0.9)(None, ref)
+    mine = process_logits(logits, suppress, sample=True, temperature=0.7, top_k=50, top_p=0.9)
+    assert torch.equal(mine, ref)
