@@ -23,6 +23,7 @@ class Media:
     frames: Tensor  # [F, 3, H, W] uint8, resized (images: F = 1)
     sample_fps: float | None  # frames per second after sampling (videos only)
     path: str = ""
+    frame_times: tuple[float, ...] | None = None  # [F] seconds of each sampled frame in the source (videos)
 
 
 @dataclass
@@ -82,6 +83,28 @@ class PromptBatch:
             out["video_grid_thw"] = self.grid_thw[is_video]
             out["second_per_grid_ts"] = self.second_per_grid_ts[is_video]
         return out
+
+
+@dataclass
+class VisionFeatures:
+    """Merged vision features of the B prompts' media, in prompt order.
+
+    `deepstack` (Qwen3-VL) holds, per prompt, the features of each deepstack vision layer; the decoder adds
+    layer l's to the hidden states of decoder layer l at the vision positions. None for families without it.
+    """
+
+    per_prompt: list[Tensor]  # B tensors [n_tokens_b, H]
+    deepstack: list[list[Tensor]] | None = None  # B lists of L tensors [n_tokens_b, H]
+
+    def with_prompts(self, indices: list[int], fresh: VisionFeatures) -> VisionFeatures:
+        """A copy whose prompts `indices` carry `fresh`'s features (main and deepstack alike), in that order."""
+        per_prompt = list(self.per_prompt)
+        deepstack = list(self.deepstack) if self.deepstack is not None else None
+        for j, i in enumerate(indices):
+            per_prompt[i] = fresh.per_prompt[j]
+            if deepstack is not None:
+                deepstack[i] = fresh.deepstack[j]
+        return VisionFeatures(per_prompt, deepstack)
 
 
 @dataclass

@@ -43,7 +43,7 @@ class StepBatch:
 
 def decode_video_file(path: str, settings: VideoSettings) -> Media:
     clip = load_video(path, settings)
-    return Media("video", clip.frames, clip.sample_fps, path)
+    return Media("video", clip.frames, clip.sample_fps, path, frame_times=clip.frame_times)
 
 
 def decode_image_file(path: str, settings: ImageSettings) -> Media:
@@ -203,7 +203,7 @@ class SyntheticDataModule(BaseDataModule):
         _, seed, index = row["problem_id"].split("-")
         _, frames = make_item(int(seed), int(index), self.spec)
         clip = frames_from_array(frames, self.spec.fps, self.video)
-        return Media("video", clip.frames, clip.sample_fps, row["path"])
+        return Media("video", clip.frames, clip.sample_fps, row["path"], frame_times=clip.frame_times)
 
     def sft_target(self, row: dict, index: int) -> str:
         """Warm-start target: the answer format with the correct option letter.
