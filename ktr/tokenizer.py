@@ -182,7 +182,10 @@ def _write_tokenizer_json(path: Path, specials: tuple[str, ...] = SPECIAL_TOKENS
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     # Added one by one so each lands on the next id, in the released order.
     for t in specials:
-        tk.add_special_tokens([AddedToken(t, special=t not in _NON_SPECIAL, normalized=False)])
+        if t in QWEN3_EXTRA_TOKENS:  # plain added tokens: decoding with skip_special_tokens keeps them
+            tk.add_tokens([AddedToken(t, special=False, normalized=False)])
+        else:
+            tk.add_special_tokens([AddedToken(t, special=t not in _NON_SPECIAL, normalized=False)])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tk.save(str(tmp))

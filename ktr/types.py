@@ -36,6 +36,7 @@ class PromptSample:
     pixel_values: Tensor  # [P, D] float32
     grid_thw: Tensor  # [3] long
     target_ids: Tensor | None = None  # [T'] long, supervised target (SFT) incl. end-of-turn token
+    media_block: Tensor | None = None  # [L] bool, the media's tokens incl. timestamps and vision start/end
 
 
 @dataclass
@@ -52,6 +53,8 @@ class PromptBatch:
     second_per_grid_ts: Tensor  # [B] float (0 for images)
     target_ids: Tensor | None = None  # [B, T'] long, right-padded with pad id (SFT)
     target_mask: Tensor | None = None  # [B, T'] bool
+    media_block: Tensor | None = None  # [B, L] bool: each prompt's media block (placeholders, timestamps,
+    # vision start/end tokens), what the visual probe's `attention_mask_block` hides
 
     @property
     def is_video(self) -> Tensor:  # [B] bool
@@ -64,7 +67,7 @@ class PromptBatch:
         move = {k: getattr(self, k).to(device) for k in
                 ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "grid_thw",
                  "second_per_grid_ts")}
-        for k in ("target_ids", "target_mask"):
+        for k in ("target_ids", "target_mask", "media_block"):
             if getattr(self, k) is not None:
                 move[k] = getattr(self, k).to(device)
         return replace(self, **move)

@@ -136,12 +136,32 @@ class VisionLanguageProcessor:
         ids: list[int] = []
         for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
             ids.extend([t] * per_block if t == placeholder else [t])
+        block = self._media_block(ids, media)
         target_ids = None
         if target is not None:
             end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
             target_ids = torch.tensor(self.tokenizer(target, add_special_tokens=False)["input_ids"] + [end])
         return PromptSample(row=row or {}, prompt_ids=torch.tensor(ids, dtype=torch.long), media=media,
-                            pixel_values=pixel_values, grid_thw=grid_thw, target_ids=target_ids)
+                            pixel_values=pixel_values, grid_thw=grid_thw, target_ids=target_ids, media_block=block)
+
+    def _media_block(self, ids: list[int], media: Media) -> Tensor:
+        """`[L]` bool: from the first vision start token (or the timestamp text right before it) to the last vision
+        end token."""
+        start_id, end_id = (self.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+        starts = [i for i, t in enumerate(ids) if t == start_id]
+        ends = [i for i, t in enumerate(ids) if t == end_id]
+        if not starts or not ends:
+            raise ValueError("the prompt has no <|vision_start|> ... <|vision_end|> around its media")
+        first, last = starts[0], ends[-1]
+        if media.kind == "video" and self.layout.timestamps and self.layout.wrapper == "replace":
+            t0 = patch_times(frame_times_of(media), self.patch.temporal_patch_size)[0]
+            stamp = self.tokenizer(f"<{t0:.1f} seconds>", add_special_tokens=False)["input_ids"]
+            if ids[first - len(stamp): first] != stamp:
+                raise ValueError(f"the first timestamp <{t0:.1f} seconds> did not tokenise on its own")
+            first -= len(stamp)
+        block = torch.zeros(len(ids), dtype=torch.bool)
+        block[first: last + 1] = True
+        return block
 
     def _wrapped(self, pad: str) -> str:
         return f"<|vision_start|>{pad}<|vision_end|>"
@@ -184,6 +204,10 @@ class VisionLanguageProcessor:
             grid_thw=torch.stack([s.grid_thw for s in samples]),
             second_per_grid_ts=torch.tensor(spg, dtype=torch.float32),
         )
+        batch.media_block = torch.zeros((len(samples), length), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            if s.media_block is not None:
+                batch.media_block[i, length - len(s.prompt_ids):] = s.media_block
         if all(s.target_ids is not None for s in samples):
             t = max(len(s.target_ids) for s in samples)
             batch.target_ids = torch.full((len(samples), t), self.pad_token_id, dtype=torch.long)
