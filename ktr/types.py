@@ -99,6 +99,17 @@ class VisionFeatures:
     per_prompt: list[Tensor]  # B tensors [n_tokens_b, H]
     deepstack: list[list[Tensor]] | None = None  # B lists of L tensors [n_tokens_b, H]
 
+    def tensors(self) -> list[Tensor]:
+        """Every feature tensor, main then deepstack, in a fixed order (pairs with `detached().tensors()`)."""
+        return list(self.per_prompt) + [t for d in (self.deepstack or []) for t in d]
+
+    def detached(self, leaves: bool = True) -> VisionFeatures:
+        """Detached copies, main and deepstack. `leaves`: keep `requires_grad` (micro-batches backpropagate into
+        these, then once into the tower); otherwise plain constants."""
+        leaf = lambda t: t.detach().requires_grad_(leaves and t.requires_grad)  # noqa: E731
+        deep = [[leaf(t) for t in d] for d in self.deepstack] if self.deepstack is not None else None
+        return VisionFeatures([leaf(t) for t in self.per_prompt], deep)
+
     def with_prompts(self, indices: list[int], fresh: VisionFeatures) -> VisionFeatures:
         """A copy whose prompts `indices` carry `fresh`'s features (main and deepstack alike), in that order."""
         per_prompt = list(self.per_prompt)

@@ -203,3 +203,21 @@ def test_unsupported_checkpoint_names_model_type_and_supported(tmp_path) -> None
 
         tiny_config(None, "tiny-llava")
     assert get_family("qwen3_vl").tiny_name == "tiny-qwen3vl"
+
+
+def test_micro_batches_equal_single_pass_on_qwen3vl() -> None:
+    from ktr.module import KTRModule
+    from ktr.policy import Policy, PolicyConfig
+    from ktr.rollout import SamplingConfig
+    from tests.test_module import _grads
+
+    torch.set_num_threads(1)
+    module = KTRModule(policy=PolicyConfig(name_or_path="tiny-qwen3vl", attn_implementation="eager"),
+                       sampling=SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0))
+    batch, rollout = rollout_for(Policy(module.model, module.processor), n_prompts=2, group_size=2)
+    loss1, g1 = _grads(module, batch, rollout, None)
+    loss2, g2 = _grads(module, batch, rollout, 1)
+    torch.testing.assert_close(loss1, loss2, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and any("deepstack_merger_list" in k for k in g1)  # deepstack trains too
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
