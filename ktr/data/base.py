@@ -50,16 +50,6 @@ def decode_image_file(path: str, settings: ImageSettings) -> Media:
     return Media("image", load_image(path, settings).unsqueeze(0), None, path)
 
 
-def check_resize_factor(processor: VisionLanguageProcessor, video: VideoSettings, image: ImageSettings) -> None:
-    """Media must be resized to multiples of the policy's patch_size * merge_size (28 Qwen2/2.5-VL, 32 Qwen3-VL):
-    fail before any sample is decoded, naming the keys, rather than skip every sample."""
-    block = processor.patch.patch_size * processor.patch.merge_size
-    for key, settings in (("video", video), ("image", image)):
-        if settings.factor != block:
-            raise ValueError(f"data.init_args.{key}.factor={settings.factor}, but this policy's patch_size*merge_size "
-                             f"is {block}: set data.init_args.{key}.factor: {block} (and pixel bounds to match)")
-
-
 class PromptDataset(Dataset):
     """Rows in the Video-R1 schema -> `PromptSample` (or `Skipped`).
 
@@ -142,7 +132,9 @@ class BaseDataModule(L.LightningDataModule):
             if module is None or not hasattr(module, "processor"):
                 raise RuntimeError("BaseDataModule needs a processor: attach it to a ktr module or set .processor")
             self.processor = module.processor
-        check_resize_factor(self.processor, self.video, self.image)
+        # media are resized to multiples of the policy's patch_size * merge_size (28 Qwen2/2.5-VL, 32 Qwen3-VL)
+        self.video = self.video.for_factor(self.processor.resize_factor, "data.init_args.video")
+        self.image = self.image.for_factor(self.processor.resize_factor, "data.init_args.image")
 
     def make_skip_counter(self) -> SkipCounter:
         """The run-time counter of undecodable samples, with this module's threshold (see `ktr.data.skips`)."""

@@ -105,14 +105,19 @@ class VisionLanguageProcessor:
         self.layout = layout or VideoLayout()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    @property
+    def resize_factor(self) -> int:
+        """Media sides must be multiples of this (patch_size * merge_size)."""
+        return self.patch.patch_size * self.patch.merge_size
+
     def patchify(self, media: Media) -> tuple[Tensor, Tensor]:
         """Patches `[P, D]` float32 and grid `(t, h, w)` `[3]` long of one image or video."""
         p = self.patch
         block = p.patch_size * p.merge_size
         if media.frames.shape[-2] % block or media.frames.shape[-1] % block:
             raise ValueError(f"{media.path or media.kind}: frame size {tuple(media.frames.shape[-2:])} is not a multiple "
-                             f"of this model's patch_size*merge_size={block}; set data.init_args.{media.kind}.factor: "
-                             f"{block}")
+                             f"of this model's patch_size*merge_size={block}; resize with factor {block} "
+                             f"(VideoSettings/ImageSettings.factor)")
         return patchify(media.frames, patch_size=p.patch_size, temporal_patch_size=p.temporal_patch_size,
                         merge_size=p.merge_size, mean=p.image_mean, std=p.image_std)
 
