@@ -221,3 +221,31 @@ def test_micro_batches_equal_single_pass_on_qwen3vl() -> None:
     assert g1.keys() == g2.keys() and any("deepstack_merger_list" in k for k in g1)  # deepstack trains too
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_export_round_trip_on_qwen3vl(tiny_qwen3vl, tmp_path) -> None:
+    """Export writes a Qwen3-VL directory (weights, tokenizer, Qwen3-VL processor configs) that transformers and
+    ktr load back to the same log-probs."""
+    import json
+
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from ktr.export import export_policy
+    from ktr.policy import PolicyConfig, load_policy
+    from tests.test_forward import ktr_logps
+
+    batch, rollout = rollout_for(tiny_qwen3vl, n_prompts=2, group_size=1, image_every=2)
+    want = ktr_logps(tiny_qwen3vl.model, batch, rollout)
+    export_policy(tiny_qwen3vl, tmp_path)
+    pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    vid = json.loads((tmp_path / "video_preprocessor_config.json").read_text())
+    assert pre["patch_size"] == 16 and pre["image_mean"] == [0.5] * 3 and pre["processor_class"] == "Qwen3VLProcessor"
+    assert vid["video_processor_type"] == "Qwen3VLVideoProcessor"
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    back = load_policy(PolicyConfig(name_or_path=str(tmp_path), attn_implementation="eager"))
+    assert back.processor.patch == tiny_qwen3vl.processor.patch and back.processor.layout.timestamps
+    assert back.tokenizer.convert_tokens_to_ids("<think>") == 151667
+    valid = rollout.completion_mask
+    for model in (hf, back.model):
+        torch.testing.assert_close(ktr_logps(model, batch, rollout)[valid], want[valid], rtol=0, atol=1e-6)
