@@ -249,3 +249,19 @@ def test_export_round_trip_on_qwen3vl(tiny_qwen3vl, tmp_path) -> None:
     valid = rollout.completion_mask
     for model in (hf, back.model):
         torch.testing.assert_close(ktr_logps(model, batch, rollout)[valid], want[valid], rtol=0, atol=1e-6)
+
+
+def test_resize_factor_comes_from_the_policy_and_a_mismatch_fails_at_setup(tiny_qwen3vl) -> None:
+    from ktr.data.base import SyntheticDataModule
+    from ktr.data.video import ImageSettings, VideoSettings
+
+    dm = SyntheticDataModule(train_size=2, val_size=1, video=VideoSettings(min_pixels=4096, max_pixels=4096))
+    dm.processor = tiny_qwen3vl.processor
+    dm.setup("fit")
+    assert dm.video.factor == 32 and dm.image.factor == 32 and tiny_qwen3vl.processor.resize_factor == 32
+    assert dm.load_media(dm.train_rows()[0]).frames.shape[-2:] == (64, 64)
+    bad = SyntheticDataModule(train_size=2, val_size=1, image=ImageSettings(factor=28))
+    bad.processor = tiny_qwen3vl.processor
+    with pytest.raises(ValueError, match=r"data.init_args.image.factor=28, but this policy's patch_size\*merge_size "
+                                         r"is 32"):
+        bad.setup("fit")
