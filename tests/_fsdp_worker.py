@@ -135,7 +135,8 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
     s = SCENARIOS[scenario]
     torch.set_num_threads(1)
     L.seed_everything(0)
-    policy = PolicyConfig(name_or_path=s.get("name", "tiny"), attn_implementation="eager", gradient_checkpointing=True,
+    policy = PolicyConfig(name_or_path=s.get("name", "tiny"), attn_implementation="eager",
+                          gradient_checkpointing=True,
                           tiny=TinyModelConfig(tie_word_embeddings=s.get("tied", True)),
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0) if s["lora"] else None,
                           sharding=ShardingConfig(param_dtype=s["param_dtype"]))

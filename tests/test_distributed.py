@@ -136,7 +136,8 @@ def test_fsdp2_qwen3vl_video_and_image_ranks_match_one_process(tmp_path, monkeyp
     (s1, h1, _), (s2, h2, skl2) = single["losses"]
     assert g1 == pytest.approx(h1, rel=1e-5) and g1 > 0
     assert l1 == pytest.approx(s1, abs=1e-7)
-    assert l2 == pytest.approx(s2, rel=1e-4) and kl2 == pytest.approx(skl2, rel=1e-4) and g2 == pytest.approx(h2, rel=1e-4)
+    assert l2 == pytest.approx(s2, rel=1e-4) and kl2 == pytest.approx(skl2, rel=1e-4)
+    assert g2 == pytest.approx(h2, rel=1e-4)
     w, sw = fsdp["weights"], single["weights"]
     assert any("deepstack_merger_list" in k for k in w)
     for k in w:
