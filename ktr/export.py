@@ -2,8 +2,8 @@
 
     python -m ktr.export --config configs/qwen7b.yaml --ckpt runs/.../last.ckpt --out exported/ [--adapter-only]
 
-The result loads with its family's class, e.g. `Qwen2_5_VLForConditionalGeneration.from_pretrained(out)` (or, with `--adapter-only`,
-`PeftModel.from_pretrained(base, out)`) and with ktr itself (`policy.name_or_path: out`, or
+The result loads with its family's class, e.g. `Qwen2_5_VLForConditionalGeneration.from_pretrained(out)` (or, with
+`--adapter-only`, `PeftModel.from_pretrained(base, out)`) and with ktr itself (`policy.name_or_path: out`, or
 `policy.adapter_path: out`). It holds the tokenizer with its chat template and the vision processor settings
 (`preprocessor_config.json` for images, `video_preprocessor_config.json` for videos: patch and merge sizes,
 normalisation, pixel bounds; the frame sampling settings too).

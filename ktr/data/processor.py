@@ -115,7 +115,8 @@ class VisionLanguageProcessor:
         p = self.patch
         block = p.patch_size * p.merge_size
         if media.frames.shape[-2] % block or media.frames.shape[-1] % block:
-            raise ValueError(f"{media.path or media.kind}: frame size {tuple(media.frames.shape[-2:])} is not a multiple "
+            size = tuple(media.frames.shape[-2:])
+            raise ValueError(f"{media.path or media.kind}: frame size {size} is not a multiple "
                              f"of this model's patch_size*merge_size={block}; resize with factor {block} "
                              f"(VideoSettings/ImageSettings.factor)")
         return patchify(media.frames, patch_size=p.patch_size, temporal_patch_size=p.temporal_patch_size,

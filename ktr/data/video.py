@@ -341,7 +341,8 @@ def _resize_pil(image, settings: ImageSettings) -> Tensor:
     from PIL import Image
 
     width, height = image.size
-    new_h, new_w = smart_resize(height, width, settings.factor or IMAGE_FACTOR, settings.min_pixels, settings.max_pixels)
+    factor = settings.factor or IMAGE_FACTOR
+    new_h, new_w = smart_resize(height, width, factor, settings.min_pixels, settings.max_pixels)
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     array = np.array(image, dtype=np.uint8)  # [H, W, 3], a writable copy
