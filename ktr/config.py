@@ -148,7 +148,8 @@ class KeyTokenConfig:
     """Temporal-aware signal (frames perturbed); video samples only."""
     entropy: SignalConfig = field(default_factory=SignalConfig)
     """Entropy of the policy's next-token distribution."""
-    visual_perturbation: Literal["attention_mask", "zero_embeddings", "random_half", "identity"] = "attention_mask"
+    visual_perturbation: Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
+                                 "identity"] = "attention_mask"
     """How the media is hidden for the visual probe (released: attention_mask)."""
     temporal_perturbation: Literal["shuffle", "reverse", "segment_shuffle", "identity"] = "shuffle"
     """How frames are perturbed for the temporal probe (released: shuffle)."""
@@ -249,7 +250,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the built-in random-init Qwen2.5-VL (real tokenizer and vocabulary, tiny trunk)."""
+    """Shape of the built-in random-init models (`tiny`, `tiny-qwen3vl`: real tokenizer and vocabulary, tiny trunk)."""
 
     hidden_size: int = 64
     """Width of the language model."""
@@ -293,7 +294,8 @@ class PolicyConfig:
     """Which model to train and how to load it."""
 
     name_or_path: str = "tiny"
-    """`tiny` (built-in random model), a local checkpoint directory, or a hub id (needs network)."""
+    """`tiny` (built-in random Qwen2.5-VL), `tiny-qwen3vl` (built-in random Qwen3-VL), a local checkpoint
+    directory, or a hub id (needs network)."""
     dtype: DType = "float32"
     """Parameter dtype at load time (mixed precision is the Trainer's `precision`)."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
@@ -302,6 +304,11 @@ class PolicyConfig:
     """Allow code shipped with a checkpoint to run. Off by default: only turn on for checkpoints you trust."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when loading by hub id."""
+    video_wrapper: Literal["replace", "keep"] = "replace"
+    """Qwen3-VL (timestamped videos) only: `replace` lays the per-frame `<t seconds><|vision_start|>...
+    <|vision_end|>` blocks in place of the template's `<|vision_start|><|video_pad|><|vision_end|>` (the Qwen3-VL
+    reference processor and transformers 4.57, i.e. the format the released models were trained on); `keep`
+    leaves that outer pair around the blocks, as transformers 5's `Qwen3VLProcessor` does."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the `tiny` model (ignored for real checkpoints)."""
     gradient_checkpointing: bool = False

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ktr.config import ShardingConfig  # noqa: F401 (re-exported)
-from ktr.families import core
+from ktr.families import core, family_of
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -72,12 +72,9 @@ def shard_policy(model: nn.Module, mesh, cfg: ShardingConfig | None = None,
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[cfg.param_dtype], reduce_dtype=_DTYPES[cfg.reduce_dtype])
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
-    visual, lm = base.model.visual, base.model.language_model
-    for block in visual.blocks:
-        fully_shard(block, **kw)
-    fully_shard(visual, **kw)
-    for layer in lm.layers:
-        fully_shard(layer, **kw)
+    for unit in family_of(model).shard_units(model):  # vision blocks, vision tower, decoder layers
+        fully_shard(unit, **kw)
+    lm = base.model.language_model
     embed, head = base.get_input_embeddings(), base.lm_head
     if embed.weight is head.weight:  # see the module docstring
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)

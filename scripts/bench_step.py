@@ -2,6 +2,7 @@
 
     python scripts/bench_step.py --config configs/qwen7b_qlora.yaml --steps 3 --json bench_step.json
     python scripts/bench_step.py --config configs/qwen7b_qlora.yaml --arch qwen2.5-vl-7b --dry-run  # size only
+    python scripts/bench_step.py --config configs/qwen3vl_8b_qlora.yaml --arch qwen3-vl-8b --steps 2
 
 The model is built from the architecture's config with random initialisation (nothing is downloaded), then
 goes through the same loading steps as a checkpoint (4-bit quantisation, LoRA, gradient checkpointing) and
@@ -39,6 +40,7 @@ import torch
 ARCHS = {
     # Qwen2.5-VL-7B-Instruct (and Video-R1/Qwen2.5-VL-7B-COT-SFT, same shapes)
     "qwen2.5-vl-7b": dict(
+        family="qwen2_5_vl",
         text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                   num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
                   rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False,
@@ -47,35 +49,60 @@ ARCHS = {
                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=112,
                     fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3),
     ),
+    # Qwen3-VL-8B-Instruct / -Thinking (config.json of the released checkpoints): deepstack after vision blocks
+    # 8, 16, 24 into decoder layers 0-2, interleaved mRoPE
+    "qwen3-vl-8b": dict(
+        family="qwen3_vl",
+        text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                                   "mrope_section": [24, 20, 20]}),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh", in_channels=3),
+    ),
 }
+_CONFIG_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig"}
 PHASES = ("rollout", "scoring", "probes", "backward", "optimizer")
 
 
+def arch_family(name: str):
+    from ktr.families import get_family
+
+    return get_family(ARCHS[name]["family"])
+
+
 def arch_config(name: str, text_layers: int | None = None, vision_depth: int | None = None):
-    """The `Qwen2_5_VLConfig` of architecture `name`; `text_layers`/`vision_depth` cut its depth (same widths)."""
-    from transformers import Qwen2_5_VLConfig
+    """The transformers config of architecture `name`; `text_layers`/`vision_depth` cut its depth (same widths)."""
+    import transformers
 
     a = ARCHS[name]
     text, vision = dict(a["text"]), dict(a["vision"])
     if text_layers is not None:
         text["num_hidden_layers"] = text_layers
-    if vision_depth is not None:  # the last block keeps full attention, as every fourth block of the 7B tower
+    if vision_depth is not None and "fullatt_block_indexes" in vision:
+        # the last block keeps full attention, as every fourth block of the 7B tower
         vision.update(depth=vision_depth, fullatt_block_indexes=[vision_depth - 1])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
-                            video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-                            tie_word_embeddings=False)
+    elif vision_depth is not None:  # Qwen3-VL: keep the deepstack layers that still exist (at least the last)
+        kept = [i for i in vision["deepstack_visual_indexes"] if i < vision_depth] or [vision_depth - 1]
+        vision.update(depth=vision_depth, deepstack_visual_indexes=kept)
+    config_class = getattr(transformers, _CONFIG_CLASSES[a["family"]])
+    return config_class(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                        vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
 
 
 def build_random(config, device: torch.device, dtype: torch.dtype):
-    """`Qwen2_5_VLForConditionalGeneration(config)` with random weights, created directly on `device` in `dtype`
-    (on CUDA the initialisation runs on the GPU: seconds for the 7B model)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """The config's `*ForConditionalGeneration` (its family's class) with random weights, created directly on
+    `device` in `dtype` (on CUDA the initialisation runs on the GPU: seconds for the 7B model)."""
+    from ktr.families import get_family
 
+    model_class = get_family(config.model_type).load_class()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return Qwen2_5_VLForConditionalGeneration(config)
+            return model_class(config)
     finally:
         torch.set_default_dtype(default)
 
@@ -83,7 +110,7 @@ def build_random(config, device: torch.device, dtype: torch.dtype):
 @contextlib.contextmanager
 def random_architecture(name: str | None, device: torch.device, dtype: torch.dtype,
                         text_layers: int | None = None, vision_depth: int | None = None):
-    """Point the policy loader's random-init path (`tiny`) at a real architecture, built on `device`."""
+    """Point the policy loader's random-init path (the family's tiny model) at a real architecture, on `device`."""
     import ktr.policy
 
     if name is None:
@@ -91,13 +118,12 @@ def random_architecture(name: str | None, device: torch.device, dtype: torch.dty
         return
     original = ktr.policy._build_tiny
 
-    def build(cfg):
-        from ktr.data.processor import PatchSettings
-        from ktr.tokenizer import build_qwen2_tokenizer
+    family = arch_family(name)
 
+    def build(cfg):
         config = arch_config(name, text_layers, vision_depth)
         config._attn_implementation = cfg.attn_implementation
-        return build_random(config, device, dtype), build_qwen2_tokenizer(), PatchSettings()
+        return build_random(config, device, dtype), family.build_tokenizer(), family.patch_settings()
 
     ktr.policy._build_tiny = build
     try:
@@ -158,12 +184,16 @@ def build_module(config: dict, arch: str | None, device: torch.device, overrides
     `overrides`: `{"section.key": value}` of the module's init args (`{"loss.chunk_size": None}`)."""
     from jsonargparse import ArgumentParser
 
+    from ktr.families import tiny_family
     from ktr.policy_module import PolicyModule
 
     model_cfg = json.loads(json.dumps(config["model"]))  # deep copy
     init = model_cfg.setdefault("init_args", {})
     policy = init.setdefault("policy", {})
-    policy["name_or_path"] = "tiny"
+    if arch is not None:  # the family's random-init path, re-pointed at the architecture
+        policy["name_or_path"] = arch_family(arch).tiny_name
+    elif tiny_family(policy.get("name_or_path", "")) is None:  # a real checkpoint's config: its tiny stand-in
+        policy["name_or_path"] = "tiny"
     policy.pop("adapter_path", None)
     for key, value in overrides.items():
         section, name = key.split(".")
@@ -280,7 +310,8 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
     with instrumented(module, meter):
         trainer.fit(module, datamodule(config, frames, video))
     g, t = module.sampling.group_size, module.sampling.max_new_tokens
-    return {"config": [str(c) for c in config_paths], "arch": arch or "tiny", "parameters": n_params,
+    return {"config": [str(c) for c in config_paths], "arch": arch or module.policy_cfg.name_or_path,
+            "parameters": n_params,
             "text_layers": text_layers, "vision_depth": vision_depth,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "strategy": type(trainer.strategy).__name__, "sharded": bool(getattr(module, "_sharded", False)),
@@ -332,10 +363,8 @@ def table(result: dict) -> str:
 
 
 def dry_run(arch: str) -> int:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(arch_config(arch))
+        model = arch_family(arch).load_class()(arch_config(arch))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -27,6 +27,8 @@ SCENARIOS = {
     "full": dict(lora=False, param_dtype="float32", beta=0.04, steps=2),
     # LoRA adapters, bf16 mixed precision, reference = adapters disabled, untied embeddings (as the 7B model)
     "lora_bf16": dict(lora=True, param_dtype="bfloat16", beta=0.04, steps=2, tied=False),
+    # "full" on the tiny Qwen3-VL (deepstack features, timestamped video prompt; 64 x 64 media)
+    "full_qwen3vl": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, name="tiny-qwen3vl", side=64),
 }
 
 
@@ -85,7 +87,7 @@ class PerPromptBackend:
         pass
 
 
-def datamodule(batch_size: int):
+def datamodule(batch_size: int, side: int = 56):
     from ktr.data.base import SyntheticDataModule
     from ktr.data.synthetic import make_item
     from ktr.data.video import VideoSettings
@@ -103,11 +105,14 @@ def datamodule(batch_size: int):
                 return super().load_media(row)
             _, seed, index = row["problem_id"].split("-")
             _, frames = make_item(int(seed), int(index), self.spec)
-            return Media("image", frames[:1].clone(), None, row["path"])  # 56 x 56: no resize needed
+            return Media("image", frames[:1].clone(), None, row["path"])  # side x side: no resize needed
+
+    from ktr.data.synthetic import SyntheticSpec
 
     return VideoAndImage(train_size=2, val_size=1, batch_size=batch_size, shuffle=False,
-                         video=VideoSettings(fps=4.0, min_frames=4, max_frames=4, min_pixels=56 * 56,
-                                             max_pixels=56 * 56))
+                         spec=SyntheticSpec(size=side, square=side // 2),
+                         video=VideoSettings(fps=4.0, min_frames=4, max_frames=4, min_pixels=side * side,
+                                             max_pixels=side * side))
 
 
 def run(scenario: str, devices: int, save: Path | None = None, resume: Path | None = None,
@@ -130,7 +135,8 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
     s = SCENARIOS[scenario]
     torch.set_num_threads(1)
     L.seed_everything(0)
-    policy = PolicyConfig(attn_implementation="eager", gradient_checkpointing=True,
+    policy = PolicyConfig(name_or_path=s.get("name", "tiny"), attn_implementation="eager",
+                          gradient_checkpointing=True,
                           tiny=TinyModelConfig(tie_word_embeddings=s.get("tied", True)),
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0) if s["lora"] else None,
                           sharding=ShardingConfig(param_dtype=s["param_dtype"]))
@@ -152,7 +158,7 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps or s["steps"],
                         logger=False, callbacks=[Losses()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, datamodule(batch_size=1 if devices > 1 else 2), ckpt_path=resume)
+    trainer.fit(module, datamodule(batch_size=1 if devices > 1 else 2, side=s.get("side", 56)), ckpt_path=resume)
     if save is not None:
         trainer.save_checkpoint(save)
     full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

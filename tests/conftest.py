@@ -24,3 +24,21 @@ def tiny_policy():
 
     torch.set_num_threads(1)
     return load_policy(PolicyConfig(attn_implementation="eager"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl():
+    """The built-in tiny Qwen3-VL (deepstack, timestamped videos) with the real Qwen3 tokenizer."""
+    from ktr.policy import PolicyConfig, load_policy
+
+    torch.set_num_threads(1)
+    return load_policy(PolicyConfig(name_or_path="tiny-qwen3vl", attn_implementation="eager"))
+
+
+TINY_FAMILIES = ["tiny", "tiny-qwen3vl"]
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny_any(request):
+    """Each tiny family in turn (the family-agnostic tests run on both)."""
+    return request.getfixturevalue("tiny_policy" if request.param == "tiny" else "tiny_qwen3vl")

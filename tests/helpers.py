@@ -4,23 +4,33 @@ import torch
 
 from ktr.data.prompts import build_messages
 from ktr.data.synthetic import SyntheticSpec, make_item
-from ktr.data.video import VideoSettings, frames_from_array
+from ktr.data.video import VideoSettings, frames_from_array, resize_frames
 from ktr.types import Media
 
 SMALL_VIDEO = VideoSettings(fps=4.0, min_frames=4, max_frames=8, min_pixels=56 * 56, max_pixels=56 * 56)
 
 
+def small_video(processor) -> VideoSettings:
+    """SMALL_VIDEO for the processor's model: frames of 2x2 merge blocks (56x56 or 64x64)."""
+    b = processor.patch.patch_size * processor.patch.merge_size  # 28 (Qwen2.5-VL) or 32 (Qwen3-VL)
+    side = 2 * b
+    return VideoSettings(fps=4.0, min_frames=4, max_frames=8, min_pixels=side * side, max_pixels=side * side, factor=b)
+
+
 def synthetic_samples(processor, n: int, start: int = 0, image_every: int = 0):
     """n prompts of the synthetic task; every `image_every`-th one is an image (first frame) instead."""
     out = []
+    settings = small_video(processor)
+    side = 2 * settings.factor
     for i in range(start, start + n):
         row, frames = make_item(0, i, SyntheticSpec())
         if image_every and i % image_every == image_every - 1:
             row = dict(row, data_type="image")
-            media = Media("image", frames[:1].clone(), None)
+            image = frames[:1].clone() if frames.shape[-1] == side else resize_frames(frames[:1], side, side)
+            media = Media("image", image, None)
         else:
-            clip = frames_from_array(frames, 4.0, SMALL_VIDEO)
-            media = Media("video", clip.frames, clip.sample_fps)
+            clip = frames_from_array(frames, 4.0, settings)
+            media = Media("video", clip.frames, clip.sample_fps, frame_times=clip.frame_times)
         out.append(processor.encode(build_messages(row), media, row=row))
     return out
 

@@ -128,6 +128,23 @@ def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path, m
 
 
 @pytest.mark.slow
+def test_fsdp2_qwen3vl_video_and_image_ranks_match_one_process(tmp_path, monkeypatch):
+    """The same 2-rank check on the tiny Qwen3-VL: deepstack features flow through the sharded units."""
+    fsdp = _run_worker(tmp_path, "full_qwen3vl")
+    single = _single("full_qwen3vl", monkeypatch)
+    (l1, g1, _), (l2, g2, kl2) = fsdp["losses"]
+    (s1, h1, _), (s2, h2, skl2) = single["losses"]
+    assert g1 == pytest.approx(h1, rel=1e-5) and g1 > 0
+    assert l1 == pytest.approx(s1, abs=1e-7)
+    assert l2 == pytest.approx(s2, rel=1e-4) and kl2 == pytest.approx(skl2, rel=1e-4)
+    assert g2 == pytest.approx(h2, rel=1e-4)
+    w, sw = fsdp["weights"], single["weights"]
+    assert any("deepstack_merger_list" in k for k in w)
+    for k in w:
+        torch.testing.assert_close(w[k], sw[k], atol=1e-4, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.slow
 def test_fsdp2_lora_bf16_trains_adapters_only(tmp_path):
     """LoRA under FSDP2 with bf16 compute (float32 master weights); its sampled completions differ from a float32
     run's, so it is checked on its own: it finishes, the adapters train and the base weights do not move."""

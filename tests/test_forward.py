@@ -3,6 +3,7 @@
 import torch
 
 from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.families import family_of
 from ktr.policy import TinyModelConfig, tiny_config
 from tests.helpers import rollout_for
 
@@ -28,32 +29,44 @@ def test_tiny_model_is_small_besides_embeddings(tiny_policy) -> None:
     assert tiny_config(TinyModelConfig()).text_config.vocab_size == 151936
 
 
-def _hf_logits(model, batch, rollout):
-    kw = batch.hf_vision_kwargs()
-    g = rollout.group_size
+def hf_logps(model, batch, rollout):
+    """transformers' own forward on the N rows (each row given its prompt's media): `[N, T]` log-probs."""
     sizes = batch.grid_thw.prod(-1).tolist()
     chunks = torch.split(batch.pixel_values, sizes)
     rows = rollout.prompt_index.tolist()
+    is_video = batch.is_video.tolist()
+    vid, img = [r for r in rows if is_video[r]], [r for r in rows if not is_video[r]]
+    kw = {}
+    if vid:
+        kw.update(pixel_values_videos=torch.cat([chunks[r] for r in vid]), video_grid_thw=batch.grid_thw[vid])
+        if family_of(model).video_time_scaling:
+            kw["second_per_grid_ts"] = batch.second_per_grid_ts[vid]
+    if img:
+        kw.update(pixel_values=torch.cat([chunks[r] for r in img]), image_grid_thw=batch.grid_thw[img])
     out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                pixel_values_videos=torch.cat([chunks[p] for p in rows]),
-                video_grid_thw=batch.grid_thw[rows], second_per_grid_ts=kw["second_per_grid_ts"].repeat_interleave(g),
-                mm_token_type_ids=rollout.mm_token_type_ids)
-    return out.logits[:, -rollout.completion_ids.shape[1] - 1:-1]
+                mm_token_type_ids=rollout.mm_token_type_ids, **kw)
+    logits = out.logits[:, -rollout.completion_ids.shape[1] - 1:-1]
+    return logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
-@torch.no_grad()
-def test_forward_equals_huggingface(tiny_policy) -> None:
-    model = tiny_policy.model
-    batch, rollout = rollout_for(tiny_policy, n_prompts=2, group_size=2)
-    assert batch.attention_mask.sum(-1).unique().numel() >= 1
+def ktr_logps(model, batch, rollout, chunk_size=7):
     view = SequenceView.of(model, rollout, batch)
     hidden = completion_hidden(model, view, encode_media(model, batch.pixel_values, batch.grid_thw),
                                rollout.completion_ids.shape[1])
-    ref = _hf_logits(model, batch, rollout).log_softmax(-1)
-    ref = ref.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-    mine, _ = completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask, chunk_size=7)
+    return completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask, chunk_size=chunk_size)[0]
+
+
+@torch.no_grad()
+def test_forward_equals_huggingface(tiny_any) -> None:
+    """Left padding, two different videos and an image in one pass, G = 2 rows each."""
+    model = tiny_any.model
+    batch, rollout = rollout_for(tiny_any, n_prompts=3, group_size=2, image_every=3)
+    assert batch.is_video.tolist() == [True, True, False]
+    assert not torch.equal(batch.media[0].frames, batch.media[1].frames)
+    assert batch.attention_mask.sum(-1).unique().numel() > 1  # prompts of different lengths: left padding
     valid = rollout.completion_mask
-    torch.testing.assert_close(mine[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ktr_logps(model, batch, rollout)[valid], hf_logps(model, batch, rollout)[valid],
+                               rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

@@ -8,7 +8,14 @@ from ktr.forward import SequenceView, completion_hidden, completion_logps, encod
 from ktr.probes.keytokens import KeyTokenConfig, attribute
 from ktr.probes.temporal import segment_permutation, temporal_scores
 from ktr.probes.visual import visual_scores
+from tests.conftest import TINY_FAMILIES
 from tests.helpers import rollout_for
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny_policy(request, tiny_policy):
+    """Every probe test runs on each tiny family (Qwen2.5-VL, Qwen3-VL): the probes never ask which."""
+    return tiny_policy if request.param == "tiny" else request.getfixturevalue("tiny_qwen3vl")
 
 
 def _base(policy, batch, rollout):

@@ -25,9 +25,9 @@ def text_length(completion: str, solution: str, problem_type: str) -> float:
     return len(completion) / 10
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A KTR module on a 4-bit tiny base, its weights before, and after one training step."""
+@pytest.fixture(scope="module", params=["tiny", "tiny-qwen3vl"])
+def trained(request):
+    """A KTR module on a 4-bit tiny base (each tiny family), its weights before, and after one training step."""
     from ktr.data.base import SyntheticDataModule
     from ktr.data.video import VideoSettings
     from ktr.module import KTRModule, LossConfig, OptimConfig, RewardConfig
@@ -35,7 +35,7 @@ def trained():
 
     torch.set_num_threads(1)
     L.seed_everything(0)
-    module = KTRModule(policy=PolicyConfig(**NF4, lora=LORA, gradient_checkpointing=True),
+    module = KTRModule(policy=PolicyConfig(name_or_path=request.param, **NF4, lora=LORA, gradient_checkpointing=True),
                        sampling=SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0),
                        loss=LossConfig(beta=0.04, micro_batch_size=1),
                        rewards=RewardConfig(names=["tests.test_quant:text_length"]),
@@ -90,7 +90,8 @@ def test_reference_logps_equal_the_4bit_base_model(trained):
         ref = module.reference_logps(batch, rollout, view, feats)
         policy = completion_logps(module.model, completion_hidden(module.model, view, feats, ids.shape[1]),
                                   ids, valid)[0]
-        base = load_policy(PolicyConfig(**NF4)).model.eval()  # same seed: the same weights, quantised alike
+        name = module.policy_cfg.name_or_path  # same seed: the same weights, quantised alike
+        base = load_policy(PolicyConfig(name_or_path=name, **NF4)).model.eval()
         base_feats = encode_media(base, batch.pixel_values, batch.grid_thw)
         want = completion_logps(base, completion_hidden(base, view, base_feats, ids.shape[1]), ids, valid)[0]
     assert torch.equal(ref, want)

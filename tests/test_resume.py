@@ -101,7 +101,8 @@ class _Record(Callback):
             trainer.should_stop = True
 
 
-def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: Path | None = None, warm: int = 0):
+def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: Path | None = None, warm: int = 0,
+         name: str = "tiny"):
     from ktr.data.base import SyntheticDataModule
     from ktr.data.video import VideoSettings
     from ktr.module import KTRModule, LossConfig, OptimConfig
@@ -110,7 +111,7 @@ def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: 
 
     torch.set_num_threads(1)
     L.seed_everything(42)
-    module = KTRModule(policy=PolicyConfig(attn_implementation="eager"),
+    module = KTRModule(policy=PolicyConfig(name_or_path=name, attn_implementation="eager"),
                        sampling=SamplingConfig(group_size=2, max_new_tokens=6, temperature=1.0, top_p=0.95),
                        loss=LossConfig(beta=0.04), optim=OptimConfig(lr=1e-3, schedule="cosine", grad_clip=5.0),
                        warm_start_steps=warm)
@@ -129,8 +130,8 @@ def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: 
 
 
 @functools.lru_cache(maxsize=None)
-def _uninterrupted(warm: int = 0):
-    module, ids = _fit(warm=warm)
+def _uninterrupted(warm: int = 0, name: str = "tiny"):
+    module, ids = _fit(warm=warm, name=name)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, ids
 
 
@@ -155,6 +156,20 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, k, warm):
     resumed, resumed_ids = _fit(resume_from=ckpt, warm=warm)
     assert first_ids + resumed_ids == want_ids  # same prompts, same order, nothing repeated or lost
     assert len(want_ids) == N_STEPS and len({tuple(i) for i in want_ids[:TRAIN_SIZE]}) == TRAIN_SIZE
+    differ = _equal_weights({k_: v.detach() for k_, v in resumed.state_dict().items()}, want)
+    assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
+
+
+@pytest.mark.slow
+def test_resumed_qwen3vl_run_ends_with_the_uninterrupted_weights(tmp_path):
+    """The mid-epoch case on the tiny Qwen3-VL (deepstack mergers and timestamped prompts in the state)."""
+    want, want_ids = _uninterrupted(0, "tiny-qwen3vl")
+    first, first_ids = _fit(ckpt_dir=tmp_path, stop_at=2, name="tiny-qwen3vl")
+    (ckpt,) = tmp_path.glob("*.ckpt")
+    assert _equal_weights(dict(first.state_dict()), want)
+    resumed, resumed_ids = _fit(resume_from=ckpt, name="tiny-qwen3vl")
+    assert first_ids + resumed_ids == want_ids
+    assert any("deepstack_merger_list" in k for k in want)
     differ = _equal_weights({k_: v.detach() for k_, v in resumed.state_dict().items()}, want)
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
 

@@ -16,18 +16,28 @@ from tests.helpers import synthetic_samples
 G = 4
 
 
-@pytest.fixture(scope="module")
-def untied_policy(tiny_policy):
-    """The tiny model with its own random output projection: greedy completions are not one repeated token
+def _untied(policy):
+    """The model with its own random output projection: greedy completions are not one repeated token
     (with tied embeddings the random model's argmax is the last input token)."""
     import copy
 
     from ktr.policy import Policy
 
-    model = copy.deepcopy(tiny_policy.model)
+    model = copy.deepcopy(policy.model)
     gen = torch.Generator().manual_seed(0)
     model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.02)
-    return Policy(model=model.eval(), processor=tiny_policy.processor)
+    return Policy(model=model.eval(), processor=policy.processor)
+
+
+@pytest.fixture(scope="module")
+def untied_policy(tiny_policy):
+    return _untied(tiny_policy)
+
+
+@pytest.fixture(scope="module")
+def untied_qwen3vl(tiny_qwen3vl):
+    """Qwen3-VL: the prefill must carry the deepstack features into the first decoder layers."""
+    return _untied(tiny_qwen3vl)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +72,7 @@ def _assert_same_rollout(a, b) -> None:
     assert a.texts == b.texts and a.group_size == b.group_size
 
 
-@pytest.mark.parametrize("which", ["untied_policy", "qwen2_vl_policy"])
+@pytest.mark.parametrize("which", ["untied_policy", "qwen2_vl_policy", "untied_qwen3vl"])
 def test_greedy_equals_hf(which, request) -> None:
     policy = request.getfixturevalue(which)
     batch = _batch(policy)

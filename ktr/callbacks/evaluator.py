@@ -252,7 +252,8 @@ class BenchmarkEvaluator(Callback):
         bs = self.decoding.batch_size
         shard = pending[rank::world]
         rounds = math.ceil(math.ceil(len(pending) / world) / bs)  # the same on every rank: gathers pair up
-        loader = DataLoader(QuestionDataset(shard, processor, self.video, self.decoding.max_prompt_length),
+        video = self.video.for_factor(processor.resize_factor, "video")  # the policy's patch_size*merge_size
+        loader = DataLoader(QuestionDataset(shard, processor, video, self.decoding.max_prompt_length),
                             batch_size=bs, num_workers=self.num_workers, collate_fn=_as_list)
         batches = iter(loader)
         self.last_generated = []

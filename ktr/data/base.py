@@ -43,7 +43,7 @@ class StepBatch:
 
 def decode_video_file(path: str, settings: VideoSettings) -> Media:
     clip = load_video(path, settings)
-    return Media("video", clip.frames, clip.sample_fps, path)
+    return Media("video", clip.frames, clip.sample_fps, path, frame_times=clip.frame_times)
 
 
 def decode_image_file(path: str, settings: ImageSettings) -> Media:
@@ -132,6 +132,9 @@ class BaseDataModule(L.LightningDataModule):
             if module is None or not hasattr(module, "processor"):
                 raise RuntimeError("BaseDataModule needs a processor: attach it to a ktr module or set .processor")
             self.processor = module.processor
+        # media are resized to multiples of the policy's patch_size * merge_size (28 Qwen2/2.5-VL, 32 Qwen3-VL)
+        self.video = self.video.for_factor(self.processor.resize_factor, "data.init_args.video")
+        self.image = self.image.for_factor(self.processor.resize_factor, "data.init_args.image")
 
     def make_skip_counter(self) -> SkipCounter:
         """The run-time counter of undecodable samples, with this module's threshold (see `ktr.data.skips`)."""
@@ -203,7 +206,7 @@ class SyntheticDataModule(BaseDataModule):
         _, seed, index = row["problem_id"].split("-")
         _, frames = make_item(int(seed), int(index), self.spec)
         clip = frames_from_array(frames, self.spec.fps, self.video)
-        return Media("video", clip.frames, clip.sample_fps, row["path"])
+        return Media("video", clip.frames, clip.sample_fps, row["path"], frame_times=clip.frame_times)
 
     def sft_target(self, row: dict, index: int) -> str:
         """Warm-start target: the answer format with the correct option letter.

@@ -1,8 +1,11 @@
-"""Turn decoded media + chat messages into exactly what Qwen2.5-VL's forward needs (torch only, layer L2).
+"""Turn decoded media + chat messages into exactly what a Qwen-VL forward needs (torch only, layer L2).
 
-Hugging Face's Qwen2-VL *video* processor requires torchvision; this one does not. Frames are patched by
-`ktr.data.patches.patchify` (bit-identical to HF's image processor where no resize happens), the chat template
-is rendered by the tokenizer, and each `<|image_pad|>`/`<|video_pad|>` is expanded to t*h*w/merge**2 tokens.
+Hugging Face's Qwen2-VL / Qwen3-VL *video* processors require torchvision; this one does not. Frames are patched
+by `ktr.data.patches.patchify` (bit-identical to HF's image processor where no resize happens), the chat
+template is rendered by the tokenizer, and each `<|image_pad|>`/`<|video_pad|>` is expanded to t*h*w/merge**2
+tokens. With `VideoLayout(timestamps=True)` (Qwen3-VL) a video becomes, per temporal patch,
+`<t.t seconds><|vision_start|><|video_pad|>*(h*w/merge**2)<|vision_end|>`, the time being the mean of the
+patch's first and last source-frame times (`Qwen3VLProcessor._calculate_timestamps`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -31,19 +35,57 @@ class PatchSettings:
     image_std: tuple[float, float, float] = CLIP_STD
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> PatchSettings:
-        """Read `preprocessor_config.json` of a local checkpoint when present, else the Qwen2.5-VL defaults."""
+    def from_pretrained(cls, path: str | Path, default: PatchSettings | None = None) -> PatchSettings:
+        """Read `preprocessor_config.json` of a local checkpoint when present, else `default` (the family's)."""
+        d = default or cls()
         f = Path(path) / "preprocessor_config.json"
         if not f.is_file():
-            return cls()
+            return d
         cfg = json.loads(f.read_text())
         return cls(
-            patch_size=cfg.get("patch_size", 14),
-            temporal_patch_size=cfg.get("temporal_patch_size", 2),
-            merge_size=cfg.get("merge_size", 2),
-            image_mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(cfg.get("image_std", CLIP_STD)),
+            patch_size=cfg.get("patch_size", d.patch_size),
+            temporal_patch_size=cfg.get("temporal_patch_size", d.temporal_patch_size),
+            merge_size=cfg.get("merge_size", d.merge_size),
+            image_mean=tuple(cfg.get("image_mean", d.image_mean)),
+            image_std=tuple(cfg.get("image_std", d.image_std)),
         )
+
+
+VideoWrapper = Literal["replace", "keep"]
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """How one video placeholder of the chat template is laid out in the prompt."""
+
+    timestamps: bool = False
+    """Qwen3-VL: one `<t.t seconds>` text and its own vision start/end tokens per temporal patch."""
+    wrapper: VideoWrapper = "replace"
+    """With timestamps, what happens to the template's `<|vision_start|><|video_pad|><|vision_end|>`: `replace`
+    (the Qwen3-VL reference processor, transformers 4.57: the per-patch blocks replace all three tokens) or
+    `keep` (transformers 5's `Qwen3VLProcessor`: only `<|video_pad|>` is replaced, so an outer vision start/end
+    pair encloses the blocks)."""
+
+
+def patch_times(frame_times: list[float], temporal_patch_size: int) -> list[float]:
+    """Seconds of each temporal patch: the mean of its first and last frame's time, the last frame repeated to
+    fill the final patch (`Qwen3VLProcessor._calculate_timestamps`, same float operations)."""
+    times = list(frame_times)
+    if len(times) % temporal_patch_size:
+        times.extend(times[-1] for _ in range(temporal_patch_size - len(times) % temporal_patch_size))
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
+def frame_times_of(media: Media) -> list[float]:
+    """Source times of the sampled frames: `media.frame_times`, else frame i at i / sample_fps."""
+    if media.frame_times is not None:
+        if len(media.frame_times) != len(media.frames):
+            raise ValueError(f"{media.path or 'video'}: {len(media.frame_times)} frame times for "
+                             f"{len(media.frames)} frames")
+        return list(media.frame_times)
+    if not media.sample_fps:
+        raise ValueError(f"{media.path or 'video'}: timestamps need frame_times or a positive sample_fps")
+    return [i / media.sample_fps for i in range(len(media.frames))]
 
 
 class VisionLanguageProcessor:
@@ -55,16 +97,28 @@ class VisionLanguageProcessor:
     """
 
     def __init__(self, tokenizer, image_token_id: int, video_token_id: int,
-                 patch: PatchSettings | None = None) -> None:
+                 patch: PatchSettings | None = None, layout: VideoLayout | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
         self.patch = patch or PatchSettings()
+        self.layout = layout or VideoLayout()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def resize_factor(self) -> int:
+        """Media sides must be multiples of this (patch_size * merge_size)."""
+        return self.patch.patch_size * self.patch.merge_size
 
     def patchify(self, media: Media) -> tuple[Tensor, Tensor]:
         """Patches `[P, D]` float32 and grid `(t, h, w)` `[3]` long of one image or video."""
         p = self.patch
+        block = p.patch_size * p.merge_size
+        if media.frames.shape[-2] % block or media.frames.shape[-1] % block:
+            size = tuple(media.frames.shape[-2:])
+            raise ValueError(f"{media.path or media.kind}: frame size {size} is not a multiple "
+                             f"of this model's patch_size*merge_size={block}; resize with factor {block} "
+                             f"(VideoSettings/ImageSettings.factor)")
         return patchify(media.frames, patch_size=p.patch_size, temporal_patch_size=p.temporal_patch_size,
                         merge_size=p.merge_size, mean=p.image_mean, std=p.image_std)
 
@@ -76,19 +130,52 @@ class VisionLanguageProcessor:
         """One prompt: render the chat template (generation prompt appended), expand the placeholder, patch."""
         pixel_values, grid_thw = self.patchify(media)
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         placeholder = self.video_token_id if media.kind == "video" else self.image_token_id
-        where = [i for i, t in enumerate(ids) if t == placeholder]
-        if len(where) != 1:
-            raise ValueError(f"expected exactly one {media.kind} placeholder in the prompt, found {len(where)}")
-        k = where[0]
-        ids = ids[:k] + [placeholder] * self.num_tokens(grid_thw) + ids[k + 1:]
+        pad = self.tokenizer.convert_ids_to_tokens(placeholder)
+        if text.count(pad) != 1:
+            raise ValueError(f"expected exactly one {media.kind} placeholder in the prompt, found {text.count(pad)}")
+        per_block = self.num_tokens(grid_thw)
+        if media.kind == "video" and self.layout.timestamps:
+            text = text.replace(self._wrapped(pad) if self.layout.wrapper == "replace" else pad,
+                                self._timestamped(media, pad), 1)
+            per_block //= int(grid_thw[0])
+        ids: list[int] = []
+        for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
+            ids.extend([t] * per_block if t == placeholder else [t])
+        block = self._media_block(ids, media)
         target_ids = None
         if target is not None:
             end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
             target_ids = torch.tensor(self.tokenizer(target, add_special_tokens=False)["input_ids"] + [end])
         return PromptSample(row=row or {}, prompt_ids=torch.tensor(ids, dtype=torch.long), media=media,
-                            pixel_values=pixel_values, grid_thw=grid_thw, target_ids=target_ids)
+                            pixel_values=pixel_values, grid_thw=grid_thw, target_ids=target_ids, media_block=block)
+
+    def _media_block(self, ids: list[int], media: Media) -> Tensor:
+        """`[L]` bool: from the first vision start token (or the timestamp text right before it) to the last vision
+        end token."""
+        start_id, end_id = (self.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+        starts = [i for i, t in enumerate(ids) if t == start_id]
+        ends = [i for i, t in enumerate(ids) if t == end_id]
+        if not starts or not ends:
+            raise ValueError("the prompt has no <|vision_start|> ... <|vision_end|> around its media")
+        first, last = starts[0], ends[-1]
+        if media.kind == "video" and self.layout.timestamps and self.layout.wrapper == "replace":
+            t0 = patch_times(frame_times_of(media), self.patch.temporal_patch_size)[0]
+            stamp = self.tokenizer(f"<{t0:.1f} seconds>", add_special_tokens=False)["input_ids"]
+            if ids[first - len(stamp): first] != stamp:
+                raise ValueError(f"the first timestamp <{t0:.1f} seconds> did not tokenise on its own")
+            first -= len(stamp)
+        block = torch.zeros(len(ids), dtype=torch.bool)
+        block[first: last + 1] = True
+        return block
+
+    def _wrapped(self, pad: str) -> str:
+        return f"<|vision_start|>{pad}<|vision_end|>"
+
+    def _timestamped(self, media: Media, pad: str) -> str:
+        """One `<t.t seconds>` + vision start + one placeholder + vision end per temporal patch."""
+        times = patch_times(frame_times_of(media), self.patch.temporal_patch_size)
+        return "".join(f"<{t:.1f} seconds>{self._wrapped(pad)}" for t in times)
 
     def token_types(self, input_ids: Tensor) -> Tensor:
         """`mm_token_type_ids` (0 text, 1 image, 2 video) for any `[..., S]` id tensor."""
@@ -123,6 +210,10 @@ class VisionLanguageProcessor:
             grid_thw=torch.stack([s.grid_thw for s in samples]),
             second_per_grid_ts=torch.tensor(spg, dtype=torch.float32),
         )
+        batch.media_block = torch.zeros((len(samples), length), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            if s.media_block is not None:
+                batch.media_block[i, length - len(s.prompt_ids):] = s.media_block
         if all(s.target_ids is not None for s in samples):
             t = max(len(s.target_ids) for s in samples)
             batch.target_ids = torch.full((len(samples), t), self.pad_token_id, dtype=torch.long)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -75,6 +75,9 @@ class VideoSettings:
     the Qwen2.5-VL processor computes it. `released`: as if `second_per_grid_ts` were absent (transformers'
     default 1.0), in every pass and in generation: the released Video-KTR / Video-R1 trainers delete it before
     every forward, and the Video-R1 SFT checkpoint was trained that way (KTR_SPEC section 5)."""
+    factor: int | None = None
+    """Frame sides are multiples of this: the model's patch_size * merge_size (Qwen2/2.5-VL 28, Qwen3-VL 32).
+    None: the policy's (data modules and evaluators fill it in; standalone use: 28)."""
 
     def __post_init__(self) -> None:
         if self.rope_time not in ("sampled", "released"):
@@ -86,6 +89,11 @@ class VideoSettings:
         if self.max_frames < FRAME_FACTOR:
             raise ValueError(f"VideoSettings.max_frames must be >= {FRAME_FACTOR}, got {self.max_frames}")
         _check_pixels("VideoSettings", self.min_pixels, self.max_pixels)
+        _check_factor("VideoSettings", self.factor)
+
+    def for_factor(self, factor: int, key: str = "video") -> VideoSettings:
+        """These settings with `factor` filled in from the policy; a different explicit factor fails naming `key`."""
+        return _for_factor(self, factor, key)
         if self.total_pixels <= 0:
             raise ValueError(f"VideoSettings.total_pixels must be positive, got {self.total_pixels}")
 
@@ -103,9 +111,30 @@ class ImageSettings:
     """Smallest image area (pixels) after resizing."""
     max_pixels: int = 256 * 28 * 28
     """Largest image area (pixels) after resizing."""
+    factor: int | None = None
+    """Image sides are multiples of this: the model's patch_size * merge_size (Qwen2/2.5-VL 28, Qwen3-VL 32).
+    None: the policy's (data modules and evaluators fill it in; standalone use: 28)."""
 
     def __post_init__(self) -> None:
         _check_pixels("ImageSettings", self.min_pixels, self.max_pixels)
+        _check_factor("ImageSettings", self.factor)
+
+    def for_factor(self, factor: int, key: str = "image") -> ImageSettings:
+        return _for_factor(self, factor, key)
+
+
+def _for_factor(settings, factor: int, key: str):
+    if settings.factor is None:
+        return replace(settings, factor=factor)
+    if settings.factor != factor:
+        raise ValueError(f"{key}.factor={settings.factor}, but this policy's patch_size*merge_size is {factor}: "
+                         f"set {key}.factor: {factor} or leave it unset")
+    return settings
+
+
+def _check_factor(owner: str, factor: int | None) -> None:
+    if factor is not None and (factor <= 0 or factor % 2):
+        raise ValueError(f"{owner}.factor must be a positive even number (patch_size * merge_size), got {factor}")
 
 
 def _check_pixels(owner: str, min_pixels: int, max_pixels: int) -> None:
@@ -121,6 +150,7 @@ class VideoClip:
     sample_fps: float  # frames per second of the sampled clip: F / total_frames * video_fps
     indices: list[int]  # [F] indices of the sampled frames in the source video
     path: str  # source file, or MEMORY_PATH for in-memory frames
+    frame_times: tuple[float, ...] = ()  # [F] seconds of the sampled frames: index / source fps
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -244,9 +274,10 @@ def _make_clip(
     """Resize sampled ``frames`` [F, 3, H, W] uint8 with the per-frame cap for F frames."""
     nframes, _, height, width = frames.shape
     max_pixels = settings.frame_max_pixels(nframes)
-    new_h, new_w = smart_resize(height, width, IMAGE_FACTOR, settings.min_pixels, max_pixels)
+    new_h, new_w = smart_resize(height, width, settings.factor or IMAGE_FACTOR, settings.min_pixels, max_pixels)
     sample_fps = nframes / total_frames * video_fps
-    return VideoClip(resize_frames(frames, new_h, new_w), sample_fps, indices, path)
+    times = tuple(i / video_fps for i in indices)  # as Qwen3VLProcessor: frames_indices / metadata.fps
+    return VideoClip(resize_frames(frames, new_h, new_w), sample_fps, indices, path, times)
 
 
 def frames_from_array(frames: Tensor, video_fps: float, settings: VideoSettings) -> VideoClip:
@@ -310,7 +341,8 @@ def _resize_pil(image, settings: ImageSettings) -> Tensor:
     from PIL import Image
 
     width, height = image.size
-    new_h, new_w = smart_resize(height, width, IMAGE_FACTOR, settings.min_pixels, settings.max_pixels)
+    factor = settings.factor or IMAGE_FACTOR
+    new_h, new_w = smart_resize(height, width, factor, settings.min_pixels, settings.max_pixels)
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     array = np.array(image, dtype=np.uint8)  # [H, W, 3], a writable copy

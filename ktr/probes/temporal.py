@@ -1,7 +1,10 @@
 """Temporal-aware probe: `s_T = log p(y | frames) - log p(y | perturbed frames)` (layer L2, KTR_SPEC 1.2).
 
 The decoded frames are permuted *before* patching (so the two frames of a temporal patch are mixed too) and
-re-encoded by the vision tower: once per prompt, not once per completion. Image rows get the identity and a
+re-encoded by the vision tower: once per prompt, not once per completion. The prompt's text is untouched, so on
+Qwen3-VL the `<t seconds>` timestamps stay in their original order while the frames under them move (the model
+sees the wrong frame at each labelled time: the counterfactual for frame order), and the deepstack features
+come from the same re-encoding as the main ones. Image rows get the identity and a
 score of exactly 0 (they are excluded from temporal selection). Every call runs exactly one vision-tower
 call and one decoder pass over all rows, whatever the mix of images and videos, so ranks stay in step.
 
@@ -75,10 +78,7 @@ def perturbed_features(model: nn.Module, processor: VisionLanguageProcessor, bat
     sub = _select(batch, chosen)
     pixels, grids = processor.repatch(sub, frames)
     fresh = encode_media(model, pixels.to(batch.pixel_values.device), grids.to(batch.grid_thw.device))
-    per_prompt = list(features.per_prompt)
-    for i, f in zip(chosen, fresh.per_prompt):
-        per_prompt[i] = f
-    return VisionFeatures(per_prompt)
+    return features.with_prompts(chosen, fresh)  # deepstack features (Qwen3-VL) replaced alongside
 
 
 def _select(batch: PromptBatch, idx: list[int]) -> PromptBatch:

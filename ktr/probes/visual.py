@@ -4,7 +4,13 @@ Perturbations (registry `VISUAL_PERTURBATIONS`) edit a copy of the sequence view
 reused, so this probe never calls the vision tower.
 - `attention_mask` (released): attention mask 0 on every vision placeholder; 3D positions are recomputed from
   the mask, so the text after the media is re-indexed as if the media were absent.
-- `zero_embeddings`: vision embeddings set to zero, mask and positions kept.
+  The text around the media stays visible, so on Qwen3-VL the `<t seconds>` timestamps and the per-frame vision
+  start/end tokens stay (they carry no visual content; this is the default).
+- `attention_mask_block`: as `attention_mask`, but the whole media block the processor laid out is hidden
+  (`PromptBatch.media_block`; Qwen3-VL: the timestamps and per-frame start/end tokens too; Qwen2.5-VL: the
+  vision start/end pair), positions recomputed the same way.
+- `zero_embeddings`: vision embeddings set to zero, mask and positions kept (Qwen3-VL: the deepstack features
+  at those positions are zeroed too, by the family's `decoder_kwargs`).
 - `random_half`: a random half of each row's vision tokens masked out, positions kept.
 - `identity`: nothing hidden (scores are exactly zero; for tests and sanity checks).
 """
@@ -36,6 +42,17 @@ def _attention_mask(view, model, batch, gen):
     return replace(view, attention_mask=mask, position_ids=pos), None
 
 
+def _attention_mask_block(view, model, batch, gen):
+    if batch.media_block is None:
+        raise ValueError("attention_mask_block needs PromptBatch.media_block (set by VisionLanguageProcessor.collate)")
+    block = torch.zeros_like(view.attention_mask, dtype=torch.bool)  # [N, S]
+    block[:, : batch.media_block.shape[1]] = batch.media_block[view.prompt_index]  # prompt part; completions: none
+    block |= view.mm_token_type_ids > 0
+    mask = view.attention_mask.masked_fill(block, 0)
+    pos = rope_positions(model, view.input_ids, view.mm_token_type_ids, mask, batch, view.prompt_index)
+    return replace(view, attention_mask=mask, position_ids=pos), None
+
+
 def _zero_embeddings(view, model, batch, gen):
     return view, view.mm_token_type_ids > 0
 
@@ -53,6 +70,7 @@ def _random_half(view, model, batch, gen):
 
 VISUAL_PERTURBATIONS: dict[str, VisualPerturbation] = {
     "attention_mask": _attention_mask,
+    "attention_mask_block": _attention_mask_block,
     "zero_embeddings": _zero_embeddings,
     "random_half": _random_half,
     "identity": _identity,
