@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ktr.config import BaselineConfig, KeyTokenConfig, SamplingConfig
+
 __all__ = ["divergence_weights", "group_divergence", "temporal_bonus", "tw_grpo_weights"]
 
 _TW_CLAMP = 11.0  # TW-GRPO's clamp of the per-entry log difference
@@ -99,3 +101,16 @@ def tw_grpo_weights(hidden: Tensor, weight: Tensor, valid: Tensor, group_size: i
             logps = F.linear(h.to(weight.dtype), weight, bias).float().log_softmax(-1)  # [G, c, V]
             div[p, s:s + step] = group_divergence(logps.unsqueeze(0), ok[p:p + 1, :, s:s + step])[0]
     return divergence_weights(div, ok, alpha)
+
+
+def check_algorithm(algorithm: str, baseline: BaselineConfig, key_tokens: KeyTokenConfig,
+                    sampling: SamplingConfig) -> None:
+    """Fail at construction on an unknown algorithm or settings it cannot run with."""
+    if algorithm not in ("grpo", "t_grpo", "tw_grpo"):
+        raise ValueError(f"algorithm must be one of ['grpo', 't_grpo', 'tw_grpo'], got {algorithm!r}")
+    if algorithm == "tw_grpo" and key_tokens.enabled:
+        raise ValueError("algorithm tw_grpo weights every valid token by its divergence from the group; set "
+                         "key_tokens.enabled: false")
+    if algorithm == "t_grpo" and (baseline.shuffled_group_size or sampling.group_size // 2) < 1:
+        raise ValueError(f"algorithm t_grpo samples G // 2 completions on shuffled frames: sampling.group_size "
+                         f"{sampling.group_size} gives none; use G >= 2 or set baseline.shuffled_group_size")

@@ -19,6 +19,7 @@ from ktr import fused
 from ktr.advantages import group_advantages
 from typing import Literal
 
+from ktr.baselines import check_algorithm
 from ktr.config import (BaselineConfig, KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig,  # noqa: F401
                         RewardConfig, SamplingConfig)
 from ktr.data.base import StepBatch
@@ -319,19 +320,6 @@ class KTRModule(PolicyModule):
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         self.log_dict(metrics, batch_size=n)
         self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=n, logger=False)
-
-
-def check_algorithm(algorithm: str, baseline: BaselineConfig, key_tokens: KeyTokenConfig,
-                    sampling: SamplingConfig) -> None:
-    """Fail at construction on an unknown algorithm or settings it cannot run with."""
-    if algorithm not in ("grpo", "t_grpo", "tw_grpo"):
-        raise ValueError(f"algorithm must be one of ['grpo', 't_grpo', 'tw_grpo'], got {algorithm!r}")
-    if algorithm == "tw_grpo" and key_tokens.enabled:
-        raise ValueError("algorithm tw_grpo weights every valid token by its divergence from the group; set "
-                         "key_tokens.enabled: false")
-    if algorithm == "t_grpo" and (baseline.shuffled_group_size or sampling.group_size // 2) < 1:
-        raise ValueError(f"algorithm t_grpo samples G // 2 completions on shuffled frames: sampling.group_size "
-                         f"{sampling.group_size} gives none; use G >= 2 or set baseline.shuffled_group_size")
 
 
 def _detached(features: VisionFeatures) -> VisionFeatures:

@@ -11,7 +11,7 @@ import torch
 from ktr.baselines import divergence_weights, group_divergence, temporal_bonus, tw_grpo_weights
 from ktr.cli import main
 from ktr.config import BaselineConfig, KeyTokenConfig, SamplingConfig
-from ktr.module import check_algorithm
+from ktr.baselines import check_algorithm
 
 ROOT = Path(__file__).resolve().parents[1]
 

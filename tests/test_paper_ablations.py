@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ktr.config import KeyTokenConfig, LossConfig, SignalConfig
-from ktr.module import check_algorithm
+from ktr.baselines import check_algorithm
 from ktr.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
