@@ -404,7 +404,7 @@ def check_number(key: str, value, *, integer: bool = False, low: float | None = 
     if isinstance(value, bool) or not isinstance(value, kinds):
         want = "an integer" if integer else "a number"
         raise ConfigError(f"{key} must be {want}{' or null' if optional else ''}, got {value!r:.80}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # (ints are finite; isfinite overflows on huge ones)
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
