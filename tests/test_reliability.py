@@ -270,13 +270,23 @@ def test_reward_that_raises_is_warned_once_with_its_name(caplog) -> None:
 
 
 # ---------------------------------------------------------------------------------- 6. counts that survive
+class _OddFramesFail(SyntheticDataModule):
+    """The synthetic task where every item with an odd index has an undecodable video."""
+
+    def load_media(self, row: dict):
+        from ktr.data.video import MediaDecodeError
+
+        if int(row["problem_id"].split("-")[-1]) % 2:
+            raise MediaDecodeError(row["path"], "test: odd item")
+        return super().load_media(row)
+
+
 def test_skip_counts_survive_resume(tmp_path) -> None:
     def fit(steps: int, ckpt: str | None = None):
         L.seed_everything(0)
-        module = _module(sampling=SamplingConfig(group_size=2, max_new_tokens=4, top_p=1.0, max_prompt_length=200),
-                         loss=LossConfig(beta=0.0))
-        dm = SyntheticDataModule(batch_size=2, val_size=0, train_size=8, video=SMALL_VIDEO, shuffle=False,
-                                 max_skip_fraction=1.0)
+        module = _module(loss=LossConfig(beta=0.0))
+        dm = _OddFramesFail(batch_size=2, val_size=0, train_size=8, video=SMALL_VIDEO, shuffle=False,
+                            max_skip_fraction=0.5)
         trainer = _trainer(steps)
         trainer.fit(module, dm, ckpt_path=ckpt)
         return trainer, module._skips
@@ -284,9 +294,9 @@ def test_skip_counts_survive_resume(tmp_path) -> None:
     trainer, first = fit(1)
     trainer.save_checkpoint(tmp_path / "one.ckpt")
     _, resumed = fit(2, str(tmp_path / "one.ckpt"))
-    # step 1: items [0, 1] (1 too long); after resume [2, 3] (both too long, no step) and [4, 5] (1 too long)
-    assert (first.seen, first.by_reason["PromptTooLong"]) == (2, 1)
-    assert (resumed.seen, resumed.by_reason["PromptTooLong"]) == (6, 4)  # continued, not restarted
+    assert (first.seen, first.by_reason["MediaDecodeError"]) == (2, 1)
+    assert (resumed.seen, resumed.by_reason["MediaDecodeError"]) == (4, 2)  # continued, not restarted
+    assert [e.path for e in resumed.examples] == ["synthetic://0/1", "synthetic://0/3"]
 
 
 def test_skip_message_gives_the_row_in_the_file_and_duplicates_are_reported(tmp_path, caplog) -> None:
