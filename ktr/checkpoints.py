@@ -30,6 +30,10 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and what is wrong with it."""
 
 
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist."""
+
+
 def read_checkpoint(path: str | Path, *, key: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
     """The dictionary of a Lightning `.ckpt` file, loaded with `weights_only=True`, or `CheckpointError`.
 
@@ -39,7 +43,7 @@ def read_checkpoint(path: str | Path, *, key: str = "checkpoint", mmap: bool = F
     path = Path(path)
     where = f"{key} {str(path)!r}"
     if not path.exists():
-        raise CheckpointError(f"{where}: no such file or directory")
+        raise CheckpointNotFound(f"{where} does not exist")
     if path.is_dir():
         raise CheckpointError(f"{where} is a directory; a single-file Lightning checkpoint is expected here "
                               "(a ModelParallelStrategy checkpoint directory is read by `check_checkpoint`)")

@@ -16,7 +16,7 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -38,7 +38,7 @@ class RewardResult:
     value: float
     parse_ok: bool = True
     reason: str = ""
-    raised: bool = False
+    raised: bool = field(default=False, repr=False)
     """The reward function raised (or returned a non-finite value): a bug in the reward, not in the answer."""
 
 
@@ -85,13 +85,13 @@ def _import_dotted(path: str) -> Callable:
     try:
         obj = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - any failure of the user's module (SyntaxError, its own errors...)
-        raise ValueError(f"reward {path!r}: importing module {module_name!r} failed with "
+        raise ValueError(f"reward {path!r} could not be imported: importing module {module_name!r} failed with "
                          f"{type(err).__name__}: {err}") from err
     try:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as err:
-        raise ValueError(f"reward {path!r}: module {module_name!r} has no {attr!r} ({err})") from err
+        raise ValueError(f"reward {path!r} could not be imported: module {module_name!r} has no {attr!r}") from err
     return obj
 
 
