@@ -29,7 +29,8 @@ class SamplingConfig:
     max_new_tokens: int = 768
     """Longest completion."""
     max_prompt_length: int = 16384
-    """Longest prompt (tokens incl. vision placeholders); longer prompts raise an error naming the sample."""
+    """Longest prompt (tokens incl. vision placeholders); a longer one is skipped and counted at loading
+    (`data/skipped/PromptTooLong`), never truncated."""
     backend: Literal["hf"] = "hf"
     """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `hf` = transformers `generate` with
     `num_return_sequences`."""

@@ -162,7 +162,7 @@ class KTRModule(PolicyModule):
 
     # --- the step ------------------------------------------------------------------------------------
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
-        self.count_skips(batch)
+        batch = self.count_skips(batch)  # may drop the step on every rank (see count_skips)
         if batch.prompts is None:
             return None
         if self.global_step < self.warm_start_steps:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ktr.config import OptimConfig, PolicyConfig, SamplingConfig, check_number
 from ktr.data.base import StepBatch
+from ktr.data.skips import Skipped, row_source
 from ktr.distributed import tied_gradients
 from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.optim import lr_lambda, make_optimizer
@@ -65,15 +66,22 @@ class PolicyModule(L.LightningModule):
             self._skips.load_state_dict(restored)
         self._load_metrics = dm.load_metrics() if hasattr(dm, "load_metrics") else {}
 
-    def count_skips(self, batch: StepBatch) -> None:
+    def count_skips(self, batch: StepBatch) -> StepBatch:
         """Log unusable samples of this batch and the run's totals by reason (this rank's, cumulative over
-        resumes), plus the data module's load-time counts; stop the run (clear error) past `max_skip_fraction`."""
+        resumes), plus the data module's load-time counts; stop the run (clear error) past `max_skip_fraction`.
+
+        Returns the batch to train on: under several processes, when any rank has no usable prompt left, every
+        rank skips the step together (one all-reduce), since a rank that returned early would leave the others
+        waiting in their collectives; the prompts dropped that way are counted as skipped (`PeerRankEmpty`).
+        """
+        batch = _agree_on_step(batch, self.device)
         self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
         skips = getattr(self, "_skips", None)
         if skips is not None:
             skips.update_batch(batch)
             # rank-local, no sync: reason keys differ between ranks, a collective per key could hang
             self.log_dict({**skips.metrics(), **getattr(self, "_load_metrics", {})}, batch_size=1)
+        return batch
 
     def on_train_epoch_end(self) -> None:
         if getattr(self, "_skips", None) is not None:
@@ -230,3 +238,21 @@ def _merged_skips(states: list[dict]) -> dict:
         by_reason.update(s["by_reason"])
     return {"seen": sum(s["seen"] for s in states), "skipped": sum(s["skipped"] for s in states),
             "by_reason": dict(by_reason)}
+
+
+PEER_RANK_EMPTY = "PeerRankEmpty"
+
+
+def _agree_on_step(batch: StepBatch, device: torch.device) -> StepBatch:
+    """`batch`, or its prompts moved to `skipped` when some rank of the process group has no prompt this step."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return batch
+    backend_device = device if dist.get_backend() != "gloo" else torch.device("cpu")
+    flag = torch.tensor([0 if batch.prompts is None else 1], device=backend_device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if int(flag.item()) == 1 or batch.prompts is None:
+        return batch
+    dropped = [Skipped(-1, str(row.get("path", "")), f"{PEER_RANK_EMPTY}: another rank had no usable prompt in "
+                       "this step, so every rank skipped it", where=row_source(row)) for row in batch.prompts.rows]
+    return StepBatch(None, batch.skipped + dropped)

@@ -6,7 +6,7 @@
 4. an empty, truncated or foreign checkpoint names the file (`fit --ckpt_path`, `ktr test`, `ktr-export`);
 5. a custom reward that fails to import names path and key; one that raises is warned about once;
 6. skip counts survive resume, go to the logger with load-time counts; messages give the file's row;
-   duplicate problem_ids are reported;
+   duplicate problem_ids are reported; ranks skip a step together when one has no usable prompt;
 7. no "args passed both ways" warning, `ktr --help` describes ktr, `bench_step` times RL steps.
 """
 
@@ -351,3 +351,43 @@ def test_bench_step_times_rl_steps_on_the_demo_config() -> None:
     assert config["model"]["init_args"]["warm_start_steps"] > 0  # the demo warms up with SFT
     module = bench.build_module(config, None, torch.device("cpu"), {})
     assert module.warm_start_steps == 0 and not module.needs_targets
+
+
+def _agree_worker(rank: int, port: int, out: str) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from ktr.data.base import StepBatch
+    from ktr.data.skips import Skipped
+    from ktr.policy_module import _agree_on_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rows = [{"path": f"./r{rank}.mp4"}]
+        empty = StepBatch(None, [Skipped(0, "./bad.mp4", "MediaDecodeError: x")])
+        full = StepBatch(SimpleNamespace(rows=rows), [])
+        first = _agree_on_step(empty if rank == 0 else full, torch.device("cpu"))  # rank 0 has nothing
+        second = _agree_on_step(full, torch.device("cpu"))  # both have prompts
+        Path(out, f"{rank}.json").write_text(json.dumps({
+            "first": [first.prompts is None, [s.kind for s in first.skipped]],
+            "second": [second.prompts is None, len(second.skipped)]}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing Lightning: ~10-80 s depending on the machine's load
+def test_ranks_skip_a_step_together_when_one_has_no_prompt(tmp_path) -> None:
+    """A rank left without prompts used to return early while the others waited in their collectives (hang)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_agree_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["first"] == [True, ["MediaDecodeError"]]
+    assert r1["first"] == [True, ["PeerRankEmpty"]]  # its prompt is counted as skipped, not silently lost
+    assert r0["second"] == r1["second"] == [False, 0]

@@ -1,8 +1,9 @@
 """Datasets and the LightningDataModule base shared by every training set (layer L3).
 
 Media are decoded in DataLoader workers, once per prompt (the G completions reuse the decoded frames). A sample
-whose media cannot be decoded becomes a `Skipped` record: it is never replaced by another sample, the batch goes
-on without it, and the module counts and logs it (`data/skipped`). Too many failures stop the run.
+whose media cannot be decoded, whose prompt is longer than the module's `sampling.max_prompt_length`, or from which
+no prompt can be built becomes a `Skipped` record: it is never replaced by another sample, the batch goes on
+without it, and the module counts and logs it (`data/skipped`, by reason). Too many failures stop the run.
 """
 
 from __future__ import annotations
