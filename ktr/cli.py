@@ -24,7 +24,11 @@ class KTRCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parse, then check a given `--ckpt_path` before Lightning reads it (it names the file and the fault)."""
         super().parse_arguments(parser, args)
-        from ktr.checkpoints import SPECIAL_CKPT_PATHS, CheckpointError, check_checkpoint
+        from ktr.checkpoints import (
+            SPECIAL_CKPT_PATHS,
+            CheckpointError,
+            check_checkpoint,
+        )
 
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None

@@ -15,14 +15,24 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ktr.config import (ConfigError, DecodingConfig, KeyTokenConfig, LoraSettings, LossConfig,  # noqa: E402
-                        OptimConfig, RewardConfig, SamplingConfig, SignalConfig, TinyModelConfig)
-from ktr.data.prompts import build_messages  # noqa: E402
-from ktr.data.video import ImageSettings, VideoSettings  # noqa: E402
-from ktr.data.videor1 import load_rows  # noqa: E402
+from ktr.config import (
+    ConfigError,
+    DecodingConfig,
+    KeyTokenConfig,
+    LoraSettings,
+    LossConfig,
+    OptimConfig,
+    RewardConfig,
+    SamplingConfig,
+    SignalConfig,
+    TinyModelConfig,
+)
+from ktr.data.prompts import build_messages
+from ktr.data.video import ImageSettings, VideoSettings
+from ktr.data.videor1 import load_rows
 
 SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(-3, 3) | st.floats(allow_nan=True)
            | st.text(max_size=12) | st.sampled_from(["video", "image", "multiple choice", "numerical", "OCR",

@@ -23,8 +23,18 @@ import lightning as L
 import pytest
 import torch
 
-from ktr.config import (ConfigError, DecodingConfig, KeyTokenConfig, LoraSettings, LossConfig, OptimConfig,
-                        RewardConfig, SamplingConfig, SignalConfig, TinyModelConfig)
+from ktr.config import (
+    ConfigError,
+    DecodingConfig,
+    KeyTokenConfig,
+    LoraSettings,
+    LossConfig,
+    OptimConfig,
+    RewardConfig,
+    SamplingConfig,
+    SignalConfig,
+    TinyModelConfig,
+)
 from ktr.data.base import PromptDataset, SyntheticDataModule
 from ktr.data.skips import SkipCounter
 from ktr.data.video import ImageSettings, VideoSettings
@@ -63,7 +73,9 @@ class _Recorder:
         from lightning.pytorch.loggers.logger import DummyLogger
 
         class Recorder(DummyLogger):
-            keys: set[str] = set()
+            def __init__(self) -> None:
+                super().__init__()
+                self.keys: set[str] = set()
 
             def log_metrics(self, metrics, step=None) -> None:
                 self.keys |= set(metrics)
@@ -211,7 +223,7 @@ class _Payload:
 def test_checkpoint_reader_names_file_and_fault(tmp_path) -> None:
     from ktr.checkpoints import CheckpointError, read_checkpoint
 
-    for name, (path, what) in _bad_checkpoints(tmp_path).items():
+    for path, what in _bad_checkpoints(tmp_path).values():
         with pytest.raises(CheckpointError, match=f"{path.name}'?: .*{what}"):
             read_checkpoint(path)
     assert read_checkpoint(tmp_path / "good.ckpt")["state_dict"]["model.w"].shape == (64, 64)

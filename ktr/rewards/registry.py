@@ -84,7 +84,7 @@ def _import_dotted(path: str) -> Callable:
         raise ValueError(f"reward {path!r}: a dotted path needs a module and a name, e.g. 'pkg.mod:fn'")
     try:
         obj = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 - any failure of the user's module (SyntaxError, its own errors...)
+    except Exception as err:  # any failure of the user's module (SyntaxError, its own errors...)
         raise ValueError(f"reward {path!r} could not be imported: importing module {module_name!r} failed with "
                          f"{type(err).__name__}: {err}") from err
     try:
