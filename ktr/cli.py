@@ -16,8 +16,8 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 DESCRIPTION = ("ktr: reinforcement learning of video LLMs (Qwen2.5-VL) with GRPO and Video-KTR key-token "
-               "attribution. `ktr fit` trains, `ktr test` evaluates on benchmarks, `ktr validate` runs validation; "
-               "`ktr <command> --help` lists every option.")
+               "attribution. `ktr fit` trains, `ktr test` evaluates on benchmarks, `ktr validate` runs validation, "
+               "`ktr explain` shows a checkpoint's key tokens; `ktr <command> --help` lists every option.")
 
 
 class KTRCLI(LightningCLI):
