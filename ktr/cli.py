@@ -15,7 +15,41 @@ from lightning.pytorch.cli import LightningCLI
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
+DESCRIPTION = ("ktr: reinforcement learning of video LLMs (Qwen2.5-VL) with GRPO and Video-KTR key-token "
+               "attribution. `ktr fit` trains, `ktr test` evaluates on benchmarks, `ktr validate` runs validation, "
+               "`ktr explain` shows a checkpoint's key tokens; `ktr <command> --help` lists every option.")
+
+
 class KTRCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check a given `--ckpt_path` before Lightning reads it (it names the file and the fault)."""
+        super().parse_arguments(parser, args)
+        from ktr.checkpoints import (
+            SPECIAL_CKPT_PATHS,
+            CheckpointError,
+            check_checkpoint,
+        )
+
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and str(ckpt) not in SPECIAL_CKPT_PATHS and not str(ckpt).startswith(("registry:", "http")):
+            try:
+                check_checkpoint(ckpt, key="--ckpt_path")
+            except CheckpointError as err:
+                _fail(str(err))
+
+    def instantiate_classes(self) -> None:
+        """Build the objects; a setting rejected by its own validation ends with one line naming the key."""
+        from ktr.config import ConfigError
+
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # jsonargparse wraps the error of the class it builds; find ours in the chain
+            cause = _find(err, ConfigError)
+            if cause is None:
+                raise
+            _fail(f"invalid setting: {cause}")
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                                 "init_args": {"save_dir": "runs", "name": "ktr"}}})
@@ -29,9 +63,26 @@ def main(args: list[str] | None = None, run: bool = True) -> KTRCLI:
 
     return KTRCLI(
         PolicyModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        args=args if args is not None else sys.argv[1:], run=run, save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
+        args=args, run=run, save_config_kwargs={"overwrite": True},  # args None: Lightning reads sys.argv
+        auto_configure_optimizers=False, parser_kwargs={"prog": "ktr", "description": DESCRIPTION},
     )
+
+
+def _find(err: BaseException | None, kind: type) -> BaseException | None:
+    """The first exception of type `kind` in `err`'s cause/context chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _fail(message: str) -> None:
+    """End the command like a parse error: one line on stderr, exit status 2."""
+    print(f"ktr: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def console() -> None:

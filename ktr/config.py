@@ -9,6 +9,7 @@ these.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,12 +29,16 @@ class SamplingConfig:
     max_new_tokens: int = 768
     """Longest completion."""
     max_prompt_length: int = 16384
-    """Longest prompt (tokens incl. vision placeholders); longer prompts raise an error naming the sample."""
+    """Longest prompt (tokens incl. vision placeholders); a longer one is skipped and counted at loading
+    (`data/skipped/PromptTooLong`), never truncated."""
     backend: Literal["shared", "hf"] = "shared"
     """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `shared` = each prompt prefilled once, its
     key/value cache repeated to the G rows, sampled by ktr's loop with `generate`'s logits processing (the same
     per-step distribution; with a fixed seed the same tokens); `hf` = transformers `generate` with
     `num_return_sequences`, which prefills every prompt G times (the released code's rollout)."""
+
+    def __post_init__(self) -> None:
+        _check_sampling(self, "sampling")
 
 
 @dataclass
@@ -55,10 +60,10 @@ class DecodingConfig(SamplingConfig):
     """Questions per `generate` call on each rank."""
 
     def __post_init__(self) -> None:
+        _check_sampling(self, "decoding")
         if self.group_size != 1:
-            raise ValueError(f"decoding.group_size must be 1 at evaluation, got {self.group_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"decoding.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"decoding.group_size must be 1 at evaluation, got {self.group_size}")
+        check_number("decoding.batch_size", self.batch_size, integer=True, low=1)
 
 
 @dataclass
@@ -82,6 +87,17 @@ class LossConfig:
     micro_batch_size: int | None = None
     """Completions per gradient pass; null = all N at once. The loss is normalised over the whole group."""
 
+    def __post_init__(self) -> None:
+        check_number("loss.beta", self.beta, low=0)
+        check_choice("loss.kl_on", self.kl_on, ("key", "valid"))
+        check_choice("loss.aggregation", self.aggregation,
+                     ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"))
+        check_choice("loss.advantage", self.advantage, ("grpo", "drgrpo"))
+        check_number("loss.clip_low", self.clip_low, low=0, high=1, high_open=True)  # ratio floor 1 - clip_low > 0
+        check_number("loss.clip_high", self.clip_high, low=0)
+        check_number("loss.chunk_size", self.chunk_size, integer=True, low=1, optional=True)
+        check_number("loss.micro_batch_size", self.micro_batch_size, integer=True, low=1, optional=True)
+
 
 @dataclass
 class RewardConfig:
@@ -95,6 +111,21 @@ class RewardConfig:
     """Add the released length bonus (+0.2 for correct completions of 320-512 tokens in a group with >1 correct)."""
     length_reading: Literal["generated", "key"] = "key"
     """Length counted over generated tokens, or over key tokens as the released code did."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.names, (list, tuple)) or not self.names or not all(
+                isinstance(n, str) and n for n in self.names):
+            raise ConfigError(f"rewards.names must be a non-empty list of reward names, got {self.names!r:.80}")
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(f"rewards.names repeat: {list(self.names)}")
+        if self.weights is not None:
+            if not isinstance(self.weights, (list, tuple)) or len(self.weights) != len(self.names):
+                raise ConfigError(f"rewards.weights must be a list of {len(self.names)} numbers (one per name in "
+                                  f"rewards.names) or null, got {self.weights!r:.80}")
+            for i, w in enumerate(self.weights):
+                check_number(f"rewards.weights[{i}]", w)
+        check_flag("rewards.length_bonus", self.length_bonus)
+        check_choice("rewards.length_reading", self.length_reading, ("generated", "key"))
 
 
 @dataclass
@@ -115,6 +146,18 @@ class OptimConfig:
     """Linear warm-up steps."""
     grad_clip: float | None = 5.0
     """Clip the global gradient norm to this value (null: no clipping)."""
+
+    def __post_init__(self) -> None:
+        check_number("optim.lr", self.lr, low=0, low_open=True)
+        check_number("optim.weight_decay", self.weight_decay, low=0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r:.80}")
+        for i, b in enumerate(self.betas):
+            check_number(f"optim.betas[{i}]", b, low=0, high=1, high_open=True)
+        check_choice("optim.optimizer", self.optimizer, ("adamw", "adamw_8bit", "paged_adamw_8bit"))
+        check_choice("optim.schedule", self.schedule, ("constant", "cosine"))
+        check_number("optim.warmup_steps", self.warmup_steps, integer=True, low=0)
+        check_number("optim.grad_clip", self.grad_clip, low=0, low_open=True, optional=True)
 
 
 SIGNALS = ("visual", "temporal", "entropy")
@@ -177,6 +220,10 @@ class KeyTokenConfig:
     matches Video-KTR's step by step. Drawn from the global RNG: reproducible under `seed_everything`."""
 
     def __post_init__(self) -> None:
+        check_flag("key_tokens.enabled", self.enabled)
+        for s in SIGNALS:
+            if not isinstance(getattr(self, s), SignalConfig):
+                raise ConfigError(f"key_tokens.{s} must be a mapping with `enabled` and `ratio`")
         if self.enabled and not any(getattr(self, s).enabled for s in SIGNALS):
             raise ValueError("key_tokens.enabled is true but every signal is disabled; enable one or set "
                              "key_tokens.enabled: false for vanilla GRPO")
@@ -186,9 +233,8 @@ class KeyTokenConfig:
         if self.random and self.weighting != "hard":
             raise ValueError("key_tokens.random replaces a hard mask; it needs key_tokens.weighting: hard")
         for s in SIGNALS:
-            r = getattr(self, s).ratio
-            if not 0.0 <= r <= 1.0:
-                raise ValueError(f"key_tokens.{s}.ratio must be in [0, 1], got {r}")
+            check_flag(f"key_tokens.{s}.enabled", getattr(self, s).enabled)
+            check_number(f"key_tokens.{s}.ratio", getattr(self, s).ratio, low=0, high=1)
             if getattr(self, s).score not in SCORES:
                 raise ValueError(f"key_tokens.{s}.score must be one of {list(SCORES)}, got {getattr(self, s).score!r}")
         if self.entropy.score != "logp_diff":
@@ -273,6 +319,19 @@ class TinyModelConfig:
     seed: int = 0
     """Seed of the random initialisation (independent of the global seed)."""
 
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vision_depth",
+                     "vision_hidden_size", "vision_heads"):
+            check_number(f"policy.tiny.{name}", getattr(self, name), integer=True, low=1)
+        check_number("policy.tiny.seed", self.seed, integer=True, low=0)
+        for width, heads in (("hidden_size", "num_heads"), ("vision_hidden_size", "vision_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ConfigError(f"policy.tiny.{width} ({getattr(self, width)}) must be divisible by "
+                                  f"policy.tiny.{heads} ({getattr(self, heads)})")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"policy.tiny.num_heads ({self.num_heads}) must be divisible by "
+                              f"policy.tiny.num_kv_heads ({self.num_kv_heads})")
+
 
 @dataclass
 class LoraSettings:
@@ -287,6 +346,11 @@ class LoraSettings:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module name suffixes to adapt; matched inside the language model only."""
+
+    def __post_init__(self) -> None:
+        check_number("policy.lora.r", self.r, integer=True, low=1)
+        check_number("policy.lora.alpha", self.alpha, low=0, low_open=True)
+        check_number("policy.lora.dropout", self.dropout, low=0, high=1, high_open=True)
 
 
 @dataclass
@@ -325,3 +389,63 @@ class PolicyConfig:
     in `dtype`."""
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     """FSDP2 settings, used only when the Trainer's strategy is ModelParallelStrategy."""
+
+
+# --- validation helpers (used by the `__post_init__`s above; raise `ConfigError` naming the key) -----------
+class ConfigError(ValueError):
+    """A setting is out of range or of the wrong type; the message starts with the key as the user writes it
+    (`sampling.top_p`, `optim.betas`, `video.min_frames`). The CLI prints it without a traceback."""
+
+
+def check_number(key: str, value, *, integer: bool = False, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """Raise `ConfigError` unless `value` is a finite number (an int when `integer`) in the given range.
+
+    `low`/`high` are inclusive bounds unless `low_open`/`high_open`; `optional` also accepts None.
+
+    >>> check_number("sampling.top_p", 1.5, low=0, high=1, low_open=True)
+    Traceback (most recent call last):
+    ...
+    ktr.config.ConfigError: sampling.top_p must be in (0, 1], got 1.5
+    """
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        want = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {want}{' or null' if optional else ''}, got {value!r:.80}")
+    if isinstance(value, float) and not math.isfinite(value):  # (ints are finite; isfinite overflows on huge ones)
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        raise ConfigError(f"{key} must be {_range(low, high, low_open, high_open)}, got {value!r}")
+
+
+def _range(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_choice(key: str, value, choices: tuple) -> None:
+    """Raise `ConfigError` unless `value` is one of `choices` (Literal fields built outside the CLI)."""
+    if not isinstance(value, (str, bool)) or value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r:.80}")
+
+
+def check_flag(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r:.80}")
+
+
+def _check_sampling(cfg: SamplingConfig, key: str) -> None:
+    check_number(f"{key}.group_size", cfg.group_size, integer=True, low=1)
+    check_number(f"{key}.temperature", cfg.temperature, low=0)
+    check_number(f"{key}.top_p", cfg.top_p, low=0, high=1, low_open=True)
+    check_number(f"{key}.top_k", cfg.top_k, integer=True, low=0)
+    check_number(f"{key}.max_new_tokens", cfg.max_new_tokens, integer=True, low=1)
+    check_number(f"{key}.max_prompt_length", cfg.max_prompt_length, integer=True, low=1)
+    check_choice(f"{key}.backend", cfg.backend, ("hf",))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from ktr.checkpoints import CheckpointError, check_checkpoint, read_checkpoint
 from ktr.data.video import ImageSettings, VideoSettings
 from ktr.policy import Policy, PolicyConfig, core, family_of, load_policy
 
@@ -78,16 +79,14 @@ def settings_from_config(config: dict) -> tuple[PolicyConfig, VideoSettings, Ima
 def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The LightningModule `state_dict` of a `.ckpt` file or of a `ModelParallelStrategy` checkpoint directory."""
     path = Path(path)
-    if path.is_dir():
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    if not path.is_dir():
+        return read_checkpoint(path, key="--ckpt")["state_dict"]  # names the file and what is wrong with it
+    check_checkpoint(path, key="--ckpt")
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-        state = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))
     if "state_dict" not in state:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' key; found {sorted(state)[:5]})")
+        raise CheckpointError(f"--ckpt {str(path)!r}: not a Lightning checkpoint (no 'state_dict' key)")
     return state["state_dict"]
 
 
@@ -161,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter alone, not merged")
     args = parser.parse_args(argv)
-    out = export(args.config, args.ckpt, args.out, adapter_only=args.adapter_only)
+    try:
+        out = export(args.config, args.ckpt, args.out, adapter_only=args.adapter_only)
+    except CheckpointError as err:  # names the file and what is wrong: no traceback needed
+        parser.error(str(err))
     print(f"exported to {out}")
     return out
 

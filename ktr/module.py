@@ -9,6 +9,7 @@ optimisation, checkpoints, validation) is `ktr.policy_module.PolicyModule`; the 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,7 +22,7 @@ from typing import Literal
 
 from ktr.baselines import check_algorithm
 from ktr.config import (BaselineConfig, KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig,  # noqa: F401
-                        RewardConfig, SamplingConfig)
+                        RewardConfig, SamplingConfig, check_number)
 from ktr.data.base import StepBatch
 from ktr.forward import (SequenceView, VisionFeatures, completion_hidden, completion_logps, encode_media,
                          output_projection)
@@ -30,10 +31,12 @@ from ktr.families import vision_tower
 from ktr.policy_module import PolicyModule
 from ktr.probes.keytokens import attribute, key_token_stats
 from ktr.report.record import StepRecord
-from ktr.rewards import compute_rewards, length_bonus
+from ktr.rewards import compute_rewards, length_bonus, resolve_rewards
 from ktr.rollout import rollout_backend
 from ktr.sft import SFTModule  # noqa: F401 (re-exported: `ktr.module.SFTModule` in configs)
 from ktr.types import PromptBatch, Rollout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +80,8 @@ class KTRModule(PolicyModule):
                 [1, baseline.tw_alpha]; needs `key_tokens.enabled: false`).
             baseline: settings of the baselines.
         """
+        check_number("warm_start_steps", warm_start_steps, integer=True, low=0)
+        check_number("warm_start_lr", warm_start_lr, low=0, low_open=True, optional=True)
         super().__init__(policy, optim, val_max_new_tokens)
         self.sampling = sampling
         self.key_cfg = key_tokens
@@ -87,11 +92,9 @@ class KTRModule(PolicyModule):
         weights = self.reward_cfg.weights or [1.0] * len(self.reward_cfg.names)
         if len(weights) != len(self.reward_cfg.names):
             raise ValueError(f"rewards.weights has {len(weights)} entries for {len(self.reward_cfg.names)} names")
-        from ktr.rewards import get_reward
-
-        for name in self.reward_cfg.names:  # fail at construction on an unknown reward
-            get_reward(name)
+        resolve_rewards(self.reward_cfg.names)  # fail at construction on an unknown reward, naming its key
         self._weights = weights
+        self._reward_warned: set[str] = set()
         self._ref: list = []  # frozen reference, kept out of state_dict and checkpoints
         self.rollout_backend = rollout_backend(sampling.backend)
         self.algorithm, self.baseline_cfg = algorithm, baseline
@@ -160,7 +163,7 @@ class KTRModule(PolicyModule):
 
     # --- the step ------------------------------------------------------------------------------------
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
-        self.count_skips(batch)
+        batch = self.count_skips(batch)  # may drop the step on every rank (see count_skips)
         if batch.prompts is None:
             return None
         if self.global_step < self.warm_start_steps:
@@ -240,9 +243,14 @@ class KTRModule(PolicyModule):
     def rewards(self, prompts: PromptBatch, rollout: Rollout, key_mask: Tensor):
         g = rollout.group_size
         rows = [r for r in prompts.rows for _ in range(g)]
+        errors: dict[str, str] = {}
         total, per, failed = compute_rewards(rollout.texts, [r["solution"] for r in rows],
                                              [r["problem_type"] for r in rows], self.reward_cfg.names,
-                                             self._weights, device=self.device)
+                                             self._weights, device=self.device, errors=errors)
+        for name in errors.keys() - self._reward_warned:  # once per reward; every failure is counted
+            self._reward_warned.add(name)
+            log.warning("reward %r raised (%s); such completions score 0 for it, counted in "
+                        "train/reward/failed/%s (warned once)", name, errors[name], name)
         if self.reward_cfg.length_bonus:
             lengths = key_mask.sum(-1) if self.reward_cfg.length_reading == "key" else rollout.completion_mask.sum(-1)
             acc = per.get("accuracy", torch.zeros_like(total))

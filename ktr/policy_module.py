@@ -15,8 +15,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from ktr.config import OptimConfig, PolicyConfig, SamplingConfig
+from ktr.config import OptimConfig, PolicyConfig, SamplingConfig, check_number
 from ktr.data.base import StepBatch
+from ktr.data.skips import Skipped, row_source
 from ktr.distributed import tied_gradients
 from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.optim import lr_lambda, make_optimizer
@@ -36,6 +37,7 @@ class PolicyModule(L.LightningModule):
 
     def __init__(self, policy: PolicyConfig = PolicyConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
                  val_max_new_tokens: int = 64) -> None:
+        check_number("val_max_new_tokens", val_max_new_tokens, integer=True, low=1)
         super().__init__()
         self.automatic_optimization = False
         self.policy_cfg = policy
@@ -59,12 +61,27 @@ class PolicyModule(L.LightningModule):
     def on_train_start(self) -> None:
         dm = self.trainer.datamodule
         self._skips = dm.make_skip_counter() if hasattr(dm, "make_skip_counter") else None
+        restored = getattr(self, "_skips_restored", None)  # from the checkpoint of a resumed run
+        if self._skips is not None and restored is not None:
+            self._skips.load_state_dict(restored)
+        self._load_metrics = dm.load_metrics() if hasattr(dm, "load_metrics") else {}
 
-    def count_skips(self, batch: StepBatch) -> None:
-        """Log undecodable samples of this batch; stop the run (clear error) past `max_skip_fraction`."""
+    def count_skips(self, batch: StepBatch) -> StepBatch:
+        """Log unusable samples of this batch and the run's totals by reason (this rank's, cumulative over
+        resumes), plus the data module's load-time counts; stop the run (clear error) past `max_skip_fraction`.
+
+        Returns the batch to train on: under several processes, when any rank has no usable prompt left, every
+        rank skips the step together (one all-reduce), since a rank that returned early would leave the others
+        waiting in their collectives; the prompts dropped that way are counted as skipped (`PeerRankEmpty`).
+        """
+        batch = _agree_on_step(batch, self.device)
         self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
-        if getattr(self, "_skips", None) is not None:
-            self._skips.update_batch(batch)
+        skips = getattr(self, "_skips", None)
+        if skips is not None:
+            skips.update_batch(batch)
+            # rank-local, no sync: reason keys differ between ranks, a collective per key could hang
+            self.log_dict({**skips.metrics(), **getattr(self, "_load_metrics", {})}, batch_size=1)
+        return batch
 
     def on_train_epoch_end(self) -> None:
         if getattr(self, "_skips", None) is not None:
@@ -116,8 +133,18 @@ class PolicyModule(L.LightningModule):
         else:
             states = [state]
         checkpoint["ktr_rng"] = states
+        skips = getattr(self, "_skips", None)
+        if skips is not None:
+            checkpoint["ktr_skips"] = _per_rank(skips.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        skips = checkpoint.get("ktr_skips")
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if skips is not None:  # applied at train start, when the counter exists
+            if len(skips) == world:
+                self._skips_restored = skips[self.global_rank]
+            elif self.global_rank == 0:  # resumed on another number of processes: rank 0 carries the totals
+                self._skips_restored = _merged_skips(skips)
         states = checkpoint.get("ktr_rng")
         world = self.trainer.world_size if self._trainer is not None else 1
         if states is not None and len(states) == world:
@@ -191,3 +218,41 @@ class PolicyModule(L.LightningModule):
 
     def test_step(self, batch: StepBatch, batch_idx: int) -> None:
         """Nothing per batch: `ktr test` is done by the benchmark evaluator callbacks (`ktr.callbacks`)."""
+
+
+def _per_rank(state: dict) -> list[dict]:
+    """`state` of every rank (a collective: every rank reaches `on_save_checkpoint`)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        states = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def _merged_skips(states: list[dict]) -> dict:
+    """Skip counts of a run resumed on another number of processes, summed over the old ranks."""
+    from collections import Counter
+
+    by_reason: Counter = Counter()
+    for s in states:
+        by_reason.update(s["by_reason"])
+    return {"seen": sum(s["seen"] for s in states), "skipped": sum(s["skipped"] for s in states),
+            "by_reason": dict(by_reason)}
+
+
+PEER_RANK_EMPTY = "PeerRankEmpty"
+
+
+def _agree_on_step(batch: StepBatch, device: torch.device) -> StepBatch:
+    """`batch`, or its prompts moved to `skipped` when some rank of the process group has no prompt this step."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return batch
+    backend_device = device if dist.get_backend() != "gloo" else torch.device("cpu")
+    flag = torch.tensor([0 if batch.prompts is None else 1], device=backend_device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if int(flag.item()) == 1 or batch.prompts is None:
+        return batch
+    dropped = [Skipped(-1, str(row.get("path", "")), f"{PEER_RANK_EMPTY}: another rank had no usable prompt in "
+                       "this step, so every rank skipped it", where=row_source(row)) for row in batch.prompts.rows]
+    return StepBatch(None, batch.skipped + dropped)

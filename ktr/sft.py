@@ -14,5 +14,5 @@ class SFTModule(PolicyModule):
     needs_targets = True
 
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
-        self.count_skips(batch)
+        batch = self.count_skips(batch)
         return None if batch.prompts is None else self.sft_step(batch.prompts)

@@ -22,6 +22,9 @@ Runs on one device even for a multi-GPU config (the FSDP strategy is not used), 
 `strategy` (`scripts/gpu_check.py` runs a one-GPU `ModelParallelStrategy` step that way).
 
 `measure(...)` is the importable entry point (used by `scripts/gpu_check.py`); `main` is the command line.
+
+Every step timed is an RL step: a config's SFT warm start (`warm_start_steps`, e.g. the demo's 90) is
+set to 0 here.
 """
 
 from __future__ import annotations
@@ -198,6 +201,9 @@ def build_module(config: dict, arch: str | None, device: torch.device, overrides
     for key, value in overrides.items():
         section, name = key.split(".")
         init.setdefault(section, {})[name] = value
+    if init.get("warm_start_steps"):  # time RL steps, not the config's SFT warm start (demo: 90 steps)
+        print(f"bench_step: warm_start_steps={init['warm_start_steps']} in the config set to 0: timing RL steps")
+        init["warm_start_steps"] = 0
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(PolicyModule, "model")
     parsed = parser.parse_object({"model": model_cfg})
@@ -320,7 +326,7 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
             else "process peak RSS", "overrides": dict(overrides or {}),
             "group_size": g, "max_new_tokens": t, "full_length": full_length,
             "full_length_ok": all(s.get("completion_tokens") == g * t for s in meter.steps) if full_length else None,
-            "setup": setup, "steps": meter.steps, "summary": summarise(meter.steps)}
+            "step_kind": "rl", "setup": setup, "steps": meter.steps, "summary": summarise(meter.steps)}
 
 
 def run(args) -> dict:

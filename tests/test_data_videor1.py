@@ -171,7 +171,8 @@ def test_jsonl_gives_the_same_rows_and_names_lines(dataset, processor, tmp_path)
     assert dm.train_rows() == make_dm(dataset, processor).train_rows()
     report = dm.reports[0]
     assert (report.total, report.invalid_rows) == (14, 4)
-    assert str(report.examples[0]).endswith("row 4 (line 6): line is not valid JSON (Unterminated string starting at)")
+    assert str(report.examples[0]).endswith(
+        "row 4 (line 6): line is not valid JSON: Unterminated string starting at (column 13)")
     with pytest.raises(DataFileError, match=r"train\.jsonl, row 4 \(line 6\): line is not valid JSON"):
         load_rows(jsonl, strict=True)
 

@@ -1,14 +1,16 @@
 """Datasets and the LightningDataModule base shared by every training set (layer L3).
 
 Media are decoded in DataLoader workers, once per prompt (the G completions reuse the decoded frames). A sample
-whose media cannot be decoded becomes a `Skipped` record: it is never replaced by another sample, the batch goes
-on without it, and the module counts and logs it (`data/skipped`). Too many failures stop the run.
+whose media cannot be decoded, whose prompt is longer than the module's `sampling.max_prompt_length`, or from which
+no prompt can be built becomes a `Skipped` record: it is never replaced by another sample, the batch goes on
+without it, and the module counts and logs it (`data/skipped`, by reason). Too many failures stop the run.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import lightning as L
@@ -17,7 +19,8 @@ from torch.utils.data import Dataset
 
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.data.synthetic import SyntheticSpec
-from ktr.data.skips import SkipCounter, Skipped
+from ktr.config import check_number
+from ktr.data.skips import SkipCounter, Skipped, row_source
 from ktr.data.prompts import build_messages
 from ktr.data.video import (ImageSettings, MediaDecodeError, VideoSettings, frames_from_array, image_from_array,
                             load_image, load_video)
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MediaLoader = Callable[[dict], Media]
 TargetFn = Callable[[dict, int], str]
+PROMPT_TOO_LONG = "PromptTooLong"
+"""Skip reason of a prompt longer than `sampling.max_prompt_length` (counted as `data/skipped/PromptTooLong`)."""
 
 
 @dataclass
@@ -59,24 +64,38 @@ class PromptDataset(Dataset):
         processor: tokenises the prompt and patches the media.
         eval_prompt: use the evaluation wording of the question template.
         target: row, index -> supervised target text (SFT); None for RL.
+        max_prompt_length: a prompt with more tokens (incl. vision placeholders) becomes a `Skipped` record
+            (reason `PromptTooLong`) instead of failing the step; None: no limit here.
+
+    A row no prompt can be built from (`ValueError` from the prompt, the target or the processor) is skipped
+    and counted too: it is the sample's fault, so it must not end the run.
     """
 
     def __init__(self, rows: Sequence[dict], load_media: MediaLoader, processor: VisionLanguageProcessor,
-                 eval_prompt: bool = False, target: TargetFn | None = None) -> None:
+                 eval_prompt: bool = False, target: TargetFn | None = None,
+                 max_prompt_length: int | None = None) -> None:
         self.rows, self.load_media, self.processor = rows, load_media, processor
-        self.eval_prompt, self.target = eval_prompt, target
+        self.eval_prompt, self.target, self.max_prompt_length = eval_prompt, target, max_prompt_length
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> PromptSample | Skipped:
         row = self.rows[index]
+        skip = partial(Skipped, index, str(row.get("path", "")), where=row_source(row))
         try:
             media = self.load_media(row)
         except (MediaDecodeError, FileNotFoundError, OSError, ValueError) as err:
-            return Skipped(index, str(row.get("path", "")), f"{type(err).__name__}: {err}")
-        target = self.target(row, index) if self.target is not None else None
-        return self.processor.encode(build_messages(row, eval=self.eval_prompt), media, row=row, target=target)
+            return skip(f"{type(err).__name__}: {err}")
+        try:
+            target = self.target(row, index) if self.target is not None else None
+            sample = self.processor.encode(build_messages(row, eval=self.eval_prompt), media, row=row, target=target)
+        except ValueError as err:  # the row's own fault (a field no prompt or target can be built from)
+            return skip(f"{type(err).__name__}: {err}")
+        if self.max_prompt_length is not None and len(sample.prompt_ids) > self.max_prompt_length:
+            return skip(f"{PROMPT_TOO_LONG}: prompt of {len(sample.prompt_ids)} tokens exceeds "
+                        f"sampling.max_prompt_length={self.max_prompt_length}")
+        return sample
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -105,12 +124,18 @@ class BaseDataModule(L.LightningDataModule):
                 by default validation sees the training wording, so `val/acc` measures the trained task.
         """
         super().__init__()
+        for key, value, low in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),
+                                ("num_workers", num_workers, 0), ("skip_min_seen", skip_min_seen, 1)):
+            check_number(f"data.{key}", value, integer=True, low=low)
+        check_number("data.max_skip_fraction", max_skip_fraction, low=0, high=1)
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.video = video or VideoSettings()
         self.image = image or ImageSettings()
         self.max_skip_fraction, self.skip_min_seen = max_skip_fraction, skip_min_seen
         self.shuffle, self.seed, self.val_eval_prompt = shuffle, seed, val_eval_prompt
         self.processor: VisionLanguageProcessor | None = None
+        self.max_prompt_length: int | None = None
+        """Longest training prompt; taken from the module's `sampling.max_prompt_length` at `setup`."""
 
     # --- to implement -------------------------------------------------------------------------------
     def train_rows(self) -> Sequence[dict]:
@@ -135,6 +160,14 @@ class BaseDataModule(L.LightningDataModule):
         # media are resized to multiples of the policy's patch_size * merge_size (28 Qwen2/2.5-VL, 32 Qwen3-VL)
         self.video = self.video.for_factor(self.processor.resize_factor, "data.init_args.video")
         self.image = self.image.for_factor(self.processor.resize_factor, "data.init_args.image")
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        sampling = getattr(module, "sampling", None)
+        if self.max_prompt_length is None and sampling is not None:
+            self.max_prompt_length = sampling.max_prompt_length  # too-long prompts are skipped, not fatal
+
+    def load_metrics(self) -> dict[str, float]:
+        """Load-time counts for the logger (`data/invalid_rows`, `data/invalid/<reason>`...); none by default."""
+        return {}
 
     def make_skip_counter(self) -> SkipCounter:
         """The run-time counter of undecodable samples, with this module's threshold (see `ktr.data.skips`)."""
@@ -147,7 +180,8 @@ class BaseDataModule(L.LightningDataModule):
 
     def _loader(self, rows: Sequence[dict], batch_size: int, shuffle: bool, sft: bool, eval_prompt: bool):
         target = self.sft_target if sft else None
-        ds = PromptDataset(rows, self.load_media, self.processor, eval_prompt=eval_prompt, target=target)
+        ds = PromptDataset(rows, self.load_media, self.processor, eval_prompt=eval_prompt, target=target,
+                           max_prompt_length=self.max_prompt_length)
         gen = torch.Generator().manual_seed(self.seed)
         # Resumable: Lightning checkpoints its shuffle and position, so a resumed run sees the same data (ktr.resume).
         return ResumableDataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,

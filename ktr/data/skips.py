@@ -1,16 +1,19 @@
-"""Run-time accounting of samples whose media could not be decoded (pure Python: no torch, no Lightning).
+"""Run-time accounting of samples that could not be used (pure Python: no torch, no Lightning): media that do not
+decode, prompts longer than `sampling.max_prompt_length`, rows no prompt can be built from.
 
 The DataLoader never replaces a broken sample by another one: it returns a `Skipped` record next to the
 prompts that did decode (`ktr.data.base.StepBatch.skipped`). The training loop feeds each batch to one
 `SkipCounter`, which
 
-- counts seen and skipped samples, by reason (the exception class: `FileNotFoundError`, `MediaDecodeError`...);
+- counts seen and skipped samples, by reason (the exception class: `FileNotFoundError`, `MediaDecodeError`,
+  `PromptTooLong`...);
 - warns once per path (a bad file seen again in the next epoch is counted again but not warned again);
 - raises `SkipLimitExceeded` naming counts, fraction, threshold and example paths once more than
   `max_fraction` of the samples seen so far were skipped (checked after `min_seen` samples, so that one
   bad file among the first few does not stop a run).
 
-Counts are per process; under DDP each rank counts its own shard of the data.
+Counts are per process; under DDP each rank counts its own shard of the data. The counts (and which paths were
+already warned about) go into checkpoints, so a resumed run keeps its totals (`ktr.policy_module`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,28 @@ from typing import Any, Sequence
 log = logging.getLogger(__name__)
 
 
+
+class SourcedRow(dict):
+    """A data row (a plain `dict` for every reader and for `==`) that also knows where it is in its file.
+
+    `source` (`train.json row 12 (line 13)`) is the row's place in the file as written, before invalid rows
+    were dropped: what skip messages name. It survives pickling into DataLoader workers.
+    """
+
+    source: str = ""
+
+    @classmethod
+    def of(cls, row: dict, source: str) -> SourcedRow:
+        out = cls(row)
+        out.source = source
+        return out
+
+
+def row_source(row: Any) -> str:
+    """Where `row` is in its file, or `""` when its data module does not say."""
+    return getattr(row, "source", "")
+
+
 @dataclass
 class Skipped:
     """A sample that could not be prepared, with where and why."""
@@ -33,6 +58,8 @@ class Skipped:
     """The row's `path` field as written in the data file."""
     reason: str
     """`"<ExceptionClass>: <message>"`; the message names the resolved file."""
+    where: str = ""
+    """Where the row is in its data file (`train.json row 12 (line 13)`), when the data module knows it."""
 
     @property
     def kind(self) -> str:
@@ -88,7 +115,7 @@ class SkipCounter:
             self.by_reason[item.kind] += 1
             if item.path not in self._warned:
                 self._warned.add(item.path)
-                log.warning("skipping sample %d (%s): %s", item.index, item.path, item.reason)
+                log.warning("skipping %s (%s): %s", item.where or f"sample {item.index}", item.path, item.reason)
                 if len(self.examples) < self.max_examples:
                     self.examples.append(item)
         self.check()
@@ -107,14 +134,15 @@ class SkipCounter:
             return
         if self.fraction > self.max_fraction:
             raise SkipLimitExceeded(
-                f"{self.skipped} of {self.seen} samples ({self.fraction:.1%}) could not be decoded, more than "
+                f"{self.skipped} of {self.seen} samples ({self.fraction:.1%}) could not be used, more than "
                 f"max_skip_fraction={self.max_fraction:g}. {self.summary()}. Check media_root and the media "
                 f"files, or raise the data module's max_skip_fraction.")
 
     def summary(self) -> str:
         """By-reason counts and example paths, one line."""
         reasons = ", ".join(f"{k}: {n}" for k, n in self.by_reason.most_common()) or "none"
-        examples = "; ".join(f"{s.path!r} ({s.reason})" for s in self.examples) or "none"
+        examples = "; ".join(f"{s.path!r}{f' at {s.where}' if s.where else ''} ({s.reason})"
+                             for s in self.examples) or "none"
         return f"Skipped by reason: {reasons}. Examples: {examples}"
 
     def metrics(self, prefix: str = "data") -> dict[str, float]:
@@ -127,8 +155,11 @@ class SkipCounter:
 
     def state_dict(self) -> dict:
         """Counts to store in a checkpoint so that a resumed run keeps its totals."""
-        return {"seen": self.seen, "skipped": self.skipped, "by_reason": dict(self.by_reason)}
+        return {"seen": self.seen, "skipped": self.skipped, "by_reason": dict(self.by_reason),
+                "warned": sorted(self._warned), "examples": [vars(e).copy() for e in self.examples]}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.skipped = int(state["seen"]), int(state["skipped"])
         self.by_reason = Counter(state["by_reason"])
+        self._warned.update(state.get("warned", []))
+        self.examples = [Skipped(**e) for e in state.get("examples", [])][: self.max_examples]

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ktr.config import ConfigError, check_choice, check_number
+
 FRAME_FACTOR = 2
 """Sampled frame counts are multiples of this (Qwen2.5-VL's temporal patch size)."""
 IMAGE_FACTOR = 28
@@ -80,22 +82,19 @@ class VideoSettings:
     None: the policy's (data modules and evaluators fill it in; standalone use: 28)."""
 
     def __post_init__(self) -> None:
-        if self.rope_time not in ("sampled", "released"):
-            raise ValueError(f"VideoSettings.rope_time must be 'sampled' or 'released', got {self.rope_time!r}")
-        if not (math.isfinite(self.fps) and self.fps > 0):
-            raise ValueError(f"VideoSettings.fps must be a positive number, got {self.fps}")
-        if self.min_frames < 1:
-            raise ValueError(f"VideoSettings.min_frames must be >= 1, got {self.min_frames}")
-        if self.max_frames < FRAME_FACTOR:
-            raise ValueError(f"VideoSettings.max_frames must be >= {FRAME_FACTOR}, got {self.max_frames}")
-        _check_pixels("VideoSettings", self.min_pixels, self.max_pixels)
-        _check_factor("VideoSettings", self.factor)
+        check_choice("video.rope_time", self.rope_time, ("sampled", "released"))
+        check_number("video.fps", self.fps, low=0, low_open=True)
+        check_number("video.min_frames", self.min_frames, integer=True, low=1)
+        check_number("video.max_frames", self.max_frames, integer=True, low=FRAME_FACTOR)
+        if self.min_frames > self.max_frames:
+            raise ConfigError(f"video.min_frames ({self.min_frames}) must be <= video.max_frames ({self.max_frames})")
+        _check_pixels("video", self.min_pixels, self.max_pixels)
+        check_number("video.total_pixels", self.total_pixels, integer=True, low=0, low_open=True)
+        _check_factor("video", self.factor)
 
     def for_factor(self, factor: int, key: str = "video") -> VideoSettings:
         """These settings with `factor` filled in from the policy; a different explicit factor fails naming `key`."""
         return _for_factor(self, factor, key)
-        if self.total_pixels <= 0:
-            raise ValueError(f"VideoSettings.total_pixels must be positive, got {self.total_pixels}")
 
     def frame_max_pixels(self, nframes: int) -> float:
         """Effective per-frame area cap for a clip of ``nframes`` frames (may be a float, as upstream)."""
@@ -116,8 +115,8 @@ class ImageSettings:
     None: the policy's (data modules and evaluators fill it in; standalone use: 28)."""
 
     def __post_init__(self) -> None:
-        _check_pixels("ImageSettings", self.min_pixels, self.max_pixels)
-        _check_factor("ImageSettings", self.factor)
+        _check_pixels("image", self.min_pixels, self.max_pixels)
+        _check_factor("image", self.factor)
 
     def for_factor(self, factor: int, key: str = "image") -> ImageSettings:
         return _for_factor(self, factor, key)
@@ -127,19 +126,22 @@ def _for_factor(settings, factor: int, key: str):
     if settings.factor is None:
         return replace(settings, factor=factor)
     if settings.factor != factor:
-        raise ValueError(f"{key}.factor={settings.factor}, but this policy's patch_size*merge_size is {factor}: "
-                         f"set {key}.factor: {factor} or leave it unset")
+        raise ConfigError(f"{key}.factor={settings.factor}, but this policy's patch_size*merge_size is {factor}: "
+                          f"set {key}.factor: {factor} or leave it unset")
     return settings
 
 
-def _check_factor(owner: str, factor: int | None) -> None:
-    if factor is not None and (factor <= 0 or factor % 2):
-        raise ValueError(f"{owner}.factor must be a positive even number (patch_size * merge_size), got {factor}")
+def _check_factor(key: str, factor: int | None) -> None:
+    if factor is not None and (not isinstance(factor, int) or factor <= 0 or factor % 2):
+        raise ConfigError(f"{key}.factor must be a positive even number (patch_size * merge_size), got {factor}")
 
 
-def _check_pixels(owner: str, min_pixels: int, max_pixels: int) -> None:
-    if min_pixels <= 0 or max_pixels < min_pixels:
-        raise ValueError(f"{owner}: need 0 < min_pixels <= max_pixels, got {min_pixels=} {max_pixels=}")
+def _check_pixels(key: str, min_pixels: int, max_pixels: int) -> None:
+    """`key` is the settings' config key (`video`, `image`): messages name `video.min_pixels` etc."""
+    check_number(f"{key}.min_pixels", min_pixels, integer=True, low=0, low_open=True)
+    check_number(f"{key}.max_pixels", max_pixels, integer=True, low=0, low_open=True)
+    if max_pixels < min_pixels:
+        raise ConfigError(f"{key}.min_pixels ({min_pixels}) must be <= {key}.max_pixels ({max_pixels})")
 
 
 @dataclass

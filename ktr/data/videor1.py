@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,7 @@ from typing import Any, Literal, Sequence
 
 from ktr.data.base import BaseDataModule, decode_image_file, decode_video_file
 from ktr.data.prompts import validate_row
+from ktr.data.skips import SourcedRow
 from ktr.types import Media
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,13 @@ class LoadReport:
     examples: list[RowProblem] = field(default_factory=list)  # first MAX_EXAMPLES problems
     filtered: int = 0  # valid rows dropped by the data_types filter
     kept: int = 0
+    duplicates: dict[str, list[int]] = field(default_factory=dict)  # problem_id (JSON) -> its rows, if > 1
+
+    def duplicates_summary(self) -> str:
+        rows = sum(len(v) for v in self.duplicates.values())
+        examples = "; ".join(f"{k} at rows {', '.join(map(str, v[:4]))}" for k, v in list(self.duplicates.items())[:3])
+        return (f"{self.file}: {len(self.duplicates)} problem_ids occur more than once ({rows} rows), e.g. "
+                f"{examples}. The rows are kept; per-question results keyed by problem_id may mix them")
 
     def summary(self) -> str:
         counts = ", ".join(f"{k}: {n}" for k, n in self.invalid.most_common())
@@ -84,36 +93,89 @@ def _reason_key(problem: str) -> str:
     return problem.split(":", 1)[0]
 
 
-def read_records(path: str | Path) -> list[tuple[int, int | None, Any]]:
-    """`(row index, line, record)` of a JSON list or JSONL file (sniffed from the first character).
+@dataclass
+class BadLine:
+    """A JSONL line that cannot be a row (not UTF-8, not JSON); `problem` says why."""
 
-    A JSONL line that is not valid JSON gives a `json.JSONDecodeError` as its record (counted as an invalid
-    row by the caller); a malformed JSON list raises `DataFileError` (no row can be trusted).
+    problem: str
+
+
+_UTF16_32 = (b"\xff\xfe", b"\xfe\xff")  # UTF-16/32 byte-order marks (UTF-32 LE starts like UTF-16 LE)
+
+
+def read_records(path: str | Path) -> list[tuple[int, int | None, Any]]:
+    """`(row index, line, record)` of a JSON list or JSONL file.
+
+    A whole-file failure raises `DataFileError` naming the file and what is wrong: it cannot be read, it is
+    not UTF-8, a JSON list is not valid JSON (line and column given), or the top-level value is neither a list
+    of rows nor one object per line. In a JSONL file one bad line costs only its row: a line that is not UTF-8
+    or not JSON gives a `BadLine` record (an invalid row for the caller) and the other lines are read.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip()[:1] == "[":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataFileError(f"{path}: not valid JSON ({e})") from e
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # a directory, no permission, a broken disk...
+        raise DataFileError(f"{path}: cannot read the data file ({type(e).__name__}: {e.strerror or e})") from e
+    if raw.startswith(_UTF16_32):
+        raise DataFileError(f"{path}: the file is UTF-16/32 encoded (byte-order mark); save it as UTF-8")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+    try:
+        text: str | None = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = None
+        if raw.lstrip()[:1] == b"[":  # one JSON document: nothing can be read past a bad byte
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataFileError(f"{path}: not UTF-8 text at line {line} (byte {e.start}: {e.reason}); "
+                                "save the file as UTF-8") from e
+    if text is not None:
+        whole = _whole_document(path, text)
+        if whole is not None:
+            return whole
+    return _jsonl_records(raw)
+
+
+def _whole_document(path: Path, text: str) -> list[tuple[int, int | None, Any]] | None:
+    """Records of a file that is one JSON document; None when it is JSON Lines (several documents)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip()[:1] == "[":
+            raise DataFileError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        return None  # JSON Lines (or garbage): read line by line
+    except RecursionError as e:
+        raise DataFileError(f"{path}: JSON nested too deeply to read") from e
+    if isinstance(data, list):
         return [(i, None, rec) for i, rec in enumerate(data)]
+    if isinstance(data, dict) and len([ln for ln in text.splitlines() if ln.strip()]) == 1:
+        return [(0, next(i for i, ln in enumerate(text.splitlines(), 1) if ln.strip()), data)]  # one JSONL row
+    if isinstance(data, dict):
+        raise DataFileError(f"{path}: the file is one JSON object (keys {sorted(data)[:5]}), expected a list of "
+                            "rows or JSON Lines (one row object per line)")
+    raise DataFileError(f"{path}: the top-level JSON value is a {type(data).__name__}, expected a list of rows "
+                        "or JSON Lines (one row object per line)")
+
+
+def _jsonl_records(raw: bytes) -> list[tuple[int, int | None, Any]]:
     out: list[tuple[int, int | None, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):  # only \n ends a JSONL line (not U+2028 etc.)
         if not line.strip():
             continue
         try:
-            rec: Any = json.loads(line)
+            rec: Any = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            rec = BadLine(f"line is not UTF-8 text: byte {e.start} of the line, {e.reason}")
         except json.JSONDecodeError as e:
-            rec = e
+            rec = BadLine(f"line is not valid JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            rec = BadLine("line is not readable JSON: nested too deeply")
         out.append((len(out), lineno, rec))
     return out
 
 
 def row_problems(record: Any, require_process: bool = False) -> list[str]:
     """Schema problems of one record, each naming its field (`[]` for a good row)."""
-    if isinstance(record, json.JSONDecodeError):
-        return [f"line is not valid JSON ({record.msg})"]
+    if isinstance(record, BadLine):
+        return [record.problem]
     if not isinstance(record, dict):
         return [f"row is a {type(record).__name__}, expected an object"]
     problems = validate_row(record)
@@ -138,6 +200,7 @@ def load_rows(path: str | Path, *, strict: bool = False, require_process: bool =
     """
     report = LoadReport(file=str(path))
     rows: list[dict] = []
+    ids: dict[str, list[int]] = {}  # problem_id (as JSON) -> file rows holding it
     for index, line, record in read_records(path):
         report.total += 1
         problems = row_problems(record, require_process)
@@ -154,8 +217,13 @@ def load_rows(path: str | Path, *, strict: bool = False, require_process: bool =
         if data_types is not None and record["data_type"] not in data_types:
             report.filtered += 1
             continue
-        rows.append(record)
+        rows.append(SourcedRow.of(record, f"{path} row {index}" + (f" (line {line})" if line is not None else "")))
+        if record.get("problem_id") is not None:
+            ids.setdefault(json.dumps(record["problem_id"], sort_keys=True), []).append(index)
     report.kept = len(rows)
+    report.duplicates = {k: v for k, v in ids.items() if len(v) > 1}
+    if report.duplicates:
+        log.warning(report.duplicates_summary())
     if report.invalid_rows:
         if report.invalid_rows > max_invalid_fraction * report.total:
             raise DataFileError(f"{report.summary()}. That is more than max_skip_fraction="
@@ -277,6 +345,19 @@ class VideoR1DataModule(BaseDataModule):
         if self.trainer is not None and self.wants_sft_targets() and not self.require_process:
             raise ValueError(f"{type(self).__name__} has no SFT targets; for supervised fine-tuning use "
                              "ktr.data.videor1.VideoR1COTDataModule (rows with a `process` field)")
+
+    def load_metrics(self) -> dict[str, float]:
+        """What loading dropped, summed over the files: `data/invalid_rows`, `data/invalid/<reason>`,
+        `data/duplicate_problem_ids`, `data/rows_read`."""
+        out = {"data/rows_read": 0.0, "data/invalid_rows": 0.0, "data/duplicate_problem_ids": 0.0}
+        for r in self.reports:
+            out["data/rows_read"] += r.total
+            out["data/invalid_rows"] += r.invalid_rows
+            out["data/duplicate_problem_ids"] += len(r.duplicates)
+            for reason, n in r.invalid.items():
+                key = "data/invalid/" + re.sub(r"[^A-Za-z0-9_.-]+", "_", reason).strip("_")
+                out[key] = out.get(key, 0.0) + n
+        return out
 
     def train_rows(self) -> Sequence[dict]:
         self._load()

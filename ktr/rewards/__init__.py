@@ -13,6 +13,7 @@ from ktr.rewards.registry import (
     get_reward,
     get_reward_detail,
     register_reward,
+    resolve_rewards,
 )
 from ktr.rewards.accuracy import (  # noqa: I001 - registers "accuracy", needs the registry first
     ACCURACY_SCORERS,
@@ -41,6 +42,7 @@ __all__ = [
     "length_bonus",
     "parse_number",
     "register_reward",
+    "resolve_rewards",
     "rouge_mean_f",
     "word_error_rate",
 ]

@@ -16,11 +16,13 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from ktr.config import ConfigError
 
 
 class RewardFn(Protocol):
@@ -36,6 +38,8 @@ class RewardResult:
     value: float
     parse_ok: bool = True
     reason: str = ""
+    raised: bool = field(default=False, repr=False)
+    """The reward function raised (or returned a non-finite value): a bug in the reward, not in the answer."""
 
 
 DetailFn = Callable[[str, str, str], RewardResult]
@@ -80,10 +84,14 @@ def _import_dotted(path: str) -> Callable:
         raise ValueError(f"reward {path!r}: a dotted path needs a module and a name, e.g. 'pkg.mod:fn'")
     try:
         obj = importlib.import_module(module_name)
+    except Exception as err:  # any failure of the user's module (SyntaxError, its own errors...)
+        raise ValueError(f"reward {path!r} could not be imported: importing module {module_name!r} failed with "
+                         f"{type(err).__name__}: {err}") from err
+    try:
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward {path!r} could not be imported: {err}") from err
+    except AttributeError as err:
+        raise ValueError(f"reward {path!r} could not be imported: module {module_name!r} has no {attr!r}") from err
     return obj
 
 
@@ -115,6 +123,17 @@ def get_reward(name: str) -> RewardFn:
     return fn
 
 
+def resolve_rewards(names: Sequence[str], key: str = "rewards.names") -> list[RewardFn]:
+    """`get_reward` for each name, failing with the config key of the bad entry (`rewards.names[1]: ...`)."""
+    out = []
+    for i, name in enumerate(names):
+        try:
+            out.append(get_reward(name))
+        except ValueError as err:
+            raise ConfigError(f"{key}[{i}]: {err}") from err
+    return out
+
+
 def get_reward_detail(name: str) -> DetailFn:
     """Detail function of a reward: the built-in one, or a guard around ``get_reward(name)``.
 
@@ -128,9 +147,9 @@ def get_reward_detail(name: str) -> DetailFn:
         try:
             value = float(fn(completion, solution, problem_type))
         except Exception as err:  # noqa: BLE001 - rewards never raise (issue 5); the failure is counted.
-            return RewardResult(0.0, False, f"{type(err).__name__}: {err}")
+            return RewardResult(0.0, False, f"{type(err).__name__}: {err}", raised=True)
         if not math.isfinite(value):
-            return RewardResult(0.0, False, f"non-finite reward {value}")
+            return RewardResult(0.0, False, f"non-finite reward {value}", raised=True)
         return RewardResult(value)
 
     return guarded
@@ -144,10 +163,13 @@ def compute_rewards(
     weights: Sequence[float],
     *,
     device: torch.device | str | None = None,
+    errors: dict[str, str] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, int]]:
     """Weighted sum of the named rewards for ``N`` completions. Pure: no logging.
 
     Returns ``(total [N], {name: unweighted values [N]}, {name: number of failed calls})``, float32.
+    ``errors``, when given, receives ``{name: first error}`` for each reward whose function raised (or returned
+    a non-finite value) on some completion, so that the caller can warn about it.
     The length bonus is not included (it needs token counts); add :func:`ktr.rewards.length_bonus`.
 
     >>> total, per, failed = compute_rewards(
@@ -172,5 +194,7 @@ def compute_rewards(
         values = torch.tensor([r.value for r in results], dtype=torch.float32, device=device)  # [N]
         per_reward[name] = values
         n_failed[name] = sum(not r.parse_ok for r in results)
+        if errors is not None and (first := next((r.reason for r in results if r.raised), None)) is not None:
+            errors.setdefault(name, first)
         total += weight * values
     return total, per_reward, n_failed
