@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+
+RolloutBackendName = Literal["shared", "hf"]
+"""Registered rollout backends (`ktr.rollout.ROLLOUT_BACKENDS`)."""
 
 
 @dataclass
@@ -31,7 +35,7 @@ class SamplingConfig:
     max_prompt_length: int = 16384
     """Longest prompt (tokens incl. vision placeholders); a longer one is skipped and counted at loading
     (`data/skipped/PromptTooLong`), never truncated."""
-    backend: Literal["shared", "hf"] = "shared"
+    backend: RolloutBackendName = "shared"
     """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `shared` = each prompt prefilled once, its
     key/value cache repeated to the G rows, sampled by ktr's loop with `generate`'s logits processing (the same
     per-step distribution; with a fixed seed the same tokens); `hf` = transformers `generate` with
@@ -56,11 +60,16 @@ class DecodingConfig(SamplingConfig):
     """Longest answer."""
     max_prompt_length: int = 32768
     """Prompts longer than this (tokens incl. video placeholders) are skipped and listed, never truncated."""
+    backend: RolloutBackendName = "hf"
+    """Evaluation generates with transformers' `generate` (`hf`), the only backend it supports for now."""
     batch_size: int = 8
     """Questions per `generate` call on each rank."""
 
     def __post_init__(self) -> None:
         _check_sampling(self, "decoding")
+        if self.backend != "hf":
+            raise ConfigError(f"decoding.backend must be 'hf' (evaluation generates with transformers' generate), "
+                              f"got {self.backend!r}")
         if self.group_size != 1:
             raise ConfigError(f"decoding.group_size must be 1 at evaluation, got {self.group_size}")
         check_number("decoding.batch_size", self.batch_size, integer=True, low=1)
@@ -225,28 +234,28 @@ class KeyTokenConfig:
             if not isinstance(getattr(self, s), SignalConfig):
                 raise ConfigError(f"key_tokens.{s} must be a mapping with `enabled` and `ratio`")
         if self.enabled and not any(getattr(self, s).enabled for s in SIGNALS):
-            raise ValueError("key_tokens.enabled is true but every signal is disabled; enable one or set "
+            raise ConfigError("key_tokens.enabled is true but every signal is disabled; enable one or set "
                              "key_tokens.enabled: false for vanilla GRPO")
         if self.random and not self.enabled:
-            raise ValueError("key_tokens.random matches the count Video-KTR selects, so it needs "
+            raise ConfigError("key_tokens.random matches the count Video-KTR selects, so it needs "
                              "key_tokens.enabled: true")
         if self.random and self.weighting != "hard":
-            raise ValueError("key_tokens.random replaces a hard mask; it needs key_tokens.weighting: hard")
+            raise ConfigError("key_tokens.random replaces a hard mask; it needs key_tokens.weighting: hard")
         for s in SIGNALS:
             check_flag(f"key_tokens.{s}.enabled", getattr(self, s).enabled)
             check_number(f"key_tokens.{s}.ratio", getattr(self, s).ratio, low=0, high=1)
             if getattr(self, s).score not in SCORES:
-                raise ValueError(f"key_tokens.{s}.score must be one of {list(SCORES)}, got {getattr(self, s).score!r}")
+                raise ConfigError(f"key_tokens.{s}.score must be one of {list(SCORES)}, got {getattr(self, s).score!r}")
         if self.entropy.score != "logp_diff":
-            raise ValueError("key_tokens.entropy.score must be logp_diff: the entropy signal compares no two passes")
+            raise ConfigError("key_tokens.entropy.score must be logp_diff: the entropy signal compares no two passes")
         for key, allowed in (("weighting", ("hard", "softmax", "sigmoid", "linear", "exponential")),
                              ("weight_combine", ("mean", "max")), ("soft_norm", ("weights", "valid"))):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"key_tokens.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+                raise ConfigError(f"key_tokens.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.weighting != "hard" and self.soft_k <= 0:
-            raise ValueError(f"key_tokens.soft_k must be > 0, got {self.soft_k}")
+            raise ConfigError(f"key_tokens.soft_k must be > 0, got {self.soft_k}")
         if self.weighting in ("sigmoid", "linear", "exponential") and not 0.0 <= self.soft_gamma < 2.0:
-            raise ValueError(f"key_tokens.soft_gamma must be in [0, 2) (weights stay positive), got {self.soft_gamma}")
+            raise ConfigError(f"key_tokens.soft_gamma must be in [0, 2) (weights stay positive), got {self.soft_gamma}")
 
     @property
     def needs_base_hidden(self) -> bool:
@@ -272,9 +281,9 @@ class BaselineConfig:
 
     def __post_init__(self) -> None:
         if self.shuffled_group_size is not None and self.shuffled_group_size < 1:
-            raise ValueError(f"baseline.shuffled_group_size must be >= 1 or null, got {self.shuffled_group_size}")
+            raise ConfigError(f"baseline.shuffled_group_size must be >= 1 or null, got {self.shuffled_group_size}")
         if self.tw_alpha < 1.0:
-            raise ValueError(f"baseline.tw_alpha must be >= 1, got {self.tw_alpha}")
+            raise ConfigError(f"baseline.tw_alpha must be >= 1, got {self.tw_alpha}")
 
 
 @dataclass
@@ -448,4 +457,4 @@ def _check_sampling(cfg: SamplingConfig, key: str) -> None:
     check_number(f"{key}.top_k", cfg.top_k, integer=True, low=0)
     check_number(f"{key}.max_new_tokens", cfg.max_new_tokens, integer=True, low=1)
     check_number(f"{key}.max_prompt_length", cfg.max_prompt_length, integer=True, low=1)
-    check_choice(f"{key}.backend", cfg.backend, ("hf",))
+    check_choice(f"{key}.backend", cfg.backend, get_args(RolloutBackendName))

@@ -90,8 +90,7 @@ def _fit(tmp_path: Path, monkeypatch, *overlay: str) -> set[str]:
           "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
           "--model.init_args.warm_start_steps=0", "--model.init_args.sampling.group_size=2",
           "--model.init_args.sampling.max_new_tokens=6", "--data.init_args.batch_size=1",
-          "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1",
-          f"--trainer.callbacks.init_args.dirpath={tmp_path / 'ckpt'}"])
+          "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1"])
     acc = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*"))))
     acc.Reload()
     return set(acc.Tags()["scalars"])

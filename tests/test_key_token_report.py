@@ -17,7 +17,7 @@ def test_demo_command_writes_a_report(tmp_path: Path, monkeypatch) -> None:
     # `ktr fit --config configs/demo.yaml --trainer.max_steps=4`: all four steps are warm-start (SFT) steps,
     # which have no key tokens; the callback's end-of-training page explains the last batch with the final policy.
     torch.set_num_threads(1)
-    monkeypatch.chdir(tmp_path)  # the demo keeps its checkpoint in ./runs/demo/checkpoints
+    monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.max_steps=4",
           f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     pages = sorted(p.name for p in tmp_path.rglob("key_tokens/*.html"))
@@ -31,7 +31,7 @@ def test_demo_command_writes_a_report(tmp_path: Path, monkeypatch) -> None:
     from ktr.explain import main as explain
 
     Image.new("RGB", (56, 56), (30, 30, 200)).save(tmp_path / "blue.png")
-    explain(["--config", str(ROOT / "configs/demo.yaml"), "--ckpt", str(tmp_path / "runs/demo/checkpoints/last.ckpt"),
+    explain(["--config", str(ROOT / "configs/demo.yaml"), "--ckpt", str(next(tmp_path.rglob("checkpoints/last.ckpt"))),
              "--image", str(tmp_path / "blue.png"), "--question", "Which colour?", "--answer", "<answer>C</answer>",
              "--no-png", "--out", str(tmp_path / "explain")])
     comp = json.loads((tmp_path / "explain" / "report.json").read_text())["prompts"][0]["completions"][0]

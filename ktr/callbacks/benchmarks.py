@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from ktr import eval as E
 from ktr.callbacks.evaluator import BenchmarkEvaluator, _barrier, _rank_world
@@ -81,18 +82,21 @@ class SyntheticBenchmark(BenchmarkEvaluator):
         data_seed: seed of the item generator.
         spec: clip shape and question kinds.
         data_dir: where annotation.json and the videos go.
+        wording: question template of the prompt: the evaluation wording (as for real benchmarks) or the
+            training wording (what the demo's tiny policy was trained on).
     """
 
     def __init__(self, num_questions: int = 32, data_seed: int = 0, spec: SyntheticSpec | None = None,
-                 data_dir: str | None = None, **kwargs) -> None:
+                 data_dir: str | None = None, wording: Literal["eval", "train"] = "eval", **kwargs) -> None:
         from ktr.eval.benchmarks.synthetic import SyntheticVideoR1
 
         if num_questions < 1:
             raise ValueError(f"synthetic: num_questions must be >= 1, got {num_questions}")
         self.num_questions, self.data_seed, self.spec = num_questions, data_seed, spec or SyntheticSpec()
-        self.data_dir = data_dir
+        self.data_dir, self.wording = data_dir, wording
         # the real annotation path is known once the output root is (see prepare)
-        super().__init__(SyntheticVideoR1(Path(data_dir or ".") / "annotation.json", data_dir), **kwargs)
+        super().__init__(SyntheticVideoR1(Path(data_dir or ".") / "annotation.json", data_dir, wording=wording),
+                         **kwargs)
 
     def prepare(self, root: Path) -> None:
         from ktr.eval.benchmarks.synthetic import SyntheticVideoR1, write_synthetic_benchmark
@@ -101,4 +105,4 @@ class SyntheticBenchmark(BenchmarkEvaluator):
         if _rank_world()[0] == 0:
             write_synthetic_benchmark(data, self.num_questions, self.data_seed, self.spec)
         _barrier()
-        self.benchmark = SyntheticVideoR1(data / "annotation.json", data)
+        self.benchmark = SyntheticVideoR1(data / "annotation.json", data, wording=self.wording)

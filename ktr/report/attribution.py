@@ -47,7 +47,7 @@ def explain_batch(model: nn.Module, processor: VisionLanguageProcessor, prompts:
     logps, entropy = completion_logps(model, hidden, ids, valid, chunk_size, with_entropy=True)
     cfg = replace(key_cfg, enabled=True)
     key = attribute(model, processor, prompts, view, feats, ids, valid, logps, entropy, cfg, rollout.group_size,
-                    chunk_size)
+                    chunk_size, base_hidden=hidden)  # distribution scores compare against these hidden states
     g = rollout.group_size
     rows = [r for r in prompts.rows for _ in range(g)]
     rewards, per, advantages = None, {}, None

@@ -15,13 +15,14 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
-from torch import Tensor
 
 from ktr.data.synthetic import SyntheticSpec, make_item
 from ktr.data.video import write_video
-from ktr.eval.base import EvalItem, Format
+from ktr.data.prompts import build_question
+from ktr.eval.base import EvalItem, Format, read_rows
 from ktr.eval.benchmarks.videor1 import DualFormatBenchmark, field_error
 from ktr.eval.extract import Extraction
 
@@ -78,10 +79,26 @@ class SyntheticVideoR1(DualFormatBenchmark):
     breakdown_fields = ("kind",)
 
     def __init__(self, annotation_path: str | os.PathLike, video_root: str | os.PathLike | None,
-                 format: Format = "video_r1") -> None:  # noqa: A002
+                 format: Format = "video_r1", wording: Literal["eval", "train"] = "eval") -> None:  # noqa: A002
         if format != "video_r1":
             raise ValueError(f"synthetic: only format 'video_r1' exists, got {format!r}")
+        if wording not in ("eval", "train"):
+            raise ValueError(f"synthetic: wording must be 'eval' or 'train', got {wording!r}")
+        self.wording = wording
         super().__init__(annotation_path, video_root, format)
+
+    @property
+    def prompt_variant(self) -> str:
+        return "video_r1_eval" if self.wording == "eval" else "video_r1_train"
+
+    def load(self) -> list[EvalItem]:
+        """The rows as Video-R1 eval items; with `wording: train`, the prompt of the training template (a tiny
+        policy trained on one exact prompt, like the demo's, does not transfer to the evaluation wording)."""
+        items = super().load()
+        if self.wording == "eval":
+            return items
+        rows = read_rows(self.annotation_path)
+        return [replace(item, prompt_text=build_question(row, eval=False)) for item, row in zip(items, rows)]
 
     def video_r1_meta(self, row: Mapping[str, Any], index: int) -> dict[str, Any]:
         source = str(row.get("data_source", ""))
