@@ -23,16 +23,9 @@ class Piece:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's byte -> printable character map (what byte-level BPE vocabularies are written in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    from ktr.tokenizer import _bytes_to_unicode
+
+    return {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def token_bytes(tokenizer, token_id: int) -> bytes:
