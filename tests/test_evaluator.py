@@ -217,7 +217,10 @@ def test_fit_evaluates_every_n_steps_at_validation(tmp_path):
 
 
 def _outputs(model, processor, out: Path, data: Path) -> list[str]:
-    SyntheticBenchmark(num_questions=4, data_dir=str(data), **GREEDY_DEMO).evaluate(model, processor, out)
+    from ktr.data.synthetic import SyntheticSpec
+
+    demo_eval = dict(spec=SyntheticSpec(kinds=("order",)), wording="train")  # as configs/demo_eval.yaml
+    SyntheticBenchmark(num_questions=4, data_dir=str(data), **GREEDY_DEMO, **demo_eval).evaluate(model, processor, out)
     return [p["output"] for p in _predictions(out / "predictions.jsonl")]
 
 
