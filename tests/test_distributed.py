@@ -94,7 +94,7 @@ def _run_worker(tmp_path: Path, scenario: str) -> dict:
     return out
 
 
-def _single(scenario: str, monkeypatch) -> dict:
+def _single(scenario: str) -> dict:
     from tests._fsdp_worker import run
 
     return run(scenario, devices=1)
@@ -103,7 +103,7 @@ def _single(scenario: str, monkeypatch) -> dict:
 @pytest.mark.slow
 def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path, monkeypatch):
     fsdp = _run_worker(tmp_path, "full")
-    single = _single("full", monkeypatch)
+    single = _single("full")
     (l1, g1, _), (l2, g2, kl2) = fsdp["losses"]
     (s1, h1, _), (s2, h2, skl2) = single["losses"]
     assert g1 == pytest.approx(h1, rel=1e-5) and g1 > 0  # the whole gradient, reduce-scattered over ranks
@@ -131,7 +131,7 @@ def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path, m
 def test_fsdp2_qwen3vl_video_and_image_ranks_match_one_process(tmp_path, monkeypatch):
     """The same 2-rank check on the tiny Qwen3-VL: deepstack features flow through the sharded units."""
     fsdp = _run_worker(tmp_path, "full_qwen3vl")
-    single = _single("full_qwen3vl", monkeypatch)
+    single = _single("full_qwen3vl")
     (l1, g1, _), (l2, g2, kl2) = fsdp["losses"]
     (s1, h1, _), (s2, h2, skl2) = single["losses"]
     assert g1 == pytest.approx(h1, rel=1e-5) and g1 > 0

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.forward import SequenceView, VisionFeatures
-from ktr.probes.select import combine_masks, random_same_count, scope_thresholds, select_scope
+from ktr.probes.select import above_thresholds, combine_masks, random_same_count, scope_thresholds
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
 from ktr.config import SIGNALS, KeyTokenConfig, SignalConfig  # noqa: F401 (re-exported)
@@ -38,9 +38,8 @@ def select_key_tokens(scores: dict[str, Tensor], valid: Tensor, video_rows: Tens
     thresholds: dict[str, Tensor] = {}
     for name, s in scores.items():
         eligible = valid & video_rows.unsqueeze(-1) if name == "temporal" else valid
-        ratio = getattr(cfg, name).ratio
-        masks[name] = select_scope(s, eligible, ratio, cfg.scope, group_size)
-        thresholds[name] = scope_thresholds(s, eligible, ratio, cfg.scope, group_size)  # reports show them
+        thresholds[name] = scope_thresholds(s, eligible, getattr(cfg, name).ratio, cfg.scope, group_size)  # [N]
+        masks[name] = above_thresholds(s, eligible, thresholds[name])  # one quantile per pool, shown by reports
     if cfg.combine == "union" or "temporal" not in masks or len(masks) == 1:
         mask = combine_masks(list(masks.values()), cfg.combine)
     else:  # intersection: image rows have no temporal signal, intersect the others there

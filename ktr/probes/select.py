@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ktr.ops import check_mask, upcast
 
-__all__ = ["COMBINERS", "SCOPES", "combine_masks", "pooled_quantile", "random_same_count", "scope_thresholds",
-           "select_scope", "select_top_ratio", "top_ratio_thresholds"]
+__all__ = ["COMBINERS", "SCOPES", "above_thresholds", "combine_masks", "pooled_quantile", "random_same_count",
+           "scope_thresholds", "select_scope", "select_top_ratio", "top_ratio_thresholds"]
 
 Scope = Literal["group", "sequence", "batch"]
 Combine = Literal["union", "intersection"]
@@ -82,9 +82,13 @@ def select_top_ratio(scores: Tensor, valid: Tensor, ratio: float, group_size: in
           (this is what ``torch.quantile(..., 1.0)`` in the released code does);
         * ties at the threshold are all kept, so more than ``ratio`` of the pool can be selected.
     """
+    return above_thresholds(scores, valid, top_ratio_thresholds(scores, valid, ratio, group_size))
+
+
+def above_thresholds(scores: Tensor, valid: Tensor, thresholds: Tensor) -> Tensor:
+    """`[N, T]` bool: valid finite scores at or above their row's threshold (`thresholds` `[N]`)."""
     x = upcast(scores)  # [N, T]
-    thr = top_ratio_thresholds(scores, valid, ratio, group_size).unsqueeze(-1)  # [N, 1]
-    return valid & torch.isfinite(x) & (x >= thr)  # an empty pool has thr = NaN, and x >= NaN is False
+    return valid & torch.isfinite(x) & (x >= thresholds.unsqueeze(-1))  # NaN (empty pool) selects nothing
 
 
 def top_ratio_thresholds(scores: Tensor, valid: Tensor, ratio: float, group_size: int | None = None) -> Tensor:
