@@ -95,9 +95,13 @@ class LossConfig:
     """Tokens per chunk of the output projection; null materialises full logits (naive; for comparison)."""
     micro_batch_size: int | None = None
     """Completions per gradient pass; null = all N at once. The loss is normalised over the whole group."""
+    shared_prefix: bool = True
+    """Scoring passes run each group's prompt once, its G completions packed after it (`ktr.prefix`); false runs
+    the N rows whole, as released (the same log-probs up to rounding, G times the prompt work)."""
 
     def __post_init__(self) -> None:
         check_number("loss.beta", self.beta, low=0)
+        check_flag("loss.shared_prefix", self.shared_prefix)
         check_choice("loss.kl_on", self.kl_on, ("key", "valid"))
         check_choice("loss.aggregation", self.aggregation,
                      ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"))
@@ -203,7 +207,7 @@ class KeyTokenConfig:
     visual_perturbation: Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
                                  "identity"] = "attention_mask"
     """How the media is hidden for the visual probe (released: attention_mask)."""
-    temporal_perturbation: Literal["shuffle", "reverse", "segment_shuffle", "identity"] = "shuffle"
+    temporal_perturbation: Literal["shuffle", "reverse", "segment_shuffle", "patch_shuffle", "identity"] = "shuffle"
     """How frames are perturbed for the temporal probe (released: shuffle)."""
     scope: Literal["group", "sequence", "batch"] = "group"
     """Pool of the quantile: the G completions of a prompt (released), each sequence, or the whole batch."""

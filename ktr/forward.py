@@ -17,8 +17,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from ktr import prefix
 from ktr.families import core, family_of, row_features
-from ktr.types import PromptBatch, Rollout, VisionFeatures  # noqa: F401 (VisionFeatures re-exported)
+from ktr.types import PromptBatch, Rollout, VisionFeatures
 
 
 def encode_media(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> VisionFeatures:
@@ -83,26 +84,67 @@ class SequenceView:
     mm_token_type_ids: Tensor  # [N, S]
     position_ids: Tensor  # [3, N, S]
     prompt_index: Tensor  # [N]
+    shared_prefix: bool = True  # run each group's prompt once (`ktr.prefix`) where the pass allows it
 
     @classmethod
-    def of(cls, model: nn.Module, rollout: Rollout, batch: PromptBatch) -> SequenceView:
+    def of(cls, model: nn.Module, rollout: Rollout, batch: PromptBatch, shared_prefix: bool = True) -> SequenceView:
         pos = rope_positions(model, rollout.input_ids, rollout.mm_token_type_ids, rollout.attention_mask, batch,
                              rollout.prompt_index)
-        return cls(rollout.input_ids, rollout.attention_mask, rollout.mm_token_type_ids, pos, rollout.prompt_index)
+        return cls(rollout.input_ids, rollout.attention_mask, rollout.mm_token_type_ids, pos, rollout.prompt_index,
+                   shared_prefix)
 
 
 def completion_hidden(model: nn.Module, view: SequenceView, features: VisionFeatures, completion_length: int,
                       zero_vision: Tensor | None = None) -> Tensor:
-    """Final hidden states `[N, T, H]` at the positions that predict the T completion tokens."""
-    embeds = sequence_embeddings(model, view.input_ids, features, view.prompt_index, view.mm_token_type_ids,
-                                 zero_vision)
-    lm = core(model).model.language_model
-    extra = family_of(model).decoder_kwargs(model, view.mm_token_type_ids, view.prompt_index, features, zero_vision)
-    out = lm(inputs_embeds=embeds, attention_mask=view.attention_mask, position_ids=view.position_ids,
-             use_cache=False, **extra)
-    hidden = out.last_hidden_state  # [N, S, H]
+    """Final hidden states `[N, T, H]` at the positions that predict the T completion tokens.
+
+    With `view.shared_prefix` (the default) each group's prompt runs once, its completions packed after it
+    (`ktr.prefix`), when the rows of every group share their prompt part and the attention implementation takes
+    a 4D mask; otherwise every row runs whole (the naive layout, as released).
+    """
+    packed = shared_layout(model, view, completion_length, zero_vision)
+    if packed is not None:
+        hidden = decoder_hidden(model, packed.input_ids, packed.attention_mask, packed.position_ids,
+                                packed.mm_token_type_ids, packed.prompt_index, features, packed.zero_vision)
+        return hidden.flatten(0, 1)[packed.gather]  # [N, T, H]
+    hidden = decoder_hidden(model, view.input_ids, view.attention_mask, view.position_ids, view.mm_token_type_ids,
+                            view.prompt_index, features, zero_vision)  # [N, S, H]
     s = hidden.shape[1]
     return hidden[:, s - completion_length - 1: s - 1]
+
+
+def shared_layout(model: nn.Module, view: SequenceView, completion_length: int,
+                  zero_vision: Tensor | None = None) -> prefix.PackedRows | None:
+    """The packed shared-prefix rows of `view`, or None where the pass runs naive (see `completion_hidden`)."""
+    if not view.shared_prefix or _attention(model) not in prefix.SHARED_ATTENTION:
+        return None
+    if bool((view.prompt_index[1:] != view.prompt_index[:-1]).all()):
+        return None  # one row per prompt (SFT, G = 1): nothing to share
+    p = view.input_ids.shape[1] - completion_length
+    if not prefix.prompts_shared(view.input_ids, view.attention_mask, view.mm_token_type_ids, view.position_ids,
+                                 zero_vision, view.prompt_index, p):
+        return None
+    return prefix.pack_groups(view.input_ids, view.attention_mask, view.mm_token_type_ids, view.position_ids,
+                              zero_vision, view.prompt_index, completion_length)
+
+
+def _attention(model: nn.Module) -> str:
+    return core(model).model.language_model.config._attn_implementation
+
+
+def decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                   mm_token_type_ids: Tensor, prompt_index: Tensor, features: VisionFeatures,
+                   zero_vision: Tensor | None = None) -> Tensor:
+    """The decoder trunk's final hidden states `[R, S, H]` for R rows (`attention_mask` `[R, S]`, or a 4D bool
+    mask `[R, 1, S, S]`, True = attend) whose vision placeholders take their prompt's features."""
+    embeds = sequence_embeddings(model, input_ids, features, prompt_index, mm_token_type_ids, zero_vision)
+    lm = core(model).model.language_model
+    extra = family_of(model).decoder_kwargs(model, mm_token_type_ids, prompt_index, features, zero_vision)
+    if attention_mask.dim() == 4 and _attention(model) == "eager":
+        attention_mask = prefix.additive_mask(attention_mask, embeds.dtype)
+    out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+             **extra)
+    return out.last_hidden_state
 
 
 def output_projection(model: nn.Module) -> nn.Module:

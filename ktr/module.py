@@ -196,7 +196,7 @@ class KTRModule(PolicyModule):
         vision_trains = any(p.requires_grad for p in vision_tower(self.model).parameters())
         with torch.set_grad_enabled(vision_trains):
             features = encode_media(self.model, prompts.pixel_values, prompts.grid_thw)
-        view = SequenceView.of(self.model, rollout, prompts)
+        view = SequenceView.of(self.model, rollout, prompts, shared_prefix=self.loss_cfg.shared_prefix)
         need_entropy = self.key_cfg.enabled and self.key_cfg.entropy.enabled
         with torch.set_grad_enabled(single):
             hidden = completion_hidden(self.model, view, features if single else _detached(features), ids.shape[1])
@@ -273,29 +273,28 @@ class KTRModule(PolicyModule):
                       max_len=ids.shape[1])
         if weights is not None:
             common["weight_norm"] = weight_norm
-            self._step_weights = weights
-        else:
-            self._step_weights = None
         if kl_mask is not None:
             common["num_kl_tokens"] = kl_mask.sum()
         if scores.hidden is not None:
-            return self._loss_backward(scores.hidden, slice(None), rollout, scores, mask, kl_mask, advantages, common)
+            return self._loss_backward(scores.hidden, slice(None), rollout, scores, mask, kl_mask, advantages, weights,
+                                       common)
         leaf = scores.features.detached()
         total = torch.zeros((), device=self.device)
         for start in range(0, n, cfg.micro_batch_size):
             rows = slice(start, start + cfg.micro_batch_size)
             hidden = completion_hidden(self.model, _rows(scores.view, rows), leaf, ids.shape[1])
-            total = total + self._loss_backward(hidden, rows, rollout, scores, mask, kl_mask, advantages, common)
+            total = total + self._loss_backward(hidden, rows, rollout, scores, mask, kl_mask, advantages, weights,
+                                                common)
         grads = [(f, lf.grad) for f, lf in zip(scores.features.tensors(), leaf.tensors()) if lf.grad is not None]
         if grads:  # the vision tower trains: one backward through it for all micro-batches
             torch.autograd.backward([f for f, _ in grads], [g for _, g in grads])
         return total
 
-    def _loss_backward(self, hidden, rows, rollout, scores, mask, kl_mask, advantages, common) -> Tensor:
+    def _loss_backward(self, hidden, rows, rollout, scores, mask, kl_mask, advantages, weights, common) -> Tensor:
         ids = rollout.completion_ids[rows]
         kw = dict(common, ref_logps=None if scores.ref_logps is None else scores.ref_logps[rows])
-        if self._step_weights is not None:
-            kw["weights"] = self._step_weights[rows]
+        if weights is not None:
+            kw["weights"] = weights[rows]
         if kl_mask is not None:
             kw["kl_mask"] = kl_mask[rows]
         head = output_projection(self.model)

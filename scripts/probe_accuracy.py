@@ -32,8 +32,8 @@ from ktr.data.video import VideoSettings, frames_from_array
 from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.policy import load_policy
 from ktr.probes.select import select_top_ratio
-from ktr.probes.temporal import temporal_scores
-from ktr.probes.visual import visual_scores
+from ktr.probes.temporal import TEMPORAL_PERTURBATIONS, temporal_scores
+from ktr.probes.visual import VISUAL_PERTURBATIONS, visual_scores
 from ktr.rollout import teacher_rollout
 from ktr.types import Media
 
@@ -109,11 +109,14 @@ def auroc(scores: Tensor, labels: Tensor) -> float:
 
 
 @torch.no_grad()
-def score_heldout(policy, n: int, batch_size: int, seed: int) -> tuple[dict[str, list[Tensor]], dict, list[Tensor]]:
-    """Per signal the scores of every held-out completion, the labels, and the valid masks (lists over batches)."""
+def score_heldout(policy, n: int, batch_size: int, seed: int, visual: tuple[str, ...] = ("attention_mask",),
+                  temporal: tuple[str, ...] = ("shuffle",)) -> tuple[dict[tuple, list[Tensor]], dict, list[Tensor]]:
+    """Per (signal, perturbation) the scores of every held-out completion, the labels, and the valid masks (lists
+    over batches). `visual` / `temporal`: the perturbations scored (registries of `ktr.probes`)."""
     model, proc = policy.model, policy.processor
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list[Tensor]] = {s: [] for s in SIGNALS}
+    keys = [("visual", v) for v in visual] + [("temporal", t) for t in temporal] + [("entropy", ""), ("random", "")]
+    out: dict[tuple, list[Tensor]] = {k: [] for k in keys}
     labels: dict[str, list[Tensor]] = {k: [] for k in LABELS}
     valids, stats = [], {"target_top_all": [], "target_top_content": []}
     for start in range(0, n, batch_size):
@@ -122,11 +125,13 @@ def score_heldout(policy, n: int, batch_size: int, seed: int) -> tuple[dict[str,
         rollout, feats, view, hidden = teacher_pass(model, proc, batch)
         ids, valid = rollout.completion_ids, rollout.completion_mask  # [N, T]
         logps, ent = completion_logps(model, hidden, ids, valid, 512, with_entropy=True)
-        out["visual"].append(visual_scores(model, batch, view, feats, ids, valid, logps, "attention_mask"))
-        out["temporal"].append(temporal_scores(model, proc, batch, view, feats, ids, valid, logps, "shuffle",
-                                               generator=gen))
-        out["entropy"].append(ent.masked_fill(~valid, 0.0))
-        out["random"].append(torch.rand(ids.shape, generator=gen))
+        for v in visual:
+            out["visual", v].append(visual_scores(model, batch, view, feats, ids, valid, logps, v))
+        for t in temporal:
+            out["temporal", t].append(temporal_scores(model, proc, batch, view, feats, ids, valid, logps, t,
+                                                      generator=gen))
+        out["entropy", ""].append(ent.masked_fill(~valid, 0.0))
+        out["random", ""].append(torch.rand(ids.shape, generator=gen))
         for k in LABELS:
             lab = torch.zeros_like(valid)
             for i, v in enumerate(labs):
@@ -144,7 +149,7 @@ def score_heldout(policy, n: int, batch_size: int, seed: int) -> tuple[dict[str,
 
 def metrics(scores, labels, valids, ratio: float, model_name: str) -> list[dict]:
     records = []
-    for sig, per_batch in scores.items():
+    for (sig, pert), per_batch in scores.items():
         for lab in LABELS:
             flat_s = torch.cat([s[v] for s, v in zip(per_batch, valids)])
             flat_l = torch.cat([l[v] for l, v in zip(labels[lab], valids)])
@@ -154,7 +159,8 @@ def metrics(scores, labels, valids, ratio: float, model_name: str) -> list[dict]
                 sel_hits += int((sel & l).sum())
                 sel_n += int(sel.sum())
                 oracle_hits += int(torch.minimum(sel.sum(-1), (l & v).sum(-1)).sum())
-            records.append({"model": model_name, "signal": sig, "label": lab, "auroc": auroc(flat_s, flat_l),
+            records.append({"model": model_name, "signal": sig, "perturbation": pert, "label": lab,
+                            "auroc": auroc(flat_s, flat_l),
                             "precision_at_ratio": sel_hits / max(1, sel_n), "ratio": ratio,
                             "n_tokens": int(flat_l.numel()), "n_positive": int(flat_l.sum()),
                             "oracle_precision": oracle_hits / max(1, sel_n)})
@@ -162,10 +168,10 @@ def metrics(scores, labels, valids, ratio: float, model_name: str) -> list[dict]
 
 
 def table(records: list[dict], acc: dict) -> str:
-    lines = ["| model | signal | label | AUROC | precision@ratio | oracle precision | positives / tokens |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | signal | perturbation | label | AUROC | precision@ratio | oracle precision | positives / tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['model']} | {r['signal']} | {r['label']} | {r['auroc']:.3f} | "
+        lines.append(f"| {r['model']} | {r['signal']} | {r['perturbation'] or '-'} | {r['label']} | {r['auroc']:.3f} | "
                      f"{r['precision_at_ratio']:.3f} | {r['oracle_precision']:.3f} | "
                      f"{r['n_positive']} / {r['n_tokens']} |")
     lines.append("")
@@ -182,19 +188,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout", type=int, default=128, help="held-out completions scored")
     p.add_argument("--ratio", type=float, default=0.2, help="selection ratio (released: 0.2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--visual-perturbations", nargs="+", default=["attention_mask"], choices=sorted(VISUAL_PERTURBATIONS),
+                   help="visual perturbations scored (released: attention_mask)")
+    p.add_argument("--temporal-perturbations", nargs="+", default=["shuffle"], choices=sorted(TEMPORAL_PERTURBATIONS),
+                   help="temporal perturbations scored (released: shuffle)")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
+    perts = dict(visual=tuple(args.visual_perturbations), temporal=tuple(args.temporal_perturbations))
     torch.manual_seed(args.seed)
     cfg = PolicyConfig(name_or_path="tiny", attn_implementation="sdpa", tiny=TINY)
     records, acc, t0 = [], {}, time.time()
     print(f"planted example: {planted_target(('red', 'blue', 'green'))}")
     random_policy = load_policy(cfg)
-    scores, labels, valids, acc["random"] = score_heldout(random_policy, args.heldout, 32, args.seed)
+    scores, labels, valids, acc["random"] = score_heldout(random_policy, args.heldout, 32, args.seed, **perts)
     records += metrics(scores, labels, valids, args.ratio, "random")
     trained = load_policy(cfg)  # the same initialisation, then SFT
     history = sft(trained, args.steps, args.batch_size, args.lr)
-    scores, labels, valids, acc["trained"] = score_heldout(trained, args.heldout, 32, args.seed)
+    scores, labels, valids, acc["trained"] = score_heldout(trained, args.heldout, 32, args.seed, **perts)
     records += metrics(scores, labels, valids, args.ratio, "trained")
     md = table(records, acc)
     print(md)

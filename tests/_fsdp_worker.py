@@ -6,7 +6,8 @@ Lightning re-runs this script for rank 1. Each rank trains on one fixed prompt: 
 (the dataset is [video, image] and the distributed sampler does not shuffle). Rank 0 writes
 `OUT_DIR/SCENARIO.json`: the global loss, gradient norm and KL of every step (means over ranks), the full final
 weights (`SCENARIO.pt`), and the run's sharded Lightning checkpoint (`SCENARIO.ckpt/`).
-`run(...)` with `devices=1` is the single-process run on both prompts at once, for comparison.
+`run(...)` with `devices=1` is the single-process run on both prompts at once, for comparison (the tests run it
+with the naive layout, `shared_prefix=False`, and the ranks with the shared prompt prefix).
 
 Sampling is made independent of the batch layout: each prompt is generated on its own with a seed of its own
 (`per_prompt_generate`), so that the 2-rank and 1-process runs draw the same completions. Everything after the
@@ -116,11 +117,12 @@ def datamodule(batch_size: int, side: int = 56):
 
 
 def run(scenario: str, devices: int, save: Path | None = None, resume: Path | None = None,
-        max_steps: int | None = None) -> dict:
+        max_steps: int | None = None, shared_prefix: bool = True) -> dict:
     """Train `scenario` on `devices` CPU processes; returns (on rank 0) losses per step and final weights.
 
     `save`: also write a Lightning checkpoint there at the end (a sharded directory under FSDP); `resume`: start
-    from such a checkpoint; `max_steps`: instead of the scenario's."""
+    from such a checkpoint; `max_steps`: instead of the scenario's; `shared_prefix`: `loss.shared_prefix` (the
+    one-process comparison runs the naive layout, so the 2-rank shared-prefix runs are checked against it)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -142,7 +144,8 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
                           sharding=ShardingConfig(param_dtype=s["param_dtype"]))
     module = KTRModule(policy=policy, sampling=SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0),
                        key_tokens=KeyTokenConfig(temporal_perturbation="reverse"),
-                       loss=LossConfig(beta=s["beta"]), optim=OptimConfig(lr=1e-3, schedule="constant"),
+                       loss=LossConfig(beta=s["beta"], shared_prefix=shared_prefix),
+                       optim=OptimConfig(lr=1e-3, schedule="constant"),
                        rewards=RewardConfig(names=["tests._fsdp_worker:text_length"]))
     module.rollout_backend = PerPromptBackend()
     losses: list[float] = []

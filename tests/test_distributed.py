@@ -3,7 +3,9 @@
 The 2-process runs (`tests/_fsdp_worker.py`, gloo) give rank 0 a video and rank 1 an image: the ranks make the
 same collective calls whatever their media, or the run hangs (the subprocess timeout turns a hang into a
 failure). Their losses and gradient norms are compared with one process training on both prompts at once, and
-a run resumed from the sharded checkpoint is compared with an uninterrupted one.
+a run resumed from the sharded checkpoint is compared with an uninterrupted one. The one-process runs use the naive
+layout (`loss.shared_prefix: false`) and the ranks the shared prompt prefix, so the match covers it too; the
+shared-prefix rollout's synchronised stop has its own 2-process check (`tests/_fsdp_rollout_worker.py`).
 """
 
 from __future__ import annotations
@@ -95,9 +97,11 @@ def _run_worker(tmp_path: Path, scenario: str) -> dict:
 
 
 def _single(scenario: str) -> dict:
+    """The one-process run, naive layout: the 2-rank runs pack each prompt with its completions (`ktr.prefix`),
+    so matching it shows the shared prefix exact under FSDP2, gradient checkpointing and eager attention."""
     from tests._fsdp_worker import run
 
-    return run(scenario, devices=1)
+    return run(scenario, devices=1, shared_prefix=False)
 
 
 @pytest.mark.slow
@@ -160,3 +164,22 @@ def test_fsdp2_lora_bf16_trains_adapters_only(tmp_path):
     base = [k for k in w if "lora_" not in k]
     assert base and all(torch.equal(w[k], start[k].float()) for k in base)
     assert any(w[k].abs().sum() > 0 for k in w if "lora_B" in k)  # B starts at zero: the adapters trained
+
+
+@pytest.mark.slow
+def test_fsdp2_shared_rollout_keeps_ranks_stepping_until_all_end():
+    """`sampling.backend: shared` under FSDP2: a rank whose rows all ended keeps stepping with the others (each
+    decoder step all-gathers), and each rank's greedy tokens equal an unsharded copy's (tests/_fsdp_rollout_worker)."""
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "tests/_fsdp_rollout_worker.py", str(_free_port())], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the 2-process shared rollout did not finish in 240 s (a rank stopped stepping: hang)")
+    assert proc.returncode == 0 and out.strip().endswith("OK"), err[-4000:]

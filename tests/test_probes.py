@@ -83,8 +83,13 @@ def test_segment_permutation_keeps_segments() -> None:
 
 class _Counter:
     def __init__(self, module):
-        self.calls = 0
-        module.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+        self.calls, self.shapes = 0, []
+        module.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, out):
+        self.calls += 1
+        x = kwargs.get("inputs_embeds")
+        self.shapes.append(tuple(x.shape[:2]) if x is not None else None)
 
 
 @torch.no_grad()
@@ -100,6 +105,9 @@ def test_vision_tower_runs_once_per_media_and_perturbation(tiny_policy, group_si
     # policy pass encodes 2 videos in 1 call; the temporal probe re-encodes them in 1 call; visual probe: none
     assert visual.calls == 2
     assert trunk.calls == 3  # policy, visual probe, temporal probe: one batched pass each
+    # each pass runs the decoder on B = 2 rows, each prompt once followed by its G completions (ktr.prefix)
+    t = rollout.completion_ids.shape[1]
+    assert trunk.shapes == [(2, rollout.prompt_length + group_size * t)] * 3
 
 
 @torch.no_grad()
@@ -132,3 +140,19 @@ def test_random_control_keeps_ktr_count_per_group(tiny_policy) -> None:
     assert not torch.equal(rand.mask, ktr.mask)
     with pytest.raises(ValueError, match="key_tokens.random"):
         KeyTokenConfig(enabled=False, random=True)
+
+
+def test_patch_shuffle_moves_whole_temporal_patches_and_never_keeps_the_order() -> None:
+    from ktr.probes.temporal import get_temporal_perturbation
+
+    perm = get_temporal_perturbation("patch_shuffle")
+    seen = set()
+    for seed in range(40):
+        p = perm(7, torch.Generator().manual_seed(seed))  # 4 patches, the last one a single frame
+        assert sorted(p.tolist()) == list(range(7)) and p.tolist() != list(range(7))
+        starts = [i for i in range(7) if p[i] % 2 == 0]  # every patch starts on an even frame ...
+        assert all(i + 1 < 7 and p[i + 1] == p[i] + 1 for i in starts if p[i] != 6)  # ... and keeps its pair
+        seen.add(tuple(p.tolist()))
+        assert torch.equal(p, perm(7, torch.Generator().manual_seed(seed)))  # reproducible under a seed
+    assert len(seen) > 5
+    assert perm(2, None).tolist() == [0, 1]  # one patch: nothing to reorder

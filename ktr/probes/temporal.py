@@ -44,6 +44,18 @@ def segment_permutation(n: int, gen: torch.Generator | None, segment: int = 4) -
     return torch.cat([blocks[i] for i in order])
 
 
+def patch_permutation(n: int, gen: torch.Generator | None, patch: int = 2) -> Tensor:
+    """Permute whole temporal patches (`patch` consecutive frames: 2 in Qwen2/2.5/3-VL), never the identity
+    when there are two patches or more. Unlike `shuffle`, no patch mixes frames of different moments, so the
+    perturbed clip is one the vision tower could have seen: only the order of what is shown changes."""
+    blocks = list(torch.arange(n).split(patch))
+    m = len(blocks)
+    order = torch.randperm(m, generator=gen)
+    if m > 1 and torch.equal(order, torch.arange(m)):  # a draw of the identity becomes the rotation by one patch
+        order = torch.roll(order, 1)
+    return torch.cat([blocks[i] for i in order.tolist()])
+
+
 def _identity(n: int, gen: torch.Generator | None) -> Tensor:
     return torch.arange(n)
 
@@ -52,6 +64,7 @@ TEMPORAL_PERTURBATIONS: dict[str, FramePermutation] = {
     "shuffle": _shuffle,
     "reverse": _reverse,
     "segment_shuffle": segment_permutation,
+    "patch_shuffle": patch_permutation,
     "identity": _identity,
 }
 

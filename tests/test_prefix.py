@@ -1,0 +1,132 @@
+"""Shared prompt prefix (ktr.prefix): the packed layout, every scoring pass equal to the naive layout, gradients of
+the KTR loss equal with and without micro-batches and a frozen vision tower, and the decoder's rows per pass."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ktr.forward import (
+    SequenceView,
+    completion_hidden,
+    completion_logps,
+    encode_media,
+    shared_layout,
+)
+from ktr.prefix import group_runs, pack_groups
+from ktr.probes.temporal import temporal_scores
+from ktr.probes.visual import visual_scores
+from tests.helpers import rollout_for
+
+
+def test_packed_mask_sees_prompt_and_own_completion_only() -> None:
+    # 2 prompts (L = 3, the first left-padded by 1), G = 2, T = 2; row 3's second token is padding
+    ids = torch.arange(2 * 2 * 5).view(4, 5)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[:2, 0] = 0
+    mask[3, 4] = 0
+    pos = torch.arange(5).expand(3, 4, 5).clone()
+    packed = pack_groups(ids, mask, torch.zeros_like(ids), pos, None, torch.tensor([0, 0, 1, 1]), 2)
+    assert packed.input_ids.shape == (2, 3 + 2 * 2)
+    assert packed.input_ids[0].tolist() == [0, 1, 2, 3, 4, 8, 9]  # prompt of row 0, then rows 0 and 1's completions
+    allowed = packed.attention_mask[:, 0]  # [2, W, W]
+    # completion 2's first token (column 5) sees the visible prompt and itself, not completion 1
+    assert allowed[0, 5].tolist() == [False, True, True, False, False, True, False]
+    assert allowed[0, 6].tolist() == [False, True, True, False, False, True, True]
+    assert allowed[1, 6, 6] and not allowed[1, :6, 6].any()  # a padded key is hidden; a padded query sees itself
+    assert (allowed.sum(-1) > 0).all()
+    # token 0 is predicted at the prompt's last position, token 1 at its completion's first
+    assert packed.gather.tolist() == [[2, 3], [2, 5], [7 + 2, 7 + 3], [7 + 2, 7 + 5]]
+    starts, sizes = group_runs(torch.tensor([0, 0, 0, 1, 1, 2]))
+    assert starts.tolist() == [0, 3, 5] and sizes.tolist() == [3, 2, 1]
+
+
+def _logps(model, view, feats, rollout, zero_vision=None):
+    hidden = completion_hidden(model, view, feats, rollout.completion_ids.shape[1], zero_vision=zero_vision)
+    return completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask, chunk_size=5)[0]
+
+
+@torch.no_grad()
+def test_every_pass_equals_naive(tiny_any) -> None:
+    """Two prompts of different lengths, a video and an image, G = 4: policy, visual and temporal probes."""
+    model, proc = tiny_any.model, tiny_any.processor
+    batch, rollout = rollout_for(tiny_any, n_prompts=2, group_size=4, max_new_tokens=8, image_every=2)
+    assert batch.is_video.tolist() == [True, False] and batch.attention_mask.sum(-1).unique().numel() == 2
+    feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+    shared = SequenceView.of(model, rollout, batch)
+    naive = replace(shared, shared_prefix=False)
+    t = rollout.completion_ids.shape[1]
+    packed = shared_layout(model, shared, t)
+    assert packed is not None and packed.input_ids.shape[0] == 2  # one packed row per prompt
+    assert packed.input_ids.shape[1] == rollout.prompt_length + 4 * t
+    valid = rollout.completion_mask
+    base = _logps(model, naive, feats, rollout)
+    torch.testing.assert_close(_logps(model, shared, feats, rollout)[valid], base[valid], rtol=1e-5, atol=1e-5)
+    args = (rollout.completion_ids, valid, base)
+    for pert in ("attention_mask", "attention_mask_block", "zero_embeddings"):
+        a = visual_scores(model, batch, shared, feats, *args, perturbation=pert)
+        b = visual_scores(model, batch, naive, feats, *args, perturbation=pert)
+        assert a.abs().max() > 0, pert
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=pert)
+    gen = [torch.Generator().manual_seed(3) for _ in range(2)]
+    a = temporal_scores(model, proc, batch, shared, feats, *args, generator=gen[0])
+    b = temporal_scores(model, proc, batch, naive, feats, *args, generator=gen[1])
+    assert a[:4].abs().max() > 0
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_rows_with_different_prompt_parts_run_naive(tiny_policy) -> None:
+    """`random_half` hides a different half per row: no shared prefix exists, so the pass runs whole rows."""
+    batch, rollout = rollout_for(tiny_policy, n_prompts=1, group_size=2)
+    view = SequenceView.of(tiny_policy.model, rollout, batch)
+    t = rollout.completion_ids.shape[1]
+    assert shared_layout(tiny_policy.model, view, t) is not None
+    mask = view.attention_mask.clone()
+    mask[1, (view.mm_token_type_ids[1] > 0).nonzero()[0]] = 0
+    assert shared_layout(tiny_policy.model, replace(view, attention_mask=mask), t) is None
+    assert shared_layout(tiny_policy.model, replace(view, shared_prefix=False), t) is None
+
+
+def _module():
+    from ktr.config import PolicyConfig, SamplingConfig
+    from ktr.module import KTRModule
+
+    torch.set_num_threads(1)
+    return KTRModule(policy=PolicyConfig(), sampling=SamplingConfig(group_size=4, max_new_tokens=6, top_p=1.0))
+
+
+def _grads(module, batch, rollout, shared, micro):
+    from ktr.config import LossConfig
+
+    module.loss_cfg = LossConfig(beta=0.04, micro_batch_size=micro, shared_prefix=shared)
+    module.manual_backward = lambda loss: loss.backward()  # no Trainer here
+    module._reference_ready()
+    module.model.zero_grad(set_to_none=True)
+    scores = module.score(batch, rollout)
+    mask = rollout.completion_mask.clone()
+    mask[:, ::2] = False  # a non-trivial key-token mask
+    adv = torch.linspace(-1, 1, rollout.completion_ids.shape[0])
+    loss = module.update(rollout, scores, mask, adv)
+    return loss, scores, {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("frozen_vision", [False, True])
+def test_ktr_gradients_equal_naive(frozen_vision) -> None:
+    from ktr.families import vision_tower
+    from ktr.policy import Policy
+
+    module = _module()
+    if frozen_vision:
+        vision_tower(module.model).requires_grad_(False)
+    batch, rollout = rollout_for(Policy(module.model, module.processor), n_prompts=2, group_size=4,
+                                 image_every=2)
+    loss0, scores0, g0 = _grads(module, batch, rollout, False, None)
+    assert any("visual" in k for k in g0) != frozen_vision
+    for micro in (None, 3, 8):  # whole batch; micro-batches that split groups; one group per micro-batch
+        loss, scores, g = _grads(module, batch, rollout, True, micro)
+        torch.testing.assert_close(scores.ref_logps, scores0.ref_logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-6)
+        assert g.keys() == g0.keys()
+        for k in g0:
+            torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(), msg=k)
