@@ -205,7 +205,7 @@ class KeyTokenConfig:
     entropy: SignalConfig = field(default_factory=SignalConfig)
     """Entropy of the policy's next-token distribution."""
     visual_perturbation: Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
-                                 "identity"] = "attention_mask"
+                                 "swap_media", "identity"] = "attention_mask"
     """How the media is hidden for the visual probe (released: attention_mask)."""
     temporal_perturbation: Literal["shuffle", "reverse", "segment_shuffle", "patch_shuffle", "identity"] = "shuffle"
     """How frames are perturbed for the temporal probe (released: shuffle)."""

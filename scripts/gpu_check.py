@@ -15,20 +15,25 @@ try, so that one failure (an error, out of memory, the guard) is recorded and th
    transformers' own `Qwen2_5_VLForConditionalGeneration` forward, bf16, on a reduced-depth 7B-width model
    (2 decoder layers, 2 vision blocks, random weights), with `sdpa` and `flash_attention_2` when importable;
    both are also compared with a float32 forward of the same weights (the bf16 noise floor).
-3. `loss_bench`: `scripts/bench_loss.py --gpu` (H = 3,584, N*T from 2,048 to 8 x 2,048, bf16): naive vs
+3. `prefix`: the shared prompt prefix vs naive (issue 11) on a reduced-depth 7B-width model (4 decoder layers,
+   2 vision blocks, bf16, random): rollout `hf` vs `shared` (G = 8, 16 frames at the training pixels, 128 new
+   tokens, temperature 1, top-p 0.95), then each scoring pass on those completions with `loss.shared_prefix`
+   false vs true (policy pass with its backward, reference, visual and temporal probes): seconds, peak
+   allocated memory, and the largest log-prob difference between the two layouts (bf16 noise expected).
+4. `loss_bench`: `scripts/bench_loss.py --gpu` (H = 3,584, N*T from 2,048 to 8 x 2,048, bf16): naive vs
    chunked loss, peak memory, time, gradient error.
-4. `fsdp_step`: one KTR step of `configs/qwen7b.yaml` (full fine-tuning, float32 master weights, reference
+5. `fsdp_step`: one KTR step of `configs/qwen7b.yaml` (full fine-tuning, float32 master weights, reference
    copy) under a one-GPU Lightning `ModelParallelStrategy` (FSDP2, NCCL) on the reduced-depth 7B-width model,
    128 new tokens: exercises the CUDA collective path.
-5. `qlora_step`: `scripts/bench_step.py` on `configs/qwen7b_qlora.yaml` at the real Qwen2.5-VL-7B
+6. `qlora_step`: `scripts/bench_step.py` on `configs/qwen7b_qlora.yaml` at the real Qwen2.5-VL-7B
    architecture with random weights (NF4 base, LoRA r=64, gradient checkpointing, paged 8-bit AdamW, 16 frames
    at the training pixels, G = 8, one prompt, 768 new tokens): peak allocated and reserved memory and time per
    phase, 2 steps (the first is warm-up). A random model rarely emits an end token; end tokens are also
    suppressed until token 768 (`min_new_tokens`), so every completion is exactly 768 tokens long.
-6. `qlora_step_naive`: the same step (1 step) with `loss.chunk_size: null` (full `[N, T, V]` logits), for the
+7. `qlora_step_naive`: the same step (1 step) with `loss.chunk_size: null` (full `[N, T, V]` logits), for the
    memory ratio; an out-of-memory is reported as such.
 
-The shared-prefix rollout benchmark is not part of it (it has not landed). Output: one JSON (`--json`, or
+Output: one JSON (`--json`, or
 `gpu_check.json` in `--out`) with every figure, and a markdown summary (`--md`, or `gpu_check.md`), also
 printed. Memory is in GiB (2^30 bytes); the QLoRA goal is a peak of at most 22 GiB on a 24 GB card (torch's
 counters do not include the CUDA context, about 0.5 GiB).
@@ -97,7 +102,8 @@ class Sizes:
     loss: dict = field(default_factory=lambda: dict(tokens=[2048, 4096, 8192, 16384], hidden=3584, vocab=151936,
                                                     chunks=[512, 1024, 2048], seq_len=2048, repeats=2))
     parity_new_tokens: int = 32
-    guards: dict = field(default_factory=lambda: dict(vision_processor=60, parity=90, loss_bench=120,
+    prefix_new_tokens: int = 128
+    guards: dict = field(default_factory=lambda: dict(vision_processor=60, parity=90, prefix=90, loss_bench=120,
                                                       fsdp_step=120, qlora_step=240, qlora_step_naive=180))
 
 
@@ -107,7 +113,8 @@ TINY = Sizes(tiny=True, step_steps=1, video=_TINY_VIDEO,
              step_overrides={"sampling.group_size": 4, "sampling.max_new_tokens": 4},  # 2 micro-batches of 2
              fsdp_overrides={"sampling.group_size": 2, "sampling.max_new_tokens": 4},
              loss=dict(tokens=[256, 512], hidden=64, vocab=2048, chunks=[64, 128], seq_len=128, repeats=1),
-             parity_new_tokens=8, guards=dict.fromkeys(("vision_processor", "parity", "loss_bench", "fsdp_step",
+             parity_new_tokens=8, prefix_new_tokens=6,
+             guards=dict.fromkeys(("vision_processor", "parity", "prefix", "loss_bench", "fsdp_step",
                                                         "qlora_step", "qlora_step_naive"), 150))
 
 
@@ -178,7 +185,12 @@ def part_qlora_step_naive(check: Check, out: dict) -> dict:
     return rec
 
 
-PARTS = {"vision_processor": part_vision_processor, "parity": part_parity, "loss_bench": part_loss_bench,
+def part_prefix(check: Check, out: dict) -> dict:
+    return parts.prefix(check.device, check.sizes.tiny, check.sizes.prefix_new_tokens, out)
+
+
+PARTS = {"vision_processor": part_vision_processor, "parity": part_parity, "prefix": part_prefix,
+         "loss_bench": part_loss_bench,
          "fsdp_step": part_fsdp_step, "qlora_step": part_qlora_step, "qlora_step_naive": part_qlora_step_naive}
 
 

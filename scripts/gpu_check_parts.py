@@ -1,4 +1,5 @@
-"""The comparison parts of `scripts/gpu_check.py` (vision processor, bf16 parity) and its report helpers.
+"""The comparison parts of `scripts/gpu_check.py` (vision processor, bf16 parity, shared prefix) and its report
+helpers.
 
 Each part fills `out` as it goes (so that a failure keeps what was measured) and returns its headline figures;
 `{"status": "skipped", "reason": ...}` when something it needs is absent. See `gpu_check.py` for the run.
@@ -216,6 +217,90 @@ def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     return {impl: out[impl]["ktr_vs_hf"]["max_abs"] for impl in ("sdpa", "flash_attention_2") if impl in out}
 
 
+def _timed(device: torch.device, fn):
+    """`fn()`, its seconds and (CUDA) peak allocated GiB above what was allocated before it."""
+    import time
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    ret = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    secs = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if cuda else None
+    return ret, round(secs, 4), None if peak is None else round(peak, 3)
+
+
+def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict:
+    """Shared prompt prefix vs naive (issue 11) at 7B widths (4 decoder layers, 2 vision blocks, bf16): rollout
+    (`hf` vs `shared`, G = 8, released sampling) and each scoring pass on its completions (`loss.shared_prefix`
+    false vs true): seconds, peak allocated memory, and the log-prob difference between the two layouts."""
+    from bench_step import arch_config, build_random
+
+    from ktr.config import SamplingConfig
+    from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+    from ktr.policy import TinyModelConfig, tiny_config
+    from ktr.probes.temporal import temporal_scores
+    from ktr.probes.visual import visual_scores
+    from ktr.rollout import generate
+    from ktr.rollout_shared import generate_shared
+
+    config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 4, 2)
+    config._attn_implementation = "sdpa"
+    g = 4 if tiny else 8
+    processor = _processor(config)
+    batch = _prompts(processor, VideoSettings(max_frames=4, min_pixels=56 * 56, max_pixels=56 * 56) if tiny
+                     else TRAIN_VIDEO, n=1).to(device)
+    torch.manual_seed(0)
+    model = build_random(config, device, torch.bfloat16)
+    out.update(model="tiny" if tiny else "qwen2.5-vl-7b widths, 4 decoder layers, 2 vision blocks, random, bf16",
+               group_size=g, new_tokens=new_tokens, prompt_tokens=int(batch.attention_mask.sum()))
+    cfg = SamplingConfig(group_size=g, max_new_tokens=new_tokens, temperature=1.0, top_p=0.95)
+    model.generation_config.min_new_tokens = new_tokens  # every completion full length (hf); shared: see below
+    rollouts = {}
+    for impl, fn in (("naive", generate), ("shared", generate_shared)):
+        torch.manual_seed(1)
+        rollouts[impl], secs, peak = _timed(device, lambda: fn(model, processor, batch, cfg))  # noqa: B023
+        out.setdefault("rollout", {})[impl] = {"seconds": secs, "peak_gib": peak,
+                                               "new_tokens": int(rollouts[impl].completion_ids.shape[1])}
+    rollout = rollouts["shared"]
+    ids, valid, t = rollout.completion_ids, rollout.completion_mask, rollout.completion_ids.shape[1]
+    model.train()
+    logps = {}
+    for impl in ("naive", "shared"):
+        view = SequenceView.of(model, rollout, batch, shared_prefix=impl == "shared")
+        rec = out.setdefault("passes", {}).setdefault(impl, {})
+
+        def policy():
+            feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+            hidden = completion_hidden(model, view, feats, t)  # noqa: B023
+            lp = completion_logps(model, hidden, ids, valid, 1024)[0]
+            (lp.sum()).backward()
+            return lp.detach().float(), feats
+
+        (logps[impl], feats), rec["policy_backward_s"], rec["policy_backward_peak_gib"] = _timed(device, policy)
+        model.zero_grad(set_to_none=True)
+        feats = feats.detached(leaves=False)
+        with torch.no_grad():
+            _, rec["reference_s"], rec["reference_peak_gib"] = _timed(device, lambda: completion_logps(
+                model, completion_hidden(model, view, feats, t), ids, valid, 1024))  # noqa: B023
+            _, rec["visual_s"], rec["visual_peak_gib"] = _timed(device, lambda: visual_scores(
+                model, batch, view, feats, ids, valid, logps[impl]))  # noqa: B023
+            _, rec["temporal_s"], rec["temporal_peak_gib"] = _timed(device, lambda: temporal_scores(
+                model, processor, batch, view, feats, ids, valid, logps[impl],  # noqa: B023
+                generator=torch.Generator().manual_seed(2)))
+    out["logp_shared_vs_naive"] = _diff(logps["shared"], logps["naive"], valid)
+    n, sh = out["passes"]["naive"], out["passes"]["shared"]
+    keys = [k for k in n if k.endswith("_s")]
+    return {"rollout_speedup": round(out["rollout"]["naive"]["seconds"] / out["rollout"]["shared"]["seconds"], 2),
+            "passes_time_ratio": round(sum(sh[k] for k in keys) / sum(n[k] for k in keys), 3),
+            "max_abs_dlogp": out["logp_shared_vs_naive"]["max_abs"]}
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -249,6 +334,9 @@ def _headline(name: str, rec: dict) -> str:
                          f"{v['max_abs_diff_levels']:.2g} levels ({100 * v['frac_differ_over_half_level']:.1f}% of "
                          f"values), vs qwen-vl-utils resize {v['vs_qwen_vl_utils_levels']}"
                          for k, v in rec.items() if k in ("train", "eval"))
+    if name == "prefix":
+        return (f"rollout shared {rec['rollout_speedup']}x faster; scoring passes {rec['passes_time_ratio']}x naive "
+                f"time; max |d logp| shared vs naive {rec['max_abs_dlogp']:.3g}")
     if name == "parity":
         return "; ".join(f"{k}: max |d logp| {rec[k]:.3g}" for k in ("sdpa", "flash_attention_2") if k in rec)
     if name == "loss_bench":

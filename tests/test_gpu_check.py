@@ -20,7 +20,7 @@ import pytest
 from tests import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["vision_processor", "parity", "loss_bench", "fsdp_step", "qlora_step", "qlora_step_naive"]
+PARTS = ["vision_processor", "parity", "prefix", "loss_bench", "fsdp_step", "qlora_step", "qlora_step_naive"]
 VIDEO = FIXTURES / "video1.mp4"
 
 
@@ -73,6 +73,16 @@ def test_parity_figures(report) -> None:
     assert m["sdpa"]["ktr_vs_hf"]["max_abs"] < 5e-2
     assert m["sdpa"]["hf_vs_hf_float32"]["max_abs"] > 0  # bf16 really ran
     assert m["flash_attention_2_status"].startswith("skipped")  # CPU
+
+
+def test_prefix_figures(report) -> None:
+    rec = report["parts"]["prefix"]
+    m = rec["measured"]
+    assert set(m["rollout"]) == set(m["passes"]) == {"naive", "shared"}
+    assert m["rollout"]["shared"]["new_tokens"] > 0 and rec["rollout_speedup"] > 0 and rec["passes_time_ratio"] > 0
+    for impl in ("naive", "shared"):
+        assert {"policy_backward_s", "reference_s", "visual_s", "temporal_s"} <= set(m["passes"][impl])
+    assert m["logp_shared_vs_naive"]["max_abs"] < 5e-2  # the same maths in bf16 (rounding differs)
 
 
 def test_loss_bench_records(report) -> None:

@@ -56,6 +56,31 @@ def test_hiding_the_video_changes_scores(tiny_policy, perturbation) -> None:
 
 
 @torch.no_grad()
+def test_swap_media_shows_each_prompt_another_prompts_clip(tiny_policy) -> None:
+    """Prompts 0 and 1 (videos of one shape) see each other's features; prompt 2 (an image, alone) has no partner
+    and gets zero embeddings. Checked against passes built by hand."""
+    from dataclasses import replace
+
+    from ktr.probes.compare import compare_passes
+
+    model = tiny_policy.model
+    batch, rollout = rollout_for(tiny_policy, n_prompts=3, image_every=3)
+    view, feats, logps, _ = _base(tiny_policy, batch, rollout)
+    ids, valid = rollout.completion_ids, rollout.completion_mask
+    s = visual_scores(model, batch, view, feats, ids, valid, logps, perturbation="swap_media")
+    swapped = feats.with_prompts([0, 1], replace(feats, per_prompt=feats.per_prompt[1::-1],
+                                                 deepstack=feats.deepstack and feats.deepstack[1::-1]))
+    zero = (view.mm_token_type_ids > 0) & (rollout.prompt_index == 2).unsqueeze(-1)
+    hidden = completion_hidden(model, view, swapped, ids.shape[1], zero_vision=zero)
+    want = compare_passes(model, "logp_diff", logps, None, hidden, ids, valid, 512)
+    torch.testing.assert_close(s, want, rtol=1e-5, atol=1e-5)
+    assert s[valid].abs().max() > 1e-4
+    zeroed = visual_scores(model, batch, replace(view), feats, ids, valid, logps, perturbation="zero_embeddings")
+    rows = rollout.prompt_index == 2
+    torch.testing.assert_close(s[rows], zeroed[rows], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_temporal_shuffle_changes_video_scores_and_zero_on_images(tiny_policy) -> None:
     torch.manual_seed(1)
     batch, rollout = rollout_for(tiny_policy, n_prompts=2, image_every=2)  # prompt 0 video, prompt 1 image

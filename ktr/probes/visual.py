@@ -12,6 +12,11 @@ reused, so this probe never calls the vision tower.
 - `zero_embeddings`: vision embeddings set to zero, mask and positions kept (Qwen3-VL: the deepstack features
   at those positions are zeroed too, by the family's `decoder_kwargs`).
 - `random_half`: a random half of each row's vision tokens masked out, positions kept.
+- `swap_media`: each prompt's media replaced by another prompt's of the same kind and grid in the batch (the
+  features are read through a permuted `prompt_index`: a rotation among the prompts sharing a grid), text, mask
+  and positions kept, so the model sees a real clip of the right shape, only the wrong one: the in-distribution
+  counterfactual of "what does the video say". Prompts without such a partner (e.g. one prompt per rank) get
+  `zero_embeddings` instead.
 - `identity`: nothing hidden (scores are exactly zero; for tests and sanity checks).
 """
 
@@ -68,11 +73,26 @@ def _random_half(view, model, batch, gen):
     return replace(view, attention_mask=view.attention_mask.masked_fill(hide, 0)), None
 
 
+def _swap_media(view, model, batch, gen):
+    b = len(batch.media)
+    key = [(m.kind, tuple(batch.grid_thw[i].tolist())) for i, m in enumerate(batch.media)]
+    other = list(range(b))
+    for k in set(key):  # rotate each set of same-shaped prompts by one: every one gets another's media
+        members = [i for i in range(b) if key[i] == k]
+        for i, j in zip(members, members[1:] + members[:1]):
+            other[i] = j
+    other_t = torch.tensor(other, device=view.prompt_index.device)
+    alone = (other_t == torch.arange(b, device=other_t.device))[view.prompt_index]  # [N] no partner
+    zero = (view.mm_token_type_ids > 0) & alone.unsqueeze(-1) if bool(alone.any()) else None
+    return replace(view, prompt_index=other_t[view.prompt_index]), zero
+
+
 VISUAL_PERTURBATIONS: dict[str, VisualPerturbation] = {
     "attention_mask": _attention_mask,
     "attention_mask_block": _attention_mask_block,
     "zero_embeddings": _zero_embeddings,
     "random_half": _random_half,
+    "swap_media": _swap_media,
     "identity": _identity,
 }
 
