@@ -105,7 +105,7 @@ def _single(scenario: str) -> dict:
 
 
 @pytest.mark.slow
-def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path, monkeypatch):
+def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path):
     fsdp = _run_worker(tmp_path, "full")
     single = _single("full")
     (l1, g1, _), (l2, g2, kl2) = fsdp["losses"]
@@ -132,7 +132,7 @@ def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path, m
 
 
 @pytest.mark.slow
-def test_fsdp2_qwen3vl_video_and_image_ranks_match_one_process(tmp_path, monkeypatch):
+def test_fsdp2_qwen3vl_video_and_image_ranks_match_one_process(tmp_path):
     """The same 2-rank check on the tiny Qwen3-VL: deepstack features flow through the sharded units."""
     fsdp = _run_worker(tmp_path, "full_qwen3vl")
     single = _single("full_qwen3vl")

@@ -73,6 +73,11 @@ def test_soft_key_tokens_weight_every_valid_token_temporal_on_video_rows_only() 
     torch.testing.assert_close(kt.weights[2:], image)  # image rows: mean of visual and entropy only
     hard = select_key_tokens(scores, valid, video_rows, KeyTokenConfig(), group_size=2)
     assert hard.weights is None
+    from ktr.probes.keytokens import key_token_stats
+
+    stats = key_token_stats(kt, valid)  # soft: every valid token is "key"; the mean weight says how much
+    assert stats["frac_key"] == 1 and "weight_mean" not in key_token_stats(hard, valid)
+    torch.testing.assert_close(stats["weight_mean"], kt.weights[valid].mean())
 
 
 def _inputs(seed=0):

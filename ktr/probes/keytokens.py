@@ -98,9 +98,14 @@ def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: Promp
 
 @torch.no_grad()
 def key_token_stats(kt: KeyTokens, valid: Tensor) -> dict[str, Tensor]:
-    """Fractions of valid tokens selected per signal and in `M`, pairwise overlaps (|a & b| / valid), mean scores."""
+    """Fractions of valid tokens selected per signal and in `M`, pairwise overlaps (|a & b| / valid), mean scores.
+
+    With soft weights every valid token is in `M` (`frac_key` is 1); `weight_mean` is then the mean token weight,
+    the soft counterpart of the key fraction."""
     n = valid.sum().clamp(min=1).float()
     out = {"frac_key": (kt.mask & valid).sum() / n}
+    if kt.weights is not None:
+        out["weight_mean"] = kt.weights[valid].float().mean() if valid.any() else torch.zeros(())
     for name, m in kt.masks.items():
         out[f"frac_{name}"] = (m & valid).sum() / n
         out[f"score_{name}"] = kt.scores[name][valid].float().mean() if valid.any() else torch.zeros(())
