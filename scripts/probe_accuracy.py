@@ -180,6 +180,18 @@ def table(records: list[dict], acc: dict) -> str:
     return "\n".join(lines)
 
 
+def spread_table(records: list[dict], seeds: list[int]) -> str:
+    """Mean, min and max AUROC over the scoring seeds, per (model, signal, perturbation, label)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["signal"], r["perturbation"], r["label"]), []).append(r["auroc"])
+    lines = [f"AUROC over {len(seeds)} scoring seeds (perturbation draws) {seeds}:", "",
+             "| model | signal | perturbation | label | mean | min | max |", "|---|---|---|---|---|---|---|"]
+    for (m, sig, pert, lab), xs in groups.items():
+        lines.append(f"| {m} | {sig} | {pert or '-'} | {lab} | {sum(xs) / len(xs):.3f} | {min(xs):.3f} | {max(xs):.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400, help="SFT steps on the planted completions")
@@ -188,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout", type=int, default=128, help="held-out completions scored")
     p.add_argument("--ratio", type=float, default=0.2, help="selection ratio (released: 0.2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-seeds", type=int, nargs="+", default=None,
+                   help="score the held-out set once per seed (the seed of the temporal permutations and the "
+                        "random score; default: --seed): the spread of each AUROC over perturbation draws")
     p.add_argument("--visual-perturbations", nargs="+", default=["attention_mask"], choices=sorted(VISUAL_PERTURBATIONS),
                    help="visual perturbations scored (released: attention_mask)")
     p.add_argument("--temporal-perturbations", nargs="+", default=["shuffle"], choices=sorted(TEMPORAL_PERTURBATIONS),
@@ -200,14 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = PolicyConfig(name_or_path="tiny", attn_implementation="sdpa", tiny=TINY)
     records, acc, t0 = [], {}, time.time()
     print(f"planted example: {planted_target(('red', 'blue', 'green'))}")
+    seeds = args.score_seeds or [args.seed]
     random_policy = load_policy(cfg)
-    scores, labels, valids, acc["random"] = score_heldout(random_policy, args.heldout, 32, args.seed, **perts)
-    records += metrics(scores, labels, valids, args.ratio, "random")
     trained = load_policy(cfg)  # the same initialisation, then SFT
     history = sft(trained, args.steps, args.batch_size, args.lr)
-    scores, labels, valids, acc["trained"] = score_heldout(trained, args.heldout, 32, args.seed, **perts)
-    records += metrics(scores, labels, valids, args.ratio, "trained")
-    md = table(records, acc)
+    for name, policy in (("random", random_policy), ("trained", trained)):
+        for seed in seeds if name == "trained" else seeds[:1]:  # the random model: one draw (it is near 0.5)
+            scores, labels, valids, acc[name] = score_heldout(policy, args.heldout, 32, seed, **perts)
+            records += [dict(r, score_seed=seed) for r in metrics(scores, labels, valids, args.ratio, name)]
+    md = table([r for r in records if r["score_seed"] == seeds[0]], acc)
+    if len(seeds) > 1:
+        md += "\n\n" + spread_table(records, seeds)
     print(md)
     print(f"wall {time.time() - t0:.0f} s")
     if args.json:
