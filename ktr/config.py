@@ -27,7 +27,7 @@ class VLLMSettings:
     media: Literal["embeds", "frames"] = "embeds"
     """`embeds`: the policy's own vision tower encodes each prompt's media once and the engine receives the
     features (what the scoring passes see, exactly); `frames`: the engine encodes the processed frames with its
-    own copy of the vision tower."""
+    own copy of the vision tower (images only: on videos vLLM 0.32's tower disagrees with the policy's)."""
     gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory the engine may take (weights + KV cache); the policy and optimizer share the GPU."""
     kv_cache_gib: float = 1.0

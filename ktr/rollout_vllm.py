@@ -11,8 +11,10 @@ What the engine sees is what the scoring passes see:
   again; the expanded prompt is checked against ktr's (a mismatch raises, naming the sample);
 - media (`sampling.vllm.media`): `embeds` (default) hands the engine the features of the policy's own vision
   tower (one vision call per batch, as the scoring passes), so the engine's copy of the tower is never used;
-  `frames` hands it ktr's processed frames (already resized, so the engine's processor keeps their size) and the
-  engine encodes them with its copy of the tower;
+  `frames` hands it ktr's processed frames (already resized, so the engine's processor keeps their size and
+  makes the same pixel values, checked to 2e-7) and the engine encodes them with its copy of the tower. Images
+  only: on a video the CPU engine's tower (vLLM 0.32) gave other greedy tokens than transformers' on the same
+  pixels (not found why), so a video prompt raises rather than sampling from other features than those scored;
 - sampling: temperature, top-p, top-k as `SamplingConfig`; vision placeholder tokens get a logit bias of -100
   (vLLM's bound; transformers' `suppress_tokens` sets -inf); the completion ends at the first end-of-sequence
   token; seeds come from torch's global generator, so `seed_everything` makes a run repeatable.
@@ -33,6 +35,7 @@ sharing (`gpu_memory_utilization`) and the FSDP2 gather are written but untested
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Iterator
@@ -104,7 +107,9 @@ def _engine_dir(model: nn.Module, processor: VisionLanguageProcessor) -> Path:
     from ktr.policy import Policy
 
     out = Path(tempfile.mkdtemp(prefix="ktr-vllm-"))
-    core(model).config.save_pretrained(out)
+    config = copy.deepcopy(core(model).config)
+    config.architectures = [type(core(model)).__name__]  # how vLLM picks its model class
+    config.save_pretrained(out)
     processor.tokenizer.save_pretrained(out)
     # Pixel bounds wide open: ktr's frames are already resized, the engine's processor must keep their size.
     b = processor.resize_factor
@@ -136,7 +141,7 @@ def build_engine(model: nn.Module, processor: VisionLanguageProcessor, cfg: Samp
         model=str(_engine_dir(model, processor)), load_format="dummy", dtype=_dtype(model),
         max_model_len=settings.max_model_len or cfg.max_prompt_length + cfg.max_new_tokens,
         enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
-        enable_mm_embeds=settings.media == "embeds", limit_mm_per_prompt={"image": 1, "video": 1},
+        enable_mm_embeds=True, limit_mm_per_prompt={"image": 1, "video": 1},
         enable_prefix_caching=True, seed=settings.seed, **kwargs)
     load_weights(engine, model)
     return engine
@@ -184,6 +189,9 @@ def engine_requests(model: nn.Module, processor: VisionLanguageProcessor, batch:
             if key == "video" and scaled:
                 data["second_per_grid_ts"] = batch.second_per_grid_ts[i: i + 1].cpu()
             mm = {key: data}
+        elif m.kind == "video":
+            raise ValueError("sampling.vllm.media: frames serves images only (on videos vLLM's vision tower disagrees "
+                             "with the policy's, see ktr.rollout_vllm); use sampling.vllm.media: embeds")
         else:
             mm = {m.kind: _frames_input(m)}
         requests.append({"prompt_token_ids": collapse_placeholders(ids, placeholders), "multi_modal_data": mm})
