@@ -36,6 +36,9 @@ class VLLMSettings:
     """Longest sequence the engine accepts; null = the sampling's max_prompt_length + max_new_tokens."""
     enforce_eager: bool = False
     """No CUDA graphs (slower decoding, faster start, less memory)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Engine weights and compute; `auto` = the policy's parameter dtype (under FSDP2 with fp32 master weights set
+    `bfloat16`, the sharding's compute dtype)."""
     seed: int = 0
     """Seed of the engine's sampler (each request also gets a seed drawn from torch's global generator)."""
 
@@ -46,6 +49,7 @@ class VLLMSettings:
         check_number("sampling.vllm.kv_cache_gib", self.kv_cache_gib, low=0, low_open=True)
         check_number("sampling.vllm.max_model_len", self.max_model_len, integer=True, low=1, optional=True)
         check_flag("sampling.vllm.enforce_eager", self.enforce_eager)
+        check_choice("sampling.vllm.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         check_number("sampling.vllm.seed", self.seed, integer=True, low=0)
 
 

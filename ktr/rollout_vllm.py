@@ -119,7 +119,9 @@ def _engine_dir(model: nn.Module, processor: VisionLanguageProcessor) -> Path:
     return out
 
 
-def _dtype(model: nn.Module) -> str:
+def _dtype(model: nn.Module, setting: str) -> str:
+    if setting != "auto":
+        return setting
     dtype = next(core(model).parameters()).dtype
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
@@ -138,7 +140,7 @@ def build_engine(model: nn.Module, processor: VisionLanguageProcessor, cfg: Samp
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank (untested here)
     engine = vllm.LLM(
-        model=str(_engine_dir(model, processor)), load_format="dummy", dtype=_dtype(model),
+        model=str(_engine_dir(model, processor)), load_format="dummy", dtype=_dtype(model, settings.dtype),
         max_model_len=settings.max_model_len or cfg.max_prompt_length + cfg.max_new_tokens,
         enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
         enable_mm_embeds=True, limit_mm_per_prompt={"image": 1, "video": 1},
