@@ -168,7 +168,9 @@ class KTRModule(PolicyModule):
         if batch.prompts is None:
             return None
         if self.global_step < self.warm_start_steps:
-            return self.sft_step(batch.prompts)
+            loss = self.sft_step(batch.prompts)
+            self.rollout_backend.on_weights_updated(self.model)  # an engine built already (evaluation) follows
+            return loss
         self._reference_ready()
         prompts = batch.prompts
         with self._rollout_context():
