@@ -14,8 +14,43 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 
-RolloutBackendName = Literal["shared", "hf"]
+RolloutBackendName = Literal["shared", "hf", "vllm"]
 """Registered rollout backends (`ktr.rollout.ROLLOUT_BACKENDS`)."""
+EvalBackendName = Literal["hf", "vllm"]
+"""Backends evaluation can generate with."""
+
+
+@dataclass
+class VLLMSettings:
+    """The colocated vLLM engine of `backend: vllm` (`ktr.rollout_vllm`; `pip install 'ktr[vllm]'`)."""
+
+    media: Literal["embeds", "frames"] = "embeds"
+    """`embeds`: the policy's own vision tower encodes each prompt's media once and the engine receives the
+    features (what the scoring passes see, exactly); `frames`: the engine encodes the processed frames with its
+    own copy of the vision tower (images only: on videos vLLM 0.32's tower disagrees with the policy's)."""
+    gpu_memory_utilization: float = 0.3
+    """Fraction of GPU memory the engine may take (weights + KV cache); the policy and optimizer share the GPU."""
+    kv_cache_gib: float = 1.0
+    """KV cache of the CPU engine in GiB (`VLLM_CPU_KVCACHE_SPACE`); ignored on GPU."""
+    max_model_len: int | None = None
+    """Longest sequence the engine accepts; null = the sampling's max_prompt_length + max_new_tokens."""
+    enforce_eager: bool = False
+    """No CUDA graphs (slower decoding, faster start, less memory)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Engine weights and compute; `auto` = the policy's parameter dtype (under FSDP2 with fp32 master weights set
+    `bfloat16`, the sharding's compute dtype)."""
+    seed: int = 0
+    """Seed of the engine's sampler (each request also gets a seed drawn from torch's global generator)."""
+
+    def __post_init__(self) -> None:
+        check_choice("sampling.vllm.media", self.media, ("embeds", "frames"))
+        check_number("sampling.vllm.gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1,
+                     low_open=True)
+        check_number("sampling.vllm.kv_cache_gib", self.kv_cache_gib, low=0, low_open=True)
+        check_number("sampling.vllm.max_model_len", self.max_model_len, integer=True, low=1, optional=True)
+        check_flag("sampling.vllm.enforce_eager", self.enforce_eager)
+        check_choice("sampling.vllm.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_number("sampling.vllm.seed", self.seed, integer=True, low=0)
 
 
 @dataclass
@@ -39,7 +74,12 @@ class SamplingConfig:
     """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `shared` = each prompt prefilled once, its
     key/value cache repeated to the G rows, sampled by ktr's loop with `generate`'s logits processing (the same
     per-step distribution; with a fixed seed the same tokens); `hf` = transformers `generate` with
-    `num_return_sequences`, which prefills every prompt G times (the released code's rollout)."""
+    `num_return_sequences`, which prefills every prompt G times (the released code's rollout); `vllm` = a
+    colocated vLLM engine per rank whose weights are synced after every optimizer step (`ktr.rollout_vllm`;
+    `pip install 'ktr[vllm]'`), which also returns the sampled tokens' log-probs (`train/rollout/logp_diff`,
+    `loss.rollout_correction`)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """Engine settings of `backend: vllm` (ignored by the other backends)."""
 
     def __post_init__(self) -> None:
         _check_sampling(self, "sampling")
@@ -60,15 +100,16 @@ class DecodingConfig(SamplingConfig):
     """Longest answer."""
     max_prompt_length: int = 32768
     """Prompts longer than this (tokens incl. video placeholders) are skipped and listed, never truncated."""
-    backend: RolloutBackendName = "hf"
-    """Evaluation generates with transformers' `generate` (`hf`), the only backend it supports for now."""
+    backend: EvalBackendName = "hf"  # type: ignore[assignment]
+    """Evaluation generates with transformers' `generate` (`hf`) or a vLLM engine (`vllm`, `ktr.rollout_vllm`;
+    during `fit` it shares the training module's engine when that is vLLM too)."""
     batch_size: int = 8
     """Questions per `generate` call on each rank."""
 
     def __post_init__(self) -> None:
         _check_sampling(self, "decoding")
-        if self.backend != "hf":
-            raise ConfigError(f"decoding.backend must be 'hf' (evaluation generates with transformers' generate), "
+        if self.backend not in get_args(EvalBackendName):
+            raise ConfigError(f"decoding.backend must be one of {list(get_args(EvalBackendName))} at evaluation, "
                               f"got {self.backend!r}")
         if self.group_size != 1:
             raise ConfigError(f"decoding.group_size must be 1 at evaluation, got {self.group_size}")
@@ -98,6 +139,12 @@ class LossConfig:
     shared_prefix: bool = True
     """Scoring passes run each group's prompt once, its G completions packed after it (`ktr.prefix`); false runs
     the N rows whole, as released (the same log-probs up to rounding, G times the prompt work)."""
+    rollout_correction: Literal["none", "tis"] = "none"
+    """Rollout/training mismatch: `tis` multiplies each token's policy-gradient term by the detached truncated
+    importance weight min(exp(logp_policy - logp_rollout), tis_cap) (needs a backend that returns the sampled
+    tokens' log-probs: `sampling.backend: vllm`); `none` trusts the rollout to be the policy's (hf, shared)."""
+    tis_cap: float = 2.0
+    """Cap of the truncated importance weight (`rollout_correction: tis`)."""
 
     def __post_init__(self) -> None:
         check_number("loss.beta", self.beta, low=0)
@@ -110,6 +157,8 @@ class LossConfig:
         check_number("loss.clip_high", self.clip_high, low=0)
         check_number("loss.chunk_size", self.chunk_size, integer=True, low=1, optional=True)
         check_number("loss.micro_batch_size", self.micro_batch_size, integer=True, low=1, optional=True)
+        check_choice("loss.rollout_correction", self.rollout_correction, ("none", "tis"))
+        check_number("loss.tis_cap", self.tis_cap, low=0, low_open=True)
 
 
 @dataclass
@@ -452,6 +501,17 @@ def check_choice(key: str, value, choices: tuple) -> None:
 def check_flag(key: str, value) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r:.80}")
+
+
+def check_rollout_settings(policy: PolicyConfig, sampling: SamplingConfig, loss: LossConfig) -> None:
+    """Settings that only clash in combination (the RL module calls this at construction)."""
+    if sampling.backend == "vllm" and policy.quantization == "nf4":
+        raise ConfigError("sampling.backend: vllm cannot serve a 4-bit (policy.quantization: nf4) policy; QLoRA "
+                          "keeps the HF path: use sampling.backend: shared or hf")
+    if loss.rollout_correction == "tis" and sampling.backend != "vllm":
+        raise ConfigError(f"loss.rollout_correction: tis needs the rollout's own log-probs, which only "
+                          f"sampling.backend: vllm returns (got backend {sampling.backend!r}); use "
+                          "loss.rollout_correction: none")
 
 
 def _check_sampling(cfg: SamplingConfig, key: str) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "policy_loss",
     "released_kl_mean",
     "token_weights",
+    "truncated_is_weights",
 ]
 
 WeightNorm = Literal["weights", "mask"]
@@ -307,6 +308,22 @@ def policy_loss(
         return aggregate(terms.policy + terms.kl, mask, aggregation, num_tokens=num_tokens, **counts, **weighted)
     loss = aggregate(terms.policy, mask, aggregation, num_tokens=num_tokens, **counts, **weighted)
     return loss + aggregate(terms.kl, kl_mask, aggregation, num_tokens=num_kl_tokens, **counts)
+
+
+@torch.no_grad()
+def truncated_is_weights(logps: Tensor, rollout_logps: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights ``min(exp(logp_policy - logp_rollout), cap)`` ``[N, T]`` (0 outside ``mask``).
+
+    The rollout engine (vLLM) samples from a slightly different distribution than the policy scores (other
+    kernels, precision, positions); multiplying each token's policy-gradient term by this detached weight
+    corrects for it (TIS). The policy gradient is linear in the advantage, so the module passes per-token
+    advantages ``A_i * w_it`` to :func:`policy_loss`: the KL term and the normalisers stay as they are.
+
+    >>> truncated_is_weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]]), torch.tensor([[True, True]]), 2.0)
+    tensor([[2., 1.]])
+    """
+    log_ratio = (upcast(logps) - upcast(rollout_logps)).clamp(max=_LOG_RATIO_BOUND)  # [N, T]
+    return masked_fill_zero(log_ratio.exp().clamp(max=cap), mask)
 
 
 # ---------------------------------------------------------------------------------------------------------

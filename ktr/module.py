@@ -22,11 +22,11 @@ from typing import Literal
 
 from ktr.baselines import check_algorithm
 from ktr.config import (BaselineConfig, KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig,  # noqa: F401
-                        RewardConfig, SamplingConfig, check_number)
+                        RewardConfig, SamplingConfig, check_number, check_rollout_settings)
 from ktr.data.base import StepBatch
 from ktr.forward import (SequenceView, VisionFeatures, completion_hidden, completion_logps, encode_media,
                          output_projection)
-from ktr.losses import masked_kl_mean, released_kl_mean
+from ktr.losses import masked_kl_mean, released_kl_mean, truncated_is_weights
 from ktr.families import vision_tower
 from ktr.policy_module import PolicyModule
 from ktr.probes.keytokens import attribute, key_token_stats
@@ -82,6 +82,7 @@ class KTRModule(PolicyModule):
         """
         check_number("warm_start_steps", warm_start_steps, integer=True, low=0)
         check_number("warm_start_lr", warm_start_lr, low=0, low_open=True, optional=True)
+        check_rollout_settings(policy, sampling, loss)
         super().__init__(policy, optim, val_max_new_tokens)
         self.sampling = sampling
         self.key_cfg = key_tokens
@@ -167,7 +168,9 @@ class KTRModule(PolicyModule):
         if batch.prompts is None:
             return None
         if self.global_step < self.warm_start_steps:
-            return self.sft_step(batch.prompts)
+            loss = self.sft_step(batch.prompts)
+            self.rollout_backend.on_weights_updated(self.model)  # an engine built already (evaluation) follows
+            return loss
         self._reference_ready()
         prompts = batch.prompts
         with self._rollout_context():
@@ -183,7 +186,8 @@ class KTRModule(PolicyModule):
         scale = self.loss_cfg.advantage == "grpo"
         advantages = group_advantages(rewards, rollout.group_size, scale_by_std=scale)
         self.last_step = StepRecord(self.global_step, prompts, rollout, key, rewards, per_reward, advantages)  # reports
-        loss = self.update(rollout, scores, key.mask, advantages, weights, weight_norm)
+        loss = self.update(rollout, scores, key.mask, self.rollout_corrected(rollout, scores, advantages), weights,
+                           weight_norm)
         norm = self._optimizer_step()
         self.rollout_backend.on_weights_updated(self.model)
         self._log_step(rollout, rewards, per_reward, failed, loss, norm, scores, key)
@@ -220,6 +224,21 @@ class KTRModule(PolicyModule):
         if key.weights is not None:
             return key.weights, "weights" if self.key_cfg.soft_norm == "weights" else "mask"
         return None, "weights"
+
+    def rollout_corrected(self, rollout: Rollout, scores: StepScores, advantages: Tensor) -> Tensor:
+        """Advantages for the loss: `[N]` as they are, or `[N, T]` times the truncated importance weights of the
+        rollout engine's samples (`loss.rollout_correction: tis`). Logs the engine/policy log-prob gap."""
+        if rollout.logps is None:
+            return advantages
+        valid = rollout.completion_mask
+        gap = (scores.logps - rollout.logps).abs()[valid]  # [n_valid]
+        self._extra_metrics["train/rollout/logp_diff"] = gap.mean() if gap.numel() else gap.new_zeros(())
+        self._extra_metrics["train/rollout/logp_diff_max"] = gap.max() if gap.numel() else gap.new_zeros(())
+        if self.loss_cfg.rollout_correction != "tis":
+            return advantages
+        w = truncated_is_weights(scores.logps, rollout.logps, valid, self.loss_cfg.tis_cap)  # [N, T]
+        self._extra_metrics["train/rollout/tis_weight"] = w[valid].mean() if valid.any() else w.new_zeros(())
+        return advantages.unsqueeze(-1) * w
 
     def add_temporal_bonus(self, prompts: PromptBatch, rollout: Rollout, rewards: Tensor, per_reward: dict) -> Tensor:
         """T-GRPO: sample G' completions on shuffled frames, add the temporal bonus to the ordered ones."""

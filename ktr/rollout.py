@@ -3,7 +3,8 @@
 Backends are looked up by name (`sampling.backend`, registry `ROLLOUT_BACKENDS`); an entry may be a dotted
 `module:Class` path so that a heavy engine is imported only when it is chosen. `hf` is transformers'
 `generate` (`generate` below), which also serves validation and evaluation; `shared` prefills each prompt
-once and samples the G rows with ktr's own loop (`ktr.rollout_shared`).
+once and samples the G rows with ktr's own loop (`ktr.rollout_shared`); `vllm` is a colocated vLLM engine
+(`ktr.rollout_vllm`).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class HFBackend(RolloutBackend):
 ROLLOUT_BACKENDS: dict[str, type[RolloutBackend] | str] = {
     "hf": HFBackend,
     "shared": "ktr.rollout_shared:SharedPrefixBackend",  # imports this module: a dotted entry avoids the cycle
+    "vllm": "ktr.rollout_vllm:VLLMBackend",  # vLLM is imported on the first generate (`pip install 'ktr[vllm]'`)
 }
 
 

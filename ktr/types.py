@@ -132,6 +132,8 @@ class Rollout:
     completion_ids: Tensor  # [N, T] long
     completion_mask: Tensor  # [N, T] bool, valid up to and including the first end-of-sequence token
     texts: list[str] = field(default_factory=list)
+    logps: Tensor | None = None  # [N, T] float32 the rollout engine's log-probs of the sampled tokens (vllm), 0
+    # outside completion_mask; None when the rollout is the policy's own sampling (hf, shared)
 
     @property
     def prompt_length(self) -> int:

@@ -17,5 +17,6 @@ def test_readme_starts_with_install_demo_and_test_commands() -> None:
     text = README.read_text()
     cmds = re.findall(r"```bash\n(.*?)```", text, re.S)
     assert "ktr fit --config configs/demo.yaml" in cmds[0]
-    ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
+    ci = next(line for line in reversed((README.parent / ".ci" / "run").read_text().strip().splitlines())
+              if line.startswith("pytest"))  # the main suite (a later line runs the vLLM stage)
     assert cmds[1].strip() == f"HF_HUB_OFFLINE=1 {ci}" or ci in cmds[1]

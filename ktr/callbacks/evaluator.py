@@ -11,7 +11,9 @@ settings (defaults: the released evaluation). It runs
 
 Each run: questions not yet answered in ``predictions.jsonl`` are sharded over ranks (question ``i`` of the
 pending list goes to rank ``i % world``), their videos decoded (missing or unreadable: a skipped record,
-counted and listed, never replaced), answered in batches with ``ktr.rollout.generate``, scored, gathered
+counted and listed, never replaced), answered in batches with ``ktr.rollout.generate`` (``decoding.backend: hf``)
+or a vLLM engine (``vllm``: the training module's own when it rolls out with vLLM too, else one of the evaluator's,
+re-synced with the weights before every run), scored, gathered
 on every rank after each batch (``all_gather_object``) and appended by rank 0, so that a killed run
 resumes where it stopped. Scoring is exact across ranks: the summary is computed once from the gathered
 per-question records; a torchmetrics all-reduce of the same scores cross-checks the gathering.
@@ -39,7 +41,7 @@ from ktr.data.base import BaseDataModule, StepBatch, decode_video_file
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.data.video import MediaDecodeError, VideoSettings
 from ktr.eval import Benchmark, EvalItem, append_prediction, load_predictions, pending_items, prompt_hash, summarize
-from ktr.rollout import generate
+from ktr.rollout import RolloutBackend, generate, rollout_backend
 from ktr.types import PromptSample
 
 Record = dict[str, Any]
@@ -163,6 +165,8 @@ class BenchmarkEvaluator(Callback):
         self.num_workers = num_workers
         self.last_generated: list[str] = []  # qids this rank generated in the last run (auditing, tests)
         self._last_fit_step: int | None = None
+        self.backend: RolloutBackend | None = None  # decoding.backend other than hf: built on first use
+        self._shared_backend = False
 
     # --- Lightning hooks ------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -191,6 +195,10 @@ class BenchmarkEvaluator(Callback):
                       "name_or_path": getattr(cfg, "name_or_path", None),
                       "adapter_path": getattr(cfg, "adapter_path", None),
                       "global_step": trainer.global_step if trainer.state.fn == "fit" else None}
+        own = getattr(pl_module, "rollout_backend", None)
+        if self.decoding.backend != "hf" and getattr(getattr(pl_module, "sampling", None), "backend", None) == \
+                self.decoding.backend and own is not None:
+            self.backend, self._shared_backend = own, True  # one engine per rank, kept in sync by training
         results = self.evaluate(pl_module.model, pl_module.processor, root, subdir, checkpoint, fresh)
         self.log_results(pl_module, results)
         return results
@@ -234,6 +242,8 @@ class BenchmarkEvaluator(Callback):
         _barrier()  # the others read predictions only once rank 0 has repaired a cut-short last line
         if rank != 0:
             done = load_predictions(pred_path)
+        if self.backend is not None and not self._shared_backend:
+            self.backend.on_weights_updated(model)  # the evaluator's own engine: the weights may have moved
         new, mine = self._generate_all(model, processor, pending_items(items, done), rank, world, pred_path)
         done.update(new)
         records = [done[it.qid] for it in items]
@@ -279,8 +289,13 @@ class BenchmarkEvaluator(Callback):
         if ready:
             device = next(model.parameters()).device
             prompts = processor.collate([batch[i][1] for i in ready], self.video.rope_time).to(device)
-            rollout = generate(model, processor, prompts, self.decoding, group_size=1,
-                               greedy=self.decoding.temperature == 0)
+            greedy = self.decoding.temperature == 0
+            if self.decoding.backend == "hf":
+                rollout = generate(model, processor, prompts, self.decoding, group_size=1, greedy=greedy)
+            else:
+                if self.backend is None:
+                    self.backend = rollout_backend(self.decoding.backend)
+                rollout = self.backend.generate(model, processor, prompts, self.decoding, group_size=1, greedy=greedy)
             for i, text in zip(ready, rollout.texts):
                 item = batch[i][0]
                 records[i] = self.benchmark.evaluate(text, item, prompt_hash(item.prompt_text))

@@ -1,0 +1,115 @@
+"""The vLLM backend's pieces that need no engine (the engine itself: tests/vllm, run by .ci/run_vllm): config keys
+and the clashes they catch, the lazy registry entry, placeholder collapsing, the weights the engine receives
+(LoRA merged), truncated importance weights and the module's rollout correction."""
+
+import copy
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from ktr.config import (ConfigError, DecodingConfig, LoraSettings, LossConfig, PolicyConfig, SamplingConfig,
+                        VLLMSettings, check_rollout_settings)
+from ktr.losses import truncated_is_weights
+from ktr.rollout import rollout_backend
+from ktr.rollout_vllm import VLLMBackend, collapse_placeholders, policy_weights
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def test_config_keys_and_clashes() -> None:
+    assert SamplingConfig(backend="vllm").vllm == VLLMSettings()
+    assert DecodingConfig(backend="vllm").backend == "vllm"
+    with pytest.raises(ConfigError, match="decoding.backend must be one of"):
+        DecodingConfig(backend="shared")
+    with pytest.raises(ConfigError, match="sampling.vllm.media"):
+        VLLMSettings(media="pixels")
+    with pytest.raises(ConfigError, match="sampling.vllm.gpu_memory_utilization"):
+        VLLMSettings(gpu_memory_utilization=1.5)
+    with pytest.raises(ConfigError, match="loss.tis_cap"):
+        LossConfig(tis_cap=0)
+    with pytest.raises(ConfigError, match="QLoRA keeps the HF path"):
+        check_rollout_settings(PolicyConfig(quantization="nf4"), SamplingConfig(backend="vllm"), LossConfig())
+    with pytest.raises(ConfigError, match="rollout_correction: tis needs"):
+        check_rollout_settings(PolicyConfig(), SamplingConfig(backend="shared"), LossConfig(rollout_correction="tis"))
+    check_rollout_settings(PolicyConfig(), SamplingConfig(backend="vllm"), LossConfig(rollout_correction="tis"))
+
+
+def test_registry_entry_imports_vllm_only_on_generate() -> None:
+    vllm_loaded = "vllm" in sys.modules
+    backend = rollout_backend("vllm")
+    assert type(backend) is VLLMBackend and backend.engine is None
+    assert ("vllm" in sys.modules) == vllm_loaded  # building the backend imports no engine
+    backend.on_weights_updated(torch.nn.Linear(1, 1))  # no engine yet: nothing to sync
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
+def test_missing_vllm_names_the_extra(tiny_policy) -> None:
+    from tests.helpers import synthetic_samples
+
+    batch = tiny_policy.processor.collate(synthetic_samples(tiny_policy.processor, 1))
+    with pytest.raises(ImportError, match=r"pip install 'ktr\[vllm\]'"):
+        VLLMBackend().generate(tiny_policy.model, tiny_policy.processor, batch, SamplingConfig(backend="vllm"))
+
+
+def test_collapse_placeholders() -> None:
+    assert collapse_placeholders([1, 9, 9, 9, 2, 8, 8, 3, 9], (8, 9)) == [1, 9, 2, 8, 3, 9]
+    assert collapse_placeholders([9, 9], (9,)) == [9]
+
+
+def test_policy_weights_are_the_checkpoint_names_with_lora_merged(tiny_policy) -> None:
+    from ktr.policy import apply_lora
+
+    plain = tiny_policy.model
+    assert {k: v for k, v in policy_weights(plain)}.keys() == plain.state_dict().keys()
+    lora = apply_lora(copy.deepcopy(plain), LoraSettings(r=2, alpha=4, dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    got = dict(policy_weights(lora))
+    merged = copy.deepcopy(lora).merge_and_unload().state_dict()
+    assert got.keys() == merged.keys() == plain.state_dict().keys()
+    for k in merged:
+        torch.testing.assert_close(got[k], merged[k], rtol=0, atol=1e-6)
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(got[q], plain.state_dict()[q])  # the adapters moved it
+    torch.testing.assert_close(dict(lora.named_parameters())[f"base_model.model.{q}".replace(".weight", ".base_layer.weight")],
+                               plain.state_dict()[q])  # the policy's own weights untouched
+
+
+def test_truncated_is_weights_by_hand() -> None:
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0]])
+    rollout = torch.tensor([[-1.0, -1.0, -2.0], [-1.0, -1.5, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    w = truncated_is_weights(logps, rollout, mask, cap=2.0)
+    e = torch.exp
+    want = torch.tensor([[1.0, e(torch.tensor(-1.0)), 2.0], [e(torch.tensor(-2.0)), e(torch.tensor(0.5)), 0.0]])
+    torch.testing.assert_close(w, want)
+    assert not w.requires_grad
+
+
+def test_module_rollout_correction() -> None:
+    """`tis`: per-token advantages A_i * w_it and the gap metrics; `none`: advantages untouched, gap logged."""
+    from types import SimpleNamespace
+
+    from ktr.module import KTRModule
+
+    valid = torch.tensor([[True, True], [True, False]])
+    rollout = SimpleNamespace(logps=torch.tensor([[-1.0, -1.0], [-2.0, 0.0]]), completion_mask=valid)
+    scores = SimpleNamespace(logps=torch.tensor([[-0.5, -1.5], [-2.0, -9.0]]))
+    adv = torch.tensor([1.0, -2.0])
+    module = KTRModule.__new__(KTRModule)
+    module._extra_metrics = {}
+    module.loss_cfg = LossConfig(rollout_correction="none")
+    assert torch.equal(KTRModule.rollout_corrected(module, rollout, scores, adv), adv)
+    assert float(module._extra_metrics["train/rollout/logp_diff"]) == pytest.approx(1.0 / 3)
+    assert float(module._extra_metrics["train/rollout/logp_diff_max"]) == pytest.approx(0.5)
+    module.loss_cfg = LossConfig(rollout_correction="tis", tis_cap=1.5)
+    out = KTRModule.rollout_corrected(module, rollout, scores, adv)
+    w = torch.tensor([[1.5, float(torch.exp(torch.tensor(-0.5)))], [1.0, 0.0]])
+    torch.testing.assert_close(out, adv[:, None] * w)
+    rollout.logps = None
+    assert KTRModule.rollout_corrected(module, rollout, scores, adv) is adv
