@@ -189,11 +189,12 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
                             tokens_processed=tokens, time_s=wall, cpu_s=cpu, peak_mem_mb=mem, head_scale=head_scale,
                             tokens_per_cpu_s=tokens / cpu))
 
-    (feats, hidden, logps), *m = _phase(policy_pass)
+    out, *m = _phase(policy_pass)
+    feats, hidden, logps = out
     record("policy", *m)
     _, *m = _phase(lambda: backward(hidden, logps))
     record("backward", *m)
-    del hidden
+    hidden = None  # the activations go before the no-grad passes
     detached = feats.detached(leaves=False)
     with torch.no_grad():
         _, *m = _phase(lambda: completion_logps(model, completion_hidden(model, view, detached, t), comp, valid))
