@@ -118,14 +118,15 @@ def shared_layout(model: nn.Module, view: SequenceView, completion_length: int,
     """The packed shared-prefix rows of `view`, or None where the pass runs naive (see `completion_hidden`)."""
     if not view.shared_prefix or _attention(model) not in prefix.SHARED_ATTENTION:
         return None
-    if bool((view.prompt_index[1:] != view.prompt_index[:-1]).all()):
+    runs = prefix.group_runs(view.prompt_index)
+    if int(runs[1].max()) == 1:
         return None  # one row per prompt (SFT, G = 1): nothing to share
     p = view.input_ids.shape[1] - completion_length
     if not prefix.prompts_shared(view.input_ids, view.attention_mask, view.mm_token_type_ids, view.position_ids,
-                                 zero_vision, view.prompt_index, p):
+                                 zero_vision, runs, p):
         return None
     return prefix.pack_groups(view.input_ids, view.attention_mask, view.mm_token_type_ids, view.position_ids,
-                              zero_vision, view.prompt_index, completion_length)
+                              zero_vision, view.prompt_index, runs, completion_length)
 
 
 def _attention(model: nn.Module) -> str:

@@ -64,10 +64,13 @@ def group_runs(prompt_index: Tensor) -> tuple[Tensor, Tensor]:
     return starts, ends - starts
 
 
+Runs = tuple[Tensor, Tensor]  # (start row [B'], size [B']) of each run, from `group_runs`
+
+
 def prompts_shared(input_ids: Tensor, attention_mask: Tensor, mm_token_type_ids: Tensor, position_ids: Tensor,
-                   zero_vision: Tensor | None, prompt_index: Tensor, prompt_length: int) -> bool:
+                   zero_vision: Tensor | None, runs: Runs, prompt_length: int) -> bool:
     """Whether every row's prompt part (first `prompt_length` tokens) equals its run's first row's."""
-    starts, sizes = group_runs(prompt_index)
+    starts, sizes = runs
     first = torch.repeat_interleave(starts, sizes)  # [N] first row of each row's run
     p = prompt_length
     same = [(t[:, :p] == t[first, :p]).all() for t in (input_ids, attention_mask, mm_token_type_ids)]
@@ -78,12 +81,13 @@ def prompts_shared(input_ids: Tensor, attention_mask: Tensor, mm_token_type_ids:
 
 
 def pack_groups(input_ids: Tensor, attention_mask: Tensor, mm_token_type_ids: Tensor, position_ids: Tensor,
-                zero_vision: Tensor | None, prompt_index: Tensor, completion_length: int) -> PackedRows:
-    """Pack N rows `[N, S]` (S = L + T; prompt parts equal within a run, see `prompts_shared`) into B' rows."""
+                zero_vision: Tensor | None, prompt_index: Tensor, runs: Runs, completion_length: int) -> PackedRows:
+    """Pack N rows `[N, S]` (S = L + T; prompt parts equal within each of the `runs`, see `prompts_shared`) into
+    B' rows."""
     n, s = input_ids.shape
     t = completion_length
     p = s - t
-    starts, sizes = group_runs(prompt_index)
+    starts, sizes = runs
     b, k = starts.shape[0], int(sizes.max())
     w = p + k * t
     dev = input_ids.device

@@ -23,8 +23,8 @@ Whole step (`--parts step`): `scripts/bench_step.py`'s instrumented KTRModule st
 ~1,000-token synthetic video, three variants: naive KTR (`sampling.backend: hf`, `loss.shared_prefix: false`),
 shared KTR (the defaults) and shared GRPO (`key_tokens.enabled: false`), with the released sampling (temperature
 1, top-p 0.95) and KL (beta 0.04, so a reference pass). Memory there is the process's peak RSS over the run
-(monotonic, so it includes the weights, the reference copy and the optimizer state), time the median step after
-the first.
+(monotonic, so it includes the weights, the reference copy and the optimizer state), time the mean step after
+the first (`bench_step.summarise`).
 
 Model: a decoder-dominated CPU model (the built-in random Qwen2.5-VL at hidden 512, 4 layers, the full
 151,936 vocabulary, untied output projection), one prompt of a 16-frame 224x448 video (1,024 video tokens)
@@ -227,17 +227,10 @@ def step_worker(variant: str, new_tokens: int, group_size: int, steps: int) -> l
     video = dict(fps=2.0, min_frames=16, max_frames=16, min_pixels=side * side, max_pixels=side * side)
     result = bench_step.measure([Path(__file__).parent.parent / "configs" / "demo.yaml"], steps=steps, arch=None,
                                 device="cpu", overrides=overrides, video=video)
-    timed = result["steps"][1:] or result["steps"]
     out = []
-    for phase in ("rollout", "scoring", "probes", "backward", "optimizer", "step"):
-        key = "step_seconds" if phase == "step" else phase
-        secs = [s[key] if phase == "step" else s.get(phase, {}).get("seconds", 0.0) for s in timed]
+    for phase, rec in result["summary"].items():  # mean seconds after the warm-up step, max peaks (bench_step)
         out.append(dict(impl=variant, phase=phase if phase == "step" else f"step/{phase}", group_size=group_size,
-                        new_tokens=new_tokens, time_s=statistics.median(secs),
-                        peak_mem_mb=max(s.get(phase, {}).get("peak_gb", 0.0) for s in result["steps"]) * 1024
-                        if phase != "step" else max(s.get(p, {}).get("peak_gb", 0.0) for s in result["steps"]
-                                                    for p in ("rollout", "scoring", "probes", "backward",
-                                                              "optimizer")) * 1024))
+                        new_tokens=new_tokens, time_s=rec["seconds"], peak_mem_mb=rec["peak_gb"] * 1024))
     return out
 
 

@@ -47,3 +47,49 @@ def rollout_for(policy, n_prompts=2, group_size=2, max_new_tokens=6, image_every
 def length_reward(completion: str, solution: str, problem_type: str) -> float:
     """A reward that varies across completions of a random model (tests need non-zero advantages)."""
     return min(1.0, len(completion) / 40.0)
+
+
+def module_grads(module, batch, rollout, loss_cfg, advantages):
+    """One KTRModule scoring pass and backward without a Trainer, on a fixed non-trivial key-token mask (every
+    other token dropped): the loss, the step's scores and every parameter's gradient."""
+    module.loss_cfg = loss_cfg
+    module.manual_backward = lambda loss: loss.backward()  # no Trainer here
+    module._reference_ready()
+    module.model.zero_grad(set_to_none=True)
+    scores = module.score(batch, rollout)
+    mask = rollout.completion_mask.clone()
+    mask[:, ::2] = False
+    loss = module.update(rollout, scores, mask, advantages)
+    return loss, scores, {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
+
+
+def tiny_qwen2_vl_config():
+    """A tiny random Qwen2-VL (not 2.5) configuration with the Qwen vocabulary and special-token ids."""
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=151645,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
+
+
+def run_in_own_session(cmd, timeout: float, what: str, **kwargs):
+    """Run `cmd` (a worker that spawns processes) in a session of its own; `(returncode, stdout, stderr)`. On a
+    timeout the whole session (the worker and what it spawned) is killed and the test fails, naming `what`."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{what} timed out after {timeout:.0f} s")
+    return proc.returncode, out, err

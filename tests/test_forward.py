@@ -5,7 +5,7 @@ import torch
 from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.families import family_of
 from ktr.policy import TinyModelConfig, tiny_config
-from tests.helpers import rollout_for
+from tests.helpers import rollout_for, tiny_qwen2_vl_config
 
 
 def test_tokenizer_special_ids_and_template(tiny_policy) -> None:
@@ -94,16 +94,11 @@ def test_video_placeholders_for_real_clip(tiny_policy, fixtures_dir) -> None:
 @torch.no_grad()
 def test_qwen2_vl_checkpoint_directory_loads_and_matches_hf(tiny_policy, tmp_path) -> None:
     """A Qwen2-VL (not 2.5) checkpoint directory goes through the same code after construction."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     from ktr.policy import PolicyConfig, load_policy
 
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=151645,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
+    cfg = tiny_qwen2_vl_config()
     torch.manual_seed(0)
     Qwen2VLForConditionalGeneration(cfg).save_pretrained(tmp_path)
     tiny_policy.tokenizer.save_pretrained(tmp_path)

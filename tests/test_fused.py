@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 import socket
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,6 +20,7 @@ from ktr.fused import (
     token_logps_entropy,
 )
 from ktr.losses import AGGREGATIONS
+from tests.helpers import run_in_own_session
 
 N, T, H, V = 3, 7, 16, 1000
 STRATEGIES = ["grad-in-forward", "recompute"]
@@ -242,13 +240,5 @@ def test_fsdp2_sharded_head_two_processes():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     worker = Path(__file__).with_name("_fsdp_fused_worker.py")
-    # Own session, so that a hang can be ended together with the two spawned ranks.
-    proc = subprocess.Popen([sys.executable, str(worker), str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process FSDP2 worker timed out after 240 s")
-    assert proc.returncode == 0 and out.strip().endswith("OK"), err[-4000:]
+    rc, out, err = run_in_own_session([sys.executable, str(worker), str(port)], 240, "the 2-process FSDP2 worker")
+    assert rc == 0 and out.strip().endswith("OK"), err[-4000:]

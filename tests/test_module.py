@@ -1,8 +1,6 @@
 """KTRModule: a training step changes parameters; micro-batched gradients equal the single pass; GRPO = KTR
 with every valid token."""
 
-import copy
-
 import lightning as L
 import pytest
 import torch
@@ -12,7 +10,7 @@ from ktr.module import KTRModule, LossConfig, OptimConfig, RewardConfig
 from ktr.policy import PolicyConfig
 from ktr.probes.keytokens import KeyTokenConfig, SignalConfig
 from ktr.rollout import SamplingConfig
-from tests.helpers import SMALL_VIDEO, rollout_for
+from tests.helpers import SMALL_VIDEO, module_grads, rollout_for
 
 
 def _module(**kw) -> KTRModule:
@@ -38,16 +36,9 @@ def test_one_training_step_changes_parameters(tmp_path) -> None:
 
 
 def _grads(module, batch, rollout, micro):
-    module.loss_cfg = LossConfig(beta=0.04, micro_batch_size=micro)
-    module.manual_backward = lambda loss: loss.backward()  # no Trainer here
-    module._reference_ready()
-    module.model.zero_grad(set_to_none=True)
-    scores = module.score(batch, rollout)
-    mask = rollout.completion_mask.clone()
-    mask[:, ::2] = False  # a non-trivial key-token mask
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    loss = module.update(rollout, scores, mask, adv)
-    return loss, {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
+    loss, _, grads = module_grads(module, batch, rollout, LossConfig(beta=0.04, micro_batch_size=micro),
+                                  torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    return loss, grads
 
 
 def test_micro_batches_equal_single_pass() -> None:

@@ -16,7 +16,7 @@ from ktr.forward import (
 from ktr.prefix import group_runs, pack_groups
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
-from tests.helpers import rollout_for
+from tests.helpers import module_grads, rollout_for
 
 
 def test_packed_mask_sees_prompt_and_own_completion_only() -> None:
@@ -26,7 +26,8 @@ def test_packed_mask_sees_prompt_and_own_completion_only() -> None:
     mask[:2, 0] = 0
     mask[3, 4] = 0
     pos = torch.arange(5).expand(3, 4, 5).clone()
-    packed = pack_groups(ids, mask, torch.zeros_like(ids), pos, None, torch.tensor([0, 0, 1, 1]), 2)
+    prompt_index = torch.tensor([0, 0, 1, 1])
+    packed = pack_groups(ids, mask, torch.zeros_like(ids), pos, None, prompt_index, group_runs(prompt_index), 2)
     assert packed.input_ids.shape == (2, 3 + 2 * 2)
     assert packed.input_ids[0].tolist() == [0, 1, 2, 3, 4, 8, 9]  # prompt of row 0, then rows 0 and 1's completions
     allowed = packed.attention_mask[:, 0]  # [2, W, W]
@@ -99,16 +100,8 @@ def _module():
 def _grads(module, batch, rollout, shared, micro):
     from ktr.config import LossConfig
 
-    module.loss_cfg = LossConfig(beta=0.04, micro_batch_size=micro, shared_prefix=shared)
-    module.manual_backward = lambda loss: loss.backward()  # no Trainer here
-    module._reference_ready()
-    module.model.zero_grad(set_to_none=True)
-    scores = module.score(batch, rollout)
-    mask = rollout.completion_mask.clone()
-    mask[:, ::2] = False  # a non-trivial key-token mask
-    adv = torch.linspace(-1, 1, rollout.completion_ids.shape[0])
-    loss = module.update(rollout, scores, mask, adv)
-    return loss, scores, {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
+    cfg = LossConfig(beta=0.04, micro_batch_size=micro, shared_prefix=shared)
+    return module_grads(module, batch, rollout, cfg, torch.linspace(-1, 1, rollout.completion_ids.shape[0]))
 
 
 @pytest.mark.parametrize("frozen_vision", [False, True])

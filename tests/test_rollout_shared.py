@@ -11,7 +11,7 @@ from ktr.rollout import (ROLLOUT_BACKENDS, assemble_rollout, end_of_sequence_ids
                          rollout_backend, suppressed_token_ids)
 from ktr.rollout_shared import SharedPrefixBackend, decode_step, generate_shared, prefill
 from ktr.sampling import process_logits
-from tests.helpers import synthetic_samples
+from tests.helpers import synthetic_samples, tiny_qwen2_vl_config
 
 G = 4
 
@@ -43,16 +43,11 @@ def untied_qwen3vl(tiny_qwen3vl):
 @pytest.fixture(scope="module")
 def qwen2_vl_policy(tiny_policy):
     """A tiny Qwen2-VL (no temporal scaling of video positions), with the tiny policy's processor."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     from ktr.policy import Policy
 
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=151645,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
+    cfg = tiny_qwen2_vl_config()
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return Policy(model=Qwen2VLForConditionalGeneration(cfg).eval(), processor=tiny_policy.processor)
