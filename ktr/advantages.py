@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from ktr.ops import upcast

@@ -223,6 +223,8 @@ class OptimConfig:
 
 
 SIGNALS = ("visual", "temporal", "entropy")
+RANDOM_VISUAL = ("random_half", "swap_media")  # perturbations whose draws differ (`SignalConfig.draws`)
+RANDOM_TEMPORAL = ("shuffle", "segment_shuffle", "patch_shuffle")
 SCORES = ("logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger")  # = ktr.probes.scores.SCORE_FUNCTIONS
 
 
@@ -239,6 +241,12 @@ class SignalConfig:
     log-prob difference of the sampled token (released), or a distance between the full next-token
     distributions (KL(P || Q) with P the unperturbed policy, Jensen-Shannon, L1, L2, cosine, Hellinger). The
     entropy signal has no perturbation: it takes `logp_diff` only."""
+    draws: int = 1
+    """Counterfactual draws averaged per token (released: 1). Only for a random perturbation (temporal
+    `shuffle`, `segment_shuffle`, `patch_shuffle`; visual `random_half`, and `swap_media`, whose draw d shows
+    each prompt the clip d + 1 places on among the prompts of its shape). Each draw costs one decoder pass (the
+    temporal probe: also one vision call). The score is then the mean over draws: an estimate of the expected
+    change under the perturbation rather than the change under one sample of it."""
 
 
 @dataclass
@@ -299,6 +307,14 @@ class KeyTokenConfig:
             check_number(f"key_tokens.{s}.ratio", getattr(self, s).ratio, low=0, high=1)
             if getattr(self, s).score not in SCORES:
                 raise ConfigError(f"key_tokens.{s}.score must be one of {list(SCORES)}, got {getattr(self, s).score!r}")
+        for s, drawn in (("visual", RANDOM_VISUAL), ("temporal", RANDOM_TEMPORAL), ("entropy", ())):
+            draws = getattr(self, s).draws
+            check_number(f"key_tokens.{s}.draws", draws, integer=True, low=1)
+            perturbation = getattr(self, f"{s}_perturbation", None)
+            if draws > 1 and perturbation not in drawn:
+                what = f"the {perturbation!r} perturbation is deterministic" if perturbation else "it has no perturbation"
+                hint = f"use draws: 1, or a perturbation among {list(drawn)}" if drawn else "use draws: 1"
+                raise ConfigError(f"key_tokens.{s}.draws is {draws}, but {what}: every draw would be the same; {hint}")
         if self.entropy.score != "logp_diff":
             raise ConfigError("key_tokens.entropy.score must be logp_diff: the entropy signal compares no two passes")
         for key, allowed in (("weighting", ("hard", "softmax", "sigmoid", "linear", "exponential")),

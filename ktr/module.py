@@ -61,7 +61,7 @@ class KTRModule(PolicyModule):
                  rewards: RewardConfig = RewardConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
                  warm_start_steps: int = 0, warm_start_lr: float | None = None,
                  val_max_new_tokens: int = 64, algorithm: Literal["grpo", "t_grpo", "tw_grpo"] = "grpo",
-                 baseline: BaselineConfig = BaselineConfig()) -> None:  # noqa: B008
+                 baseline: BaselineConfig = BaselineConfig(), val_target_prob: bool = False) -> None:  # noqa: B008
         """
         Args:
             policy: model to train.
@@ -79,11 +79,13 @@ class KTRModule(PolicyModule):
                 from G/2 extra rollouts on shuffled frames) or `tw_grpo` (TW-GRPO's token weights in
                 [1, baseline.tw_alpha]; needs `key_tokens.enabled: false`).
             baseline: settings of the baselines.
+            val_target_prob: also log `val/p_target`, the mean probability of the held-out rows' SFT targets
+                (`PolicyModule.target_logp`; the validation rows then carry targets).
         """
         check_number("warm_start_steps", warm_start_steps, integer=True, low=0)
         check_number("warm_start_lr", warm_start_lr, low=0, low_open=True, optional=True)
         check_rollout_settings(policy, sampling, loss)
-        super().__init__(policy, optim, val_max_new_tokens)
+        super().__init__(policy, optim, val_max_new_tokens, val_target_prob)
         self.sampling = sampling
         self.key_cfg = key_tokens
         self.loss_cfg = loss

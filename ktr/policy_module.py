@@ -36,13 +36,14 @@ class PolicyModule(L.LightningModule):
     needs_targets = False
 
     def __init__(self, policy: PolicyConfig = PolicyConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
-                 val_max_new_tokens: int = 64) -> None:
+                 val_max_new_tokens: int = 64, val_target_prob: bool = False) -> None:
         check_number("val_max_new_tokens", val_max_new_tokens, integer=True, low=1)
         super().__init__()
         self.automatic_optimization = False
         self.policy_cfg = policy
         self.optim_cfg = optim
         self.val_max_new_tokens = val_max_new_tokens
+        self.val_target_prob = val_target_prob
         built = load_policy(self.policy_cfg)
         self.model = built.model
         self.processor = built.processor
@@ -215,6 +216,31 @@ class PolicyModule(L.LightningModule):
         n = len(rows)
         self.log("val/acc", per["accuracy"].mean(), batch_size=n, sync_dist=True, prog_bar=True)
         self.log("val/format", per["format"].mean(), batch_size=n, sync_dist=True)
+        if self.val_target_prob:
+            logp = self.target_logp(batch.prompts)  # [B]
+            self.log("val/p_target", logp.exp().mean(), batch_size=n, sync_dist=True)
+            self.log("val/logp_target", logp.mean(), batch_size=n, sync_dist=True)  # no underflow far from it
+
+    @torch.no_grad()
+    def target_logp(self, prompts: PromptBatch) -> Tensor:
+        """`[B]` log-probability that the policy, sampling at temperature 1, writes exactly each row's SFT
+        target (then `<|im_end|>`): the teacher-forced sum of its token log-probs. `val/p_target` is the mean of
+        its exp, `val/logp_target` its mean.
+
+        Greedy accuracy moves in steps (a question flips when its argmax does), which hides small changes in
+        small-scale comparisons. Where the target is a right answer (the synthetic task's warm-start target),
+        this is continuous and is the expected accuracy reward of that one text: a lower bound on the sampled
+        accuracy, since other texts may be right too."""
+        if prompts.target_ids is None:
+            raise ValueError("val_target_prob needs SFT targets for the held-out rows: the datamodule's "
+                             "sft_target must give one for every validation row")
+        rollout = teacher_rollout(prompts, self.processor)
+        feats = encode_media(self.model, prompts.pixel_values, prompts.grid_thw)
+        view = SequenceView.of(self.model, rollout, prompts)
+        hidden = completion_hidden(self.model, view, feats, rollout.completion_ids.shape[1])
+        logps, _ = completion_logps(self.model, hidden, rollout.completion_ids, rollout.completion_mask,
+                                    self.chunk_size)
+        return (logps * rollout.completion_mask).sum(-1)
 
     def test_step(self, batch: StepBatch, batch_idx: int) -> None:
         """Nothing per batch: `ktr test` is done by the benchmark evaluator callbacks (`ktr.callbacks`)."""

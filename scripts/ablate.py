@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 K = "--model.init_args.key_tokens"
+TARGET_PROB = "--model.init_args.val_target_prob"
 VARIANTS: dict[str, list[str]] = {
     "grpo": [f"{K}.enabled=false"],
     "grpo-matched": [f"{K}.enabled=false"],  # + the scaled learning rate, filled in at run time
@@ -43,6 +44,9 @@ VARIANTS: dict[str, list[str]] = {
     "visual": [f"{K}.temporal.enabled=false", f"{K}.entropy.enabled=false"],
     "temporal": [f"{K}.visual.enabled=false", f"{K}.entropy.enabled=false"],
     "entropy": [f"{K}.visual.enabled=false", f"{K}.temporal.enabled=false"],
+    # Video-KTR with averaged counterfactuals (ktr's `draws`, docs/ablation.md section 1): the visual probe swaps
+    # in each of the 3 other prompts' clips of the step, the temporal probe averages 8 frame shuffles
+    "ktr-averaged": [f"{K}.visual_perturbation=swap_media", f"{K}.visual.draws=3", f"{K}.temporal.draws=8"],
 }
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -60,6 +64,7 @@ def run_one(variant: str, seed: int, config: str, extra: list[str], out: Path) -
 
     torch.set_num_threads(1)
     curve: list[tuple[int, float]] = []
+    p_curve: list[tuple[int, float]] = []
     frac: list[float] = []
 
     class Record(L.Callback):
@@ -71,6 +76,8 @@ def run_one(variant: str, seed: int, config: str, extra: list[str], out: Path) -
         def on_validation_end(self, trainer, module):
             if "val/acc" in trainer.callback_metrics:
                 curve.append((trainer.global_step, float(trainer.callback_metrics["val/acc"])))
+            if "val/p_target" in trainer.callback_metrics:
+                p_curve.append((trainer.global_step, float(trainer.callback_metrics["val/p_target"])))
 
     sys.argv = sys.argv[:1]  # LightningCLI must not see this script's arguments
     t = time.time()
@@ -83,6 +90,7 @@ def run_one(variant: str, seed: int, config: str, extra: list[str], out: Path) -
                  trainer_defaults={"callbacks": [Record()]})
     warm = cli.model.warm_start_steps
     return {"variant": variant, "seed": seed, "val_acc": curve[-1][1] if curve else None,
+            "val_p_target": p_curve[-1][1] if p_curve else None, "p_curve": p_curve,
             "warm_start_acc": next((a for s, a in curve if s == warm), None),
             "frac_key": statistics.mean(frac) if frac else 1.0, "frac_key_last": frac[-1] if frac else 1.0,
             "wall_s": time.time() - t, "curve": curve, "overrides": extra}
@@ -101,10 +109,12 @@ def warm_start(config: str, extra: list[str], out: Path) -> dict:
     cli = main(["fit", "--config", config, "--seed_everything=0", "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false", f"--trainer.max_steps={steps}",
                 f"--trainer.val_check_interval={steps}", f"--trainer.logger.init_args.save_dir={out / 'tb'}",
-                "--trainer.logger.init_args.name=warm", *extra])
+                "--trainer.logger.init_args.name=warm", f"{TARGET_PROB}=true", *extra])
     cli.model.model.save_pretrained(out / "warm", safe_serialization=True)
     cli.model.processor.tokenizer.save_pretrained(out / "warm")
-    return {"steps": steps, "val_acc": float(cli.trainer.callback_metrics["val/acc"]), "wall_s": time.time() - t}
+    m = cli.trainer.callback_metrics
+    return {"steps": steps, "val_acc": float(m["val/acc"]), "val_p_target": float(m["val/p_target"]),
+            "wall_s": time.time() - t}
 
 
 # --- statistics ---------------------------------------------------------------------------------------
@@ -127,35 +137,37 @@ def sign_test(diffs: list[float]) -> tuple[int, int, float]:
     return wins, losses, min(1.0, 2 * tail)
 
 
-def summarise(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    by = {v: {r["seed"]: r for r in records if r["variant"] == v and r["val_acc"] is not None} for v in VARIANTS}
+def summarise(records: list[dict], key: str = "val_acc") -> tuple[list[dict], list[dict]]:
+    """Per variant: mean and 95% interval of `key` over seeds; paired differences against GRPO and random."""
+    by = {v: {r["seed"]: r for r in records if r["variant"] == v and r.get(key) is not None} for v in VARIANTS}
     summaries, paired = [], []
     for v, runs in by.items():
         if not runs:
             continue
-        m, lo, hi = mean_ci([r["val_acc"] for r in runs.values()])
-        summaries.append({"variant": v, "mean": m, "ci95_low": lo, "ci95_high": hi, "n_seeds": len(runs),
-                          "warm_start_acc": statistics.mean(r["warm_start_acc"] or 0.0 for r in runs.values()),
+        m, lo, hi = mean_ci([r[key] for r in runs.values()])
+        summaries.append({"variant": v, "metric": key, "mean": m, "ci95_low": lo, "ci95_high": hi,
+                          "n_seeds": len(runs),
+                          "warm_start": statistics.mean(r.get("warm_start", {}).get(key) or 0.0 for r in runs.values()),
                           "frac_key": statistics.mean(r["frac_key"] for r in runs.values()),
                           "wall_s": statistics.mean(r["wall_s"] for r in runs.values())})
         for base in ("grpo", "random"):
             seeds = sorted(set(runs) & set(by.get(base, {})))
             if v == base or not seeds:
                 continue
-            d = [runs[s]["val_acc"] - by[base][s]["val_acc"] for s in seeds]
+            d = [runs[s][key] - by[base][s][key] for s in seeds]
             dm, dlo, dhi = mean_ci(d)
             w, l, p = sign_test(d)
-            paired.append({"variant": v, "vs": base, "n_seeds": len(seeds), "mean_diff": dm, "ci95_low": dlo,
-                           "ci95_high": dhi, "wins": w, "losses": l, "sign_test_p": p})
+            paired.append({"variant": v, "vs": base, "metric": key, "n_seeds": len(seeds), "mean_diff": dm,
+                           "ci95_low": dlo, "ci95_high": dhi, "wins": w, "losses": l, "sign_test_p": p})
     return summaries, paired
 
 
-def tables(summaries: list[dict], paired: list[dict]) -> str:
-    lines = ["| variant | held-out acc after RL (mean) | 95% CI | seeds | warm start | key fraction | wall s/run |",
+def tables(summaries: list[dict], paired: list[dict], what: str = "held-out acc after RL") -> str:
+    lines = [f"| variant | {what} (mean) | 95% CI | seeds | warm start | key fraction | wall s/run |",
              "|---|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(f"| {s['variant']} | {s['mean']:.3f} | [{s['ci95_low']:.3f}, {s['ci95_high']:.3f}] | "
-                     f"{s['n_seeds']} | {s['warm_start_acc']:.3f} | {s['frac_key']:.2f} | {s['wall_s']:.0f} |")
+                     f"{s['n_seeds']} | {s['warm_start']:.3f} | {s['frac_key']:.2f} | {s['wall_s']:.0f} |")
     lines += ["", "| variant | vs | mean paired diff | 95% CI | wins / losses | sign test p |", "|---|---|---|---|---|---|"]
     for p in paired:
         lines.append(f"| {p['variant']} | {p['vs']} | {p['mean_diff']:+.3f} | [{p['ci95_low']:+.3f}, "
@@ -163,17 +175,18 @@ def tables(summaries: list[dict], paired: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: str) -> None:
-    """Held-out accuracy vs step, mean over seeds per variant (PIL only: no matplotlib needed)."""
+def plot(records: list[dict], path: str, curve: str = "curve", what: str = "held-out greedy accuracy") -> None:
+    """Held-out `what` vs step, mean over seeds per variant (PIL only: no matplotlib needed)."""
     from PIL import Image, ImageDraw
 
-    colours = dict(zip(VARIANTS, ["#000000", "#888888", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]))
+    colours = dict(zip(VARIANTS, ["#000000", "#888888", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e",
+                                 "#8c564b"]))
     w, h, pad = 760, 460, 60
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     curves = {}
     for v in VARIANTS:
-        runs = [dict(r["curve"]) for r in records if r["variant"] == v and r["curve"]]
+        runs = [dict(r[curve]) for r in records if r["variant"] == v and r.get(curve)]
         steps = sorted(set.intersection(*(set(c) for c in runs))) if runs else []
         if steps:
             curves[v] = [(s, statistics.mean(c[s] for c in runs), len(runs)) for s in steps]
@@ -191,7 +204,7 @@ def plot(records: list[dict], path: str) -> None:
     for s in sorted({s for c in curves.values() for s, _, _ in c}):
         d.text((x(s) - 8, h - pad + 6), str(s), fill="black")
     d.text((w // 2 - 140, h - 25), "RL step (0 = the shared SFT warm start)", fill="black")
-    d.text((pad, 20), "held-out greedy accuracy, mean over seeds", fill="black")
+    d.text((pad, 20), f"{what}, mean over seeds", fill="black")
     for i, (v, c) in enumerate(curves.items()):
         col = colours[v]
         d.line([(x(s), y(a)) for s, a, _ in c], fill=col, width=2)
@@ -251,10 +264,11 @@ def rl_overrides(args, out: Path) -> tuple[list[str], dict]:
     warm = json.loads(path.read_text())
     print(f"warm start: {warm['steps']} SFT steps, held-out acc {warm['val_acc']:.3f} ({warm['wall_s']:.0f} s)")
     return [f"--model.init_args.policy.name_or_path={(out / 'warm').resolve()}", "--model.init_args.warm_start_steps=0",
-            f"--trainer.max_steps={args.rl_steps}", f"--trainer.val_check_interval={args.val_every}"], warm
+            f"--trainer.max_steps={args.rl_steps}", f"--trainer.val_check_interval={args.val_every}",
+            f"{TARGET_PROB}=true"], warm
 
 
-PRIORITY = ("ktr", "grpo", "random", "grpo-matched", "visual", "temporal", "entropy")
+PRIORITY = ("ktr", "grpo", "random", "grpo-matched", "visual", "temporal", "entropy", "ktr-averaged")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,11 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default=str(ROOT / "configs/ablation.yaml"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--rl-steps", type=int, default=60, help="RL steps after the shared warm start")
-    p.add_argument("--val-every", type=int, default=20, help="held-out evaluation every this many RL steps")
+    p.add_argument("--rl-steps", type=int, default=20, help="RL steps after the shared warm start")
+    p.add_argument("--val-every", type=int, default=10, help="held-out evaluation every this many RL steps")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (1 torch thread each)")
     p.add_argument("--matched-scale", type=float, default=None,
-                   help="lr factor of grpo-matched; default 1 / mean KTR key fraction of this invocation")
+                   help="lr factor of grpo-matched; default 1 / mean KTR key fraction of this invocation (its KTR "
+                        "runs then go first); given, every run is scheduled seed-major")
     p.add_argument("--out", default="runs/ablation", help="per-run JSON, logs, TensorBoard, the warm start")
     p.add_argument("--summary-only", action="store_true", help="summarise the finished runs, start none")
     p.add_argument("--json", default=None, help="write records and summaries here")
@@ -291,31 +306,41 @@ def main(argv: list[str] | None = None) -> None:
     order = [v for v in PRIORITY if v in args.variants]  # KTR first: matched-step GRPO needs its fraction
     with ThreadPoolExecutor(args.jobs) as pool:
         run = lambda v, s, more=(): launch(v, s, args, [*start, *VARIANTS[v], *args.extra, *more], out)
-        records = [r for r in pool.map(lambda s: run("ktr", s), args.seeds if "ktr" in order else []) if r]
+        first = [] if args.matched_scale or "ktr" not in order else args.seeds  # KTR's fraction sets the scale
+        records = [r for r in pool.map(lambda s: run("ktr", s), first) if r]
         scale = args.matched_scale or (1.0 / statistics.mean(r["frac_key"] for r in records) if records else None)
         if "grpo-matched" in order and scale is None:
             raise ValueError("grpo-matched needs KTR runs in this invocation or --matched-scale")
         more = {"grpo-matched": [f"--model.init_args.optim.lr={base_lr * (scale or 1.0)}"]}
-        jobs = [(v, s) for s in args.seeds for v in order if v != "ktr"]  # seed-major: a cut-short run stays paired
+        # seed-major: a run cut short leaves whole seeds, so the comparisons stay paired
+        jobs = [(v, s) for s in args.seeds for v in order if not (v == "ktr" and first)]
         records += [r for r in pool.map(lambda vs: run(*vs, more.get(vs[0], ())), jobs) if r]
     for r in records:  # every curve starts at the shared warm start
         r["curve"] = [(0, warm["val_acc"])] + [tuple(c) for c in r["curve"] if c[0] > 0]
-        r["warm_start_acc"] = warm["val_acc"]
-    summaries, paired = summarise(records)
-    md = tables(summaries, paired)
+        r["p_curve"] = [(0, warm.get("val_p_target"))] + [tuple(c) for c in r.get("p_curve", []) if c[0] > 0]
+        r["warm_start"] = {"val_acc": warm["val_acc"], "val_p_target": warm.get("val_p_target")}
+    summaries, paired = summarise(records, "val_acc")
+    p_summaries, p_paired = summarise(records, "val_p_target")
+    md = (tables(summaries, paired) + "\n\n"
+          + tables(p_summaries, p_paired, "held-out p(target) after RL"))
     print(md)
     if args.json:
-        keep = ("variant", "seed", "val_acc", "frac_key", "frac_key_last", "wall_s", "curve")
+        keep = ("variant", "seed", "val_acc", "val_p_target", "frac_key", "frac_key_last", "wall_s", "curve",
+                "p_curve")
         Path(args.json).write_text(json.dumps({
-            "records": [{k: r[k] for k in keep} for r in records], "summaries": summaries, "paired": paired,
+            "records": [{k: r.get(k) for k in keep} for r in records], "summaries": summaries, "paired": paired,
+            "summaries_p_target": p_summaries, "paired_p_target": p_paired,
             "warm_start": warm, "matched_scale": scale, "matched_lr": base_lr * (scale or 1.0),
+            "ktr_frac_key_mean": next((s["frac_key"] for s in summaries if s["variant"] == "ktr"), None),
             "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
             "rl_steps": args.rl_steps, "val_every": args.val_every, "extra": args.extra}, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")
     if args.png:
         plot(records, args.png)
-
+        stem = Path(args.png)
+        plot(records, str(stem.with_name(stem.stem + "_p_target" + stem.suffix)), "p_curve",
+             "held-out p(target): probability of the right answer text at temperature 1")
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ whose tokens carry exact labels: `content` (hiding the video can change them) an
 The tiny policy is trained by SFT on these completions, then held-out completions are scored under teacher
 forcing with each probe (visual: media hidden by attention mask; temporal: frames shuffled; entropy; and a
 uniform random score as the baseline), for the trained model and for the same model untrained (random init).
+`--draws K ...` also scores each random perturbation averaged over K draws (`key_tokens.SIGNAL.draws`).
 
 Per (model, signal, label): AUROC of the score over all valid completion tokens of the held-out set, and
 precision at the configured ratio (the tokens `select_top_ratio` keeps per completion: G = 1 here, so the
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ktr.config import PolicyConfig, TinyModelConfig
+from ktr.config import RANDOM_TEMPORAL, RANDOM_VISUAL, PolicyConfig, TinyModelConfig
 from ktr.data.planted import LABELS, planted_target, token_labels
 from ktr.data.prompts import build_messages
 from ktr.data.synthetic import SyntheticSpec, make_item
@@ -110,12 +111,17 @@ def auroc(scores: Tensor, labels: Tensor) -> float:
 
 @torch.no_grad()
 def score_heldout(policy, n: int, batch_size: int, seed: int, visual: tuple[str, ...] = ("attention_mask",),
-                  temporal: tuple[str, ...] = ("shuffle",)) -> tuple[dict[tuple, list[Tensor]], dict, list[Tensor]]:
-    """Per (signal, perturbation) the scores of every held-out completion, the labels, and the valid masks (lists
-    over batches). `visual` / `temporal`: the perturbations scored (registries of `ktr.probes`)."""
+                  temporal: tuple[str, ...] = ("shuffle",), draws: tuple[int, ...] = (1,),
+                  ) -> tuple[dict[tuple, list[Tensor]], dict, list[Tensor]]:
+    """Per (signal, perturbation, draws) the scores of every held-out completion, the labels, and the valid masks
+    (lists over batches). `visual` / `temporal`: the perturbations scored (registries of `ktr.probes`); a random
+    one is scored once per entry of `draws` (`SignalConfig.draws`: the score averaged over that many draws)."""
     model, proc = policy.model, policy.processor
     gen = torch.Generator().manual_seed(seed)
-    keys = [("visual", v) for v in visual] + [("temporal", t) for t in temporal] + [("entropy", ""), ("random", "")]
+    ks = lambda p, random: draws if p in random else (1,)
+    keys = ([("visual", v, d) for v in visual for d in ks(v, RANDOM_VISUAL)]
+            + [("temporal", t, d) for t in temporal for d in ks(t, RANDOM_TEMPORAL)]
+            + [("entropy", "", 1), ("random", "", 1)])
     out: dict[tuple, list[Tensor]] = {k: [] for k in keys}
     labels: dict[str, list[Tensor]] = {k: [] for k in LABELS}
     valids, stats = [], {"target_top_all": [], "target_top_content": []}
@@ -125,13 +131,15 @@ def score_heldout(policy, n: int, batch_size: int, seed: int, visual: tuple[str,
         rollout, feats, view, hidden = teacher_pass(model, proc, batch)
         ids, valid = rollout.completion_ids, rollout.completion_mask  # [N, T]
         logps, ent = completion_logps(model, hidden, ids, valid, 512, with_entropy=True)
-        for v in visual:
-            out["visual", v].append(visual_scores(model, batch, view, feats, ids, valid, logps, v))
-        for t in temporal:
-            out["temporal", t].append(temporal_scores(model, proc, batch, view, feats, ids, valid, logps, t,
-                                                      generator=gen))
-        out["entropy", ""].append(ent.masked_fill(~valid, 0.0))
-        out["random", ""].append(torch.rand(ids.shape, generator=gen))
+        for sig, pert, d in keys:
+            if sig == "visual":
+                out[sig, pert, d].append(visual_scores(model, batch, view, feats, ids, valid, logps, pert,
+                                                       generator=gen, draws=d))
+            elif sig == "temporal":
+                out[sig, pert, d].append(temporal_scores(model, proc, batch, view, feats, ids, valid, logps, pert,
+                                                         generator=gen, draws=d))
+        out["entropy", "", 1].append(ent.masked_fill(~valid, 0.0))
+        out["random", "", 1].append(torch.rand(ids.shape, generator=gen))
         for k in LABELS:
             lab = torch.zeros_like(valid)
             for i, v in enumerate(labs):
@@ -149,7 +157,7 @@ def score_heldout(policy, n: int, batch_size: int, seed: int, visual: tuple[str,
 
 def metrics(scores, labels, valids, ratio: float, model_name: str) -> list[dict]:
     records = []
-    for (sig, pert), per_batch in scores.items():
+    for (sig, pert, draws), per_batch in scores.items():
         for lab in LABELS:
             flat_s = torch.cat([s[v] for s, v in zip(per_batch, valids)])
             flat_l = torch.cat([l[v] for l, v in zip(labels[lab], valids)])
@@ -159,7 +167,7 @@ def metrics(scores, labels, valids, ratio: float, model_name: str) -> list[dict]
                 sel_hits += int((sel & l).sum())
                 sel_n += int(sel.sum())
                 oracle_hits += int(torch.minimum(sel.sum(-1), (l & v).sum(-1)).sum())
-            records.append({"model": model_name, "signal": sig, "perturbation": pert, "label": lab,
+            records.append({"model": model_name, "signal": sig, "perturbation": pert, "draws": draws, "label": lab,
                             "auroc": auroc(flat_s, flat_l),
                             "precision_at_ratio": sel_hits / max(1, sel_n), "ratio": ratio,
                             "n_tokens": int(flat_l.numel()), "n_positive": int(flat_l.sum()),
@@ -168,10 +176,11 @@ def metrics(scores, labels, valids, ratio: float, model_name: str) -> list[dict]
 
 
 def table(records: list[dict], acc: dict) -> str:
-    lines = ["| model | signal | perturbation | label | AUROC | precision@ratio | oracle precision | positives / tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | signal | perturbation | draws | label | AUROC | precision@ratio | oracle precision | "
+             "positives / tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['model']} | {r['signal']} | {r['perturbation'] or '-'} | {r['label']} | {r['auroc']:.3f} | "
+        lines.append(f"| {r['model']} | {r['signal']} | {r['perturbation'] or '-'} | {r['draws']} | {r['label']} | "
+                     f"{r['auroc']:.3f} | "
                      f"{r['precision_at_ratio']:.3f} | {r['oracle_precision']:.3f} | "
                      f"{r['n_positive']} / {r['n_tokens']} |")
     lines.append("")
@@ -184,11 +193,12 @@ def spread_table(records: list[dict], seeds: list[int]) -> str:
     """Mean, min and max AUROC over the scoring seeds, per (model, signal, perturbation, label)."""
     groups: dict[tuple, list[float]] = {}
     for r in records:
-        groups.setdefault((r["model"], r["signal"], r["perturbation"], r["label"]), []).append(r["auroc"])
+        groups.setdefault((r["model"], r["signal"], r["perturbation"], r["draws"], r["label"]), []).append(r["auroc"])
     lines = [f"AUROC over {len(seeds)} scoring seeds (perturbation draws) {seeds}:", "",
-             "| model | signal | perturbation | label | mean | min | max |", "|---|---|---|---|---|---|---|"]
-    for (m, sig, pert, lab), xs in groups.items():
-        lines.append(f"| {m} | {sig} | {pert or '-'} | {lab} | {sum(xs) / len(xs):.3f} | {min(xs):.3f} | {max(xs):.3f} |")
+             "| model | signal | perturbation | draws | label | mean | min | max |", "|---|---|---|---|---|---|---|---|"]
+    for (m, sig, pert, d, lab), xs in groups.items():
+        lines.append(f"| {m} | {sig} | {pert or '-'} | {d} | {lab} | {sum(xs) / len(xs):.3f} | {min(xs):.3f} | "
+                     f"{max(xs):.3f} |")
     return "\n".join(lines)
 
 
@@ -207,10 +217,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="visual perturbations scored (released: attention_mask)")
     p.add_argument("--temporal-perturbations", nargs="+", default=["shuffle"], choices=sorted(TEMPORAL_PERTURBATIONS),
                    help="temporal perturbations scored (released: shuffle)")
+    p.add_argument("--draws", type=int, nargs="+", default=[1],
+                   help="score each random perturbation (swap_media, random_half, the temporal shuffles) averaged "
+                        "over this many draws, once per value (released: 1; key_tokens.SIGNAL.draws)")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
-    perts = dict(visual=tuple(args.visual_perturbations), temporal=tuple(args.temporal_perturbations))
+    perts = dict(visual=tuple(args.visual_perturbations), temporal=tuple(args.temporal_perturbations),
+                 draws=tuple(args.draws))
     torch.manual_seed(args.seed)
     cfg = PolicyConfig(name_or_path="tiny", attn_implementation="sdpa", tiny=TINY)
     records, acc, t0 = [], {}, time.time()

@@ -86,3 +86,43 @@ def test_metrics_are_logged_only_in_the_steps_that_compute_them() -> None:
     rl = [step for step, keys in recorder.rows if "train/loss" in keys]
     assert len(sft) == 2 and len(rl) == 2, recorder.rows
     assert max(sft) < min(rl)  # no step logs both: the SFT value is not carried into the RL steps
+
+
+@torch.no_grad()
+def test_target_logp_equals_huggingface_teacher_forcing() -> None:
+    """`val/p_target`: the product of the target's token probabilities under transformers' own forward, for
+    targets of different lengths in one batch (right padding of the targets, left padding of the prompts)."""
+    from ktr.rollout import teacher_rollout
+    from tests.helpers import synthetic_samples
+    from tests.test_forward import hf_logps
+
+    module = _module(val_target_prob=True)
+    proc = module.processor
+    batch = proc.collate(synthetic_samples(proc, 3, image_every=3))
+    with pytest.raises(ValueError, match="needs SFT targets"):
+        module.target_logp(batch)
+    batch.target_ids, batch.target_mask = proc.pad_targets([proc.encode_target(t) for t in (
+        "<answer>A</answer>", "B", "<think>red, then blue</think><answer>C</answer>")])
+    assert batch.target_mask.sum(-1).unique().numel() == 3
+    got = module.target_logp(batch)
+    want = (hf_logps(module.model, batch, teacher_rollout(batch, proc)) * batch.target_mask).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert (got < 0).all() and got[1] > got[2]  # the 2-token target is likelier than the 17-token one
+
+
+def test_validation_logs_target_prob_from_the_datamodules_targets() -> None:
+    """With `val_target_prob` an RL run (no warm start) still gets SFT targets for its held-out rows, and
+    `val/p_target` equals `target_logp` of those rows under the final policy."""
+    L.seed_everything(0)
+    module = _module(val_target_prob=True, val_max_new_tokens=4)
+    dm = SyntheticDataModule(batch_size=2, val_size=2, val_batch_size=2, train_size=8, video=SMALL_VIDEO)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, dm)
+    got = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    batch = next(iter(dm.val_dataloader())).prompts
+    assert batch.target_ids is not None
+    want = module.target_logp(batch)
+    assert got["val/logp_target"] == pytest.approx(float(want.mean()), rel=1e-5) and want.max() < -1
+    assert got["val/p_target"] == pytest.approx(float(want.exp().mean()), rel=1e-5, abs=1e-30)
+    assert next(iter(dm.train_dataloader())).prompts.target_ids is None  # training rows: no targets without SFT

@@ -77,6 +77,28 @@ def test_every_pass_equals_naive(tiny_any) -> None:
 
 
 @torch.no_grad()
+def test_averaged_swap_and_shuffle_equal_naive(tiny_policy) -> None:
+    """`swap_media` (each group reads another prompt's clip) and the shuffle, averaged over 2 draws, on the packed
+    layout equal the naive layout: three videos of one shape, G = 3."""
+    model, proc = tiny_policy.model, tiny_policy.processor
+    batch, rollout = rollout_for(tiny_policy, n_prompts=3, group_size=3, max_new_tokens=6)
+    feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+    shared = SequenceView.of(model, rollout, batch)
+    naive = replace(shared, shared_prefix=False)
+    assert shared_layout(model, shared, rollout.completion_ids.shape[1]) is not None
+    valid = rollout.completion_mask
+    args = (rollout.completion_ids, valid, _logps(model, naive, feats, rollout))
+    a = visual_scores(model, batch, shared, feats, *args, perturbation="swap_media", draws=2)
+    b = visual_scores(model, batch, naive, feats, *args, perturbation="swap_media", draws=2)
+    assert a.abs().max() > 0
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    gen = [torch.Generator().manual_seed(5) for _ in range(2)]
+    a = temporal_scores(model, proc, batch, shared, feats, *args, generator=gen[0], draws=2)
+    b = temporal_scores(model, proc, batch, naive, feats, *args, generator=gen[1], draws=2)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_rows_with_different_prompt_parts_run_naive(tiny_policy) -> None:
     """`random_half` hides a different half per row: no shared prefix exists, so the pass runs whole rows."""
     batch, rollout = rollout_for(tiny_policy, n_prompts=1, group_size=2)

@@ -81,6 +81,69 @@ def test_swap_media_shows_each_prompt_another_prompts_clip(tiny_policy) -> None:
 
 
 @torch.no_grad()
+def test_swap_media_draws_show_each_prompt_a_different_clip(tiny_policy) -> None:
+    """Draw d rotates the same-shaped prompts by 1 + d; `draws` = 2 is the mean of draws 0 and 1."""
+    from ktr.probes.visual import get_visual_perturbation
+
+    model = tiny_policy.model
+    batch, rollout = rollout_for(tiny_policy, n_prompts=3)  # three videos of one shape
+    view, feats, logps, _ = _base(tiny_policy, batch, rollout)
+    ids, valid = rollout.completion_ids, rollout.completion_mask
+    swap = get_visual_perturbation("swap_media")
+    seen = [swap(view, model, batch, None, d)[0].prompt_index[::2].tolist() for d in range(3)]
+    assert seen == [[1, 2, 0], [2, 0, 1], [1, 2, 0]]  # draw 2 wraps to a shift of 1: never a prompt's own clip
+    first = visual_scores(model, batch, view, feats, ids, valid, logps, "swap_media")
+    torch.testing.assert_close(first, _swap_scores(model, view, feats, ids, valid, logps, [1, 2, 0]),
+                               rtol=1e-4, atol=1e-4)
+    both = visual_scores(model, batch, view, feats, ids, valid, logps, "swap_media", draws=2)
+    assert not torch.allclose(both, first)
+    second = both * 2 - first  # the second draw's scores, recovered from the mean
+    torch.testing.assert_close(second, _swap_scores(model, view, feats, ids, valid, logps, [2, 0, 1]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def _swap_scores(model, view, feats, ids, valid, logps, other):
+    """logp_diff scores with prompt i's features replaced by prompt other[i]'s, built by hand."""
+    from ktr.probes.compare import compare_passes
+
+    from dataclasses import replace
+
+    ds = feats.deepstack and [feats.deepstack[j] for j in other]
+    swapped = feats.with_prompts(list(range(len(other))),
+                                 replace(feats, per_prompt=[feats.per_prompt[j] for j in other], deepstack=ds))
+    hidden = completion_hidden(model, view, swapped, ids.shape[1])
+    return compare_passes(model, "logp_diff", logps, None, hidden, ids, valid, 512)
+
+
+@torch.no_grad()
+def test_temporal_draws_average_fresh_permutations(tiny_policy) -> None:
+    """`draws` = 3 is the mean of three single-draw scores taken from the same generator in turn."""
+    batch, rollout = rollout_for(tiny_policy, n_prompts=2)
+    view, feats, logps, _ = _base(tiny_policy, batch, rollout)
+    args = (tiny_policy.model, tiny_policy.processor, batch, view, feats, rollout.completion_ids,
+            rollout.completion_mask, logps, "shuffle")
+    gen = torch.Generator().manual_seed(3)
+    singles = [temporal_scores(*args, generator=gen) for _ in range(3)]
+    assert not torch.allclose(singles[0], singles[1])  # each draw another permutation
+    mean = temporal_scores(*args, generator=torch.Generator().manual_seed(3), draws=3)
+    torch.testing.assert_close(mean, sum(singles) / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_draws_need_a_random_perturbation() -> None:
+    from ktr.config import ConfigError, SignalConfig
+
+    KeyTokenConfig(temporal=SignalConfig(draws=4), visual_perturbation="swap_media", visual=SignalConfig(draws=2))
+    with pytest.raises(ConfigError, match="key_tokens.visual.draws is 2, but the 'attention_mask' perturbation"):
+        KeyTokenConfig(visual=SignalConfig(draws=2))
+    with pytest.raises(ConfigError, match="key_tokens.temporal.draws is 2, but the 'reverse'"):
+        KeyTokenConfig(temporal=SignalConfig(draws=2), temporal_perturbation="reverse")
+    with pytest.raises(ConfigError, match="key_tokens.entropy.draws is 2, but it has no perturbation"):
+        KeyTokenConfig(entropy=SignalConfig(draws=2))
+    with pytest.raises(ConfigError, match="key_tokens.temporal.draws"):
+        KeyTokenConfig(temporal=SignalConfig(draws=0))
+
+
+@torch.no_grad()
 def test_temporal_shuffle_changes_video_scores_and_zero_on_images(tiny_policy) -> None:
     torch.manual_seed(1)
     batch, rollout = rollout_for(tiny_policy, n_prompts=2, image_every=2)  # prompt 0 video, prompt 1 image

@@ -22,8 +22,7 @@ from ktr.data.synthetic import SyntheticSpec
 from ktr.config import check_number
 from ktr.data.skips import SkipCounter, Skipped, row_source
 from ktr.data.prompts import build_messages
-from ktr.data.video import (ImageSettings, MediaDecodeError, VideoSettings, frames_from_array, image_from_array,
-                            load_image, load_video)
+from ktr.data.video import (ImageSettings, MediaDecodeError, VideoSettings, frames_from_array, load_image, load_video)
 from ktr.types import Media, PromptBatch, PromptSample
 from ktr.resume import ResumableDataLoader
 
@@ -198,7 +197,9 @@ class BaseDataModule(L.LightningDataModule):
         rows = self.val_rows()
         if not rows:
             return []
-        return self._loader(rows, self.val_batch_size, False, False, self.val_eval_prompt)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        targets = bool(getattr(module, "val_target_prob", False))  # for `val/p_target`
+        return self._loader(rows, self.val_batch_size, False, targets, self.val_eval_prompt)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch.to(device) if isinstance(batch, StepBatch) else super().transfer_batch_to_device(

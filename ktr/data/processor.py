@@ -143,10 +143,7 @@ class VisionLanguageProcessor:
         for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
             ids.extend([t] * per_block if t == placeholder else [t])
         block = self._media_block(ids, media)
-        target_ids = None
-        if target is not None:
-            end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-            target_ids = torch.tensor(self.tokenizer(target, add_special_tokens=False)["input_ids"] + [end])
+        target_ids = None if target is None else self.encode_target(target)
         return PromptSample(row=row or {}, prompt_ids=torch.tensor(ids, dtype=torch.long), media=media,
                             pixel_values=pixel_values, grid_thw=grid_thw, target_ids=target_ids, media_block=block)
 
@@ -215,13 +212,22 @@ class VisionLanguageProcessor:
             if s.media_block is not None:
                 batch.media_block[i, length - len(s.prompt_ids):] = s.media_block
         if all(s.target_ids is not None for s in samples):
-            t = max(len(s.target_ids) for s in samples)
-            batch.target_ids = torch.full((len(samples), t), self.pad_token_id, dtype=torch.long)
-            batch.target_mask = torch.zeros((len(samples), t), dtype=torch.bool)
-            for i, s in enumerate(samples):
-                batch.target_ids[i, : len(s.target_ids)] = s.target_ids
-                batch.target_mask[i, : len(s.target_ids)] = True
+            batch.target_ids, batch.target_mask = self.pad_targets([s.target_ids for s in samples])
         return batch
+
+    def encode_target(self, text: str) -> Tensor:
+        """A completion's token ids as the policy writes it: `text`, then `<|im_end|>`. `[T]` long."""
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [end])
+
+    def pad_targets(self, targets: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Right-padded `[B, T]` target ids and their `[B, T]` bool mask."""
+        t = max(len(x) for x in targets)
+        ids = torch.full((len(targets), t), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(targets), t), dtype=torch.bool)
+        for i, x in enumerate(targets):
+            ids[i, : len(x)], mask[i, : len(x)] = x, True
+        return ids, mask
 
     def repatch(self, batch: PromptBatch, frames: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Patch replacement frames (one `[F, 3, H, W]` per prompt, same sizes) -> `[sum P, D]`, `[B, 3]`."""

@@ -72,7 +72,7 @@ def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: Promp
     """Run the enabled probes on the current policy and return the key tokens.
 
     `base_logps` / `entropy` `[N, T]` come from the policy pass already made; the visual probe adds one decoder
-    pass (no vision call), the temporal probe one vision call and one decoder pass. `base_hidden` `[N, T, H]`
+    pass (no vision call), the temporal probe one vision call and one decoder pass, each per draw (`draws`). `base_hidden` `[N, T, H]`
     (detached policy-pass hidden states) is read only by distribution scores (`cfg.needs_base_hidden`).
     """
     if not cfg.enabled:
@@ -81,11 +81,12 @@ def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: Promp
     if cfg.visual.enabled:
         scores["visual"] = visual_scores(model, batch, view, features, completion_ids, valid, base_logps,
                                          cfg.visual_perturbation, chunk_size, score=cfg.visual.score,
-                                         base_hidden=base_hidden)
+                                         base_hidden=base_hidden, draws=cfg.visual.draws)
     if cfg.temporal.enabled:
         scores["temporal"] = temporal_scores(model, processor, batch, view, features, completion_ids, valid,
                                              base_logps, cfg.temporal_perturbation, chunk_size,
-                                             score=cfg.temporal.score, base_hidden=base_hidden)
+                                             score=cfg.temporal.score, base_hidden=base_hidden,
+                                             draws=cfg.temporal.draws)
     if cfg.entropy.enabled:
         if entropy is None:
             raise ValueError("the entropy signal needs the policy pass's entropy")

@@ -103,10 +103,15 @@ def temporal_scores(model: nn.Module, processor: VisionLanguageProcessor, batch:
                     view: SequenceView, features: VisionFeatures, completion_ids: Tensor, valid: Tensor,
                     base_logps: Tensor, perturbation: str = "shuffle", chunk_size: int | None = 512,
                     generator: torch.Generator | None = None, score: str = "logp_diff",
-                    base_hidden: Tensor | None = None) -> Tensor:
-    """`s_T` `[N, T]`: 0 outside `valid` and on image rows. `score` / `base_hidden` as in `visual_scores`."""
-    feats = perturbed_features(model, processor, batch, features, perturbation, generator)
-    hidden = completion_hidden(model, view, feats, completion_ids.shape[1])
-    s = compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
+                    base_hidden: Tensor | None = None, draws: int = 1) -> Tensor:
+    """`s_T` `[N, T]`: 0 outside `valid` and on image rows. `score` / `base_hidden` / `draws` as in
+    `visual_scores` (each draw: a fresh permutation, one vision call and one decoder pass)."""
+    s = None
+    for _ in range(draws):
+        feats = perturbed_features(model, processor, batch, features, perturbation, generator)
+        hidden = completion_hidden(model, view, feats, completion_ids.shape[1])
+        d = compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
+        s = d if s is None else s + d
+    s = s / draws if draws > 1 else s
     video_rows = batch.is_video[view.prompt_index].unsqueeze(-1)  # [N, 1]
     return s.masked_fill(~(valid & video_rows), 0.0)

@@ -16,7 +16,7 @@ reused, so this probe never calls the vision tower.
   features are read through a permuted `prompt_index`: a rotation among the prompts sharing a grid), text, mask
   and positions kept, so the model sees a real clip of the right shape, only the wrong one: the in-distribution
   counterfactual of "what does the video say". Prompts without such a partner (e.g. one prompt per rank) get
-  `zero_embeddings` instead.
+  `zero_embeddings` instead. Draw d (`draws` > 1) rotates by 1 + d modulo (set size - 1): each draw another clip.
 - `identity`: nothing hidden (scores are exactly zero; for tests and sanity checks).
 """
 
@@ -32,22 +32,23 @@ from ktr.forward import SequenceView, VisionFeatures, completion_hidden, rope_po
 from ktr.probes.compare import compare_passes
 from ktr.types import PromptBatch
 
-# view, model, batch, generator -> (perturbed view, zero-vision mask [N, S] or None)
-VisualPerturbation = Callable[[SequenceView, nn.Module, PromptBatch, torch.Generator | None],
+# view, model, batch, generator, draw -> (perturbed view, zero-vision mask [N, S] or None); `draw` (0, 1, ...)
+# numbers the draws of one probe (`SignalConfig.draws`): only `swap_media` reads it
+VisualPerturbation = Callable[[SequenceView, nn.Module, PromptBatch, torch.Generator | None, int],
                               tuple[SequenceView, Tensor | None]]
 
 
-def _identity(view, model, batch, gen):
+def _identity(view, model, batch, gen, draw=0):
     return view, None
 
 
-def _attention_mask(view, model, batch, gen):
+def _attention_mask(view, model, batch, gen, draw=0):
     mask = view.attention_mask.masked_fill(view.mm_token_type_ids > 0, 0)  # [N, S]
     pos = rope_positions(model, view.input_ids, view.mm_token_type_ids, mask, batch, view.prompt_index)
     return replace(view, attention_mask=mask, position_ids=pos), None
 
 
-def _attention_mask_block(view, model, batch, gen):
+def _attention_mask_block(view, model, batch, gen, draw=0):
     if batch.media_block is None:
         raise ValueError("attention_mask_block needs PromptBatch.media_block (set by VisionLanguageProcessor.collate)")
     block = torch.zeros_like(view.attention_mask, dtype=torch.bool)  # [N, S]
@@ -58,11 +59,11 @@ def _attention_mask_block(view, model, batch, gen):
     return replace(view, attention_mask=mask, position_ids=pos), None
 
 
-def _zero_embeddings(view, model, batch, gen):
+def _zero_embeddings(view, model, batch, gen, draw=0):
     return view, view.mm_token_type_ids > 0
 
 
-def _random_half(view, model, batch, gen):
+def _random_half(view, model, batch, gen, draw=0):
     is_vision = view.mm_token_type_ids > 0  # [N, S]
     noise = torch.rand(is_vision.shape, generator=gen, device="cpu").to(is_vision.device)
     noise = noise.masked_fill(~is_vision, 2.0)
@@ -73,13 +74,16 @@ def _random_half(view, model, batch, gen):
     return replace(view, attention_mask=view.attention_mask.masked_fill(hide, 0)), None
 
 
-def _swap_media(view, model, batch, gen):
+def _swap_media(view, model, batch, gen, draw=0):
     b = len(batch.media)
     key = [(m.kind, tuple(batch.grid_thw[i].tolist())) for i, m in enumerate(batch.media)]
     other = list(range(b))
-    for k in set(key):  # rotate each set of same-shaped prompts by one: every one gets another's media
+    for k in set(key):  # rotate each set of same-shaped prompts by 1 + draw (never 0): another prompt's media
         members = [i for i in range(b) if key[i] == k]
-        for i, j in zip(members, members[1:] + members[:1]):
+        if len(members) < 2:
+            continue
+        shift = 1 + draw % (len(members) - 1)
+        for i, j in zip(members, members[shift:] + members[:shift]):
             other[i] = j
     other_t = torch.tensor(other, device=view.prompt_index.device)
     alone = (other_t == torch.arange(b, device=other_t.device))[view.prompt_index]  # [N] no partner
@@ -107,9 +111,14 @@ def get_visual_perturbation(name: str) -> VisualPerturbation:
 def visual_scores(model: nn.Module, batch: PromptBatch, view: SequenceView, features: VisionFeatures,
                   completion_ids: Tensor, valid: Tensor, base_logps: Tensor, perturbation: str = "attention_mask",
                   chunk_size: int | None = 512, generator: torch.Generator | None = None, score: str = "logp_diff",
-                  base_hidden: Tensor | None = None) -> Tensor:
+                  base_hidden: Tensor | None = None, draws: int = 1) -> Tensor:
     """`s_V` `[N, T]` (0 outside `valid`). `base_logps` `[N, T]` are the policy's log-probs with the media seen;
-    `score` names the comparison (`ktr.probes.scores`), `base_hidden` `[N, T, H]` is needed for a distance."""
-    perturbed, zero_vision = get_visual_perturbation(perturbation)(view, model, batch, generator)
-    hidden = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
-    return compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
+    `score` names the comparison (`ktr.probes.scores`), `base_hidden` `[N, T, H]` is needed for a distance.
+    `draws` > 1 averages the score over that many draws of the perturbation (one decoder pass each)."""
+    total = None
+    for d in range(draws):
+        perturbed, zero_vision = get_visual_perturbation(perturbation)(view, model, batch, generator, d)
+        hidden = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
+        s = compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
+        total = s if total is None else total + s
+    return total / draws if draws > 1 else total
