@@ -1,4 +1,5 @@
-"""Controlled ablation: GRPO, matched-step GRPO, Video-KTR, a random mask at KTR's fraction, each single signal.
+"""Controlled ablation: GRPO, matched-step GRPO, Video-KTR, a random mask at KTR's fraction, each single signal,
+and Video-KTR with averaged counterfactual probes (`ktr-averaged`: `draws`, see docs/ablation.md section 1).
 
 Every run is `ktr fit` on one config (default `configs/ablation.yaml`: the `third` task, 256 held-out questions)
 with the variant's overrides and `seed_everything=SEED`; the tiny model's initialisation and the data are the
@@ -8,8 +9,10 @@ only in the RL steps. Runs go in subprocesses, `--jobs` at a time (1 torch threa
 claimed by `OUT/runs/VARIANT_sSEED.lock` first, so two invocations on the same OUT split the work; a lock left
 by a killed run must be deleted by hand. `--summary-only` tabulates the finished runs.
 
-Reported: held-out greedy accuracy after RL (mean, 95% t-interval over seeds), paired differences against
-GRPO and against the random mask on the same seeds (mean, t-interval, sign test), and learning curves.
+Reported, for two held-out measures: greedy accuracy, and `val/p_target` (the policy's probability of writing
+the right answer text at temperature 1, teacher-forced: continuous where greedy accuracy moves in steps). For
+each: the mean after RL with a 95% t-interval over seeds, paired differences against GRPO and against the random
+mask on the same seeds (mean, t-interval, exact sign test), and learning curves (`--png`, and `*_p_target.png`).
 
 The matched-step GRPO variant is vanilla GRPO with the learning rate multiplied by 1 / (KTR's mean key
 fraction over its RL steps, averaged over this invocation's KTR runs; or `--matched-scale`): under the
