@@ -181,17 +181,23 @@ class PolicyModule(L.LightningModule):
             sched.step()
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def sft_loss(self, prompts: PromptBatch) -> Tensor:
-        """Teacher-forced negative log-likelihood of the targets (mean over target tokens)."""
+    def target_token_logps(self, prompts: PromptBatch, missing: str) -> tuple[Tensor, Tensor]:
+        """Teacher-forced `[B, T]` log-probs of the SFT targets and their `[B, T]` mask; `missing` is the error
+        raised when the batch has no targets."""
         if prompts.target_ids is None:
-            raise ValueError("SFT needs targets: the datamodule must provide sft_target for its rows")
+            raise ValueError(missing)
         rollout = teacher_rollout(prompts, self.processor)
         feats = encode_media(self.model, prompts.pixel_values, prompts.grid_thw)
         view = SequenceView.of(self.model, rollout, prompts)
         hidden = completion_hidden(self.model, view, feats, rollout.completion_ids.shape[1])
         logps, _ = completion_logps(self.model, hidden, rollout.completion_ids, rollout.completion_mask,
                                     self.chunk_size)
-        mask = rollout.completion_mask
+        return logps, rollout.completion_mask
+
+    def sft_loss(self, prompts: PromptBatch) -> Tensor:
+        """Teacher-forced negative log-likelihood of the targets (mean over target tokens)."""
+        logps, mask = self.target_token_logps(
+            prompts, "SFT needs targets: the datamodule must provide sft_target for its rows")
         return -(logps * mask).sum() / mask.sum().clamp(min=1)
 
     @property
@@ -231,16 +237,10 @@ class PolicyModule(L.LightningModule):
         small-scale comparisons. Where the target is a right answer (the synthetic task's warm-start target),
         this is continuous and is the expected accuracy reward of that one text: a lower bound on the sampled
         accuracy, since other texts may be right too."""
-        if prompts.target_ids is None:
-            raise ValueError("val_target_prob needs SFT targets for the held-out rows: the datamodule's "
-                             "sft_target must give one for every validation row")
-        rollout = teacher_rollout(prompts, self.processor)
-        feats = encode_media(self.model, prompts.pixel_values, prompts.grid_thw)
-        view = SequenceView.of(self.model, rollout, prompts)
-        hidden = completion_hidden(self.model, view, feats, rollout.completion_ids.shape[1])
-        logps, _ = completion_logps(self.model, hidden, rollout.completion_ids, rollout.completion_mask,
-                                    self.chunk_size)
-        return (logps * rollout.completion_mask).sum(-1)
+        logps, mask = self.target_token_logps(
+            prompts, "val_target_prob needs SFT targets for the held-out rows: the datamodule's sft_target must "
+                     "give one for every validation row")
+        return (logps * mask).sum(-1)
 
     def test_step(self, batch: StepBatch, batch_idx: int) -> None:
         """Nothing per batch: `ktr test` is done by the benchmark evaluator callbacks (`ktr.callbacks`)."""

@@ -88,13 +88,11 @@ def run_one(variant: str, seed: int, config: str, extra: list[str], out: Path) -
             "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={out / 'tb'}",
             f"--trainer.logger.init_args.name={variant}_s{seed}", *extra]
     # as ktr.cli.main, plus the recording callback
-    cli = KTRCLI(PolicyModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                 trainer_defaults={"callbacks": [Record()]})
-    warm = cli.model.warm_start_steps
+    KTRCLI(PolicyModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
+          save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+          trainer_defaults={"callbacks": [Record()]})
     return {"variant": variant, "seed": seed, "val_acc": curve[-1][1] if curve else None,
             "val_p_target": p_curve[-1][1] if p_curve else None, "p_curve": p_curve,
-            "warm_start_acc": next((a for s, a in curve if s == warm), None),
             "frac_key": statistics.mean(frac) if frac else 1.0, "frac_key_last": frac[-1] if frac else 1.0,
             "wall_s": time.time() - t, "curve": curve, "overrides": extra}
 

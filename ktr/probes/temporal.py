@@ -112,6 +112,6 @@ def temporal_scores(model: nn.Module, processor: VisionLanguageProcessor, batch:
         hidden = completion_hidden(model, view, feats, completion_ids.shape[1])
         d = compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
         s = d if s is None else s + d
-    s = s / draws if draws > 1 else s
+    s = s / draws
     video_rows = batch.is_video[view.prompt_index].unsqueeze(-1)  # [N, 1]
     return s.masked_fill(~(valid & video_rows), 0.0)

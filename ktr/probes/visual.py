@@ -121,4 +121,4 @@ def visual_scores(model: nn.Module, batch: PromptBatch, view: SequenceView, feat
         hidden = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
         s = compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
         total = s if total is None else total + s
-    return total / draws if draws > 1 else total
+    return total / draws
