@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 
@@ -15,6 +17,7 @@ from ktr.eval.extract import (
     extract_tempcompass_yes_no,
     extract_video_r1,
     extract_videoholmes_official,
+    extract_videomme_lenient,
     extract_videomme_official,
     option_texts,
     score_tempcompass_caption_matching,
@@ -92,7 +95,8 @@ def test_video_r1_edge_cases(output, expected):
 
 @pytest.mark.parametrize(("output", "expected"), [
     ("The best answer is B.", "B"),
-    ("Answer: (C)", "C"),
+    ("Answer: (C)", "A"),  # official: "Answer:" is not removed, so the "A" of "Answer" comes first
+    ("Option: D", "D"),  # no A-D letter in "Option:"
     ("  D  ", "D"),
     ("The correct answer is A", "A"),
     ("The best option is C", "C"),  # not removed (official missing comma) but it holds no A-D before C
@@ -103,6 +107,72 @@ def test_video_r1_edge_cases(output, expected):
 ])
 def test_videomme_official_edge_cases(output, expected):
     assert extract_videomme_official(output).answer == expected
+
+
+@pytest.mark.parametrize(("output", "expected"), [("Answer: (C)", "C"), ("Option: B", "B"), ("Answer:D.", "D"),
+                                                  ("The best answer is B.", "B")])
+def test_videomme_lenient_rule_removes_answer_labels(output, expected):
+    assert extract_videomme_lenient(output).answer == expected
+
+
+def _official_videomme(s: str) -> str:
+    """Video-MME's `eval_your_results.py` rule as its source states it (an oracle written apart from ktr's):
+    strip; remove its phrase list, where two missing commas join four strings into two; > 10 words and no
+    A-D: no answer; else the first A-D character; "" for no answer."""
+    s = s.strip()
+    phrases = ["The best answer is", "The correct answer is", "The answer is", "The answer",
+               "The best option is" + "The correct option is", "Best answer:" + "Best option:"]
+    for phrase in phrases:
+        s = s.replace(phrase, "")
+    found = re.search("[ABCD]", s)
+    if len(s.split()) > 10 and found is None:
+        return ""
+    return found[0] if found else ""
+
+
+def _generated_outputs(n: int, seed: int = 0) -> list[str]:
+    """`n` model-like outputs: bare and decorated letters, "Answer: X" / "Option: X" forms, think/answer tags
+    (closed, open, missing), long texts with and without letters, unicode look-alikes and whitespace."""
+    rng = random.Random(seed)
+    letters = "ABCDE"
+    heads = ["", "The best answer is ", "The correct answer is ", "The answer is ", "The answer ", "Answer: ",
+             "Answer:", "answer: ", "Option: ", "Option ", "Best answer: ", "Best option: ", "The best option is ",
+             "The correct option is ", "Final answer: ", "答案：", "Réponse : ", "**", "(", "["]
+    tails = ["", ".", ")", "]", "**", ". It shows the man running.", " because the frames show it",
+             "\n", " — clearly", "。"]
+    fillers = ["the video shows a person", "then it moves", "which is why", "à la fin", "ｃａｔ", "naïve",
+               "bottom left", "every frame", "it is", "so", "we see", "Ⅽ", "Ａ", "ᴅ"]
+    out = []
+    for _ in range(n):
+        kind = rng.randrange(6)
+        letter = rng.choice(letters)
+        if kind == 0:
+            text = rng.choice(heads) + letter + rng.choice(tails)
+        elif kind == 1:
+            text = f"<think>{' '.join(rng.choices(fillers, k=rng.randrange(0, 15)))}</think>"
+            text += rng.choice([f"<answer>{letter}</answer>", f"<answer>{rng.choice(heads)}{letter}", "<answer>", ""])
+        elif kind == 2:
+            text = " ".join(rng.choices(fillers, k=rng.randrange(1, 25)))
+        elif kind == 3:
+            text = " ".join(rng.choices(fillers, k=rng.randrange(0, 12))) + " " + rng.choice(heads) + letter
+        elif kind == 4:
+            text = rng.choice(heads) + rng.choice(heads) + letter + rng.choice(tails)
+        else:
+            text = rng.choice([" ", "\n", "\t", ""]) + rng.choice(heads).upper() + letter.lower() + rng.choice(tails)
+        out.append(text)
+    return out
+
+
+def test_videomme_default_rule_equals_the_official_one_on_generated_outputs():
+    outputs = _generated_outputs(12_000)
+    answer_forms = [o for o in outputs if "Answer:" in o or "Option:" in o]
+    assert len(answer_forms) > 1_000
+    disagreements = [(o, extract_videomme_official(o).answer, _official_videomme(o)) for o in outputs
+                     if (extract_videomme_official(o).answer or "") != _official_videomme(o)]
+    assert not disagreements, f"{len(disagreements)} of {len(outputs)} differ, e.g. {disagreements[:5]}"
+    # the lenient rule is a real alternative: it reads differently exactly where "Answer:"/"Option:" matter
+    lenient = sum((extract_videomme_lenient(o).answer or "") != _official_videomme(o) for o in outputs)
+    assert 0 < lenient < len(answer_forms)
 
 
 @pytest.mark.parametrize(("output", "expected"), [

@@ -22,11 +22,16 @@ from ktr.eval.benchmarks.videommmu import VIDEO_R1_TRACK_ORDER
 
 
 class VideoMME(BenchmarkEvaluator):
-    """Video-MME: accuracy per duration, domain, sub-category and task type; both denominators."""
+    """Video-MME: accuracy per duration, domain, sub-category and task type; both denominators.
+
+    Args:
+        lenient_extraction: official format only; False (default) reads answers with the official rule, True
+            also removes "Answer:" and "Option:" first (not official; `results.json` names the rule).
+    """
 
     def __init__(self, annotation_path: str, video_root: str | None = None, format: Format = "video_r1",  # noqa: A002
-                 **kwargs) -> None:
-        super().__init__(E.VideoMME(annotation_path, video_root, format), **kwargs)
+                 lenient_extraction: bool = False, **kwargs) -> None:
+        super().__init__(E.VideoMME(annotation_path, video_root, format, lenient_extraction), **kwargs)
 
 
 class TempCompass(BenchmarkEvaluator):

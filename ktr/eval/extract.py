@@ -6,7 +6,8 @@ letter. Rules reproduce the reference scripts' behaviour, quirks included (each 
 is kept); see ``docs/BENCHMARKS.md`` (shared) for the sources.
 
 - ``video_r1``: first ``<answer>`` tag, else the whole output (Video-R1 ``eval_bench.py``).
-- ``videomme_official``: remove answer phrases, first A-D letter (Video-MME ``eval_your_results.py``).
+- ``videomme_official``: remove the official answer phrases, first A-D letter (Video-MME ``eval_your_results.py``);
+  ``videomme_lenient`` (not official, off by default) also removes "Answer:" and "Option:".
 - ``tempcompass_*``: the hand-written matching rules of TempCompass' ``eval_*.py`` (no LLM fallback).
 - ``mmmu_parse``: Video-MMMU's variant of the MMMU multiple-choice parser, without the random guess.
 - ``mmvu_rule``: "final answer is: X" (the format MMVU's prompt asks for), else ``mmmu_parse``.
@@ -54,6 +55,7 @@ def extract_video_r1(output: str) -> Extraction:
 
 # As in the official script, two pairs of strings lack a separating comma and are concatenated by Python
 # ("The best option isThe correct option is", "Best answer:Best option:"); kept to match its numbers.
+# "Answer:" and "Option:" are not in the official list: officially "Answer: C" reads "A" (the "A" of "Answer").
 VIDEOMME_ANSWER_PREFIXES: tuple[str, ...] = (
     "The best answer is",
     "The correct answer is",
@@ -61,30 +63,43 @@ VIDEOMME_ANSWER_PREFIXES: tuple[str, ...] = (
     "The answer",
     "The best option is" "The correct option is",  # noqa: ISC001 - official quirk, see above
     "Best answer:" "Best option:",  # noqa: ISC001 - official quirk, see above
-    "Answer:",
-    "Option:",
 )
+VIDEOMME_LENIENT_PREFIXES: tuple[str, ...] = VIDEOMME_ANSWER_PREFIXES + ("Answer:", "Option:")
+"""The `videomme_lenient` rule's phrases: the official ones plus "Answer:" and "Option:" (not official)."""
 
 
-def extract_videomme_official(output: str, letters: str = "ABCD") -> Extraction:
-    """Video-MME official rule: strip, remove answer phrases, then the first option letter anywhere.
+def extract_videomme_official(output: str, letters: str = "ABCD",
+                              prefixes: tuple[str, ...] = VIDEOMME_ANSWER_PREFIXES) -> Extraction:
+    """Video-MME official rule (``eval_your_results.py``): strip, remove the answer phrases, first option letter.
 
     More than 10 remaining words without any option letter is no answer (which the letter search would
-    also give; kept for fidelity).
+    also give; kept for fidelity). Only the official phrases are removed, so "Answer: C" reads "A"
+    (docs/fidelity.md, "Video-MME"); :func:`extract_videomme_lenient` also removes "Answer:" and "Option:".
 
     >>> extract_videomme_official("The best answer is B.")
     Extraction(answer='B', step='letter')
+    >>> extract_videomme_official("Answer: C")
+    Extraction(answer='A', step='letter')
     >>> extract_videomme_official("I cannot tell from the frames which one of these it could be at all")
     Extraction(answer=None, step='none')
     """
     text = output.strip()
-    for prefix in VIDEOMME_ANSWER_PREFIXES:
+    for prefix in prefixes:
         text = text.replace(prefix, "")
     pattern = f"[{letters}]"
     if len(text.split()) > 10 and not re.search(pattern, text):
         return Extraction(None, NONE)
     match = re.search(pattern, text)
     return Extraction(match.group(0), "letter") if match else Extraction(None, NONE)
+
+
+def extract_videomme_lenient(output: str, letters: str = "ABCD") -> Extraction:
+    """Not official: the Video-MME rule that also removes "Answer:" and "Option:" (off by default).
+
+    >>> extract_videomme_lenient("Answer: C")
+    Extraction(answer='C', step='letter')
+    """
+    return extract_videomme_official(output, letters, VIDEOMME_LENIENT_PREFIXES)
 
 
 # ------------------------------------------------------------------------------------------- TempCompass

@@ -17,7 +17,7 @@ from typing import Any
 
 from ktr.eval.base import EvalItem, SchemaError, read_rows, register_benchmark, require, resolve_video_path
 from ktr.eval.benchmarks.videor1 import DualFormatBenchmark, field_error
-from ktr.eval.extract import Extraction, extract_videomme_official
+from ktr.eval.extract import Extraction, extract_videomme_lenient, extract_videomme_official
 
 DURATIONS = ("short", "medium", "long")
 VIDEO_FIELDS = ("duration", "domain", "sub_category")
@@ -38,11 +38,26 @@ def _video_id(row: Mapping[str, Any]) -> str | None:
 
 @register_benchmark("videomme")
 class VideoMME(DualFormatBenchmark):
-    """Video-MME (``format="video_r1"`` or ``"official"``); meta: duration, domain, sub_category, task_type."""
+    """Video-MME (``format="video_r1"`` or ``"official"``); meta: duration, domain, sub_category, task_type.
+
+    ``lenient_extraction=True`` (off by default, not official) reads official-format outputs with
+    ``videomme_lenient``, which also removes "Answer:" and "Option:"; ``results.json`` names the rule that ran.
+    """
 
     breakdown_fields = ("duration", "domain", "sub_category", "task_type")
     prompt_variants = {"video_r1": "video_r1_eval", "official": "videomme_official"}
     extraction_rules = {"video_r1": "video_r1", "official": "videomme_official"}
+
+    def __init__(self, annotation_path: Any, video_root: Any = None, format: str = "video_r1",  # noqa: A002
+                 lenient_extraction: bool = False) -> None:
+        super().__init__(annotation_path, video_root, format)
+        self.lenient_extraction = lenient_extraction
+
+    @property
+    def extraction_rule(self) -> str:
+        if self.lenient_extraction and self.format == "official":
+            return "videomme_lenient"
+        return self.extraction_rules[self.format]
 
     def video_r1_meta(self, row: Mapping[str, Any], index: int) -> dict[str, Any]:
         return _meta(row, row)
@@ -82,7 +97,7 @@ class VideoMME(DualFormatBenchmark):
                         prompt_text=prompt, answer=answer, problem_type="multiple choice", options=options, meta=meta)
 
     def extract_official(self, output: str, item: EvalItem) -> Extraction:
-        return extract_videomme_official(output)
+        return (extract_videomme_lenient if self.lenient_extraction else extract_videomme_official)(output)
 
 
 def _meta(video: Mapping[str, Any], question: Mapping[str, Any]) -> dict[str, Any]:
