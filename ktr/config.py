@@ -288,9 +288,16 @@ class KeyTokenConfig:
     """Control, not the method: run the probes and selection as configured, then replace the mask by as many
     tokens per group chosen uniformly at random among the valid ones (`random_same_count`), so the key fraction
     matches Video-KTR's step by step. Drawn from the global RNG: reproducible under `seed_everything`."""
+    tie_contexts: bool = True
+    """Tokens of one context (same prompt, same completion tokens before them, and for `logp_diff` scores the same
+    token) share one score, the first such row's, before selection (`ktr.probes.select.tie_equal_contexts`): the
+    exact ties of the released one-row-per-completion layout, in every layout, so the mask does not depend on
+    rounding. false: each row's own score, ties only where the layout happens to make them bit-identical.
+    A per-row random perturbation (`random_half`) has no such ties and is left as it is."""
 
     def __post_init__(self) -> None:
         check_flag("key_tokens.enabled", self.enabled)
+        check_flag("key_tokens.tie_contexts", self.tie_contexts)
         for s in SIGNALS:
             if not isinstance(getattr(self, s), SignalConfig):
                 raise ConfigError(f"key_tokens.{s} must be a mapping with `enabled` and `ratio`")
@@ -450,7 +457,8 @@ class PolicyConfig:
     """Qwen3-VL (timestamped videos) only: `replace` lays the per-frame `<t seconds><|vision_start|>...
     <|vision_end|>` blocks in place of the template's `<|vision_start|><|video_pad|><|vision_end|>` (the Qwen3-VL
     reference processor and transformers 4.57, i.e. the format the released models were trained on); `keep`
-    leaves that outer pair around the blocks, as transformers 5's `Qwen3VLProcessor` does."""
+    leaves that outer pair around the blocks, as transformers 5.10-5.24's `Qwen3VLProcessor` did (5.25 went back to
+    `replace`; docs/qwen3vl.md)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the `tiny` model (ignored for real checkpoints)."""
     gradient_checkpointing: bool = False

@@ -62,8 +62,88 @@ def test_patches_equal_transformers_qwen3vl_image_processor(tiny_qwen3vl, height
     assert grid.tolist() == [1, height // 16, width // 16]
 
 
-def _hf_video_prompt(tok, text: str, grid: torch.Tensor, indices: list[int], fps: float) -> str:
-    """The prompt text transformers' installed `Qwen3VLProcessor` builds for one video: its own
+# The test video: five frames at indices 0, 7, 15, 22, 30 of a 29.97 fps source, 64x96 -> grid (3, 4, 6): three
+# temporal patches (the last repeats frame 30) at 0.1, 0.6 and 1.0 s, six placeholders each.
+_INDICES, _FPS = [0, 7, 15, 22, 30], 29.97
+_MESSAGES = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+# Their ids, written out (the Qwen3 tokenizer; the special ids are pinned by test_qwen3_tokenizer_ids_and_template)
+_START, _END, _VIDEO = 151652, 151653, 151656
+_STAMPS = ([27, 15, 13, 16, 6486, 29], [27, 15, 13, 21, 6486, 29], [27, 16, 13, 15, 6486, 29])  # <0.1 seconds> ...
+_USER, _QUESTION, _ASSISTANT = [151644, 872, 198], [3838, 8573, 30], [151645, 198, 151644, 77091, 198]
+_BLOCKS = [i for stamp in _STAMPS for i in [*stamp, _START, *[_VIDEO] * 6, _END]]
+_LAYOUTS = {"replace": _BLOCKS, "keep": [_START, *_BLOCKS, _END]}  # the two layouts, as VideoLayout documents them
+
+
+def _video_sample(tokenizer, p, wrapper: str):
+    proc = VisionLanguageProcessor(tokenizer, p.image_token_id, p.video_token_id, p.patch,
+                                   VideoLayout(timestamps=True, wrapper=wrapper))
+    media = Media("video", _rand(5, 64, 96, seed=1), 5 / 31 * _FPS, frame_times=tuple(i / _FPS for i in _INDICES))
+    return proc.encode(_MESSAGES, media)
+
+
+@pytest.mark.parametrize("wrapper", ["keep", "replace"])
+def test_video_prompt_layout_by_hand(tiny_qwen3vl, wrapper) -> None:
+    """ktr's two timestamped layouts, token for token, independent of the installed transformers: `replace`
+    (the released models' format) has one start/end pair per temporal patch, `keep` one more around them."""
+    p = tiny_qwen3vl.processor
+    sample = _video_sample(p.tokenizer, p, wrapper)
+    video = _LAYOUTS[wrapper]
+    assert sample.prompt_ids.tolist() == _USER + video + _QUESTION + _ASSISTANT
+    assert sample.grid_thw.tolist() == [3, 4, 6] and int((sample.prompt_ids == _START).sum()) == 3 + (wrapper == "keep")
+    # the media block runs from the outer start (keep) or the first timestamp (replace) to the last end
+    assert sample.media_block.nonzero().flatten().tolist() == list(range(len(_USER), len(_USER) + len(video)))
+
+
+class _BareVideoTemplate:
+    """The tokenizer, with its chat template rendering a video as a bare `<|video_pad|>` (no start/end pair)."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        text = self._tok.apply_chat_template(*args, **kwargs)
+        return text.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
+
+
+@pytest.mark.parametrize("wrapper", ["keep", "replace"])
+def test_video_prompt_from_a_bare_placeholder(tiny_qwen3vl, wrapper) -> None:
+    """Without the template's wrapper both layouts put the per-patch blocks in the placeholder's place (as
+    transformers' processor does), never a single frame's worth of placeholders."""
+    p = tiny_qwen3vl.processor
+    sample = _video_sample(_BareVideoTemplate(p.tokenizer), p, wrapper)
+    assert sample.prompt_ids.tolist() == _USER + _BLOCKS + _QUESTION + _ASSISTANT
+    assert sample.media_block.nonzero().flatten().tolist() == list(range(len(_USER), len(_USER) + len(_BLOCKS)))
+
+
+# Which of ktr's layouts the installed transformers' `Qwen3VLProcessor` builds (read from each release's
+# processing_qwen3_vl.py): 4.57 and 5.0-5.9 replaced the template's whole `<|vision_start|><|video_pad|><|vision_end|>`;
+# 5.10-5.24 (`replace_video_token` + the generic `get_text_with_replacements`) replaced only `<|video_pad|>`, keeping
+# the outer pair; 5.25 collapses the wrapper again before replacing. Versions after 5.25 are assumed to keep 5.25's
+# layout, so a further change fails here.
+_PROCESSOR_DIFFERS = {
+    "keep": "it keeps the template's outer <|vision_start|>/<|vision_end|> around the per-patch blocks (5.10-5.24)",
+    "replace": "it drops the template's outer <|vision_start|>/<|vision_end|>: the per-patch blocks replace the whole "
+               "wrapper (4.57, 5.0-5.9, 5.25+)",
+}
+
+
+def _processor_layout(version: str) -> str | None:
+    from packaging.version import Version
+
+    v = Version(version)
+    if v < Version("5.10"):
+        return None
+    return "keep" if v < Version("5.25") else "replace"
+
+
+def _hf_video_prompt(tok, text: str, grid: torch.Tensor) -> str:
+    """The prompt text transformers' installed `Qwen3VLProcessor` builds for the test video: its own
     `replace_video_token` and `get_text_with_replacements` (the video processor needs torchvision, so only the
     two attributes those read are provided)."""
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
@@ -74,31 +154,31 @@ def _hf_video_prompt(tok, text: str, grid: torch.Tensor, indices: list[int], fps
     proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
     proc.vision_start_token, proc.vision_end_token = "<|vision_start|>", "<|vision_end|>"
     proc.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2)
-    meta = VideoMetadata(total_num_frames=max(indices) + 1, fps=fps, frames_indices=list(indices))
+    meta = VideoMetadata(total_num_frames=max(_INDICES) + 1, fps=_FPS, frames_indices=list(_INDICES))
     repl = proc.replace_video_token({"video_grid_thw": grid.unsqueeze(0), "video_metadata": [meta]}, 0)
     return proc.get_text_with_replacements([text], videos_replacements=[repl])[0][0]
 
 
 @pytest.mark.parametrize("wrapper", ["keep", "replace"])
 def test_video_prompt_equals_qwen3vl_processor(tiny_qwen3vl, wrapper) -> None:
+    """The layout the installed transformers builds equals ktr's layout of the same name, token for token (the
+    timestamps, their float formatting and the block sizes included); the other layout is skipped, naming how
+    this transformers differs from it."""
+    import transformers
+
+    built = _processor_layout(transformers.__version__)
+    if built is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3VLProcessor.replace_video_token")
+    if wrapper != built:
+        pytest.skip(f"transformers {transformers.__version__}'s Qwen3VLProcessor builds the `{built}` layout, not "
+                    f"`{wrapper}`: {_PROCESSOR_DIFFERS[built]} (test_video_prompt_layout_by_hand checks `{wrapper}`)")
     p = tiny_qwen3vl.processor
-    proc = VisionLanguageProcessor(p.tokenizer, p.image_token_id, p.video_token_id, p.patch,
-                                   VideoLayout(timestamps=True, wrapper=wrapper))
-    indices, fps = [0, 7, 15, 22, 30], 29.97  # five frames: the last temporal patch repeats frame 30
-    media = Media("video", _rand(5, 64, 96, seed=1), 5 / 31 * fps, frame_times=tuple(i / fps for i in indices))
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
-    sample = proc.encode(messages, media)
-    text = p.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    hf_text = _hf_video_prompt(p.tokenizer, text, sample.grid_thw, indices, fps)
-    if wrapper == "replace":  # the reference processor (transformers 4.57) replaced the template's whole wrapper
-        hf_text = hf_text.replace("<|vision_start|><0.1", "<0.1", 1).replace("<|vision_end|><|vision_end|>",
-                                                                            "<|vision_end|>", 1)
-    expected = p.tokenizer(hf_text, add_special_tokens=False)["input_ids"]
-    assert sample.prompt_ids.tolist() == expected
+    sample = _video_sample(p.tokenizer, p, wrapper)
+    text = p.tokenizer.apply_chat_template(_MESSAGES, tokenize=False, add_generation_prompt=True)
+    hf_text = _hf_video_prompt(p.tokenizer, text, sample.grid_thw)
     assert "<0.1 seconds>" in hf_text and "<0.6 seconds>" in hf_text and "<1.0 seconds>" in hf_text
-    assert sample.grid_thw.tolist() == [3, 4, 6] and int((sample.prompt_ids == 151656).sum()) == 3 * 6
-    starts = int((sample.prompt_ids == 151652).sum())
-    assert starts == (4 if wrapper == "keep" else 3)
+    assert sample.prompt_ids.tolist() == p.tokenizer(hf_text, add_special_tokens=False)["input_ids"]
+    assert sample.prompt_ids.tolist() == _USER + _LAYOUTS[wrapper] + _QUESTION + _ASSISTANT
 
 
 def test_patch_times_formula() -> None:

@@ -5,7 +5,9 @@ by `ktr.data.patches.patchify` (bit-identical to HF's image processor where no r
 template is rendered by the tokenizer, and each `<|image_pad|>`/`<|video_pad|>` is expanded to t*h*w/merge**2
 tokens. With `VideoLayout(timestamps=True)` (Qwen3-VL) a video becomes, per temporal patch,
 `<t.t seconds><|vision_start|><|video_pad|>*(h*w/merge**2)<|vision_end|>`, the time being the mean of the
-patch's first and last source-frame times (`Qwen3VLProcessor._calculate_timestamps`).
+patch's first and last source-frame times (`Qwen3VLProcessor._calculate_timestamps`). The layouts are ktr's own
+(`VideoLayout`): they do not follow whichever transformers is installed, whose Qwen3-VL processor changed its
+video layout twice in 5.x (docs/qwen3vl.md).
 """
 
 from __future__ import annotations
@@ -56,15 +58,31 @@ VideoWrapper = Literal["replace", "keep"]
 
 @dataclass(frozen=True)
 class VideoLayout:
-    """How one video placeholder of the chat template is laid out in the prompt."""
+    """How one video placeholder of the chat template is laid out in the prompt.
+
+    With `timestamps`, a video of T temporal patches at times t_1..t_T (`patch_times`), each of n placeholder
+    tokens, becomes `B_i = <t_i seconds><|vision_start|><|video_pad|>*n<|vision_end|>` per patch, and the
+    template's `<|vision_start|><|video_pad|><|vision_end|>` becomes, by `wrapper`:
+
+    - `replace`: `B_1 ... B_T`. The format the released Qwen3-VL models were trained and are served with: the
+      reference `Qwen3VLProcessor` of transformers 4.57 (required by the model cards and by Qwen's own
+      fine-tuning code), transformers 5.0-5.9 and again 5.25+, and vLLM. ktr's default.
+    - `keep`: `<|vision_start|> B_1 ... B_T <|vision_end|>`, two tokens more: the template's outer pair stays
+      around the blocks. This is what transformers 5.10-5.24 built (their processor replaced only
+      `<|video_pad|>`, a regression that 5.25 fixed); kept to reproduce runs and checkpoints made with those
+      versions, not the model's own format.
+
+    If the rendered template has a bare `<|video_pad|>` (no wrapper), both lay out `B_1 ... B_T` in its place.
+    Both layouts are ktr's own: they do not depend on the installed transformers (tests/test_qwen3vl.py checks
+    them against hand-built ids and against the installed processor where it builds the same layout).
+    """
 
     timestamps: bool = False
     """Qwen3-VL: one `<t.t seconds>` text and its own vision start/end tokens per temporal patch."""
     wrapper: VideoWrapper = "replace"
     """With timestamps, what happens to the template's `<|vision_start|><|video_pad|><|vision_end|>`: `replace`
-    (the Qwen3-VL reference processor, transformers 4.57: the per-patch blocks replace all three tokens) or
-    `keep` (transformers 5's `Qwen3VLProcessor`: only `<|video_pad|>` is replaced, so an outer vision start/end
-    pair encloses the blocks)."""
+    (the per-patch blocks replace all three tokens: the released models' format) or `keep` (only `<|video_pad|>`
+    is replaced, so an outer vision start/end pair encloses the blocks: transformers 5.10-5.24)."""
 
 
 def patch_times(frame_times: list[float], temporal_patch_size: int) -> list[float]:
@@ -136,8 +154,9 @@ class VisionLanguageProcessor:
             raise ValueError(f"expected exactly one {media.kind} placeholder in the prompt, found {text.count(pad)}")
         per_block = self.num_tokens(grid_thw)
         if media.kind == "video" and self.layout.timestamps:
-            text = text.replace(self._wrapped(pad) if self.layout.wrapper == "replace" else pad,
-                                self._timestamped(media, pad), 1)
+            wrapped = self._wrapped(pad)
+            target = wrapped if self.layout.wrapper == "replace" and wrapped in text else pad
+            text = text.replace(target, self._timestamped(media, pad), 1)
             per_block //= int(grid_thw[0])
         ids: list[int] = []
         for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
@@ -148,20 +167,21 @@ class VisionLanguageProcessor:
                             pixel_values=pixel_values, grid_thw=grid_thw, target_ids=target_ids, media_block=block)
 
     def _media_block(self, ids: list[int], media: Media) -> Tensor:
-        """`[L]` bool: from the first vision start token (or the timestamp text right before it) to the last vision
-        end token."""
+        """`[L]` bool: from the first vision start token (or the timestamp text right before it, when the video's
+        blocks are not enclosed by the template's outer start token) to the last vision end token."""
         start_id, end_id = (self.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
         starts = [i for i, t in enumerate(ids) if t == start_id]
         ends = [i for i, t in enumerate(ids) if t == end_id]
         if not starts or not ends:
             raise ValueError("the prompt has no <|vision_start|> ... <|vision_end|> around its media")
         first, last = starts[0], ends[-1]
-        if media.kind == "video" and self.layout.timestamps and self.layout.wrapper == "replace":
+        if media.kind == "video" and self.layout.timestamps:
             t0 = patch_times(frame_times_of(media), self.patch.temporal_patch_size)[0]
             stamp = self.tokenizer(f"<{t0:.1f} seconds>", add_special_tokens=False)["input_ids"]
-            if ids[first - len(stamp): first] != stamp:
+            if ids[first - len(stamp): first] == stamp:
+                first -= len(stamp)
+            elif self.layout.wrapper == "replace":
                 raise ValueError(f"the first timestamp <{t0:.1f} seconds> did not tokenise on its own")
-            first -= len(stamp)
         block = torch.zeros(len(ids), dtype=torch.bool)
         block[first: last + 1] = True
         return block
