@@ -145,3 +145,82 @@ def test_ktr_gradients_equal_naive(frozen_vision) -> None:
         assert g.keys() == g0.keys()
         for k in g0:
             torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(), msg=k)
+
+
+def _shared_start_rollout(module, n_start: int = 6):
+    """A rollout whose G = 4 completions per prompt begin with the same `n_start` tokens (as after a warm start)."""
+    from ktr.policy import Policy
+
+    batch, rollout = rollout_for(Policy(module.model, module.processor), n_prompts=2, group_size=4,
+                                 max_new_tokens=12, seed=1)
+    ids = rollout.completion_ids.clone()
+    for first in range(0, ids.shape[0], 4):
+        ids[first + 1:first + 4, :n_start] = ids[first, :n_start]
+    p = rollout.prompt_length
+    input_ids, attention = rollout.input_ids.clone(), rollout.attention_mask.clone()
+    input_ids[:, p:], attention[:, p:] = ids, 1
+    return batch, replace(rollout, input_ids=input_ids, attention_mask=attention, completion_ids=ids,
+                          completion_mask=torch.ones_like(ids, dtype=torch.bool))
+
+
+def _key_and_grads(module, batch, rollout, shared: bool, tie: bool):
+    """The step's key tokens (same temporal draw in both layouts) and the KTR loss's gradients on them."""
+    from ktr.config import LossConfig
+    from ktr.probes.keytokens import attribute
+
+    module.loss_cfg = LossConfig(beta=0.04, shared_prefix=shared)
+    module.key_cfg = replace(module.key_cfg, tie_contexts=tie)
+    module.manual_backward = lambda loss: loss.backward()
+    module._reference_ready()
+    module.model.zero_grad(set_to_none=True)
+    scores = module.score(batch, rollout)
+    torch.manual_seed(7)
+    key = attribute(module.model, module.processor, batch, scores.view, scores.features, rollout.completion_ids,
+                    rollout.completion_mask, scores.logps, scores.entropy, module.key_cfg, rollout.group_size,
+                    module.chunk_size)
+    module.update(rollout, scores, key.mask, torch.linspace(-1, 1, rollout.completion_ids.shape[0]))
+    return key, {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
+
+
+def test_key_tokens_and_gradients_equal_naive_on_shared_starts() -> None:
+    """Completions that begin alike have tied scores at their common start; the packed layout must select exactly
+    the naive layout's tokens (released ties: kept or dropped together), and then give the same gradients."""
+    module = _module()
+    batch, rollout = _shared_start_rollout(module)
+    naive, g0 = _key_and_grads(module, batch, rollout, shared=False, tie=True)
+    shared, g = _key_and_grads(module, batch, rollout, shared=True, tie=True)
+    for name in naive.masks:
+        assert torch.equal(shared.masks[name], naive.masks[name]), name
+        assert torch.equal(shared.scores[name][:, 0], shared.scores[name][[0, 0, 0, 0, 4, 4, 4, 4], 0]), name
+    assert torch.equal(shared.mask, naive.mask)
+    assert g.keys() == g0.keys()
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(), msg=k)
+
+
+def test_tied_contexts_select_alike_at_every_threshold() -> None:
+    """At every threshold a pool can have (each integer quantile rank), the packed layout's scores select the naive
+    layout's tokens once contexts are tied; untied, the packed row's last-bit differences between copies of one
+    context split them at some threshold (what made the demo's entropy mask keep 99 tokens instead of 105)."""
+    from ktr.probes.keytokens import tie_contexts
+    from ktr.probes.select import select_top_ratio
+
+    module = _module()
+    with torch.no_grad():  # a random head gives near-uniform next-token distributions whose entropies differ only in
+        module.model.lm_head.weight.mul_(30.0)  # the last bits across contexts too; a trained head is peaked
+    batch, rollout = _shared_start_rollout(module, n_start=8)
+    naive, _ = _key_and_grads(module, batch, rollout, shared=False, tie=False)
+    shared, _ = _key_and_grads(module, batch, rollout, shared=True, tie=False)
+    ids, valid, prompt = rollout.completion_ids, rollout.completion_mask, rollout.prompt_index
+    n = 4 * ids.shape[1]  # tokens per group pool
+    untied_splits = 0
+    for name in naive.scores:
+        tied = [tie_contexts({name: k.scores[name]}, ids, valid, prompt, module.key_cfg)[name] for k in (naive, shared)]
+        assert torch.equal(tied[0], naive.scores[name]), name  # the naive layout's copies are already bit-identical
+        for rank in range(n):
+            ratio = 1.0 - rank / (n - 1)
+            a, b = (select_top_ratio(s, valid, ratio, group_size=4) for s in tied)
+            assert torch.equal(a, b), (name, rank)
+            raw = select_top_ratio(shared.scores[name], valid, ratio, group_size=4)
+            untied_splits += int(not torch.equal(raw, a))
+    assert untied_splits > 0  # the packed row's raw scores do split ties: this test would fail without tying

@@ -235,3 +235,37 @@ def test_thresholds_are_the_quantiles_that_selection_applies() -> None:
     seq = scope_thresholds(s, v, 0.5, "sequence")
     for i in range(4):
         assert seq[i] == torch.quantile(s[i][v[i]], 0.5)
+
+
+def test_tie_equal_contexts_by_hand() -> None:
+    from ktr.probes.select import tie_equal_contexts
+
+    tokens = torch.tensor([[1, 2, 3], [1, 2, 4], [1, 5, 3], [1, 2, 3]])
+    valid = torch.tensor([[True, True, True], [True, True, True], [True, True, False], [True, True, True]])
+    prompt = torch.tensor([0, 0, 0, 1])  # row 3: the same tokens after another prompt
+    s = torch.arange(12, dtype=torch.float32).view(4, 3) + 0.5
+    with_token = tie_equal_contexts(s, tokens, valid, prompt, include_token=True)
+    assert with_token.tolist() == [[0.5, 1.5, 2.5], [0.5, 1.5, 5.5], [0.5, 7.5, 8.5], [9.5, 10.5, 11.5]]
+    before = tie_equal_contexts(s, tokens, valid, prompt, include_token=False)
+    # context before the token: row 1's third token follows the same "1 2" as row 0's; row 2's second follows "1"
+    assert before.tolist() == [[0.5, 1.5, 2.5], [0.5, 1.5, 2.5], [0.5, 1.5, 8.5], [9.5, 10.5, 11.5]]
+
+
+def test_tie_equal_contexts_restores_split_ties() -> None:
+    """Copies of one context whose scores differ in the last bits (another layout's rounding) are split by the
+    quantile threshold; tied, they are kept or dropped together, as the bit-identical scores are."""
+    from ktr.probes.select import tie_equal_contexts
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 10, generator=g)  # one completion, repeated 8 times: every token 8-fold tied
+    tokens = torch.randint(0, 50, (1, 10), generator=g).repeat(8, 1)
+    valid = torch.ones(8, 10, dtype=torch.bool)
+    exact = base.repeat(8, 1)
+    noisy = exact + 1e-7 * torch.randn(8, 10, generator=g)
+    prompt = torch.zeros(8, dtype=torch.long)
+    want = select_top_ratio(exact, valid, 0.25, group_size=8)
+    assert not torch.equal(select_top_ratio(noisy, valid, 0.25, group_size=8), want)  # rounding splits the ties
+    tied = tie_equal_contexts(noisy, tokens, valid, prompt)
+    assert torch.equal(select_top_ratio(tied, valid, 0.25, group_size=8), want)
+    assert torch.equal(tie_equal_contexts(tied, tokens, valid, prompt), tied)  # a fixed point
+    assert torch.equal(tie_equal_contexts(exact, tokens, valid, prompt), exact)  # exact ties: nothing changes

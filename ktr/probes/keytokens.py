@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.forward import SequenceView, VisionFeatures
-from ktr.probes.select import above_thresholds, combine_masks, random_same_count, scope_thresholds
+from ktr.probes.select import (above_thresholds, combine_masks, random_same_count, scope_thresholds,
+                               tie_equal_contexts)
 from ktr.probes.temporal import temporal_scores
-from ktr.probes.visual import visual_scores
+from ktr.probes.visual import PER_ROW_PERTURBATIONS, visual_scores
 from ktr.config import SIGNALS, KeyTokenConfig, SignalConfig  # noqa: F401 (re-exported)
 from ktr.types import PromptBatch
 
@@ -91,10 +92,26 @@ def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: Promp
         if entropy is None:
             raise ValueError("the entropy signal needs the policy pass's entropy")
         scores["entropy"] = entropy.masked_fill(~valid, 0.0)
+    if cfg.tie_contexts:
+        scores = tie_contexts(scores, completion_ids, valid, view.prompt_index, cfg)
     key = select_key_tokens(scores, valid, batch.is_video[view.prompt_index], cfg, group_size)
     if cfg.random:  # the control: same count per group, random tokens
         key = replace(key, mask=random_same_count(key.mask, valid, group_size))
     return key
+
+
+def tie_contexts(scores: dict[str, Tensor], completion_ids: Tensor, valid: Tensor, prompt_index: Tensor,
+                 cfg: KeyTokenConfig) -> dict[str, Tensor]:
+    """Each signal's `[N, T]` scores with the tokens of one context tied (`tie_equal_contexts`). `logp_diff` scores
+    depend on the token itself; entropy and distribution distances only on what precedes it."""
+    out = {}
+    for name, s in scores.items():
+        if name == "visual" and cfg.visual_perturbation in PER_ROW_PERTURBATIONS:
+            out[name] = s
+            continue
+        own_token = name != "entropy" and getattr(cfg, name).score == "logp_diff"
+        out[name] = tie_equal_contexts(s, completion_ids, valid, prompt_index, include_token=own_token)
+    return out
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from torch import Tensor
 from ktr.ops import check_mask, upcast
 
 __all__ = ["COMBINERS", "SCOPES", "above_thresholds", "combine_masks", "pooled_quantile", "random_same_count",
-           "scope_thresholds", "select_scope", "select_top_ratio", "top_ratio_thresholds"]
+           "scope_thresholds", "select_scope", "select_top_ratio", "tie_equal_contexts", "top_ratio_thresholds"]
 
 Scope = Literal["group", "sequence", "batch"]
 Combine = Literal["union", "intersection"]
@@ -112,6 +112,48 @@ def top_ratio_thresholds(scores: Tensor, valid: Tensor, ratio: float, group_size
     g = n if group_size is None else group_size
     thr = pooled_quantile(x.reshape(n // g, g * t), keep.reshape(n // g, g * t), 1.0 - ratio)  # [N // G]
     return thr.repeat_interleave(g)  # [N]
+
+
+def tie_equal_contexts(scores: Tensor, tokens: Tensor, valid: Tensor, prompt_index: Tensor,
+                       include_token: bool = True) -> Tensor:
+    """Scores with every token of one context made bit-identical: the score of the context's first row.
+
+    The G completions of a prompt often begin alike (always after a warm start), so their first tokens have the
+    same context and, mathematically, the same score. Run as one row each (the released layout) those scores come
+    out bit-identical and the quantile rule keeps or drops them together; in another layout (the packed
+    shared-prefix row, another kernel or device) they differ in the last bits, and a threshold that falls among
+    them keeps some copies and drops others. Copying one row's value to all rows of the same context restores
+    the released ties in every layout (docs/fidelity.md, "Key-token ties").
+
+    Args:
+        scores: ``[N, T]`` attribution scores.
+        tokens: ``[N, T]`` completion token ids.
+        valid: ``[N, T]`` bool completion tokens.
+        prompt_index: ``[N]`` rows with the same index share the prompt and its perturbation.
+        include_token: the score depends on the token itself (``logp_diff``: contexts run through the token);
+            False for functions of the next-token distribution (entropy, distribution distances), whose context
+            ends before the token.
+    Returns:
+        ``[N, T]``: ``scores[r, t]`` where ``r`` is the lowest row of the same prompt, valid at ``t``, whose tokens
+        before ``t`` (and at ``t`` with ``include_token``) equal row ``i``'s; invalid positions unchanged.
+        Memory: an ``[N, N, T]`` bool temporary.
+    """
+    check_mask(valid, scores, "valid")
+    n, t = scores.shape
+    if n == 0 or t == 0:
+        return scores
+    same = (tokens.unsqueeze(1) == tokens.unsqueeze(0)) & valid.unsqueeze(1) & valid.unsqueeze(0)  # [N, N, T]
+    through = same.cummin(dim=-1).values  # [N, N, T] equal and valid at every position <= t
+    if include_token:
+        equal = through
+    else:  # equal before t, both valid at t
+        equal = torch.cat([torch.ones_like(through[..., :1]), through[..., :-1]], dim=-1)
+        equal &= valid.unsqueeze(1) & valid.unsqueeze(0)
+    equal &= (prompt_index.unsqueeze(1) == prompt_index.unsqueeze(0)).unsqueeze(-1)
+    rows = torch.arange(n, device=scores.device)
+    first = torch.where(equal, rows.view(1, n, 1), n).amin(dim=1)  # [N, T]; row i itself when valid
+    first = torch.where(valid, first, rows.view(n, 1))
+    return scores.gather(0, first)
 
 
 def _group_scope(group_size: int | None) -> int:

@@ -91,6 +91,9 @@ def _swap_media(view, model, batch, gen, draw=0):
     return replace(view, prompt_index=other_t[view.prompt_index]), zero
 
 
+PER_ROW_PERTURBATIONS = frozenset({"random_half"})
+"""Perturbations drawn per row, not per prompt: completions of one context get different perturbations there."""
+
 VISUAL_PERTURBATIONS: dict[str, VisualPerturbation] = {
     "attention_mask": _attention_mask,
     "attention_mask_block": _attention_mask_block,
