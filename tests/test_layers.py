@@ -7,7 +7,7 @@ L0_L2 = ["ktr._imports", "ktr.config", "ktr.types", "ktr.families", "ktr.optim",
          "ktr.losses", "ktr.fused", "ktr.answers", "ktr.rewards", "ktr.probes.select", "ktr.probes.visual", "ktr.probes.temporal", "ktr.probes.keytokens",
          "ktr.probes.scores", "ktr.probes.compare", "ktr.probes.weighting", "ktr.baselines", "ktr.baseline_rollout",
          "ktr.policy", "ktr.forward", "ktr.sampling", "ktr.rollout", "ktr.rollout_shared", "ktr.rollout_vllm", "ktr.tokenizer",
-         "ktr.data.video", "ktr.data.patches",
+         "ktr.data.video", "ktr.data.decoders", "ktr.data.patches",
          "ktr.data.processor", "ktr.data.prompts", "ktr.data.synthetic", "ktr.eval", "ktr.eval.benchmarks.synthetic",
          "ktr.quant", "ktr.distributed", "ktr.report", "ktr.report.chromium"]
 

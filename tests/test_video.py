@@ -32,6 +32,19 @@ VIDEO1_FRAMES, VIDEO1_FPS = 491, 22.29
 VIDEO1_INDICES = [0, 33, 65, 98, 131, 163, 196, 229, 261, 294, 327, 359, 392, 425, 457, 490]
 
 
+def _has_decord() -> bool:
+    try:
+        import decord  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+# the decoding tests run on every backend (decord: Linux x86-64 wheels only)
+BACKENDS = [pytest.param("decord", marks=pytest.mark.skipif(not _has_decord(), reason="decord is not installed")),
+            "pyav"]
+
+
 def _needs_video1() -> Path:
     if not VIDEO1.is_file():
         pytest.skip(f"real clip fixture missing: {VIDEO1}")
@@ -95,8 +108,9 @@ def test_settings_validation() -> None:
 # ---------------------------------------------------------------------------------------- real clip
 
 
-def test_load_real_clip_training_settings() -> None:
-    clip = load_video(str(_needs_video1()), VideoSettings())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_real_clip_training_settings(backend: str) -> None:
+    clip = load_video(str(_needs_video1()), VideoSettings(backend=backend))
     # 640x360 at min 100352 / per-frame max 105369 -> 224x420 (see test_patches for the arithmetic)
     assert clip.frames.shape == (16, 3, 224, 420)
     assert clip.frames.dtype == torch.uint8
@@ -121,7 +135,7 @@ def test_real_clip_frames_match_decord_then_resize() -> None:
     frames = torch.from_numpy(raw).permute(0, 3, 1, 2)  # [2, 3, 360, 640]
     clip = frames_from_array(frames, 22.29, VideoSettings(min_frames=2, max_frames=2))
     assert clip.indices == [0, 1]
-    full = load_video(str(VIDEO1), VideoSettings())
+    full = load_video(str(VIDEO1), VideoSettings(backend="decord"))
     assert torch.equal(clip.frames[0], full.frames[0])
     assert torch.equal(clip.frames[1], full.frames[-1])
 
@@ -163,29 +177,32 @@ def test_frames_from_array_samples_and_resizes() -> None:
 # ------------------------------------------------------------------------------------------- errors
 
 
-def test_missing_video_raises_file_not_found(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_video_raises_file_not_found(tmp_path: Path, backend: str) -> None:
     missing = tmp_path / "nope.mp4"
     with pytest.raises(FileNotFoundError, match="nope.mp4"):
-        load_video(str(missing), VideoSettings())
+        load_video(str(missing), VideoSettings(backend=backend))
 
 
-def test_empty_and_corrupt_videos_raise_decode_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_corrupt_videos_raise_decode_error(tmp_path: Path, backend: str) -> None:
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     for path in (empty, corrupt):
         with pytest.raises(MediaDecodeError) as info:
-            load_video(str(path), VideoSettings())
+            load_video(str(path), VideoSettings(backend=backend))
         assert info.value.path == str(path)
         assert str(path) in str(info.value)
 
 
-def test_truncated_real_clip_raises_decode_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_real_clip_raises_decode_error(tmp_path: Path, backend: str) -> None:
     half = tmp_path / "half.mp4"
     half.write_bytes(_needs_video1().read_bytes()[:500_000])  # moov atom is at the end: unreadable
     with pytest.raises(MediaDecodeError):
-        load_video(str(half), VideoSettings())
+        load_video(str(half), VideoSettings(backend=backend))
 
 
 def test_decode_error_pickles() -> None:
@@ -211,11 +228,12 @@ def _write_video(path: Path, colours: list[tuple[int, int, int]], fps: int, heig
             container.mux(packet)
 
 
-def test_written_video_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_written_video_round_trip(tmp_path: Path, backend: str) -> None:
     colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (240, 240, 240), (20, 20, 20)] * 2
     path = tmp_path / "colours.mp4"
     _write_video(path, colours, fps=5, height=112, width=168)
-    clip = load_video(str(path), VideoSettings(min_pixels=4 * 784, max_pixels=256 * 784))
+    clip = load_video(str(path), VideoSettings(min_pixels=4 * 784, max_pixels=256 * 784, backend=backend))
     # 10 frames at 5 fps -> 4 frames: linspace(0, 9, 4) = 0, 3, 6, 9; 112x168 needs no resize
     assert clip.indices == [0, 3, 6, 9]
     assert clip.frames.shape == (4, 3, 112, 168)

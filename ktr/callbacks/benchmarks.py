@@ -80,7 +80,7 @@ class SyntheticBenchmark(BenchmarkEvaluator):
     """The demo benchmark: synthetic clips (`ktr.data.synthetic`) written as Video-R1 eval JSON + mp4 files.
 
     The data are written on first use to `data_dir` (default `<output root>/data`) by rank 0 and then read
-    back through the Video-R1 path like any real benchmark. Needs PyAV (`pip install 'ktr[test]'`).
+    back through the Video-R1 path like any real benchmark. PyAV (a core dependency) writes the clips.
 
     Args:
         num_questions: questions in the benchmark.

@@ -1,4 +1,5 @@
-"""Video and image decoding, frame sampling and resizing (layer L2: torch, decord, PIL; no torchvision).
+"""Video and image decoding, frame sampling and resizing (layer L2: torch, PIL; videos decoded by decord or PyAV
+through `ktr.data.decoders`; no torchvision).
 
 The rules are those of qwen-vl-utils as vendored by the released Video-R1/Video-KTR code
 (KTR_SPEC.md section 5), re-implemented on plain torch so that the package never needs torchvision:
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ktr.config import ConfigError, check_choice, check_number
+from ktr.data.decoders import BACKEND_CHOICES, MediaDecodeError, check_backend, open_video
 
 FRAME_FACTOR = 2
 """Sampled frame counts are multiples of this (Qwen2.5-VL's temporal patch size)."""
@@ -41,18 +43,6 @@ VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 """qwen-vl-utils' default total pixel budget of one video (90,316,800), also in the released KTR code."""
 MEMORY_PATH = "<memory>"
 """``VideoClip.path`` of clips built from in-memory frames."""
-
-
-class MediaDecodeError(RuntimeError):
-    """A media file exists but cannot be decoded (empty, corrupt, no frames). Never replaced by other data."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(path, reason)  # both in ``args`` so the error pickles across DataLoader workers
-        self.path = path
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"cannot decode {self.path!r}: {self.reason}"
 
 
 @dataclass
@@ -80,9 +70,15 @@ class VideoSettings:
     factor: int | None = None
     """Frame sides are multiples of this: the model's patch_size * merge_size (Qwen2/2.5-VL 28, Qwen3-VL 32).
     None: the policy's (data modules and evaluators fill it in; standalone use: 28)."""
+    backend: Literal["auto", "decord", "pyav"] = "auto"
+    """Video decoder. `auto`: decord when it imports, else PyAV (the choice is logged once per process). Both give
+    the same frame count, fps, sampled indices and frames (docs/video_decoding.md); decord has wheels for Linux
+    x86-64 only, PyAV (`av`) for every platform."""
 
     def __post_init__(self) -> None:
         check_choice("video.rope_time", self.rope_time, ("sampled", "released"))
+        check_choice("video.backend", self.backend, BACKEND_CHOICES)
+        check_backend("video.backend", self.backend)
         check_number("video.fps", self.fps, low=0, low_open=True)
         check_number("video.min_frames", self.min_frames, integer=True, low=1)
         check_number("video.max_frames", self.max_frames, integer=True, low=FRAME_FACTOR)
@@ -299,29 +295,20 @@ def _require_file(path: str | Path, what: str) -> Path:
 
 
 def load_video(path: str, settings: VideoSettings) -> VideoClip:
-    """Decode the sampled frames of a video file with decord and resize them.
+    """Decode the sampled frames of a video file with ``settings.backend`` and resize them.
 
     Raises FileNotFoundError for a missing file and :class:`MediaDecodeError` for an empty, corrupt or
-    frameless one; never returns substitute frames.
+    frameless one, whatever the backend; never returns substitute frames.
     """
-    import decord  # runtime dependency; imported here so `import ktr` stays light
-
     _require_file(path, "video")
-    try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        total_frames, video_fps = len(reader), float(reader.get_avg_fps())
-    except (RuntimeError, decord.DECORDError) as e:  # decord raises both for unreadable input
-        raise MediaDecodeError(str(path), f"decord cannot open it ({e})") from e
+    reader = open_video(str(path), settings.backend)
+    total_frames, video_fps = reader.total_frames, reader.fps
     if total_frames < FRAME_FACTOR:
         raise MediaDecodeError(str(path), f"{total_frames} frame(s); at least {FRAME_FACTOR} are needed")
     if not (math.isfinite(video_fps) and video_fps > 0):
         raise MediaDecodeError(str(path), f"invalid frame rate {video_fps}")
     indices = sample_frame_indices(total_frames, video_fps, settings.fps, settings.min_frames, settings.max_frames)
-    try:
-        batch = reader.get_batch(indices).asnumpy()  # [F, H, W, 3] uint8
-    except (RuntimeError, decord.DECORDError) as e:
-        raise MediaDecodeError(str(path), f"decoding frames {indices} failed ({e})") from e
-    frames = torch.from_numpy(batch).permute(0, 3, 1, 2)  # [F, 3, H, W]
+    frames = torch.from_numpy(reader.get_batch(indices)).permute(0, 3, 1, 2)  # [F, H, W, 3] -> [F, 3, H, W]
     return _make_clip(frames, indices, total_frames, video_fps, settings, str(path))
 
 
@@ -382,16 +369,18 @@ def image_from_array(image, settings: ImageSettings) -> Tensor:
     return _resize_pil(pil, settings)
 
 
-def write_video(path: str | os.PathLike, frames: Tensor, fps: float, codec: str = "libx264") -> Path:
-    """Encode ``frames`` [F, 3, H, W] uint8 (H, W even) as an mp4 at ``fps``; written atomically.
+def write_video(path: str | os.PathLike, frames: Tensor, fps: float | Fraction, codec: str = "libx264",
+                pix_fmt: str | None = None, options: dict[str, str] | None = None) -> Path:
+    """Encode ``frames`` [F, 3, H, W] uint8 (H, W even) at ``fps``; written atomically, the container taken from
+    the suffix (``.mp4``, ``.webm``, ``.mkv``).
 
-    Needs PyAV (``pip install 'ktr[test]'``). H.264 4:4:4 at constant quality 10 keeps every pixel within
-    a few levels of the input (no chroma subsampling to smear small coloured squares); decord reads it like
-    any benchmark video.
+    Needs PyAV. By default H.264 4:4:4 at constant quality 10 keeps every pixel within a few levels of the
+    input (no chroma subsampling to smear small coloured squares); decord reads it like any benchmark video.
+    ``pix_fmt`` (default yuv444p for libx264, else yuv420p) and encoder ``options`` override that.
     """
     from ktr._imports import AV_AVAILABLE, require
 
-    require(AV_AVAILABLE, "av", "test")
+    require(AV_AVAILABLE, "av")
     import av
 
     if frames.dim() != 4 or frames.shape[1] != 3 or frames.dtype != torch.uint8:
@@ -401,12 +390,14 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float, codec: str 
         raise ValueError(f"write_video: H.264 needs even frame sides, got {height}x{width}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix or '.mp4'}")
     with av.open(str(tmp), "w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p" if codec == "libx264" else "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": "10", "preset": "ultrafast"}
+        rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1000)  # 30000/1001 as given
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = pix_fmt or ("yuv444p" if codec == "libx264" else "yuv420p")
+        if options is not None or codec == "libx264":
+            stream.options = options if options is not None else {"crf": "10", "preset": "ultrafast"}
         for frame in frames.permute(0, 2, 3, 1).contiguous().numpy():  # [H, W, 3] each
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush the encoder

@@ -4,7 +4,7 @@ The demo evaluation (``configs/demo_eval.yaml``) must run anywhere, so its bench
 of :mod:`ktr.data.synthetic` (a disjoint index range from training and validation) are written as an
 ``annotation.json`` list of Video-R1 eval rows (``path: ./Evaluation/Synthetic/<id>.mp4``) plus one small
 mp4 per row. Evaluation then reads them through exactly the path real benchmarks take: the Video-R1 row
-parser, path resolution, decord decoding, the Video-R1 prompt, extraction and scoring.
+parser, path resolution, video decoding (decord or PyAV, `video.backend`), the Video-R1 prompt, extraction and scoring.
 
 Its videos are written with :func:`ktr.data.video.write_video`, which tests use too.
 """

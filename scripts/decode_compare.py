@@ -1,0 +1,158 @@
+"""Decode the same videos with every installed backend (decord, PyAV) and compare what `load_video` sees.
+
+Videos: the shared fixture clip, plus clips written here with PyAV in three codecs (H.264, MPEG-4 Part 2, VP9)
+and two MPEG-4 variants with B-frames (open GOPs, in mp4 and AVI). For each file and backend: frame count, fps,
+whether the sampled indices equal decord's, the largest and mean |difference| of the sampled frames (RGB uint8,
+before resizing) from the reference, and the median milliseconds of a `load_video` call (open, sample, decode,
+resize; one thread).
+The reference is decord reading every frame in order from the start (no seeking), or PyAV doing the same when
+decord is not installed.
+
+    python scripts/decode_compare.py --json docs/video_decoding.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ktr.data.decoders import available_backends, open_video
+from ktr.data.video import VideoSettings, load_video, write_video
+
+DEFAULT_VIDEO = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "video1.mp4"
+# name -> (file, encoder, pix_fmt, encoder options); every clip: 240 frames, 240x320, 25 fps
+CLIPS = {
+    "h264": ("h264.mp4", "libx264", "yuv420p", {"g": "25", "bf": "3", "crf": "18"}),
+    "mpeg4": ("mpeg4.mp4", "mpeg4", "yuv420p", {"g": "25"}),
+    "vp9": ("vp9.webm", "libvpx-vp9", "yuv420p", {"g": "25"}),
+    "mpeg4+B": ("mpeg4_b.mp4", "mpeg4", "yuv420p", {"g": "12", "bf": "2"}),
+    "mpeg4+B avi": ("mpeg4_b.avi", "mpeg4", "yuv420p", {"g": "12", "bf": "2"}),
+}
+
+
+def synthetic_frames(n: int, height: int = 240, width: int = 320) -> torch.Tensor:
+    """[n, 3, H, W] uint8: drifting colour ramps and a moving red square (every frame differs)."""
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    out = torch.empty(n, 3, height, width, dtype=torch.uint8)
+    for t in range(n):
+        out[t, 0] = (x * 255 // width + 3 * t) % 256
+        out[t, 1] = (y * 255 // height + 5 * t) % 256
+        out[t, 2] = (7 * t) % 256
+        out[t, :, 20 + t % 160: 80 + t % 160, 40:120] = torch.tensor([230, 40, 40]).view(3, 1, 1)
+    return out
+
+
+def write_clips(root: Path) -> dict[str, Path]:
+    import av
+
+    frames = synthetic_frames(240)
+    return {name: write_video(root / file, frames, Fraction(25), codec, pix_fmt=pix_fmt, options=options)
+            for name, (file, codec, pix_fmt, options) in CLIPS.items() if codec in av.codecs_available}
+
+
+def sequential_frames(path: Path, backend: str, indices: list[int]) -> np.ndarray:
+    """Frames at `indices` read one after the other from the start, without seeking: [F, H, W, 3] uint8."""
+    if backend == "decord":
+        import decord
+
+        reader, wanted, frames = decord.VideoReader(str(path), num_threads=1), set(indices), {}
+        for i in range(max(indices) + 1):
+            frame = reader.next()
+            if i in wanted:
+                frames[i] = frame.asnumpy()
+        return np.stack([frames[i] for i in indices])
+    reader = open_video(str(path), "pyav")
+    by_index = reader._decode_from_start(sorted(set(indices)))
+    return np.stack([by_index[i] for i in indices])
+
+
+def measure(path: Path, backend: str, settings: VideoSettings, reference: str, repeats: int) -> dict:
+    import av
+
+    with av.open(str(path)) as container:
+        codec = container.streams.video[0].codec_context.name
+    settings = VideoSettings(**{**vars(settings), "backend": backend})
+    clip = load_video(str(path), settings)  # warm-up (imports, page cache), and the sampled indices
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        load_video(str(path), settings)
+        times.append(time.perf_counter() - start)
+    ms = statistics.median(times) * 1000  # the median: other work shares the CPUs
+    reader = open_video(str(path), backend)
+    sampled = reader.get_batch(clip.indices).astype(np.int16)
+    truth = sequential_frames(path, reference, clip.indices).astype(np.int16)
+    diff = np.abs(sampled - truth)
+    return {"file": path.name, "codec": codec, "backend": backend, "frames": reader.total_frames,
+            "fps": reader.fps, "indices": clip.indices, "max_abs_diff": int(diff.max()),
+            "mean_abs_diff": float(diff.mean()), "frames_differing": int((diff > 0).any(axis=(1, 2, 3)).sum()),
+            "ms_per_clip": ms}
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the rows (what docs/video_decoding.md shows)."""
+    header = ("| file | codec | backend | frames | fps | indices equal | max abs diff | mean abs diff "
+              "| frames differing | ms per clip |")
+    lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['file']} | {r['codec']} | {r['backend']} | {r['frames']} | {r['fps']:.4f} | "
+                     f"{r['indices_equal']} | {r['max_abs_diff']} | {r['mean_abs_diff']:.4f} | "
+                     f"{r['frames_differing']}/{len(r['indices'])} | {r['ms_per_clip']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO, help="a real clip to include")
+    parser.add_argument("--repeats", type=int, default=9, help="load_video calls timed per file and backend")
+    parser.add_argument("--max-frames", type=int, default=16, help="VideoSettings.max_frames")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    backends = available_backends()
+    reference = "decord" if "decord" in backends else "pyav"
+    settings = VideoSettings(max_frames=args.max_frames)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = ([args.video] if args.video.is_file() else []) + list(write_clips(Path(tmp)).values())
+        for path in files:
+            per_file = [measure(path, b, settings, reference, args.repeats) for b in backends]
+            for r in per_file:
+                r["indices_equal"] = ("ref" if r["backend"] == reference
+                                      else str(r["indices"] == per_file[backends.index(reference)]["indices"]))
+            rows += per_file
+    print(f"reference: {reference} reading every frame in order; settings: fps={settings.fps} "
+          f"max_frames={settings.max_frames}; cpus={os.cpu_count()} {platform.machine()}")
+    print(table(rows))
+    if args.json:
+        meta = {"reference": reference, "backends": backends, "fps": settings.fps, "max_frames": settings.max_frames,
+                "repeats": args.repeats, "cpus": os.cpu_count(), "machine": platform.machine(),
+                "processor": platform.processor(), "python": platform.python_version(), **versions()}
+        args.json.write_text(json.dumps({"settings": meta, "results": rows}, indent=2) + "\n")
+
+
+def versions() -> dict:
+    import av
+
+    out = {"av": av.__version__, "av_libavcodec": ".".join(map(str, av.library_versions["libavcodec"]))}
+    try:
+        import decord
+    except (ImportError, OSError):
+        return out
+    libs = Path(decord.__file__).parent.parent / "decord.libs"
+    bundled = sorted(p.name for p in libs.glob("libavcodec*")) if libs.is_dir() else []
+    return {**out, "decord": decord.__version__, "decord_libavcodec": bundled[0] if bundled else "system"}
+
+
+if __name__ == "__main__":
+    main()
