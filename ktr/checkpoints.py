@@ -9,12 +9,19 @@ carrying arbitrary pickled objects is refused, never executed. What is told apar
 - a file that is not a PyTorch checkpoint at all (a YAML config, a safetensors file, random bytes);
 - a PyTorch file that holds objects safe loading refuses, or that is not a Lightning checkpoint (a plain
   `state_dict`, a Hugging Face `pytorch_model.bin`: no `state_dict` key).
+
+`shape_mismatch` turns PyTorch's many-line `size mismatch` dump into one line naming the settings that differ.
+`find_last_checkpoint` is what `--ckpt_path last` resolves to (`ktr.cli`): the newest `last.ckpt` of the run's
+earlier versions, not of the new, empty version folder Lightning would look in.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +98,51 @@ def check_checkpoint(path: str | Path, *, key: str = "checkpoint") -> None:
                                   "(ModelParallelStrategy) checkpoint; give a .ckpt file or such a directory")
         return
     read_checkpoint(path, key=key, mmap=True)
+
+
+def find_last_checkpoint(folders: Iterable[str | Path]) -> Path | None:
+    """The most recently written `last.ckpt` (or `last-vN.ckpt`, `ModelCheckpoint`'s names) in `folders`, or None.
+
+    >>> find_last_checkpoint(["/nonexistent"]) is None
+    True
+    """
+    found = [p for folder in map(Path, folders) if folder.is_dir() for p in folder.iterdir()
+             if p.suffix == ".ckpt" and re.fullmatch(r"last(-v\d+)?", p.stem)]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def flat_settings(cfg: Any, prefix: str) -> dict[str, Any]:
+    """A config dataclass as `{"policy.tiny.hidden_size": 64, ...}` (stored in checkpoints as `ktr_policy`).
+
+    >>> from ktr.config import TinyModelConfig
+    >>> flat_settings(TinyModelConfig(), "policy.tiny")["policy.tiny.hidden_size"]
+    64
+    """
+    out: dict[str, Any] = {}
+    for name, value in (asdict(cfg) if is_dataclass(cfg) else cfg).items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}.{name}"))
+        else:
+            out[f"{prefix}.{name}"] = value
+    return out
+
+
+def shape_mismatch(saved: Mapping[str, Any], own: Mapping[str, Any], saved_settings: Mapping[str, Any] | None,
+                   settings: Mapping[str, Any]) -> str | None:
+    """One line saying why a checkpoint's tensors do not fit this model, or None when every shared key fits.
+
+    `saved`/`own` are state dicts (name -> tensor); `saved_settings`/`settings` are `flat_settings` of the
+    checkpoint's run (None for checkpoints written before ktr stored them) and of this one.
+    """
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in saved.items()
+           if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if not bad:
+        return None
+    name, theirs, ours = bad[0]
+    tensors = f"{len(bad)} tensor(s) differ in shape, e.g. {name}: {list(theirs)} in the checkpoint, {list(ours)} here"
+    if saved_settings is None:
+        return f"the checkpoint is of another model: {tensors}; use the policy settings it was trained with"
+    diff = [f"{k}: {saved_settings[k]!r} in the checkpoint, {settings.get(k)!r} here"
+            for k in sorted(saved_settings) if saved_settings[k] != settings.get(k)]
+    return (f"the checkpoint is of another model: {'; '.join(diff) or 'no policy setting differs'} "
+            f"({tensors}); use the checkpoint's settings")

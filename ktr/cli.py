@@ -50,6 +50,37 @@ class KTRCLI(LightningCLI):
                 raise
             _fail(f"invalid setting: {cause}")
 
+    def before_fit(self) -> None:
+        """`--ckpt_path last` is the newest `last.ckpt` of the run's earlier versions, or the command ends.
+
+        Lightning alone looks only in this run's new, empty version folder, warns and trains from scratch.
+        Refusing when none is found (rather than starting afresh, as Lightning does so that `last` can be set
+        before the first run) is a judgement call: a resume that silently restarts loses more than it saves.
+        """
+        from ktr.checkpoints import (
+            CheckpointError,
+            check_checkpoint,
+            find_last_checkpoint,
+        )
+
+        kwargs = self.config_init[self.subcommand]
+        if kwargs.get("ckpt_path") != "last":
+            return
+        folders, where = _checkpoint_folders(self.trainer)
+        found = find_last_checkpoint(folders)
+        if found is None:
+            looked = f"no last.ckpt in {', '.join(where)}" if where else "the trainer has no ModelCheckpoint callback"
+            _fail(f"--ckpt_path last: {looked}; give the checkpoint's path, or set save_last: true on the "
+                  "ModelCheckpoint callback of the run to resume")
+        try:
+            check_checkpoint(found, key="--ckpt_path last")
+        except CheckpointError as err:
+            _fail(str(err))
+        print(f"ktr: --ckpt_path last is {found}", file=sys.stderr)
+        kwargs["ckpt_path"] = str(found)
+
+    before_validate = before_test = before_predict = before_fit
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                                 "init_args": {"save_dir": "runs", "name": "ktr"}}})
@@ -66,6 +97,29 @@ def main(args: list[str] | None = None, run: bool = True) -> KTRCLI:
         args=args, run=run, save_config_kwargs={"overwrite": True},  # args None: Lightning reads sys.argv
         auto_configure_optimizers=False, parser_kwargs={"prog": "ktr", "description": DESCRIPTION},
     )
+
+
+def _checkpoint_folders(trainer) -> tuple[list, list[str]]:
+    """Where this trainer's `ModelCheckpoint`s write, for every version of the run, and those places as the user
+    would write them: an explicit `dirpath`, else `<save_dir>/<name>/*/checkpoints` of the first logger
+    (`<default_root_dir>/checkpoints` without one)."""
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    folders = [Path(cb.dirpath) for cb in callbacks if cb.dirpath is not None]
+    where = [str(f) for f in folders]
+    if any(cb.dirpath is None for cb in callbacks):
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if logger is None or logger.save_dir is None:
+            folders.append(Path(trainer.default_root_dir) / "checkpoints")
+            where.append(str(folders[-1]))
+        else:
+            run = Path(logger.save_dir) / str(logger.name)
+            folders += sorted(run.glob("*/checkpoints"))
+            where.append(str(run / "*" / "checkpoints"))
+    return folders, where
 
 
 def _find(err: BaseException | None, kind: type) -> BaseException | None:

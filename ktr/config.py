@@ -58,7 +58,8 @@ class SamplingConfig:
     """How completions are sampled (defaults: the released run)."""
 
     group_size: int = 8
-    """Completions per prompt (G)."""
+    """Completions per prompt (G); training needs G >= 2 (advantages are relative to the group, so one
+    completion per prompt makes every advantage 0: `KTRModule` refuses it)."""
     temperature: float = 1.0
     """Sampling temperature; 0 means greedy decoding."""
     top_p: float = 0.95
@@ -529,6 +530,13 @@ def check_flag(key: str, value) -> None:
 
 def check_rollout_settings(policy: PolicyConfig, sampling: SamplingConfig, loss: LossConfig) -> None:
     """Settings that only clash in combination (the RL module calls this at construction)."""
+    if sampling.group_size < 2:
+        # Generation alone (validation, `ktr explain`, benchmarks) legitimately samples one completion, so
+        # SamplingConfig accepts 1; only the RL module, whose every advantage would then be 0, refuses it.
+        raise ConfigError(f"sampling.group_size must be >= 2 for RL training, got {sampling.group_size}: "
+                          f"loss.advantage {loss.advantage!r} is relative to the group's mean reward, so with one "
+                          "completion per prompt every advantage is 0 and no step changes the policy (the "
+                          "released runs use 8; evaluation reads decoding.group_size, not this one)")
     if sampling.backend == "vllm" and policy.quantization == "nf4":
         raise ConfigError("sampling.backend: vllm cannot serve a 4-bit (policy.quantization: nf4) policy; QLoRA "
                           "keeps the HF path: use sampling.backend: shared or hf")

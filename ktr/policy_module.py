@@ -15,9 +15,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from ktr.checkpoints import CheckpointError, flat_settings, shape_mismatch
 from ktr.config import OptimConfig, PolicyConfig, SamplingConfig, check_number
 from ktr.data.base import StepBatch
-from ktr.data.skips import Skipped, row_source
+from ktr.data.skips import SkipLimitExceeded, Skipped, row_source
 from ktr.distributed import tied_gradients
 from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.optim import lr_lambda, make_optimizer
@@ -47,6 +48,12 @@ class PolicyModule(L.LightningModule):
         built = load_policy(self.policy_cfg)
         self.model = built.model
         self.processor = built.processor
+
+    def setup(self, stage: str) -> None:
+        """Checkpoints are written through a temporary file in their own folder (`ktr.checkpoint_io`)."""
+        from ktr.checkpoint_io import use_run_folder_io
+
+        use_run_folder_io(self.trainer)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Forget last step's per-step metrics, so that a metric is logged only in the steps that compute it.
@@ -79,14 +86,42 @@ class PolicyModule(L.LightningModule):
         self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
         skips = getattr(self, "_skips", None)
         if skips is not None:
-            skips.update_batch(batch)
+            self._stop_saved(skips.update_batch, batch)
             # rank-local, no sync: reason keys differ between ranks, a collective per key could hang
             self.log_dict({**skips.metrics(), **getattr(self, "_load_metrics", {})}, batch_size=1)
         return batch
 
     def on_train_epoch_end(self) -> None:
         if getattr(self, "_skips", None) is not None:
-            self._skips.check(final=True)
+            self._stop_saved(self._skips.check, final=True)
+
+    def _stop_saved(self, check, *args, **kwargs) -> None:
+        """Run a skip-limit `check`; when it raises `SkipLimitExceeded`, save `last.ckpt` first.
+
+        The epoch-end check runs before `ModelCheckpoint`'s own epoch-end save, so without this a limit that
+        trips there lost every step of the run.
+        """
+        try:
+            check(*args, **kwargs)
+        except SkipLimitExceeded:
+            self._save_last_checkpoint()
+            raise
+
+    def _save_last_checkpoint(self) -> None:
+        """`last.ckpt` (the name `ModelCheckpoint` gives it) in the run's checkpoint folder, single process only:
+        saving is collective and the other ranks did not trip their own, rank-local, skip limit."""
+        cb = self.trainer.checkpoint_callback
+        if cb is None or getattr(cb, "dirpath", None) is None or self.trainer.world_size > 1:
+            log.warning("stopping on the skip limit without saving a checkpoint (%s)",
+                        "no ModelCheckpoint" if cb is None else "several processes" if self.trainer.world_size > 1
+                        else "no checkpoint folder")
+            return
+        step = {"epoch": torch.tensor(self.current_epoch), "step": torch.tensor(self.global_step)}
+        path = cb.format_checkpoint_name(step, cb.CHECKPOINT_NAME_LAST)
+        cb.last_model_path = path
+        self.trainer.save_checkpoint(path)
+        log.warning("skip limit reached at step %d: saved %s before stopping (resume with --ckpt_path %s once "
+                    "the data is fixed)", self.global_step, path, path)
 
     # --- scale: FSDP2 sharding and exact resume (ktr.distributed, ktr.resume) -------------------------
     def configure_model(self) -> None:
@@ -134,11 +169,19 @@ class PolicyModule(L.LightningModule):
         else:
             states = [state]
         checkpoint["ktr_rng"] = states
+        checkpoint["ktr_policy"] = flat_settings(self.policy_cfg, "policy")  # named when a resume does not fit
         skips = getattr(self, "_skips", None)
         if skips is not None:
             checkpoint["ktr_skips"] = _per_rank(skips.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, in one line naming the differing settings, a checkpoint whose tensors do not fit the policy
+        (Lightning loads the weights after this hook); then restore skip counts and RNG states."""
+        if not getattr(self, "_sharded", False):
+            problem = shape_mismatch(checkpoint.get("state_dict", {}), self.state_dict(),
+                                     checkpoint.get("ktr_policy"), flat_settings(self.policy_cfg, "policy"))
+            if problem is not None:
+                raise CheckpointError(problem)
         skips = checkpoint.get("ktr_skips")
         world = self.trainer.world_size if self._trainer is not None else 1
         if skips is not None:  # applied at train start, when the counter exists

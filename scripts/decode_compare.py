@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ktr.data.synthetic import moving_pattern
 from ktr.data.decoders import available_backends, open_video
 from ktr.data.video import VideoSettings, load_video, write_video
 
@@ -42,14 +43,7 @@ CLIPS = {
 
 def synthetic_frames(n: int, height: int = 240, width: int = 320) -> torch.Tensor:
     """[n, 3, H, W] uint8: drifting colour ramps and a moving red square (every frame differs)."""
-    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    out = torch.empty(n, 3, height, width, dtype=torch.uint8)
-    for t in range(n):
-        out[t, 0] = (x * 255 // width + 3 * t) % 256
-        out[t, 1] = (y * 255 // height + 5 * t) % 256
-        out[t, 2] = (7 * t) % 256
-        out[t, :, 20 + t % 160: 80 + t % 160, 40:120] = torch.tensor([230, 40, 40]).view(3, 1, 1)
-    return out
+    return moving_pattern(n, height, width, sweep=2 * height // 3)
 
 
 def write_clips(root: Path) -> dict[str, Path]:

@@ -47,15 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _frames(n: int, height: int = 120, width: int = 160) -> torch.Tensor:
-    """[n, 3, H, W] uint8: colour ramps that drift and a red square that moves, so every frame differs."""
-    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    out = torch.empty(n, 3, height, width, dtype=torch.uint8)
-    for t in range(n):
-        out[t, 0] = (x * 255 // width + 3 * t) % 256
-        out[t, 1] = (y * 255 // height + 5 * t) % 256
-        out[t, 2] = (7 * t) % 256
-        out[t, :, 10 + t % 60: 40 + t % 60, 20:60] = torch.tensor([230, 40, 40]).view(3, 1, 1)
-    return out
+    """[n, 3, H, W] uint8: every frame differs (`ktr.data.synthetic.moving_pattern`)."""
+    from ktr.data.synthetic import moving_pattern
+
+    return moving_pattern(n, height, width)
 
 
 # name -> (file name, codec, pix_fmt, encoder options, fps); B-frames and short GOPs make the index and the
@@ -307,9 +302,10 @@ def test_bad_files_raise_decode_error(tmp_path: Path, backend: str, kind: str) -
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_file_and_directory_raise_not_found(tmp_path: Path, backend: str) -> None:
-    for path in (tmp_path / "nope.mp4", tmp_path):
-        with pytest.raises(FileNotFoundError, match="video file not found"):
-            load_video(str(path), VideoSettings(backend=backend))
+    with pytest.raises(FileNotFoundError, match="video file not found"):
+        load_video(str(tmp_path / "nope.mp4"), VideoSettings(backend=backend))
+    with pytest.raises(IsADirectoryError, match="video path is a directory, not a file"):  # issue 29
+        load_video(str(tmp_path), VideoSettings(backend=backend))
 
 
 @needs_decord

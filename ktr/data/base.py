@@ -191,7 +191,19 @@ class BaseDataModule(L.LightningDataModule):
         return bool(getattr(module, "needs_targets", False))
 
     def train_dataloader(self):
-        return self._loader(self.train_rows(), self.batch_size, self.shuffle, self.wants_sft_targets(), False)
+        rows = self.train_rows()
+        self._warn_short_epoch(len(rows))
+        return self._loader(rows, self.batch_size, self.shuffle, self.wants_sft_targets(), False)
+
+    def _warn_short_epoch(self, n_rows: int) -> None:
+        """Warn when each device's share of the training rows is smaller than `batch_size`: every step then
+        trains on fewer prompts than asked (the DataLoader's only batch is short), which nothing else shows."""
+        devices = self.trainer.world_size if self.trainer is not None else 1
+        per_device = -(-n_rows // devices)  # a DistributedSampler pads each rank to ceil(n / world_size)
+        if 0 < per_device < self.batch_size:
+            log.warning("data.batch_size is %d but the training set has %d row(s)%s: each step trains on %d "
+                        "prompt(s) per device, not %d; lower data.batch_size or add rows", self.batch_size, n_rows,
+                        f" for {devices} devices" if devices > 1 else "", per_device, self.batch_size)
 
     def val_dataloader(self):
         rows = self.val_rows()

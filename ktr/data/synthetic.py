@@ -129,3 +129,21 @@ def make_item(seed: int, index: int, spec: SyntheticSpec, render: bool = True) -
     if kind == "third":
         row["colours"] = shown  # ground truth in frame order (the planted-attribution task reads it)
     return row, frames
+
+
+def moving_pattern(n: int, height: int = 120, width: int = 160, sweep: int | None = None) -> Tensor:
+    """`[n, 3, H, W]` uint8 test clip in which every frame differs: colour ramps that drift and a red square that moves
+    down by one row per frame, over `sweep` rows (default: `height // 2`, made odd so that it never divides the
+    ramps' period of 256 frames and no two of the first 256 * sweep frames are equal) before it starts again. Used
+    to compare video decoders frame by frame (tests, scripts/decode_compare.py)."""
+    sweep = (height // 2) | 1 if sweep is None else sweep
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    out = torch.empty(n, 3, height, width, dtype=torch.uint8)
+    top, side, left, right = height // 12, height // 4, width // 8, 3 * width // 8
+    for t in range(n):
+        out[t, 0] = (x * 255 // width + 3 * t) % 256
+        out[t, 1] = (y * 255 // height + 5 * t) % 256
+        out[t, 2] = (7 * t) % 256
+        row = top + t % sweep
+        out[t, :, row: row + side, left:right] = torch.tensor([230, 40, 40]).view(3, 1, 1)
+    return out

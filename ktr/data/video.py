@@ -286,7 +286,10 @@ def frames_from_array(frames: Tensor, video_fps: float, settings: VideoSettings)
 
 
 def _require_file(path: str | Path, what: str) -> Path:
+    """`path` as a Path if it is a non-empty file; a directory is named as one, not as a missing file."""
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{what} path is a directory, not a file", str(path))
     if not p.is_file():
         raise FileNotFoundError(errno.ENOENT, f"{what} file not found", str(path))
     if p.stat().st_size == 0:
@@ -297,8 +300,8 @@ def _require_file(path: str | Path, what: str) -> Path:
 def load_video(path: str, settings: VideoSettings) -> VideoClip:
     """Decode the sampled frames of a video file with ``settings.backend`` and resize them.
 
-    Raises FileNotFoundError for a missing file and :class:`MediaDecodeError` for an empty, corrupt or
-    frameless one, whatever the backend; never returns substitute frames.
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a directory and :class:`MediaDecodeError`
+    for an empty, corrupt or frameless file, whatever the backend; never returns substitute frames.
     """
     _require_file(path, "video")
     reader = open_video(str(path), settings.backend)
@@ -342,7 +345,7 @@ def load_image(path: str, settings: ImageSettings) -> Tensor:
     """Load an image file as [3, H, W] uint8 RGB at smart_resize dims.
 
     No EXIF rotation, as in qwen-vl-utils (the released pipeline). Raises FileNotFoundError for a
-    missing file and :class:`MediaDecodeError` for an unreadable one.
+    missing file, IsADirectoryError for a directory and :class:`MediaDecodeError` for an unreadable file.
     """
     from PIL import Image, UnidentifiedImageError
 

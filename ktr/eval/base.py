@@ -211,12 +211,17 @@ class Benchmark(ABC):
         """``{field: group}`` for every field of :attr:`breakdown_fields`."""
         return {name: str(item.meta[name]) for name in self.breakdown_fields}
 
+    def parsed(self, extraction: Extraction, item: EvalItem) -> bool:
+        """Whether the rule read an answer out of the output (else counted in ``n_unparsable``); only the
+        accounting depends on it, never the score."""
+        return extraction.answer is not None
+
     def evaluate(self, output: str, item: EvalItem, prompt_hash: str | None = None) -> dict[str, Any]:
         """The ``predictions.jsonl`` record of one answered question (see :mod:`ktr.eval.metrics`)."""
         extraction = self.extract_detail(output, item)
         score = float(self.score(extraction.answer, item))
         return {"qid": item.qid, "prompt_hash": prompt_hash, "output": output, "extracted": extraction.answer,
-                "step": extraction.step, "parsed": extraction.answer is not None, "score": score,
+                "step": extraction.step, "parsed": self.parsed(extraction, item), "score": score,
                 "correct": score >= 1.0, "answer": item.answer, "keys": self.breakdown_keys(item),
                 "skipped": None}
 

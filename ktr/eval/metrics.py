@@ -56,7 +56,10 @@ def summarize(records: Iterable[Mapping[str, Any]], excluded: Mapping[str, int] 
     score 0; lmms-eval's convention), ``overall_answered`` by the questions whose answer could be
     extracted (the Video-MME official script's). Skipped questions (unreadable videos) are in neither and
     are listed in ``skipped``. ``breakdown[field][group]`` has ``acc``, ``n``, ``acc_answered``,
-    ``n_answered``. ``extraction_steps`` counts the rule step that decided each answer.
+    ``n_answered``. ``extraction_steps`` counts the rule step that decided each answer; ``n_unparsable``
+    counts records the rule read no answer from (``Benchmark.parsed``: for Video-R1 multiple choice, no option
+    letter, even when its whole output was scored). ``excluded`` counts rows left out at loading, by reason
+    (e.g. an answer not among the options).
 
     >>> recs = [{"qid": "1", "score": 1.0, "parsed": True, "keys": {"d": "short"}, "skipped": None},
     ...         {"qid": "2", "score": 0.0, "parsed": False, "keys": {"d": "long"}, "skipped": None}]

@@ -7,13 +7,19 @@ else the whole output. Scoring as Video-R1's ``eval_bench.py``: multiple choice 
 ``pred.strip() == gt.strip()`` ("C." is wrong), numerical as the training reward, regression by mean
 relative accuracy over thresholds 0.50:0.05:0.95. OCR and free-form, which the released script scores 0,
 are scored with the training reward (none of the five benchmarks has them).
+
+Two departures in accounting only (scores are as released): a multiple-choice row whose answer is not one of
+its options is left out and counted in ``excluded``; an output that reads as no option letter (cut off at
+``<answer>``) counts as unparsable even when the rule scored its whole text.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,8 +36,10 @@ from ktr.eval.base import (
     resolve_video_path,
     schema_error,
 )
-from ktr.eval.extract import Extraction, extract_video_r1
+from ktr.eval.extract import Extraction, extract_video_r1, option_texts
 from ktr.rewards.accuracy import ACCURACY_SCORERS, parse_number
+
+log = logging.getLogger(__name__)
 
 MetaFn = Callable[[Mapping[str, Any], int], dict[str, Any]]
 """``meta_fn(row, index) -> meta`` for one Video-R1 row; raises ValueError naming the field on bad input."""
@@ -91,9 +99,49 @@ def video_r1_item(row: Mapping[str, Any], index: int, path: Any, video_root: str
                     answer=gold, problem_type=problem_type, options=row.get("options"), meta=meta)
 
 
-def load_video_r1(path: str | os.PathLike, video_root: str | None, meta_fn: MetaFn) -> list[EvalItem]:
-    """All rows of a Video-R1 eval JSON (or JSONL) file, in file order."""
-    items = [video_r1_item(row, i, path, video_root, meta_fn) for i, row in enumerate(read_rows(path))]
+ANSWER_NOT_AN_OPTION = "answer not among the options"
+"""The ``excluded`` reason of a multiple-choice row whose gold answer no option carries (it cannot be right)."""
+_OPTION_LETTER_RE = re.compile(r"^\(?([A-Z])\)?(?:[.:)]|\s|$)")
+
+
+def option_letters(options: Sequence[str] | None) -> list[str]:
+    """The letters of option lines ("A. text" / "A: text"; unlettered lines get A, B, ...).
+
+    >>> option_letters(["A. red", "B. blue"])
+    ['A', 'B']
+    """
+    return list(option_texts(options or []))
+
+
+def reads_as_option(pred: str | None, letters: Sequence[str]) -> bool:
+    """Whether an extracted answer is an option choice: a letter of ``letters``, alone or as "C.", "C:",
+    "(C)", "C) text", "C text".
+
+    >>> reads_as_option("C.", "ABCD"), reads_as_option("<think>x</think><answer>", "ABCD")
+    (True, False)
+    """
+    match = _OPTION_LETTER_RE.match(pred.strip()) if pred is not None else None
+    return match is not None and match.group(1) in letters
+
+
+def load_video_r1(path: str | os.PathLike, video_root: str | None, meta_fn: MetaFn,
+                  excluded: dict[str, int] | None = None) -> list[EvalItem]:
+    """All rows of a Video-R1 eval JSON (or JSONL) file, in file order.
+
+    A multiple-choice row whose gold answer is not one of its option letters (``<answer>Z</answer>`` with
+    options A-E) can never be answered right: it is logged, left out, and counted in ``excluded``.
+    """
+    items = []
+    for i, row in enumerate(read_rows(path)):
+        item = video_r1_item(row, i, path, video_root, meta_fn)
+        letters = option_letters(item.options)
+        if item.problem_type == "multiple choice" and item.answer.strip() not in letters:
+            log.warning("%s: row %d: field 'solution': answer %r is not among the options %s; the question is "
+                        "left out (results.json 'excluded')", path, i, item.answer, letters)
+            if excluded is not None:
+                excluded[ANSWER_NOT_AN_OPTION] = excluded.get(ANSWER_NOT_AN_OPTION, 0) + 1
+            continue
+        items.append(item)
     check_unique(items, path)
     return items
 
@@ -111,7 +159,7 @@ class DualFormatBenchmark(Benchmark):
     def load(self) -> list[EvalItem]:
         self.excluded = {}
         if self.format == "video_r1":
-            items = load_video_r1(self.annotation_path, self.video_root, self.video_r1_meta)
+            items = load_video_r1(self.annotation_path, self.video_root, self.video_r1_meta, self.excluded)
         else:
             items = self.load_official()
             check_unique(items, self.annotation_path)
@@ -121,6 +169,18 @@ class DualFormatBenchmark(Benchmark):
         if self.format == "video_r1":
             return extract_video_r1(output)
         return self.extract_official(output, item)
+
+    def parsed(self, extraction: Extraction, item: EvalItem) -> bool:
+        """Video-R1 multiple choice: parsed only when the extraction reads as an option letter.
+
+        A judgement call: the Video-R1 rule scores the whole output when it has no ``<answer>`` content, so
+        an output cut off before any letter (``<think>...</think><answer>``) is "extracted" yet holds no
+        answer. Counting it as unparsable keeps ``n_unparsable`` honest; the score (exact match, as
+        released) is the same either way, so only ``n_unparsable`` and ``overall_answered`` change.
+        """
+        if self.format == "video_r1" and item.problem_type == "multiple choice":
+            return reads_as_option(extraction.answer, option_letters(item.options))
+        return super().parsed(extraction, item)
 
     def score(self, pred: str | None, item: EvalItem) -> float:
         if self.format == "video_r1":
