@@ -86,8 +86,9 @@ class KTRCLI(LightningCLI):
                                                 "init_args": {"save_dir": "runs", "name": "ktr"}}})
 
 
-def main(args: list[str] | None = None, run: bool = True) -> KTRCLI:
-    """Entry point of the `ktr` console script; `args` for in-process use (tests)."""
+def main(args: list[str] | None = None, run: bool = True, callbacks: list | None = None) -> KTRCLI:
+    """Entry point of the `ktr` console script; `args` for in-process use (tests, scripts), `callbacks` added to
+    the config's own (e.g. a script's recorder)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ktr.data.base import BaseDataModule
     from ktr.policy_module import PolicyModule
@@ -96,6 +97,7 @@ def main(args: list[str] | None = None, run: bool = True) -> KTRCLI:
         PolicyModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,
         args=args, run=run, save_config_kwargs={"overwrite": True},  # args None: Lightning reads sys.argv
         auto_configure_optimizers=False, parser_kwargs={"prog": "ktr", "description": DESCRIPTION},
+        trainer_defaults={"callbacks": callbacks} if callbacks else None,
     )
 
 

@@ -61,9 +61,7 @@ def run_one(variant: str, seed: int, config: str, extra: list[str], out: Path) -
     import lightning as L
     import torch
 
-    from ktr.cli import KTRCLI
-    from ktr.data.base import BaseDataModule
-    from ktr.policy_module import PolicyModule
+    from ktr.cli import main
 
     torch.set_num_threads(1)
     curve: list[tuple[int, float]] = []
@@ -87,10 +85,7 @@ def run_one(variant: str, seed: int, config: str, extra: list[str], out: Path) -
     argv = ["fit", "--config", config, f"--seed_everything={seed}", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={out / 'tb'}",
             f"--trainer.logger.init_args.name={variant}_s{seed}", *extra]
-    # as ktr.cli.main, plus the recording callback
-    KTRCLI(PolicyModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-          save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-          trainer_defaults={"callbacks": [Record()]})
+    main(argv, callbacks=[Record()])
     return {"variant": variant, "seed": seed, "val_acc": curve[-1][1] if curve else None,
             "val_p_target": p_curve[-1][1] if p_curve else None, "p_curve": p_curve,
             "frac_key": statistics.mean(frac) if frac else 1.0, "frac_key_last": frac[-1] if frac else 1.0,

@@ -37,9 +37,7 @@ def fit(variant: str, seed: int, out: Path, extra: list[str]) -> dict:
     import lightning as L
     import torch
 
-    from ktr.cli import KTRCLI
-    from ktr.data.base import BaseDataModule
-    from ktr.policy_module import PolicyModule
+    from ktr.cli import main
 
     torch.set_num_threads(1)
     run_dir = out / "fits" / f"{variant}_s{seed}"
@@ -62,10 +60,7 @@ def fit(variant: str, seed: int, out: Path, extra: list[str]) -> dict:
     argv = ["fit", "--config", CONFIGS[variant], f"--seed_everything={seed}", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={run_dir}",
             "--trainer.logger.init_args.name=tb", "--model.init_args.val_target_prob=true", *extra]
-    # as ktr.cli.main, plus the recording callback
-    cli = KTRCLI(PolicyModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                 trainer_defaults={"callbacks": [Record()]})
+    cli = main(argv, callbacks=[Record()])
     final_ckpt = run_dir / "final.ckpt"
     cli.trainer.save_checkpoint(final_ckpt)
     warm_steps = cli.model.warm_start_steps

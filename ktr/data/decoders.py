@@ -113,11 +113,11 @@ def available_backends() -> list[str]:
 @functools.cache
 def auto_backend() -> str:
     """decord when it imports, else PyAV; decided (and logged) once per process."""
-    for name in ("decord", "pyav"):
-        if _importable(name):
-            logger.info("video.backend=auto decodes videos with %s", name)
-            return name
-    raise ImportError(f"no video decoder is installed for video.backend=auto: {_install_message('pyav')}")
+    found = available_backends()
+    if not found:
+        raise ImportError(f"no video decoder is installed for video.backend=auto: {_install_message('pyav')}")
+    logger.info("video.backend=auto decodes videos with %s", found[0])
+    return found[0]
 
 
 def resolve_backend(name: str) -> str:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ktr.config import ConfigError, check_choice, check_number
-from ktr.data.decoders import BACKEND_CHOICES, MediaDecodeError, check_backend, open_video
+from ktr.data.decoders import BACKEND_CHOICES, MediaDecodeError, VideoBackend, check_backend, open_video
 
 FRAME_FACTOR = 2
 """Sampled frame counts are multiples of this (Qwen2.5-VL's temporal patch size)."""
@@ -70,7 +70,7 @@ class VideoSettings:
     factor: int | None = None
     """Frame sides are multiples of this: the model's patch_size * merge_size (Qwen2/2.5-VL 28, Qwen3-VL 32).
     None: the policy's (data modules and evaluators fill it in; standalone use: 28)."""
-    backend: Literal["auto", "decord", "pyav"] = "auto"
+    backend: VideoBackend = "auto"
     """Video decoder. `auto`: decord when it imports, else PyAV (the choice is logged once per process). Both give
     the same frame count, fps, sampled indices and frames (docs/video_decoding.md); decord has wheels for Linux
     x86-64 only, PyAV (`av`) for every platform."""

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.forward import SequenceView, VisionFeatures
-from ktr.probes.select import (above_thresholds, combine_masks, random_same_count, scope_thresholds,
-                               tie_equal_contexts)
+from ktr.probes.select import (above_thresholds, combine_masks, context_representatives, random_same_count,
+                               scope_thresholds)
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import PER_ROW_PERTURBATIONS, visual_scores
 from ktr.config import SIGNALS, KeyTokenConfig, SignalConfig  # noqa: F401 (re-exported)
@@ -102,15 +102,19 @@ def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: Promp
 
 def tie_contexts(scores: dict[str, Tensor], completion_ids: Tensor, valid: Tensor, prompt_index: Tensor,
                  cfg: KeyTokenConfig) -> dict[str, Tensor]:
-    """Each signal's `[N, T]` scores with the tokens of one context tied (`tie_equal_contexts`). `logp_diff` scores
-    depend on the token itself; entropy and distribution distances only on what precedes it."""
+    """Each signal's `[N, T]` scores with the tokens of one context tied (`ktr.probes.select.tie_equal_contexts`).
+    `logp_diff` scores depend on the token itself; entropy and distribution distances only on what precedes it.
+    The representatives are computed once per kind of context and shared by the signals."""
+    representatives: dict[bool, Tensor] = {}
     out = {}
     for name, s in scores.items():
         if name == "visual" and cfg.visual_perturbation in PER_ROW_PERTURBATIONS:
             out[name] = s
             continue
         own_token = name != "entropy" and getattr(cfg, name).score == "logp_diff"
-        out[name] = tie_equal_contexts(s, completion_ids, valid, prompt_index, include_token=own_token)
+        if own_token not in representatives:
+            representatives[own_token] = context_representatives(completion_ids, valid, prompt_index, own_token)
+        out[name] = s.gather(0, representatives[own_token])
     return out
 
 

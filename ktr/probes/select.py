@@ -21,7 +21,8 @@ from torch import Tensor
 from ktr.ops import check_mask, upcast
 
 __all__ = ["COMBINERS", "SCOPES", "above_thresholds", "combine_masks", "pooled_quantile", "random_same_count",
-           "scope_thresholds", "select_scope", "select_top_ratio", "tie_equal_contexts", "top_ratio_thresholds"]
+           "context_representatives", "scope_thresholds", "select_scope", "select_top_ratio", "tie_equal_contexts",
+           "top_ratio_thresholds"]
 
 Scope = Literal["group", "sequence", "batch"]
 Combine = Literal["union", "intersection"]
@@ -139,9 +140,17 @@ def tie_equal_contexts(scores: Tensor, tokens: Tensor, valid: Tensor, prompt_ind
         Memory: an ``[N, N, T]`` bool temporary.
     """
     check_mask(valid, scores, "valid")
-    n, t = scores.shape
-    if n == 0 or t == 0:
-        return scores
+    return scores.gather(0, context_representatives(tokens, valid, prompt_index, include_token))
+
+
+def context_representatives(tokens: Tensor, valid: Tensor, prompt_index: Tensor, include_token: bool = True) -> Tensor:
+    """`[N, T]` long: for each valid token, the lowest row of the same prompt with the same context (the row whose
+    score :func:`tie_equal_contexts` copies); the row itself at invalid positions. Arguments as there; the result
+    depends only on the tokens, so one call serves every signal with the same `include_token`."""
+    n = tokens.shape[0]
+    rows = torch.arange(n, device=tokens.device)
+    if tokens.numel() == 0:
+        return rows.view(n, 1).expand(tokens.shape)
     same = (tokens.unsqueeze(1) == tokens.unsqueeze(0)) & valid.unsqueeze(1) & valid.unsqueeze(0)  # [N, N, T]
     through = same.cummin(dim=-1).values  # [N, N, T] equal and valid at every position <= t
     if include_token:
@@ -150,10 +159,8 @@ def tie_equal_contexts(scores: Tensor, tokens: Tensor, valid: Tensor, prompt_ind
         equal = torch.cat([torch.ones_like(through[..., :1]), through[..., :-1]], dim=-1)
         equal &= valid.unsqueeze(1) & valid.unsqueeze(0)
     equal &= (prompt_index.unsqueeze(1) == prompt_index.unsqueeze(0)).unsqueeze(-1)
-    rows = torch.arange(n, device=scores.device)
     first = torch.where(equal, rows.view(1, n, 1), n).amin(dim=1)  # [N, T]; row i itself when valid
-    first = torch.where(valid, first, rows.view(n, 1))
-    return scores.gather(0, first)
+    return torch.where(valid, first, rows.view(n, 1))
 
 
 def _group_scope(group_size: int | None) -> int:
