@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ktr.config import BaselineConfig, KeyTokenConfig, SamplingConfig
+from ktr.config import DEFAULT_CHUNK_SIZE
 
 __all__ = ["divergence_weights", "group_divergence", "temporal_bonus", "tw_grpo_weights"]
 
@@ -84,7 +84,7 @@ def divergence_weights(divergence: Tensor, valid: Tensor, alpha: float = 1.7) ->
 
 @torch.no_grad()
 def tw_grpo_weights(hidden: Tensor, weight: Tensor, valid: Tensor, group_size: int, alpha: float = 1.7, *,
-                    bias: Tensor | None = None, chunk_size: int = 512) -> Tensor:
+                    bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
     """TW-GRPO weights ``[N, T]`` from the policy pass's hidden states ``[N, T, H]`` (no grad), projecting one
     group's ``chunk_size // G`` positions at a time: ``[G, c, V]`` float32, never ``[N, T, V]``."""
     n, t, _ = hidden.shape
@@ -102,15 +102,3 @@ def tw_grpo_weights(hidden: Tensor, weight: Tensor, valid: Tensor, group_size: i
             div[p, s:s + step] = group_divergence(logps.unsqueeze(0), ok[p:p + 1, :, s:s + step])[0]
     return divergence_weights(div, ok, alpha)
 
-
-def check_algorithm(algorithm: str, baseline: BaselineConfig, key_tokens: KeyTokenConfig,
-                    sampling: SamplingConfig) -> None:
-    """Fail at construction on an unknown algorithm or settings it cannot run with."""
-    if algorithm not in ("grpo", "t_grpo", "tw_grpo"):
-        raise ValueError(f"algorithm must be one of ['grpo', 't_grpo', 'tw_grpo'], got {algorithm!r}")
-    if algorithm == "tw_grpo" and key_tokens.enabled:
-        raise ValueError("algorithm tw_grpo weights every valid token by its divergence from the group; set "
-                         "key_tokens.enabled: false")
-    if algorithm == "t_grpo" and (baseline.shuffled_group_size or sampling.group_size // 2) < 1:
-        raise ValueError(f"algorithm t_grpo samples G // 2 completions on shuffled frames: sampling.group_size "
-                         f"{sampling.group_size} gives none; use G >= 2 or set baseline.shuffled_group_size")

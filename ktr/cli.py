@@ -24,11 +24,7 @@ class KTRCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parse, then check a given `--ckpt_path` before Lightning reads it (it names the file and the fault)."""
         super().parse_arguments(parser, args)
-        from ktr.checkpoints import (
-            SPECIAL_CKPT_PATHS,
-            CheckpointError,
-            check_checkpoint,
-        )
+        from ktr.model.checkpoint import SPECIAL_CKPT_PATHS, CheckpointError, check_checkpoint
 
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
@@ -57,11 +53,7 @@ class KTRCLI(LightningCLI):
         Refusing when none is found (rather than starting afresh, as Lightning does so that `last` can be set
         before the first run) is a judgement call: a resume that silently restarts loses more than it saves.
         """
-        from ktr.checkpoints import (
-            CheckpointError,
-            check_checkpoint,
-            find_last_checkpoint,
-        )
+        from ktr.model.checkpoint import CheckpointError, check_checkpoint, find_last_checkpoint
 
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") != "last":
@@ -91,7 +83,7 @@ def main(args: list[str] | None = None, run: bool = True, callbacks: list | None
     the config's own (e.g. a script's recorder)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ktr.data.base import BaseDataModule
-    from ktr.policy_module import PolicyModule
+    from ktr.training.base import PolicyModule
 
     return KTRCLI(
         PolicyModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,

@@ -2,9 +2,7 @@
 
 Each option group is a dataclass whose attribute docstrings become `--help` text. Validation that needs only
 the values themselves happens in `__post_init__`, so a bad value fails where the config is built (parse time
-for the CLI), naming the key. The old import paths (`ktr.module.LossConfig`, `ktr.rollout.SamplingConfig`,
-`ktr.probes.keytokens.KeyTokenConfig`, `ktr.policy.PolicyConfig`, `ktr.distributed.ShardingConfig`) re-export
-these.
+for the CLI), naming the key.
 """
 
 from __future__ import annotations
@@ -13,16 +11,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+DEFAULT_CHUNK_SIZE = 512
+"""Tokens per chunk of the output projection (`loss.chunk_size`): rows of `[chunk, vocab]` logits at a time."""
+
 
 RolloutBackendName = Literal["shared", "hf", "vllm"]
-"""Registered rollout backends (`ktr.rollout.ROLLOUT_BACKENDS`)."""
+"""Registered rollout backends (`ktr.rollout.base.ROLLOUT_BACKENDS`)."""
 EvalBackendName = Literal["hf", "vllm"]
 """Backends evaluation can generate with."""
 
 
 @dataclass
 class VLLMSettings:
-    """The colocated vLLM engine of `backend: vllm` (`ktr.rollout_vllm`; `pip install 'ktr[vllm]'`)."""
+    """The colocated vLLM engine of `backend: vllm` (`ktr.rollout.vllm`; `pip install 'ktr[vllm]'`)."""
 
     media: Literal["embeds", "frames"] = "embeds"
     """`embeds`: the policy's own vision tower encodes each prompt's media once and the engine receives the
@@ -72,11 +73,11 @@ class SamplingConfig:
     """Longest prompt (tokens incl. vision placeholders); a longer one is skipped and counted at loading
     (`data/skipped/PromptTooLong`), never truncated."""
     backend: RolloutBackendName = "shared"
-    """Rollout backend (registry `ktr.rollout.ROLLOUT_BACKENDS`): `shared` = each prompt prefilled once, its
+    """Rollout backend (registry `ktr.rollout.base.ROLLOUT_BACKENDS`): `shared` = each prompt prefilled once, its
     key/value cache repeated to the G rows, sampled by ktr's loop with `generate`'s logits processing (the same
     per-step distribution; with a fixed seed the same tokens); `hf` = transformers `generate` with
     `num_return_sequences`, which prefills every prompt G times (the released code's rollout); `vllm` = a
-    colocated vLLM engine per rank whose weights are synced after every optimizer step (`ktr.rollout_vllm`;
+    colocated vLLM engine per rank whose weights are synced after every optimizer step (`ktr.rollout.vllm`;
     `pip install 'ktr[vllm]'`), which also returns the sampled tokens' log-probs (`train/rollout/logp_diff`,
     `loss.rollout_correction`)."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
@@ -102,7 +103,7 @@ class DecodingConfig(SamplingConfig):
     max_prompt_length: int = 32768
     """Prompts longer than this (tokens incl. video placeholders) are skipped and listed, never truncated."""
     backend: EvalBackendName = "hf"  # type: ignore[assignment]
-    """Evaluation generates with transformers' `generate` (`hf`) or a vLLM engine (`vllm`, `ktr.rollout_vllm`;
+    """Evaluation generates with transformers' `generate` (`hf`) or a vLLM engine (`vllm`, `ktr.rollout.vllm`;
     during `fit` it shares the training module's engine when that is vLLM too)."""
     batch_size: int = 8
     """Questions per `generate` call on each rank."""
@@ -133,12 +134,12 @@ class LossConfig:
     """PPO clip range below 1 (only active with several updates per rollout)."""
     clip_high: float = 0.2
     """PPO clip range above 1."""
-    chunk_size: int | None = 512
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE
     """Tokens per chunk of the output projection; null materialises full logits (naive; for comparison)."""
     micro_batch_size: int | None = None
     """Completions per gradient pass; null = all N at once. The loss is normalised over the whole group."""
     shared_prefix: bool = True
-    """Scoring passes run each group's prompt once, its G completions packed after it (`ktr.prefix`); false runs
+    """Scoring passes run each group's prompt once, its G completions packed after it (`ktr.model.prefix`); false runs
     the N rows whole, as released (the same log-probs up to rounding, G times the prompt work)."""
     rollout_correction: Literal["none", "tis"] = "none"
     """Rollout/training mismatch: `tis` multiplies each token's policy-gradient term by the detached truncated

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from ktr.answers import PROBLEM_TYPES
-from ktr.export import _typed, checkpoint_weights, load_trained_policy, read_configs, settings_from_config
-from ktr.policy import Policy, PolicyConfig, load_policy
-from ktr.probes.keytokens import KeyTokenConfig
+from ktr.model.trained import typed_section, checkpoint_weights, load_trained_policy, read_configs, settings_from_config
+from ktr.model.policy import Policy, load_policy
+from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig, PolicyConfig
 
 
 def load_explain_policy(cfg: PolicyConfig, ckpt: str | None) -> Policy:
@@ -90,13 +90,13 @@ def explain(args: argparse.Namespace) -> Path:
     """One video/image + question -> report.html, report.json, answer.png in `args.out`."""
     from ktr.report import explain_batch, report_data, thumbnails, write_report
     from ktr.report.html import render_figure
-    from ktr.rollout import SamplingConfig
+    from ktr.config import SamplingConfig
 
     config = read_configs(args.config) if args.config else {}
     policy_cfg, video, image = settings_from_config(config)
     model_args = (config.get("model") or {}).get("init_args") or {}
-    key_cfg = _typed(KeyTokenConfig, model_args.get("key_tokens"), "model.init_args.key_tokens")
-    chunk = ((model_args.get("loss") or {}).get("chunk_size", 512))
+    key_cfg = typed_section(KeyTokenConfig, model_args.get("key_tokens"), "model.init_args.key_tokens")
+    chunk = ((model_args.get("loss") or {}).get("chunk_size", DEFAULT_CHUNK_SIZE))
     torch.manual_seed(args.seed)
     policy = load_explain_policy(policy_cfg, args.ckpt)
     policy.model.eval()

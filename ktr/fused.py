@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ktr.config import DEFAULT_CHUNK_SIZE
 from ktr.losses import policy_loss
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "GradStrategy", "call_with_head", "fused_policy_loss", "naive_policy_loss",
            "naive_token_logps_entropy", "token_logps_entropy"]
 
-# Tokens per chunk: 512 x 151,936 x 4 B = 0.3 GB of float32 scratch. Large enough for full-speed matmuls;
-# 1024 is as fast but misses the 1/8-of-naive memory goal at 4,096 tokens (scripts/bench_loss.py).
-DEFAULT_CHUNK_SIZE = 512
+# DEFAULT_CHUNK_SIZE (ktr.config): 512 x 151,936 x 4 B = 0.3 GB of float32 scratch. Large enough for full-speed
+# matmuls; 1024 is as fast but misses the 1/8-of-naive memory goal at 4,096 tokens (scripts/bench_loss.py).
 GradStrategy = Literal["grad-in-forward", "recompute"]
 R = TypeVar("R")
 _ROW_BLOCK = 32  # rows per exp block when the entropy is wanted (a [32, V] temporary)

@@ -2,54 +2,36 @@
 
 `training_step` reads as the method: rollout -> score passes (policy, probes, reference) -> rewards ->
 advantages -> masked policy loss -> optimizer step. The maths lives in L1/L2 functions; this file wires them.
-Vanilla GRPO is `key_tokens.enabled: false` on the same module. What SFT and RL share (policy loading,
-optimisation, checkpoints, validation) is `ktr.policy_module.PolicyModule`; the SFT stage is `ktr.sft`.
+Vanilla GRPO is `key_tokens.enabled: false` on the same module; the paper's baselines are algorithms by name
+(`ktr.training.algorithms`). What SFT and RL share (policy loading, optimisation, checkpoints, validation) is
+`ktr.training.base.PolicyModule`; the SFT stage is `ktr.training.sft`; the backward is `ktr.training.update`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor
 
-from ktr import fused
 from ktr.advantages import group_advantages
-from typing import Literal
-
-from ktr.baselines import check_algorithm
-from ktr.config import (BaselineConfig, KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig,  # noqa: F401
-                        RewardConfig, SamplingConfig, check_number, check_rollout_settings)
+from ktr.config import (BaselineConfig, KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig, RewardConfig,
+                        SamplingConfig, check_number, check_rollout_settings)
 from ktr.data.base import StepBatch
-from ktr.forward import (SequenceView, VisionFeatures, completion_hidden, completion_logps, encode_media,
-                         output_projection)
 from ktr.losses import masked_kl_mean, released_kl_mean, truncated_is_weights
-from ktr.families import vision_tower
-from ktr.policy_module import PolicyModule
-from ktr.probes.keytokens import attribute, key_token_stats
+from ktr.model.families import vision_tower
+from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.probes.keytokens import KeyTokens, attribute, key_token_stats
 from ktr.report.record import StepRecord
 from ktr.rewards import compute_rewards, length_bonus, resolve_rewards
-from ktr.rollout import rollout_backend
-from ktr.sft import SFTModule  # noqa: F401 (re-exported: `ktr.module.SFTModule` in configs)
-from ktr.types import PromptBatch, Rollout
+from ktr.rollout.base import rollout_backend
+from ktr.training.algorithms import AlgorithmName, get_algorithm
+from ktr.training.base import PolicyModule
+from ktr.training.update import LossTerms, loss_inputs, policy_update
+from ktr.types import PromptBatch, Rollout, VisionFeatures
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepScores:
-    """What the scoring passes of one step produce."""
-
-    hidden: Tensor | None  # [N, T, H] with grad (single micro-batch) or None (recomputed per micro-batch)
-    features: VisionFeatures  # with grad when the vision tower trains
-    view: SequenceView
-    logps: Tensor  # [N, T] policy log-probs, no grad
-    ref_logps: Tensor | None  # [N, T]
-    entropy: Tensor | None  # [N, T] full-vocabulary entropy of the policy, no grad
-    base_hidden: Tensor | None = None  # [N, T, H] detached policy hidden states (distribution scores, TW-GRPO)
 
 
 class KTRModule(PolicyModule):
@@ -60,7 +42,7 @@ class KTRModule(PolicyModule):
                  key_tokens: KeyTokenConfig = KeyTokenConfig(), loss: LossConfig = LossConfig(),  # noqa: B008
                  rewards: RewardConfig = RewardConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
                  warm_start_steps: int = 0, warm_start_lr: float | None = None,
-                 val_max_new_tokens: int = 64, algorithm: Literal["grpo", "t_grpo", "tw_grpo"] = "grpo",
+                 val_max_new_tokens: int = 64, algorithm: AlgorithmName = "grpo",
                  baseline: BaselineConfig = BaselineConfig(), val_target_prob: bool = False) -> None:  # noqa: B008
         """
         Args:
@@ -75,7 +57,7 @@ class KTRModule(PolicyModule):
             warm_start_lr: learning rate of the warm-start steps (default: optim.lr).
             val_max_new_tokens: greedy completion length at validation.
             algorithm: `grpo` (GRPO, with Video-KTR key tokens when `key_tokens.enabled`), or a same-data
-                baseline of the paper (`ktr.baselines`, docs/baselines.md): `t_grpo` (Video-R1's temporal bonus
+                baseline of the paper (`ktr.training.algorithms`, docs/baselines.md): `t_grpo` (Video-R1's temporal bonus
                 from G/2 extra rollouts on shuffled frames) or `tw_grpo` (TW-GRPO's token weights in
                 [1, baseline.tw_alpha]; needs `key_tokens.enabled: false`).
             baseline: settings of the baselines.
@@ -100,8 +82,8 @@ class KTRModule(PolicyModule):
         self._reward_warned: set[str] = set()
         self._ref: list = []  # frozen reference, kept out of state_dict and checkpoints
         self.rollout_backend = rollout_backend(sampling.backend)
-        self.algorithm, self.baseline_cfg = algorithm, baseline
-        check_algorithm(algorithm, baseline, key_tokens, sampling)
+        self.algorithm = get_algorithm(algorithm, baseline, key_tokens, sampling)
+        self.baseline_cfg = baseline
         self._extra_metrics: dict[str, Tensor] = {}
 
     @property
@@ -175,16 +157,13 @@ class KTRModule(PolicyModule):
             return loss
         self._reference_ready()
         prompts = batch.prompts
-        with self._rollout_context():
+        with self.rollout_context():
             rollout = self.rollout_backend.generate(self.model, self.processor, prompts, self.sampling)
         scores = self.score(prompts, rollout)
-        key = attribute(self.model, self.processor, prompts, scores.view, _detached(scores.features),
-                        rollout.completion_ids, rollout.completion_mask, scores.logps, scores.entropy, self.key_cfg,
-                        rollout.group_size, self.chunk_size, base_hidden=scores.base_hidden)
+        key = attribute(self.model, self.processor, prompts, rollout, scores, self.key_cfg, self.chunk_size)
         weights, weight_norm = self.token_weights(rollout, scores, key)
         rewards, per_reward, failed = self.rewards(prompts, rollout, key.mask)
-        if self.algorithm == "t_grpo":
-            rewards = self.add_temporal_bonus(prompts, rollout, rewards, per_reward)
+        rewards = self.algorithm.extra_rewards(self, prompts, rollout, rewards, per_reward, self._extra_metrics)
         scale = self.loss_cfg.advantage == "grpo"
         advantages = group_advantages(rewards, rollout.group_size, scale_by_std=scale)
         self.last_step = StepRecord(self.global_step, prompts, rollout, key, rewards, per_reward, advantages)  # reports
@@ -195,7 +174,7 @@ class KTRModule(PolicyModule):
         self._log_step(rollout, rewards, per_reward, failed, loss, norm, scores, key)
         return loss
 
-    def score(self, prompts: PromptBatch, rollout: Rollout) -> StepScores:
+    def score(self, prompts: PromptBatch, rollout: Rollout) -> PolicyPass:
         """Vision features (once), the policy pass (kept with grad when one micro-batch), reference log-probs."""
         ids, valid = rollout.completion_ids, rollout.completion_mask
         single = self.loss_cfg.micro_batch_size is None or self.loss_cfg.micro_batch_size >= ids.shape[0]
@@ -210,24 +189,21 @@ class KTRModule(PolicyModule):
             logps, entropy = completion_logps(self.model, hidden.detach(), ids, valid, self.chunk_size,
                                               with_entropy=need_entropy)
         ref = self.reference_logps(prompts, rollout, view, _detached(features))
-        keep = self.key_cfg.needs_base_hidden or self.algorithm == "tw_grpo"
-        return StepScores(hidden if single else None, features, view, logps, ref, entropy,
+        keep = self.key_cfg.needs_base_hidden or self.algorithm.needs_base_hidden
+        return PolicyPass(view, features, logps, entropy, hidden if single else None, ref,
                           hidden.detach() if keep else None)
 
-    def token_weights(self, rollout: Rollout, scores: StepScores, key) -> tuple[Tensor | None, str]:
-        """Float token weights `[N, T]` for the loss (soft key tokens or TW-GRPO) and their normaliser, or None."""
-        if self.algorithm == "tw_grpo":
-            from ktr.baseline_rollout import tw_weights
-
-            w = tw_weights(self.model, scores.base_hidden, rollout.completion_mask, rollout.group_size,
-                           self.baseline_cfg.tw_alpha, self.chunk_size)
-            self._extra_metrics["train/tw_grpo/mean_weight"] = w[rollout.completion_mask].mean()
+    def token_weights(self, rollout: Rollout, scores: PolicyPass, key: KeyTokens) -> tuple[Tensor | None, str]:
+        """Float token weights `[N, T]` for the loss (the algorithm's, or soft key tokens) and their normaliser."""
+        w = self.algorithm.token_weights(self.model, scores.base_hidden, rollout, self.baseline_cfg, self.chunk_size,
+                                         self._extra_metrics)
+        if w is not None:
             return w, "mask"
         if key.weights is not None:
             return key.weights, "weights" if self.key_cfg.soft_norm == "weights" else "mask"
         return None, "weights"
 
-    def rollout_corrected(self, rollout: Rollout, scores: StepScores, advantages: Tensor) -> Tensor:
+    def rollout_corrected(self, rollout: Rollout, scores: PolicyPass, advantages: Tensor) -> Tensor:
         """Advantages for the loss: `[N]` as they are, or `[N, T]` times the truncated importance weights of the
         rollout engine's samples (`loss.rollout_correction: tis`). Logs the engine/policy log-prob gap."""
         if rollout.logps is None:
@@ -241,25 +217,6 @@ class KTRModule(PolicyModule):
         w = truncated_is_weights(scores.logps, rollout.logps, valid, self.loss_cfg.tis_cap)  # [N, T]
         self._extra_metrics["train/rollout/tis_weight"] = w[valid].mean() if valid.any() else w.new_zeros(())
         return advantages.unsqueeze(-1) * w
-
-    def add_temporal_bonus(self, prompts: PromptBatch, rollout: Rollout, rewards: Tensor, per_reward: dict) -> Tensor:
-        """T-GRPO: sample G' completions on shuffled frames, add the temporal bonus to the ordered ones."""
-        from ktr.baseline_rollout import shuffled_accuracy
-        from ktr.baselines import temporal_bonus
-
-        cfg, g = self.baseline_cfg, rollout.group_size
-        g_shuffled = cfg.shuffled_group_size or g // 2
-        with self._rollout_context():
-            shuffled = shuffled_accuracy(self.model, self.processor, self.rollout_backend, prompts, self.sampling,
-                                         g_shuffled)
-        acc = per_reward.get("accuracy")
-        if acc is None:
-            raise ValueError("algorithm t_grpo needs the `accuracy` reward in rewards.names")
-        bonus = temporal_bonus(acc, shuffled.to(acc), g, g_shuffled, prompts.is_video, cfg.temporal_bonus,
-                               cfg.temporal_ratio, cfg.correct_threshold)
-        per_reward["temporal"] = bonus
-        self._extra_metrics["train/t_grpo/shuffled_accuracy"] = shuffled.mean()
-        return rewards + bonus
 
     def rewards(self, prompts: PromptBatch, rollout: Rollout, key_mask: Tensor):
         g = rollout.group_size
@@ -279,54 +236,13 @@ class KTRModule(PolicyModule):
             total = total + per["length"]
         return total, per, failed
 
-    def update(self, rollout: Rollout, scores: StepScores, mask: Tensor, advantages: Tensor,
+    def update(self, rollout: Rollout, scores: PolicyPass, mask: Tensor, advantages: Tensor,
                weights: Tensor | None = None, weight_norm: str = "weights") -> Tensor:
-        """Backward of the masked (or weighted, `weights` `[N, T]`) objective, in micro-batches of rows normalised
-        over the whole batch."""
-        cfg = self.loss_cfg
-        ids, valid = rollout.completion_ids, rollout.completion_mask
-        n = ids.shape[0]
-        kl_mask = valid if cfg.kl_on == "valid" else None
-        weighted = weights is not None and weight_norm == "weights"
-        common = dict(beta=cfg.beta if scores.ref_logps is not None else 0.0, clip_low=cfg.clip_low,
-                      clip_high=cfg.clip_high, aggregation=cfg.aggregation, num_sequences=n,
-                      num_tokens=weights.masked_fill(~mask, 0.0).sum() if weighted else mask.sum(),
-                      max_len=ids.shape[1])
-        if weights is not None:
-            common["weight_norm"] = weight_norm
-        if kl_mask is not None:
-            common["num_kl_tokens"] = kl_mask.sum()
-        if scores.hidden is not None:
-            return self._loss_backward(scores.hidden, slice(None), rollout, scores, mask, kl_mask, advantages, weights,
-                                       common)
-        leaf = scores.features.detached()
-        total = torch.zeros((), device=self.device)
-        for start in range(0, n, cfg.micro_batch_size):
-            rows = slice(start, start + cfg.micro_batch_size)
-            hidden = completion_hidden(self.model, _rows(scores.view, rows), leaf, ids.shape[1])
-            total = total + self._loss_backward(hidden, rows, rollout, scores, mask, kl_mask, advantages, weights,
-                                                common)
-        grads = [(f, lf.grad) for f, lf in zip(scores.features.tensors(), leaf.tensors()) if lf.grad is not None]
-        if grads:  # the vision tower trains: one backward through it for all micro-batches
-            torch.autograd.backward([f for f, _ in grads], [g for _, g in grads])
-        return total
-
-    def _loss_backward(self, hidden, rows, rollout, scores, mask, kl_mask, advantages, weights, common) -> Tensor:
-        ids = rollout.completion_ids[rows]
-        kw = dict(common, ref_logps=None if scores.ref_logps is None else scores.ref_logps[rows])
-        if weights is not None:
-            kw["weights"] = weights[rows]
-        if kl_mask is not None:
-            kw["kl_mask"] = kl_mask[rows]
-        head = output_projection(self.model)
-        if self.chunk_size is None:
-            fn = partial(fused.naive_policy_loss, tokens=ids, advantages=advantages[rows], mask=mask[rows], **kw)
-        else:
-            fn = partial(fused.fused_policy_loss, tokens=ids, advantages=advantages[rows], mask=mask[rows],
-                         chunk_size=self.chunk_size, **kw)
-        loss, _, _ = fused.call_with_head(head, hidden, fn)
-        self.manual_backward(loss)
-        return loss.detach()
+        """Backward of the masked (or weighted, `weights` `[N, T]`) objective over the whole batch
+        (`ktr.training.update.policy_update`); returns the loss, detached."""
+        inputs = loss_inputs(rollout, scores, mask, advantages, self.loss_cfg, weights)
+        return policy_update(self.model, scores, inputs, LossTerms.of(self.loss_cfg, inputs, weight_norm),
+                             self.chunk_size, self.loss_cfg.micro_batch_size, self.manual_backward)
 
     def _log_step(self, rollout, rewards, per_reward, failed, loss, norm, scores, key) -> None:
         n = rollout.completion_ids.shape[0]
@@ -354,6 +270,7 @@ def _detached(features: VisionFeatures) -> VisionFeatures:
     return features.detached(leaves=False)
 
 
-def _rows(view: SequenceView, rows: slice) -> SequenceView:
-    return SequenceView(view.input_ids[rows], view.attention_mask[rows], view.mm_token_type_ids[rows],
-                        view.position_ids[:, rows], view.prompt_index[rows])
+def __getattr__(name: str):  # `ktr.module.SFTModule` of older configs (ktr._moved)
+    from ktr._moved import moved_attribute
+
+    return moved_attribute(__name__, name)

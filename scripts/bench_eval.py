@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ktr.callbacks import DecodingConfig, EvalVideoSettings, SyntheticBenchmark
-from ktr.policy import PolicyConfig, load_policy
+from ktr.config import PolicyConfig
+from ktr.model.policy import load_policy
 
 PROFILES = {
     # the demo's settings: 56x56 clips as they are, up to 8 frames -> 4 vision tokens per 2 frames

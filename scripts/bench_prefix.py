@@ -5,10 +5,10 @@ and of the whole step (issue 11).
     python scripts/bench_prefix.py --parts passes step --new-tokens 128 --json bench_prefix_step.json
 
 Rollout: `naive` is transformers' `generate` with `num_return_sequences` (`sampling.backend: hf`): the decoder
-prefills each prompt G times. `shared` is `ktr.rollout_shared` (`sampling.backend: shared`): one prefill per
+prefills each prompt G times. `shared` is `ktr.rollout.shared` (`sampling.backend: shared`): one prefill per
 prompt, its key/value cache repeated to the G rows, ktr's own sampling loop (exact candidate-set top-p).
 
-Scoring passes (`--parts passes`; `loss.shared_prefix: false` vs `true`, `ktr.prefix`): on G random completions
+Scoring passes (`--parts passes`; `loss.shared_prefix: false` vs `true`, `ktr.model.prefix`): on G random completions
 of `new_tokens` tokens, each measured in its own phase of one process: `policy` (vision features and the
 decoder with gradient, log-probs and entropy through the chunked projection), `backward` (the fused masked
 loss and its backward into the decoder and the vision tower), `reference` (a no-grad pass), `visual` (the
@@ -66,7 +66,8 @@ def build(head_scale: float):
     """The bench model (random, seeded) and a one-prompt batch."""
     import torch
 
-    from ktr.policy import PolicyConfig, TinyModelConfig, load_policy
+    from ktr.config import PolicyConfig, TinyModelConfig
+    from ktr.model.policy import load_policy
     from ktr.types import Media
 
     tiny = TinyModelConfig(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1408,
@@ -86,8 +87,8 @@ def worker(impl: str, new_tokens: int, group_size: int, head_scale: float) -> di
     import torch
 
     from ktr.config import SamplingConfig
-    from ktr.rollout import generate
-    from ktr.rollout_shared import generate_shared
+    from ktr.rollout.hf import generate
+    from ktr.rollout.shared import generate_shared
 
     torch.set_num_threads(1)
     policy, batch = build(head_scale)
@@ -137,13 +138,7 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
     import torch
 
     from ktr import fused
-    from ktr.forward import (
-        SequenceView,
-        completion_hidden,
-        completion_logps,
-        encode_media,
-        output_projection,
-    )
+    from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media, output_projection
     from ktr.probes.temporal import temporal_scores
     from ktr.probes.visual import visual_scores
     from ktr.types import Rollout

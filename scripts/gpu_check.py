@@ -11,7 +11,7 @@ try, so that one failure (an error, out of memory, the guard) is recorded and th
    the training (128*28*28 pixels) and evaluation (128..256*28*28) settings: max abs pixel difference, the same
    in uint8 levels, whether grids and token counts agree. Needs torchvision and `--video`; without either the
    ktr side still runs (on a synthetic clip if no video) and the part says "skipped" with the reason.
-2. `parity`: log-probs of ktr's forward path (`ktr.forward`: vision once, 3D positions, chunked head) vs
+2. `parity`: log-probs of ktr's forward path (`ktr.model.forward`: vision once, 3D positions, chunked head) vs
    transformers' own `Qwen2_5_VLForConditionalGeneration` forward, bf16, on a reduced-depth 7B-width model
    (2 decoder layers, 2 vision blocks, random weights), with `sdpa` and `flash_attention_2` when importable;
    both are also compared with a float32 forward of the same weights (the bf16 noise floor).
@@ -307,9 +307,9 @@ def _build_tokenizer_once() -> None:
     """Every part needs the Qwen2 tokenizer; it is built once per run (each build takes seconds on a CPU)."""
     import functools
 
-    import ktr.tokenizer
+    import ktr.model.tokenizer
 
-    ktr.tokenizer.build_qwen2_tokenizer = functools.lru_cache(maxsize=None)(ktr.tokenizer.build_qwen2_tokenizer)
+    ktr.model.tokenizer.build_qwen2_tokenizer = functools.lru_cache(maxsize=None)(ktr.model.tokenizer.build_qwen2_tokenizer)
 
 
 def main(argv: list[str] | None = None) -> dict:

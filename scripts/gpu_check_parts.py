@@ -21,7 +21,7 @@ EVAL_VIDEO = VideoSettings(min_pixels=128 * 28 * 28, max_pixels=256 * 28 * 28)  
 
 def _processor(config):
     from ktr.data.processor import VisionLanguageProcessor
-    from ktr.tokenizer import build_qwen2_tokenizer
+    from ktr.model.tokenizer import build_qwen2_tokenizer
 
     return VisionLanguageProcessor(build_qwen2_tokenizer(), image_token_id=config.image_token_id,
                                    video_token_id=config.video_token_id)
@@ -89,7 +89,8 @@ def _compare_pixels(mine: torch.Tensor, theirs: torch.Tensor, std) -> dict:
 
 def vision_processor(video: Path | None, out: dict) -> dict:
     """ktr's grids and token counts at both settings; transformers' side when torchvision and the video exist."""
-    from ktr.policy import TinyModelConfig, tiny_config
+    from ktr.config import TinyModelConfig
+    from ktr.model.policy import tiny_config
     from ktr.types import Media
 
     reason = None
@@ -148,7 +149,7 @@ def _prompts(processor, settings: VideoSettings, n: int):
 
 @torch.no_grad()
 def _ktr_logps(model, batch, rollout, chunk_size: int) -> torch.Tensor:
-    from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+    from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
 
     view = SequenceView.of(model, rollout, batch)
     hidden = completion_hidden(model, view, encode_media(model, batch.pixel_values, batch.grid_thw),
@@ -181,9 +182,10 @@ def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     from bench_step import arch_config, build_random
     from transformers.utils import is_flash_attn_2_available
 
-    from ktr.policy import TinyModelConfig, tiny_config
+    from ktr.config import TinyModelConfig
+    from ktr.model.policy import tiny_config
     from ktr.config import SamplingConfig
-    from ktr.rollout import generate
+    from ktr.rollout.hf import generate
 
     config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 2, 2)
     fa2 = device.type == "cuda" and is_flash_attn_2_available()
@@ -242,12 +244,13 @@ def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     from bench_step import arch_config, build_random
 
     from ktr.config import SamplingConfig
-    from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
-    from ktr.policy import TinyModelConfig, tiny_config
+    from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
+    from ktr.config import TinyModelConfig
+    from ktr.model.policy import tiny_config
     from ktr.probes.temporal import temporal_scores
     from ktr.probes.visual import visual_scores
-    from ktr.rollout import generate
-    from ktr.rollout_shared import generate_shared
+    from ktr.rollout.hf import generate
+    from ktr.rollout.shared import generate_shared
 
     config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 4, 2)
     config._attn_implementation = "sdpa"

@@ -30,12 +30,12 @@ from ktr.data.planted import LABELS, planted_target, token_labels
 from ktr.data.prompts import build_messages
 from ktr.data.synthetic import SyntheticSpec, make_item
 from ktr.data.video import VideoSettings, frames_from_array
-from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.policy import load_policy
+from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.model.policy import load_policy
 from ktr.probes.select import select_top_ratio
 from ktr.probes.temporal import TEMPORAL_PERTURBATIONS, temporal_scores
 from ktr.probes.visual import VISUAL_PERTURBATIONS, visual_scores
-from ktr.rollout import teacher_rollout
+from ktr.rollout.base import teacher_rollout
 from ktr.types import Media
 
 SPEC = SyntheticSpec(kinds=("third",), num_frames=6)  # 6 frames: each colour one temporal patch

@@ -2,7 +2,7 @@
 
     python tests/_fsdp_rollout_worker.py PORT
 
-Both ranks shard the same tiny policy with `ktr.distributed.shard_policy` and roll out greedily on a prompt of
+Both ranks shard the same tiny policy with `ktr.model.fsdp.shard_policy` and roll out greedily on a prompt of
 their own (rank 0 a video, rank 1 an image). On rank 0 the first greedy token is declared an end token, so its
 rows end after one step while rank 1's run to `max_new_tokens`: rank 0 must keep stepping (every decoder step is
 a round of FSDP all-gathers) until rank 1 is done, or rank 1 hangs. Each rank checks its completion against an
@@ -26,10 +26,10 @@ NEW_TOKENS = 6
 def check(rank: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    import ktr.rollout_shared as rs
+    import ktr.rollout.shared as rs
     from ktr.config import PolicyConfig, SamplingConfig
-    from ktr.distributed import ensure_root_initialized, shard_policy
-    from ktr.policy import load_policy
+    from ktr.model.fsdp import ensure_root_initialized, shard_policy
+    from ktr.model.policy import load_policy
     from tests.helpers import synthetic_samples
 
     torch.manual_seed(0)

@@ -66,7 +66,7 @@ def _merge(parts, batch, pad: int):
 
 
 def per_prompt_generate(model, processor, batch, cfg, **kwargs):
-    from ktr.rollout import generate
+    from ktr.rollout.hf import generate
 
     # one draw from the global RNG per call (the same on every rank and in one process; restored on resume)
     base = int(torch.randint(0, 2**30, (1,)))
@@ -128,11 +128,12 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from ktr.distributed import ShardingConfig
-    from ktr.module import KTRModule, LossConfig, OptimConfig, RewardConfig
-    from ktr.policy import LoraSettings, PolicyConfig, TinyModelConfig
-    from ktr.probes.keytokens import KeyTokenConfig
-    from ktr.rollout import SamplingConfig
+    from ktr.config import ShardingConfig
+    from ktr.module import KTRModule
+    from ktr.config import LossConfig, OptimConfig, RewardConfig
+    from ktr.config import LoraSettings, PolicyConfig, TinyModelConfig
+    from ktr.config import KeyTokenConfig
+    from ktr.config import SamplingConfig
 
     s = SCENARIOS[scenario]
     torch.set_num_threads(1)

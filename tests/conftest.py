@@ -20,7 +20,8 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_policy():
     """The built-in tiny Qwen2.5-VL with the real tokenizer (built once per session)."""
-    from ktr.policy import PolicyConfig, load_policy
+    from ktr.config import PolicyConfig
+    from ktr.model.policy import load_policy
 
     torch.set_num_threads(1)
     return load_policy(PolicyConfig(attn_implementation="eager"))
@@ -29,7 +30,8 @@ def tiny_policy():
 @pytest.fixture(scope="session")
 def tiny_qwen3vl():
     """The built-in tiny Qwen3-VL (deepstack, timestamped videos) with the real Qwen3 tokenizer."""
-    from ktr.policy import PolicyConfig, load_policy
+    from ktr.config import PolicyConfig
+    from ktr.model.policy import load_policy
 
     torch.set_num_threads(1)
     return load_policy(PolicyConfig(name_or_path="tiny-qwen3vl", attn_implementation="eager"))

@@ -36,7 +36,8 @@ def synthetic_samples(processor, n: int, start: int = 0, image_every: int = 0):
 
 
 def rollout_for(policy, n_prompts=2, group_size=2, max_new_tokens=6, image_every=0, seed=0):
-    from ktr.rollout import SamplingConfig, generate
+    from ktr.config import SamplingConfig
+    from ktr.rollout.hf import generate
 
     torch.manual_seed(seed)
     batch = policy.processor.collate(synthetic_samples(policy.processor, n_prompts, image_every=image_every))

@@ -11,7 +11,7 @@ import torch
 from ktr.baselines import divergence_weights, group_divergence, temporal_bonus, tw_grpo_weights
 from ktr.cli import main
 from ktr.config import BaselineConfig, KeyTokenConfig, SamplingConfig
-from ktr.baselines import check_algorithm
+from ktr.training.algorithms import get_algorithm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,11 +72,11 @@ def test_tw_weights_chunked_equal_naive() -> None:
 
 def test_algorithm_validated_at_construction() -> None:
     with pytest.raises(ValueError, match="algorithm must be"):
-        check_algorithm("ppo", BaselineConfig(), KeyTokenConfig(), SamplingConfig())
+        get_algorithm("ppo", BaselineConfig(), KeyTokenConfig(), SamplingConfig())
     with pytest.raises(ValueError, match="key_tokens.enabled: false"):
-        check_algorithm("tw_grpo", BaselineConfig(), KeyTokenConfig(), SamplingConfig())
+        get_algorithm("tw_grpo", BaselineConfig(), KeyTokenConfig(), SamplingConfig())
     with pytest.raises(ValueError, match="group_size"):
-        check_algorithm("t_grpo", BaselineConfig(), KeyTokenConfig(enabled=False), SamplingConfig(group_size=1))
+        get_algorithm("t_grpo", BaselineConfig(), KeyTokenConfig(enabled=False), SamplingConfig(group_size=1))
     with pytest.raises(ValueError, match="tw_alpha"):
         BaselineConfig(tw_alpha=0.5)
 

@@ -42,7 +42,7 @@ def real_rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def processor() -> VisionLanguageProcessor:
-    from ktr.tokenizer import build_qwen2_tokenizer
+    from ktr.model.tokenizer import build_qwen2_tokenizer
 
     return VisionLanguageProcessor(build_qwen2_tokenizer(), 151655, 151656)
 

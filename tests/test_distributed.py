@@ -47,8 +47,11 @@ def one_process_group():
 def test_units_follow_what_the_forward_path_calls(one_process_group):
     from torch.distributed.fsdp import FSDPModule
 
-    from ktr.distributed import ShardingConfig, is_sharded, shard_policy
-    from ktr.policy import PolicyConfig, core, load_policy
+    from ktr.config import ShardingConfig
+    from ktr.model.fsdp import is_sharded, shard_policy
+    from ktr.config import PolicyConfig
+    from ktr.model.families import core
+    from ktr.model.policy import load_policy
 
     model = load_policy(PolicyConfig(attn_implementation="eager")).model  # tiny: tied embeddings
     base = core(model)
@@ -58,7 +61,7 @@ def test_units_follow_what_the_forward_path_calls(one_process_group):
              *base.model.language_model.layers, base.get_input_embeddings(), base.lm_head, model]
     assert all(isinstance(u, FSDPModule) for u in units)
     assert is_sharded(model) and base._is_fsdp_managed_module  # generate then keeps ranks in step
-    # tied weights are untied into two equal copies (see ktr.distributed)
+    # tied weights are untied into two equal copies (see ktr.model.fsdp)
     e, h = base.get_input_embeddings().weight, base.lm_head.weight
     assert e is not h and torch.equal(e.full_tensor(), h.full_tensor())
     with pytest.raises(RuntimeError, match="already sharded"):
@@ -66,8 +69,11 @@ def test_units_follow_what_the_forward_path_calls(one_process_group):
 
 
 def test_tied_gradients_clip_once_and_update_both_copies(one_process_group):
-    from ktr.distributed import ShardingConfig, shard_policy, tied_gradients
-    from ktr.policy import PolicyConfig, core, load_policy
+    from ktr.config import ShardingConfig
+    from ktr.model.fsdp import shard_policy, tied_gradients
+    from ktr.config import PolicyConfig
+    from ktr.model.families import core
+    from ktr.model.policy import load_policy
 
     model = load_policy(PolicyConfig(attn_implementation="eager")).model
     shard_policy(model, one_process_group, ShardingConfig(param_dtype="float32"))
@@ -97,7 +103,7 @@ def _run_worker(tmp_path: Path, scenario: str) -> dict:
 
 
 def _single(scenario: str) -> dict:
-    """The one-process run, naive layout: the 2-rank runs pack each prompt with its completions (`ktr.prefix`),
+    """The one-process run, naive layout: the 2-rank runs pack each prompt with its completions (`ktr.model.prefix`),
     so matching it shows the shared prefix exact under FSDP2, gradient checkpointing and eager attention."""
     from tests._fsdp_worker import run
 
@@ -128,7 +134,7 @@ def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path):
     # the untied copies of the tied embedding got the same updates: they are still one weight
     assert torch.equal(w["model.language_model.embed_tokens.weight"], w["lm_head.weight"])
     # the sharded checkpoint holds every rank's RNG state, and its weights read back whole (what export uses)
-    from ktr.export import checkpoint_weights
+    from ktr.model.trained import checkpoint_weights
 
     ckpt = tmp_path / "full.ckpt"
     assert ckpt.is_dir() and len(torch.load(ckpt / "meta.pt", weights_only=True)["ktr_rng"]) == 2
@@ -149,7 +155,8 @@ def test_fsdp2_qwen3vl_video_and_image_ranks_match_one_process(tmp_path):
 def test_fsdp2_lora_bf16_trains_adapters_only(tmp_path):
     """LoRA under FSDP2 with bf16 compute (float32 master weights); its sampled completions differ from a float32
     run's, so it is checked on its own: it finishes, the adapters train and the base weights do not move."""
-    from ktr.policy import LoraSettings, PolicyConfig, TinyModelConfig, load_policy
+    from ktr.config import LoraSettings, PolicyConfig, TinyModelConfig
+    from ktr.model.policy import load_policy
 
     fsdp = _run_worker(tmp_path, "lora_bf16")
     assert all(torch.isfinite(torch.tensor(step)).all() for step in fsdp["losses"])

@@ -18,7 +18,8 @@ from ktr import callbacks as C
 from ktr.callbacks import DecodingConfig, EvalVideoSettings, SyntheticBenchmark
 from ktr.data.video import write_video
 from ktr.eval import prompt_hash, summarize
-from ktr.policy import PolicyConfig, load_policy
+from ktr.config import PolicyConfig
+from ktr.model.policy import load_policy
 from tests import FIXTURES as FIXTURES_ROOT
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ktr.explain import load_explain_policy, main
-from ktr.policy import PolicyConfig, load_policy
+from ktr.config import PolicyConfig
+from ktr.model.policy import load_policy
 from ktr.report.chromium import find_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +69,9 @@ def _same_weights(a, b) -> bool:
 
 
 def test_checkpoints_load_like_ktr_test(changed_policy, tmp_path) -> None:
-    from ktr.export import export_policy
-    from ktr.policy import LoraSettings, apply_lora
+    from ktr.model.saving import export_policy
+    from ktr.config import LoraSettings
+    from ktr.model.policy import apply_lora
 
     cfg, policy = changed_policy
     ckpt = tmp_path / "last.ckpt"

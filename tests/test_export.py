@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktr.export import checkpoint_weights, export, main
-from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.policy import PolicyConfig, load_policy
+from ktr.model.trained import checkpoint_weights
+from ktr.export import export, main
+from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.config import PolicyConfig
+from ktr.model.policy import load_policy
 
 CONFIG = """
 seed_everything: 0

@@ -220,7 +220,7 @@ def test_resume_with_another_model_size_names_the_setting(tmp_path) -> None:
     import lightning as L
     import torch
 
-    from ktr.checkpoints import CheckpointError
+    from ktr.model.checkpoint import CheckpointError
     from ktr.config import TinyModelConfig
     from ktr.data.base import SyntheticDataModule
     from ktr.module import KTRModule
@@ -250,7 +250,7 @@ def test_resume_with_another_model_size_names_the_setting(tmp_path) -> None:
 def test_shape_mismatch_without_stored_settings_names_a_tensor() -> None:
     import torch
 
-    from ktr.checkpoints import shape_mismatch
+    from ktr.model.checkpoint import shape_mismatch
 
     own = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
     assert shape_mismatch({"w": torch.zeros(2, 3)}, own, None, {}) is None
@@ -272,7 +272,7 @@ def test_checkpoint_temp_file_stays_in_the_run_folder_and_goes_on_failure(tmp_pa
 
     import torch
 
-    from ktr.checkpoint_io import RunFolderCheckpointIO
+    from ktr.training.checkpoint_io import RunFolderCheckpointIO
 
     module, dm, trainer = _skip_run(tmp_path / "run", 2, 100, 1.0, steps=1)
     trainer.fit(module, dm)

@@ -2,9 +2,10 @@
 
 import torch
 
-from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.families import family_of
-from ktr.policy import TinyModelConfig, tiny_config
+from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.model.families import family_of
+from ktr.config import TinyModelConfig
+from ktr.model.policy import tiny_config
 from tests.helpers import rollout_for, tiny_qwen2_vl_config
 
 
@@ -96,7 +97,8 @@ def test_qwen2_vl_checkpoint_directory_loads_and_matches_hf(tiny_policy, tmp_pat
     """A Qwen2-VL (not 2.5) checkpoint directory goes through the same code after construction."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from ktr.policy import PolicyConfig, load_policy
+    from ktr.config import PolicyConfig
+    from ktr.model.policy import load_policy
 
     cfg = tiny_qwen2_vl_config()
     torch.manual_seed(0)

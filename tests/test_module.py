@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from ktr.data.base import SyntheticDataModule
-from ktr.module import KTRModule, LossConfig, OptimConfig, RewardConfig
-from ktr.policy import PolicyConfig
-from ktr.probes.keytokens import KeyTokenConfig, SignalConfig
-from ktr.rollout import SamplingConfig
+from ktr.module import KTRModule
+from ktr.config import LossConfig, OptimConfig, RewardConfig
+from ktr.config import PolicyConfig
+from ktr.config import KeyTokenConfig, SignalConfig
+from ktr.config import SamplingConfig
 from tests.helpers import SMALL_VIDEO, module_grads, rollout_for
 
 
@@ -43,7 +44,7 @@ def _grads(module, batch, rollout, micro):
 
 def test_micro_batches_equal_single_pass() -> None:
     module = _module()
-    from ktr.policy import Policy
+    from ktr.model.policy import Policy
 
     batch, rollout = rollout_for(Policy(module.model, module.processor), n_prompts=2, group_size=2)
     loss1, g1 = _grads(module, batch, rollout, None)
@@ -92,7 +93,7 @@ def test_metrics_are_logged_only_in_the_steps_that_compute_them() -> None:
 def test_target_logp_equals_huggingface_teacher_forcing() -> None:
     """`val/p_target`: the product of the target's token probabilities under transformers' own forward, for
     targets of different lengths in one batch (right padding of the targets, left padding of the prompts)."""
-    from ktr.rollout import teacher_rollout
+    from ktr.rollout.base import teacher_rollout
     from tests.helpers import synthetic_samples
     from tests.test_forward import hf_logps
 

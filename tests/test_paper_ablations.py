@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ktr.config import KeyTokenConfig, LossConfig, SignalConfig
-from ktr.baselines import check_algorithm
+from ktr.training.algorithms import get_algorithm
 from ktr.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_every_overlay_builds_valid_configs(tmp_path) -> None:
         LossConfig(**init.get("loss", {}))
         from ktr.config import BaselineConfig, SamplingConfig
 
-        check_algorithm(init.get("algorithm", "grpo"), BaselineConfig(), kt, SamplingConfig())
+        get_algorithm(init.get("algorithm", "grpo"), BaselineConfig(), kt, SamplingConfig())
     cpu = yaml.safe_load((pa.write(tmp_path / "cpu", ["baselines"], cpu=True)[0]).read_text())
     assert "optim" not in cpu["model"]["init_args"]  # CPU runs keep the demo's learning rate
 

@@ -1,4 +1,4 @@
-"""Shared prompt prefix (ktr.prefix): the packed layout, every scoring pass equal to the naive layout, gradients of
+"""Shared prompt prefix (ktr.model.prefix): the packed layout, every scoring pass equal to the naive layout, gradients of
 the KTR loss equal with and without micro-batches and a frozen vision tower, and the decoder's rows per pass."""
 
 from dataclasses import replace
@@ -6,14 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ktr.forward import (
-    SequenceView,
-    completion_hidden,
-    completion_logps,
-    encode_media,
-    shared_layout,
-)
-from ktr.prefix import group_runs, pack_groups
+from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media, shared_layout
+from ktr.model.prefix import group_runs, pack_groups
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
 from tests.helpers import module_grads, rollout_for
@@ -128,8 +122,8 @@ def _grads(module, batch, rollout, shared, micro):
 
 @pytest.mark.parametrize("frozen_vision", [False, True])
 def test_ktr_gradients_equal_naive(frozen_vision) -> None:
-    from ktr.families import vision_tower
-    from ktr.policy import Policy
+    from ktr.model.families import vision_tower
+    from ktr.model.policy import Policy
 
     module = _module()
     if frozen_vision:
@@ -149,7 +143,7 @@ def test_ktr_gradients_equal_naive(frozen_vision) -> None:
 
 def _shared_start_rollout(module, n_start: int = 6):
     """A rollout whose G = 4 completions per prompt begin with the same `n_start` tokens (as after a warm start)."""
-    from ktr.policy import Policy
+    from ktr.model.policy import Policy
 
     batch, rollout = rollout_for(Policy(module.model, module.processor), n_prompts=2, group_size=4,
                                  max_new_tokens=12, seed=1)
@@ -175,9 +169,7 @@ def _key_and_grads(module, batch, rollout, shared: bool, tie: bool):
     module.model.zero_grad(set_to_none=True)
     scores = module.score(batch, rollout)
     torch.manual_seed(7)
-    key = attribute(module.model, module.processor, batch, scores.view, scores.features, rollout.completion_ids,
-                    rollout.completion_mask, scores.logps, scores.entropy, module.key_cfg, rollout.group_size,
-                    module.chunk_size)
+    key = attribute(module.model, module.processor, batch, rollout, scores, module.key_cfg, module.chunk_size)
     module.update(rollout, scores, key.mask, torch.linspace(-1, 1, rollout.completion_ids.shape[0]))
     return key, {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
 

@@ -4,8 +4,9 @@ tower runs once per distinct (media, perturbation) whatever G; forward calls are
 import pytest
 import torch
 
-from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.probes.keytokens import KeyTokenConfig, attribute
+from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.config import KeyTokenConfig
+from ktr.probes.keytokens import attribute
 from ktr.probes.temporal import segment_permutation, temporal_scores
 from ktr.probes.visual import visual_scores
 from tests.conftest import TINY_FAMILIES
@@ -188,12 +189,11 @@ def test_vision_tower_runs_once_per_media_and_perturbation(tiny_policy, group_si
     visual = _Counter(model.model.visual)
     trunk = _Counter(model.model.language_model)
     view, feats, logps, ent = _base(tiny_policy, batch, rollout)
-    attribute(model, tiny_policy.processor, batch, view, feats, rollout.completion_ids, rollout.completion_mask,
-              logps, ent, KeyTokenConfig(), group_size)
+    attribute(model, tiny_policy.processor, batch, rollout, PolicyPass(view, feats, logps, ent), KeyTokenConfig())
     # policy pass encodes 2 videos in 1 call; the temporal probe re-encodes them in 1 call; visual probe: none
     assert visual.calls == 2
     assert trunk.calls == 3  # policy, visual probe, temporal probe: one batched pass each
-    # each pass runs the decoder on B = 2 rows, each prompt once followed by its G completions (ktr.prefix)
+    # each pass runs the decoder on B = 2 rows, each prompt once followed by its G completions (ktr.model.prefix)
     t = rollout.completion_ids.shape[1]
     assert trunk.shapes == [(2, rollout.prompt_length + group_size * t)] * 3
 
@@ -206,8 +206,8 @@ def test_same_forward_calls_for_any_media_mix(tiny_policy) -> None:
         visual = _Counter(tiny_policy.model.model.visual)
         trunk = _Counter(tiny_policy.model.model.language_model)
         view, feats, logps, ent = _base(tiny_policy, batch, rollout)
-        attribute(tiny_policy.model, tiny_policy.processor, batch, view, feats, rollout.completion_ids,
-                  rollout.completion_mask, logps, ent, KeyTokenConfig(), 2)
+        attribute(tiny_policy.model, tiny_policy.processor, batch, rollout, PolicyPass(view, feats, logps, ent),
+                  KeyTokenConfig())
         counts.append((visual.calls, trunk.calls))
     assert len(set(counts)) == 1, counts
 
@@ -216,12 +216,11 @@ def test_same_forward_calls_for_any_media_mix(tiny_policy) -> None:
 def test_random_control_keeps_ktr_count_per_group(tiny_policy) -> None:
     batch, rollout = rollout_for(tiny_policy, n_prompts=2, group_size=2, max_new_tokens=8)
     view, feats, logps, ent = _base(tiny_policy, batch, rollout)
-    args = (tiny_policy.model, tiny_policy.processor, batch, view, feats, rollout.completion_ids,
-            rollout.completion_mask, logps, ent)
+    args = (tiny_policy.model, tiny_policy.processor, batch, rollout, PolicyPass(view, feats, logps, ent))
     torch.manual_seed(0)
-    ktr = attribute(*args, KeyTokenConfig(), 2)
+    ktr = attribute(*args, KeyTokenConfig())
     torch.manual_seed(0)  # same temporal shuffle, so the same KTR mask is matched
-    rand = attribute(*args, KeyTokenConfig(random=True), 2)
+    rand = attribute(*args, KeyTokenConfig(random=True))
     valid = rollout.completion_mask
     assert rand.mask.view(2, -1).sum(-1).tolist() == ktr.mask.view(2, -1).sum(-1).tolist()
     assert not (rand.mask & ~valid).any()

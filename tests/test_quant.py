@@ -14,7 +14,9 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from ktr.policy import LoraSettings, PolicyConfig, core, load_policy  # noqa: E402
+from ktr.config import LoraSettings, PolicyConfig  # noqa: E402
+from ktr.model.families import core
+from ktr.model.policy import load_policy
 
 NF4 = dict(quantization="nf4", dtype="bfloat16", attn_implementation="eager")
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
@@ -30,8 +32,9 @@ def trained(request):
     """A KTR module on a 4-bit tiny base (each tiny family), its weights before, and after one training step."""
     from ktr.data.base import SyntheticDataModule
     from ktr.data.video import VideoSettings
-    from ktr.module import KTRModule, LossConfig, OptimConfig, RewardConfig
-    from ktr.rollout import SamplingConfig
+    from ktr.module import KTRModule
+    from ktr.config import LossConfig, OptimConfig, RewardConfig
+    from ktr.config import SamplingConfig
 
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -78,7 +81,7 @@ def test_qlora_step_changes_only_adapter_weights(trained):
 
 
 def test_reference_logps_equal_the_4bit_base_model(trained):
-    from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+    from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
     from tests.helpers import rollout_for
 
     module, _ = trained
@@ -99,7 +102,7 @@ def test_reference_logps_equal_the_4bit_base_model(trained):
 
 
 def test_in_memory_quantisation_needs_linear_layers():
-    from ktr.quant import quantize_language_model
+    from ktr.model.quant import quantize_language_model
 
     model = load_policy(PolicyConfig(**NF4)).model  # already quantised: no nn.Linear left to replace
     with pytest.raises(ValueError, match="no nn.Linear"):
@@ -137,7 +140,7 @@ def _grad_after_no_grad_pass(layer: nn.Module) -> torch.Tensor | None:
 def test_cpu_repacking_fix_keeps_gradients_after_a_no_grad_pass():
     from bitsandbytes.nn.modules import has_avx512bf16
 
-    from ktr.quant import disable_cpu_repacking
+    from ktr.model.quant import disable_cpu_repacking
 
     fresh = _nf4_layer()
     x = torch.ones(2, 64, dtype=torch.bfloat16, requires_grad=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ktr.data.processor import VideoLayout, VisionLanguageProcessor, patch_times
-from ktr.families import FAMILIES, family_of, get_family
-from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.model.families import FAMILIES, family_of, get_family
+from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.types import Media
 from tests.helpers import rollout_for
 
@@ -270,7 +270,8 @@ def test_temporal_shuffle_replaces_deepstack_with_the_reencoded_features(tiny_qw
 def test_unsupported_checkpoint_names_model_type_and_supported(tmp_path) -> None:
     from transformers import Qwen2Config
 
-    from ktr.policy import PolicyConfig, load_policy
+    from ktr.config import PolicyConfig
+    from ktr.model.policy import load_policy
 
     Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1).save_pretrained(tmp_path)
@@ -279,7 +280,7 @@ def test_unsupported_checkpoint_names_model_type_and_supported(tmp_path) -> None
         load_policy(PolicyConfig(name_or_path=str(tmp_path)))
     assert str(tmp_path) in str(err.value)
     with pytest.raises(ValueError, match="'tiny-llava' is not a tiny model"):
-        from ktr.policy import tiny_config
+        from ktr.model.policy import tiny_config
 
         tiny_config(None, "tiny-llava")
     assert get_family("qwen3_vl").tiny_name == "tiny-qwen3vl"
@@ -287,8 +288,9 @@ def test_unsupported_checkpoint_names_model_type_and_supported(tmp_path) -> None
 
 def test_micro_batches_equal_single_pass_on_qwen3vl() -> None:
     from ktr.module import KTRModule
-    from ktr.policy import Policy, PolicyConfig
-    from ktr.rollout import SamplingConfig
+    from ktr.model.policy import Policy
+    from ktr.config import PolicyConfig
+    from ktr.config import SamplingConfig
     from tests.test_module import _grads
 
     torch.set_num_threads(1)
@@ -311,8 +313,9 @@ def test_export_round_trip_on_qwen3vl(tiny_qwen3vl, tmp_path) -> None:
 
     from transformers import Qwen3VLForConditionalGeneration
 
-    from ktr.export import export_policy
-    from ktr.policy import PolicyConfig, load_policy
+    from ktr.model.saving import export_policy
+    from ktr.config import PolicyConfig
+    from ktr.model.policy import load_policy
     from tests.test_forward import ktr_logps
 
     batch, rollout = rollout_for(tiny_qwen3vl, n_prompts=2, group_size=1, image_every=2)

@@ -54,7 +54,7 @@ def _argv(monkeypatch):
 
 def _module(**kw):
     from ktr.module import KTRModule
-    from ktr.policy import PolicyConfig
+    from ktr.config import PolicyConfig
 
     torch.set_num_threads(1)
     sampling = kw.pop("sampling", SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0))
@@ -105,7 +105,7 @@ def test_too_long_prompt_is_skipped_counted_and_logged_not_fatal() -> None:
 def test_row_no_prompt_can_be_built_from_is_skipped() -> None:
     """A custom data module's row with a bad field used to raise out of the DataLoader worker."""
     from ktr.data.processor import VisionLanguageProcessor
-    from ktr.tokenizer import build_qwen2_tokenizer
+    from ktr.model.tokenizer import build_qwen2_tokenizer
     from ktr.types import Media
 
     processor = VisionLanguageProcessor(build_qwen2_tokenizer(), 151655, 151656)
@@ -221,7 +221,7 @@ class _Payload:
 
 
 def test_checkpoint_reader_names_file_and_fault(tmp_path) -> None:
-    from ktr.checkpoints import CheckpointError, read_checkpoint
+    from ktr.model.checkpoint import CheckpointError, read_checkpoint
 
     for path, what in _bad_checkpoints(tmp_path).values():
         with pytest.raises(CheckpointError, match=f"{path.name}'?: .*{what}"):
@@ -268,7 +268,7 @@ def failing_reward(completion: str, solution: str, problem_type: str) -> float:
 
 
 def test_reward_that_raises_is_warned_once_with_its_name(caplog) -> None:
-    from ktr.policy import Policy
+    from ktr.model.policy import Policy
     from tests.helpers import rollout_for
 
     module = _module(rewards=RewardConfig(names=["format", "tests.test_reliability:failing_reward"]))
@@ -357,7 +357,7 @@ def test_bench_step_times_rl_steps_on_the_demo_config() -> None:
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "scripts" / "bench_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from ktr.export import read_configs
+    from ktr.model.trained import read_configs
 
     config = read_configs([DEMO])
     assert config["model"]["init_args"]["warm_start_steps"] > 0  # the demo warms up with SFT
@@ -372,7 +372,7 @@ def _agree_worker(rank: int, port: int, out: str) -> None:
 
     from ktr.data.base import StepBatch
     from ktr.data.skips import Skipped
-    from ktr.policy_module import _agree_on_step
+    from ktr.training.base import _agree_on_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

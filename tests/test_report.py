@@ -8,7 +8,8 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from ktr.probes.keytokens import SIGNALS, KeyTokenConfig, KeyTokens, select_key_tokens
+from ktr.config import SIGNALS, KeyTokenConfig
+from ktr.probes.keytokens import KeyTokens, select_key_tokens
 from ktr.report.html import markdown_summary, render_figure, render_index, render_page
 from ktr.report.record import StepRecord, report_data, thumbnails
 from ktr.report.stats import REGIONS, completion_words, token_statistics, venn_png, write_statistics
@@ -19,7 +20,7 @@ from ktr.types import Media, PromptBatch, Rollout
 
 @pytest.fixture(scope="module")
 def tok():
-    from ktr.tokenizer import build_qwen2_tokenizer
+    from ktr.model.tokenizer import build_qwen2_tokenizer
 
     return build_qwen2_tokenizer()
 

@@ -2,7 +2,7 @@
 
 What has to come back for that: weights, AdamW state, the cosine schedule (Lightning), the RNG that sampling
 and the temporal probe draw from, the reference model of the KL term, and the data position inside the
-shuffled pass (`ktr.resume`). The tiny runs sample (temperature 1, top-p 0.95) and train the whole model
+shuffled pass (`ktr.training.resume`). The tiny runs sample (temperature 1, top-p 0.95) and train the whole model
 with beta > 0, so each of these matters.
 """
 
@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import Dataset
 
-from ktr.resume import ResumableDataLoader, rng_state, set_rng_state
+from ktr.training.resume import ResumableDataLoader, rng_state, set_rng_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
 
@@ -105,9 +105,10 @@ def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: 
          name: str = "tiny"):
     from ktr.data.base import SyntheticDataModule
     from ktr.data.video import VideoSettings
-    from ktr.module import KTRModule, LossConfig, OptimConfig
-    from ktr.policy import PolicyConfig
-    from ktr.rollout import SamplingConfig
+    from ktr.module import KTRModule
+    from ktr.config import LossConfig, OptimConfig
+    from ktr.config import PolicyConfig
+    from ktr.config import SamplingConfig
 
     torch.set_num_threads(1)
     L.seed_everything(42)

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from ktr.config import SamplingConfig
-from ktr.forward import SequenceView
-from ktr.rollout import (ROLLOUT_BACKENDS, assemble_rollout, end_of_sequence_ids, generate, hf_generate_kwargs,
-                         rollout_backend, suppressed_token_ids)
-from ktr.rollout_shared import SharedPrefixBackend, decode_step, generate_shared, prefill
-from ktr.sampling import process_logits
+from ktr.model.forward import SequenceView
+from ktr.rollout.base import (ROLLOUT_BACKENDS, assemble_rollout, end_of_sequence_ids, rollout_backend,
+                              suppressed_token_ids)
+from ktr.rollout.hf import generate, hf_generate_kwargs
+from ktr.rollout.shared import SharedPrefixBackend, decode_step, generate_shared, prefill
+from ktr.rollout.sampling import process_logits
 from tests.helpers import synthetic_samples, tiny_qwen2_vl_config
 
 G = 4
@@ -21,7 +22,7 @@ def _untied(policy):
     (with tied embeddings the random model's argmax is the last input token)."""
     import copy
 
-    from ktr.policy import Policy
+    from ktr.model.policy import Policy
 
     model = copy.deepcopy(policy.model)
     gen = torch.Generator().manual_seed(0)
@@ -45,7 +46,7 @@ def qwen2_vl_policy(tiny_policy):
     """A tiny Qwen2-VL (no temporal scaling of video positions), with the tiny policy's processor."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from ktr.policy import Policy
+    from ktr.model.policy import Policy
 
     cfg = tiny_qwen2_vl_config()
     cfg._attn_implementation = "eager"
@@ -128,7 +129,7 @@ def test_sampled_distribution_equals_hf_per_step(which, settings, request) -> No
 
 def test_rows_ending_at_different_steps(untied_policy, monkeypatch) -> None:
     """End-of-sequence handling: a token sampled mid-way by some rows is made an EOS token for both paths."""
-    import ktr.rollout
+    import ktr.rollout.hf
 
     policy = untied_policy
     batch = _batch(policy)
@@ -136,8 +137,8 @@ def test_rows_ending_at_different_steps(untied_policy, monkeypatch) -> None:
     torch.manual_seed(11)
     first = generate(policy.model, policy.processor, batch, cfg)
     eos = int(first.completion_ids[1, 2])  # row 1 ends at step 3; other rows whenever they draw it
-    monkeypatch.setattr(ktr.rollout, "end_of_sequence_ids", lambda processor: [eos])
-    monkeypatch.setattr("ktr.rollout_shared.end_of_sequence_ids", lambda processor: [eos])
+    monkeypatch.setattr(ktr.rollout.hf, "end_of_sequence_ids", lambda processor: [eos])
+    monkeypatch.setattr("ktr.rollout.shared.end_of_sequence_ids", lambda processor: [eos])
     torch.manual_seed(11)
     hf = generate(policy.model, policy.processor, batch, cfg)
     torch.manual_seed(11)
@@ -148,7 +149,7 @@ def test_rows_ending_at_different_steps(untied_policy, monkeypatch) -> None:
 
 
 def test_registered_and_restores_train_mode(untied_policy) -> None:
-    assert ROLLOUT_BACKENDS["shared"] == "ktr.rollout_shared:SharedPrefixBackend"
+    assert ROLLOUT_BACKENDS["shared"] == "ktr.rollout.shared:SharedPrefixBackend"
     backend = rollout_backend("shared")
     assert type(backend) is SharedPrefixBackend
     model = untied_policy.model

@@ -12,8 +12,8 @@ import torch
 from ktr.config import (ConfigError, DecodingConfig, LoraSettings, LossConfig, PolicyConfig, SamplingConfig,
                         VLLMSettings, check_rollout_settings)
 from ktr.losses import truncated_is_weights
-from ktr.rollout import rollout_backend
-from ktr.rollout_vllm import VLLMBackend, collapse_placeholders, policy_weights
+from ktr.rollout.base import rollout_backend
+from ktr.rollout.vllm import VLLMBackend, collapse_placeholders, policy_weights
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -59,7 +59,7 @@ def test_collapse_placeholders() -> None:
 
 
 def test_policy_weights_are_the_checkpoint_names_with_lora_merged(tiny_policy) -> None:
-    from ktr.policy import apply_lora
+    from ktr.model.policy import apply_lora
 
     plain = tiny_policy.model
     assert {k: v for k, v in policy_weights(plain)}.keys() == plain.state_dict().keys()

@@ -12,8 +12,8 @@ import yaml
 from ktr.callbacks import EvalVideoSettings, SyntheticBenchmark
 from ktr.cli import main
 from ktr.data.video import VideoSettings
-from ktr.families import core
-from ktr.forward import rope_positions
+from ktr.model.families import core
+from ktr.model.forward import rope_positions
 from tests.helpers import synthetic_samples
 
 ROOT = Path(__file__).resolve().parents[1]

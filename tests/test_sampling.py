@@ -6,7 +6,7 @@ import torch
 from transformers.generation.logits_process import (SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from ktr.sampling import _nucleus_from_candidates, nucleus_filter, process_logits, top_p_full_sort
+from ktr.rollout.sampling import _nucleus_from_candidates, nucleus_filter, process_logits, top_p_full_sort
 
 V = 151936
 

@@ -386,7 +386,7 @@ def test_demo_data_path_same_pixel_values_on_both_backends(tmp_path: Path) -> No
     from ktr.data.base import SyntheticDataModule, decode_video_file
     from ktr.data.processor import VisionLanguageProcessor
     from ktr.data.synthetic import SyntheticSpec, make_item
-    from ktr.tokenizer import build_qwen2_tokenizer
+    from ktr.model.tokenizer import build_qwen2_tokenizer
 
     class FileBackedSynthetic(SyntheticDataModule):
         def load_media(self, row: dict):

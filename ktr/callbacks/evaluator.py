@@ -11,7 +11,7 @@ settings (defaults: the released evaluation). It runs
 
 Each run: questions not yet answered in ``predictions.jsonl`` are sharded over ranks (question ``i`` of the
 pending list goes to rank ``i % world``), their videos decoded (missing or unreadable: a skipped record,
-counted and listed, never replaced), answered in batches with ``ktr.rollout.generate`` (``decoding.backend: hf``)
+counted and listed, never replaced), answered in batches with ``ktr.rollout.hf.generate`` (``decoding.backend: hf``)
 or a vLLM engine (``vllm``: the training module's own when it rolls out with vLLM too, else one of the evaluator's,
 re-synced with the weights before every run), scored, gathered
 on every rank after each batch (``all_gather_object``) and appended by rank 0, so that a killed run
@@ -37,11 +37,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.aggregation import SumMetric
 
 from ktr.config import DecodingConfig
-from ktr.data.base import BaseDataModule, StepBatch, decode_video_file
+from ktr.data.base import decode_video_file
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.data.video import MediaDecodeError, VideoSettings
 from ktr.eval import Benchmark, EvalItem, append_prediction, load_predictions, pending_items, prompt_hash, summarize
-from ktr.rollout import RolloutBackend, generate, rollout_backend
+from ktr.rollout.base import RolloutBackend, rollout_backend
+from ktr.rollout.hf import generate
 from ktr.types import PromptSample
 
 Record = dict[str, Any]
@@ -359,24 +360,3 @@ class BenchmarkEvaluator(Callback):
                 metrics[f"eval/{name}/{field_name}/{group.replace('/', '_')}"] = cell["acc"]
         # every rank holds the same gathered results: no reduction needed
         pl_module.log_dict({k: float(v) for k, v in metrics.items() if v is not None}, sync_dist=False)
-
-
-def _first(batch: list) -> Any:
-    return batch[0]
-
-
-class EvalDataModule(BaseDataModule):
-    """Data of `ktr test` / `ktr validate` runs whose work the evaluator callbacks do.
-
-    Lightning runs an evaluation loop (and so the evaluators' epoch-end hooks) only over a non-empty
-    dataloader; this one yields a single empty :class:`~ktr.data.base.StepBatch` per rank.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader([StepBatch(None)], batch_size=1, collate_fn=_first)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.test_dataloader()

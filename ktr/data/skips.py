@@ -11,10 +11,10 @@ prompts that did decode (`ktr.data.base.StepBatch.skipped`). The training loop f
 - raises `SkipLimitExceeded` naming counts, fraction, threshold and example paths once more than
   `max_fraction` of the samples seen so far were skipped (checked after `min_seen` samples, so that one
   bad file among the first few does not stop a run); the training module saves `last.ckpt` before the error
-  ends the run (`ktr.policy_module`), so the steps already made are kept.
+  ends the run (`ktr.training.base`), so the steps already made are kept.
 
 Counts are per process; under DDP each rank counts its own shard of the data. The counts (and which paths were
-already warned about) go into checkpoints, so a resumed run keeps its totals (`ktr.policy_module`).
+already warned about) go into checkpoints, so a resumed run keeps its totals (`ktr.training.base`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Model-free benchmark evaluation: items, prompts, answer extraction, scoring and aggregation.
 
-No Lightning here (layer L1/L2); the evaluator Callbacks in :mod:`ktr.callbacks` generate answers and use
+No Lightning here (layer L2; the extraction and scoring rules are L1); the evaluator Callbacks in :mod:`ktr.callbacks` generate answers and use
 this API. ``BENCHMARKS`` maps ``"videomme"``, ``"tempcompass"``, ``"videommmu"``, ``"mmvu"`` and
 ``"videoholmes"`` to their classes.
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ktr.forward import completion_logps, output_projection
+from ktr.model.forward import completion_logps, output_projection
 from ktr.probes.scores import SCORE_FUNCTIONS, distribution_scores, naive_distribution_scores
 
 

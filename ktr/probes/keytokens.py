@@ -8,13 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.forward import SequenceView, VisionFeatures
+from ktr.model.forward import PolicyPass
 from ktr.probes.select import (above_thresholds, combine_masks, context_representatives, random_same_count,
                                scope_thresholds)
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import PER_ROW_PERTURBATIONS, visual_scores
-from ktr.config import SIGNALS, KeyTokenConfig, SignalConfig  # noqa: F401 (re-exported)
-from ktr.types import PromptBatch
+from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig
+from ktr.types import PromptBatch, Rollout
 
 
 @dataclass
@@ -66,16 +66,18 @@ def soft_key_tokens(scores: dict[str, Tensor], masks: dict[str, Tensor], valid: 
 
 
 @torch.no_grad()
-def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, view: SequenceView,
-              features: VisionFeatures, completion_ids: Tensor, valid: Tensor, base_logps: Tensor,
-              entropy: Tensor | None, cfg: KeyTokenConfig, group_size: int, chunk_size: int | None = 512,
-              base_hidden: Tensor | None = None) -> KeyTokens:
-    """Run the enabled probes on the current policy and return the key tokens.
+def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, rollout: Rollout,
+              scored: PolicyPass, cfg: KeyTokenConfig, chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> KeyTokens:
+    """Run the enabled probes on the current policy and return the key tokens of `rollout`'s completions.
 
-    `base_logps` / `entropy` `[N, T]` come from the policy pass already made; the visual probe adds one decoder
-    pass (no vision call), the temporal probe one vision call and one decoder pass, each per draw (`draws`). `base_hidden` `[N, T, H]`
-    (detached policy-pass hidden states) is read only by distribution scores (`cfg.needs_base_hidden`).
+    `scored` is the policy pass already made: its `logps` and `entropy` `[N, T]`, the vision features (reused
+    detached: the probes never backpropagate) and, for distribution scores (`cfg.needs_base_hidden`), its
+    detached hidden states `base_hidden` `[N, T, H]`. The visual probe adds one decoder pass (no vision call),
+    the temporal probe one vision call and one decoder pass, each per draw (`draws`).
     """
+    completion_ids, valid, group_size = rollout.completion_ids, rollout.completion_mask, rollout.group_size
+    view, features, base_logps = scored.view, scored.features.detached(leaves=False), scored.logps
+    entropy, base_hidden = scored.entropy, scored.base_hidden
     if not cfg.enabled:
         return KeyTokens(mask=valid.clone(), masks={}, scores={})
     scores: dict[str, Tensor] = {}

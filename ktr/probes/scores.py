@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ktr.config import DEFAULT_CHUNK_SIZE
+
 __all__ = ["DISTRIBUTION_SCORES", "SCORE_FUNCTIONS", "distribution_distance", "distribution_scores",
            "naive_distribution_scores"]
 
@@ -90,7 +92,7 @@ def _log_softmax(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 @torch.no_grad()
 def distribution_scores(base_hidden: Tensor, perturbed_hidden: Tensor, weight: Tensor, mask: Tensor, name: str,
-                        *, bias: Tensor | None = None, chunk_size: int = 512) -> Tensor:
+                        *, bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
     """Distance ``name`` between ``P`` (from ``base_hidden``) and ``Q`` (from ``perturbed_hidden``) per token.
 
     Args:

@@ -20,8 +20,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ktr.config import DEFAULT_CHUNK_SIZE
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.forward import SequenceView, VisionFeatures, completion_hidden, encode_media
+from ktr.model.forward import SequenceView, VisionFeatures, completion_hidden, encode_media
 from ktr.probes.compare import compare_passes
 from ktr.types import PromptBatch
 
@@ -101,7 +102,7 @@ def _select(batch: PromptBatch, idx: list[int]) -> PromptBatch:
 @torch.no_grad()
 def temporal_scores(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
                     view: SequenceView, features: VisionFeatures, completion_ids: Tensor, valid: Tensor,
-                    base_logps: Tensor, perturbation: str = "shuffle", chunk_size: int | None = 512,
+                    base_logps: Tensor, perturbation: str = "shuffle", chunk_size: int | None = DEFAULT_CHUNK_SIZE,
                     generator: torch.Generator | None = None, score: str = "logp_diff",
                     base_hidden: Tensor | None = None, draws: int = 1) -> Tensor:
     """`s_T` `[N, T]`: 0 outside `valid` and on image rows. `score` / `base_hidden` / `draws` as in

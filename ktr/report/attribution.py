@@ -14,18 +14,21 @@ from torch import nn
 
 from ktr.advantages import group_advantages
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.probes.keytokens import KeyTokenConfig, attribute
+from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig
+from ktr.probes.keytokens import attribute
 from ktr.report.record import StepRecord
 from ktr.rewards import compute_rewards
-from ktr.rollout import SamplingConfig, generate, teacher_rollout
+from ktr.config import SamplingConfig
+from ktr.rollout.hf import generate
+from ktr.rollout.base import teacher_rollout
 from ktr.types import PromptBatch
 
 
 @torch.no_grad()
 def explain_batch(model: nn.Module, processor: VisionLanguageProcessor, prompts: PromptBatch,
                   key_cfg: KeyTokenConfig, sampling: SamplingConfig | None = None, given: bool = False,
-                  chunk_size: int | None = 512, step: int = 0, greedy: bool = False) -> StepRecord:
+                  chunk_size: int | None = DEFAULT_CHUNK_SIZE, step: int = 0, greedy: bool = False) -> StepRecord:
     """Key tokens of sampled answers to `prompts` (or, with `given`, of their targets: answers to score, as
     `processor.encode(..., target=answer)` puts them), with rewards when the rows carry a solution.
 
@@ -46,8 +49,8 @@ def explain_batch(model: nn.Module, processor: VisionLanguageProcessor, prompts:
     hidden = completion_hidden(model, view, feats, ids.shape[1])  # [N, T, H]
     logps, entropy = completion_logps(model, hidden, ids, valid, chunk_size, with_entropy=True)
     cfg = replace(key_cfg, enabled=True)
-    key = attribute(model, processor, prompts, view, feats, ids, valid, logps, entropy, cfg, rollout.group_size,
-                    chunk_size, base_hidden=hidden)  # distribution scores compare against these hidden states
+    scored = PolicyPass(view, feats, logps, entropy, base_hidden=hidden)  # distribution scores compare against it
+    key = attribute(model, processor, prompts, rollout, scored, cfg, chunk_size)
     g = rollout.group_size
     rows = [r for r in prompts.rows for _ in range(g)]
     rewards, per, advantages = None, {}, None

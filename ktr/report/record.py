@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from ktr.probes.keytokens import SIGNALS, KeyTokenConfig, KeyTokens
+from ktr.config import SIGNALS, KeyTokenConfig
+from ktr.probes.keytokens import KeyTokens
 from ktr.report.tokens import readable_pieces, special_ids
 from ktr.types import Media, PromptBatch, Rollout
 

@@ -18,7 +18,7 @@ from collections import Counter
 from html import escape
 from pathlib import Path
 
-from ktr.probes.keytokens import SIGNALS
+from ktr.config import SIGNALS
 from ktr.report.html import _TAIL, _head
 from ktr.report.record import FORMAT
 

@@ -23,7 +23,7 @@ class Piece:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's byte -> printable character map (what byte-level BPE vocabularies are written in)."""
-    from ktr.tokenizer import _bytes_to_unicode
+    from ktr.model.tokenizer import _bytes_to_unicode
 
     return {c: b for b, c in _bytes_to_unicode().items()}
 

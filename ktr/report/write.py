@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ktr.probes.keytokens import SIGNALS
+from ktr.config import SIGNALS
 from ktr.report.html import render_index, render_page
 from ktr.report.record import FORMAT
 

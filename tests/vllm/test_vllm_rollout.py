@@ -2,7 +2,7 @@
 
 After a weight update the engine's greedy tokens equal transformers' for text, image and video prompts (media as
 ktr's vision features and as raw frames); the sampled tokens' log-probs equal the policy pass's to 1e-4 in fp32
-(on videos once the policy pass uses vLLM's text positions after the video, see `ktr.rollout_vllm`); a fixed
+(on videos once the policy pass uses vLLM's text positions after the video, see `ktr.rollout.vllm`); a fixed
 torch seed repeats a rollout; a prompt the engine expands differently from ktr fails loudly."""
 
 import copy
@@ -17,10 +17,11 @@ pytest.importorskip("vllm", reason=SKIP_REASON)
 import torch  # noqa: E402
 
 from ktr.config import SamplingConfig, VLLMSettings  # noqa: E402
-from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media  # noqa: E402
-from ktr.policy import load_policy  # noqa: E402
-from ktr.rollout import end_of_sequence_ids, generate, suppressed_token_ids  # noqa: E402
-from ktr.rollout_vllm import VLLMBackend, sampling_params  # noqa: E402
+from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media  # noqa: E402
+from ktr.model.policy import load_policy  # noqa: E402
+from ktr.rollout.base import end_of_sequence_ids, suppressed_token_ids  # noqa: E402
+from ktr.rollout.hf import generate
+from ktr.rollout.vllm import VLLMBackend, sampling_params  # noqa: E402
 from tests.helpers import synthetic_samples  # noqa: E402
 
 G = 4
@@ -140,7 +141,7 @@ def test_sampled_logps_equal_the_policy_pass(setup, settings) -> None:
 
 def test_a_prompt_expanded_differently_fails(setup, monkeypatch) -> None:
     policy, backend, batch, cfg, _ = setup
-    monkeypatch.setattr("ktr.rollout_vllm.collapse_placeholders", lambda ids, placeholders: list(ids))
+    monkeypatch.setattr("ktr.rollout.vllm.collapse_placeholders", lambda ids, placeholders: list(ids))
     with pytest.raises(RuntimeError, match="expanded the prompt of sample"):
         backend.generate(policy.model, policy.processor, batch, replace(cfg, max_new_tokens=1), group_size=1,
                          greedy=True)
@@ -149,7 +150,7 @@ def test_a_prompt_expanded_differently_fails(setup, monkeypatch) -> None:
 def test_lora_weights_reach_the_engine_merged(setup) -> None:
     """A LoRA policy's engine serves the merged weights: its greedy tokens equal the merged model's."""
     from ktr.config import LoraSettings
-    from ktr.policy import apply_lora
+    from ktr.model.policy import apply_lora
 
     policy, backend, batch, cfg, _ = setup
     lora = apply_lora(copy.deepcopy(policy.model), LoraSettings(r=4, alpha=8, dropout=0.0))

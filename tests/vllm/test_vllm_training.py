@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 from ktr.callbacks import DecodingConfig, EvalVideoSettings, SyntheticBenchmark  # noqa: E402
 from ktr.data.synthetic import SyntheticSpec  # noqa: E402
-from ktr.policy import load_policy  # noqa: E402
-from ktr.rollout import generate  # noqa: E402
+from ktr.model.policy import load_policy  # noqa: E402
+from ktr.rollout.hf import generate  # noqa: E402
 from tests.helpers import synthetic_samples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ def test_three_steps_change_the_weights_and_the_engine_follows(run) -> None:
     assert torch.equal(got.completion_ids, hf.completion_ids)
     metrics = cli.trainer.callback_metrics
     print("METRICS", {k: float(v) for k, v in metrics.items() if k.startswith("train/rollout")})
-    assert 0 <= float(metrics["train/rollout/logp_diff"]) < 1e-2  # the video position gap, see ktr.rollout_vllm
+    assert 0 <= float(metrics["train/rollout/logp_diff"]) < 1e-2  # the video position gap, see ktr.rollout.vllm
     assert 0 < float(metrics["train/rollout/tis_weight"]) <= 2.0
 
 

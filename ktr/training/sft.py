@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ktr.data.base import StepBatch
-from ktr.policy_module import PolicyModule
+from ktr.training.base import PolicyModule
 
 
 class SFTModule(PolicyModule):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ktr.families.base import ModelFamily
+from ktr.model.families.base import ModelFamily
 
 
 def mrope_section(head_dim: int) -> list[int]:

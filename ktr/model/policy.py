@@ -2,7 +2,7 @@
 random model (`tiny`: Qwen2.5-VL, `tiny-qwen3vl`: Qwen3-VL) (layer L2).
 
 Both paths end in the same `Policy` object (model + processor + token ids); everything after construction
-(LoRA, 4-bit, gradient checkpointing, freezing) is shared, and the per-family pieces come from `ktr.families`.
+(LoRA, 4-bit, gradient checkpointing, freezing) is shared, and the per-family pieces come from `ktr.model.families`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ktr.data.processor import PatchSettings, VisionLanguageProcessor
-from ktr.config import DType, LoraSettings, PolicyConfig, TinyModelConfig  # noqa: F401 (re-exported)
-from ktr.families import FAMILIES, core, family_of, get_family, tiny_family, vision_tower  # noqa: F401 (re-exported)
+from ktr.config import LoraSettings, PolicyConfig, TinyModelConfig
+from ktr.model.families import FAMILIES, core, family_of, get_family, tiny_family, vision_tower
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _load_pretrained(cfg: PolicyConfig):
     family = get_family(config.model_type, cfg.name_or_path)
     quant = {}
     if cfg.quantization == "nf4":  # quantised while loading: the full-precision weights are never all in memory
-        from ktr.quant import from_pretrained_kwargs
+        from ktr.model.quant import from_pretrained_kwargs
 
         quant = from_pretrained_kwargs(_DTYPES[cfg.dtype], family.quant_skip_modules)
     model = family.load_class().from_pretrained(
@@ -85,7 +85,7 @@ def load_policy(cfg: PolicyConfig) -> Policy:
     model, tokenizer, patch = _build_tiny(cfg) if is_tiny else _load_pretrained(cfg)
     model.config.use_cache = True
     if cfg.quantization == "nf4":
-        from ktr.quant import prepare_nf4
+        from ktr.model.quant import prepare_nf4
 
         model = prepare_nf4(model, _DTYPES[cfg.dtype])
     if cfg.freeze_vision:

@@ -2,12 +2,12 @@
 
 `generate` (transformers, `num_return_sequences`) expands the B prompts to N = B x G rows before the prefill,
 so the decoder processes every prompt G times. Here the vision tower runs once on the B prompts' media
-(`ktr.forward.encode_media`), the decoder prefills the B prompts once, the key/value cache is repeated to the
+(`ktr.model.forward.encode_media`), the decoder prefills the B prompts once, the key/value cache is repeated to the
 N rows (`DynamicCache.batch_repeat_interleave`), and a small loop samples the G continuations, applying the
-same logits processing as `generate` (`ktr.sampling.process_logits`; top-p through the exact candidate-set
+same logits processing as `generate` (`ktr.rollout.sampling.process_logits`; top-p through the exact candidate-set
 `nucleus_filter`) and the same multinomial draw, so it samples from the same distribution per step.
 
-Positions: the prompt's 3D rotary positions come from `ktr.forward.rope_positions` (as every scoring pass);
+Positions: the prompt's 3D rotary positions come from `ktr.model.forward.rope_positions` (as every scoring pass);
 each generated token's position is the previous token's plus one, in all three sections. That is what
 transformers' `generate` does in this version (it extends explicit `position_ids` by one each step; the
 `rope_deltas` path of `Qwen2_5_VLModel` is only used without them), and what `rope_positions` gives the
@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ktr import sampling
+from ktr.rollout import sampling
 from ktr.config import SamplingConfig
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.families import core, family_of, language_model
-from ktr.forward import encode_media, rope_positions, sequence_embeddings
-from ktr.rollout import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
-                         suppressed_token_ids)
+from ktr.model.families import core, family_of, language_model
+from ktr.model.forward import encode_media, rope_positions, sequence_embeddings
+from ktr.rollout.base import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
+                              suppressed_token_ids)
 from ktr.types import PromptBatch, Rollout
 
 
@@ -125,7 +125,7 @@ def sample_loop(model: nn.Module, state: DecodeState, cfg: SamplingConfig, suppr
 @torch.no_grad()
 def generate_shared(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, cfg: SamplingConfig,
                     group_size: int | None = None, greedy: bool = False) -> Rollout:
-    """Sample `G` completions per prompt with one prefill per prompt; the `Rollout` of `ktr.rollout.generate`.
+    """Sample `G` completions per prompt with one prefill per prompt; the `Rollout` of `ktr.rollout.hf.generate`.
 
     Rows `i*G .. i*G+G-1` belong to prompt `i`. Greedy decoding when `greedy` or `cfg.temperature == 0`.
     """

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ktr._imports import BITSANDBYTES_AVAILABLE, require
-from ktr.families import QUANT_SKIP_MODULES, core
+from ktr.model.families import QUANT_SKIP_MODULES, core
 
 # Modules kept in high precision, as transformers' `llm_int8_skip_modules` prefixes (per family).
 SKIP_MODULES = QUANT_SKIP_MODULES
@@ -119,7 +119,7 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     """Freeze every base weight (adapters are added afterwards) and apply the CPU repacking fix.
 
     Nothing is upcast (see the module docstring). Gradient checkpointing and input gradients are enabled by
-    `ktr.policy.load_policy` when the policy config asks for them, as for unquantised LoRA.
+    `ktr.model.policy.load_policy` when the policy config asks for them, as for unquantised LoRA.
     """
     model.requires_grad_(False)
     disable_cpu_repacking(model)

@@ -5,8 +5,8 @@ vision tower's output becomes `VisionFeatures` (Qwen3-VL adds per-layer *deepsta
 keyword arguments the decoder trunk takes (Qwen3-VL: `visual_pos_masks`, `deepstack_visual_embeds`), whether
 video rotary positions take `second_per_grid_ts`, the processor layout (patch size, normalisation, video
 timestamps), the tokenizer and shape of the built-in tiny model, the modules FSDP2 shards as units, the ones
-QLoRA keeps in high precision and where LoRA adapters go. `ktr.forward`, the probes, `ktr.rollout`,
-`ktr.quant`, `ktr.distributed` and `ktr.export` ask the family and never branch on the model type themselves.
+QLoRA keeps in high precision and where LoRA adapters go. `ktr.model.forward`, the probes, `ktr.rollout`,
+`ktr.model.quant`, `ktr.model.fsdp` and `ktr.export` ask the family and never branch on the model type themselves.
 
 This file imports only torch and torch-only ktr modules at module level: transformers classes are looked up by
 name when a model is built or loaded.
@@ -116,7 +116,7 @@ class ModelFamily:
         raise NotImplementedError(f"{self.model_type} has no tiny model")
 
     def build_tokenizer(self):
-        from ktr.tokenizer import build_qwen2_tokenizer
+        from ktr.model.tokenizer import build_qwen2_tokenizer
 
         return build_qwen2_tokenizer()
 

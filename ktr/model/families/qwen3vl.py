@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ktr.families.base import ModelFamily, row_features, vision_tower
-from ktr.families.qwen2 import check_tiny_heads
+from ktr.model.families.base import ModelFamily, row_features, vision_tower
+from ktr.model.families.qwen2 import check_tiny_heads
 from ktr.types import VisionFeatures
 
 QWEN3VL_MEAN = QWEN3VL_STD = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN / _STD
@@ -75,7 +75,7 @@ class Qwen3VLFamily(ModelFamily):
         return VideoLayout(timestamps=True)
 
     def build_tokenizer(self):
-        from ktr.tokenizer import build_qwen3_tokenizer
+        from ktr.model.tokenizer import build_qwen3_tokenizer
 
         return build_qwen3_tokenizer()
 

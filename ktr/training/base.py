@@ -1,6 +1,6 @@
 """What SFT and RL share: `PolicyModule`, the Lightning base of both stages (layer L3).
 
-The policy and its processor, manual optimisation with clipping and the schedule (`ktr.optim`), the SFT loss
+The policy and its processor, manual optimisation with clipping and the schedule (`ktr.training.optim`), the SFT loss
 used by the SFT module and the RL warm start, undecodable-sample accounting, FSDP2 sharding hooks, RNG state in
 checkpoints (exact resume) and greedy validation accuracy. The RL step itself is in `ktr.module`.
 """
@@ -15,17 +15,18 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from ktr.checkpoints import CheckpointError, flat_settings, shape_mismatch
-from ktr.config import OptimConfig, PolicyConfig, SamplingConfig, check_number
+from ktr.model.checkpoint import CheckpointError, flat_settings, shape_mismatch
+from ktr.config import DEFAULT_CHUNK_SIZE, OptimConfig, PolicyConfig, SamplingConfig, check_number
 from ktr.data.base import StepBatch
 from ktr.data.skips import SkipLimitExceeded, Skipped, row_source
-from ktr.distributed import tied_gradients
-from ktr.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.optim import lr_lambda, make_optimizer
-from ktr.policy import load_policy
-from ktr.resume import rng_state, set_rng_state
+from ktr.model.fsdp import tied_gradients
+from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.training.optim import lr_lambda, make_optimizer
+from ktr.model.policy import load_policy
+from ktr.training.resume import rng_state, set_rng_state
 from ktr.rewards import compute_rewards
-from ktr.rollout import generate, teacher_rollout
+from ktr.rollout.hf import generate
+from ktr.rollout.base import teacher_rollout
 from ktr.types import PromptBatch
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ class PolicyModule(L.LightningModule):
         self.processor = built.processor
 
     def setup(self, stage: str) -> None:
-        """Checkpoints are written through a temporary file in their own folder (`ktr.checkpoint_io`)."""
-        from ktr.checkpoint_io import use_run_folder_io
+        """Checkpoints are written through a temporary file in their own folder (`ktr.training.checkpoint_io`)."""
+        from ktr.training.checkpoint_io import use_run_folder_io
 
         use_run_folder_io(self.trainer)
 
@@ -123,12 +124,12 @@ class PolicyModule(L.LightningModule):
         log.warning("skip limit reached at step %d: saved %s before stopping (resume with --ckpt_path %s once "
                     "the data is fixed)", self.global_step, path, path)
 
-    # --- scale: FSDP2 sharding and exact resume (ktr.distributed, ktr.resume) -------------------------
+    # --- scale: FSDP2 sharding and exact resume (ktr.model.fsdp, ktr.training.resume) -------------------------
     def configure_model(self) -> None:
         """Under `ModelParallelStrategy`, shard the policy (and frozen models) with FSDP2; else nothing."""
         if getattr(self, "_sharded", False) or not self._model_parallel():
             return
-        from ktr.distributed import data_parallel_mesh, shard_policy
+        from ktr.model.fsdp import data_parallel_mesh, shard_policy
 
         mesh = data_parallel_mesh(self.device_mesh)
         for frozen in self._frozen_models():
@@ -147,16 +148,16 @@ class PolicyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if getattr(self, "_sharded", False):
-            from ktr.distributed import ensure_root_initialized
+            from ktr.model.fsdp import ensure_root_initialized
 
             for m in [self.model, *self._frozen_models()]:
                 ensure_root_initialized(m)
 
-    def _rollout_context(self):
+    def rollout_context(self):
         """Weights stay gathered across `generate` under FSDP2 (one all-gather per unit, not per token)."""
         if not getattr(self, "_sharded", False):
             return nullcontext()
-        from ktr.distributed import gathered_for_rollout
+        from ktr.model.fsdp import gathered_for_rollout
 
         return gathered_for_rollout(self.model, self.policy_cfg.sharding)
 
@@ -245,7 +246,7 @@ class PolicyModule(L.LightningModule):
 
     @property
     def chunk_size(self) -> int | None:
-        return 512
+        return DEFAULT_CHUNK_SIZE
 
     def sft_step(self, prompts: PromptBatch) -> Tensor:
         loss = self.sft_loss(prompts)

@@ -46,9 +46,9 @@ from torch import Tensor, nn
 
 from ktr.config import SamplingConfig, VLLMSettings
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.families import core, family_of
-from ktr.rollout import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
-                         suppressed_token_ids)
+from ktr.model.families import core, family_of
+from ktr.rollout.base import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
+                              suppressed_token_ids)
 from ktr.types import PromptBatch, Rollout
 
 SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
@@ -103,8 +103,8 @@ def _engine_dir(model: nn.Module, processor: VisionLanguageProcessor) -> Path:
     """A folder with the policy's config, tokenizer and processor settings (no weights: the engine starts with
     dummy weights and receives the policy's through `reload_weights`)."""
     from ktr.data.video import ImageSettings, VideoSettings
-    from ktr.export import write_processor_config  # the one definition of ktr's HF processor files
-    from ktr.policy import Policy
+    from ktr.model.saving import write_processor_config  # the one definition of ktr's HF processor files
+    from ktr.model.policy import Policy
 
     out = Path(tempfile.mkdtemp(prefix="ktr-vllm-"))
     config = copy.deepcopy(core(model).config)
@@ -178,7 +178,7 @@ def engine_requests(model: nn.Module, processor: VisionLanguageProcessor, batch:
     scaled = family_of(model).video_time_scaling
     features = None
     if media == "embeds":
-        from ktr.forward import encode_media
+        from ktr.model.forward import encode_media
 
         features = encode_media(model, batch.pixel_values, batch.grid_thw).per_prompt  # B x [n_b, H]
     requests, expected = [], []
@@ -193,7 +193,7 @@ def engine_requests(model: nn.Module, processor: VisionLanguageProcessor, batch:
             mm = {key: data}
         elif m.kind == "video":
             raise ValueError("sampling.vllm.media: frames serves images only (on videos vLLM's vision tower disagrees "
-                             "with the policy's, see ktr.rollout_vllm); use sampling.vllm.media: embeds")
+                             "with the policy's, see ktr.rollout.vllm); use sampling.vllm.media: embeds")
         else:
             mm = {m.kind: _frames_input(m)}
         requests.append({"prompt_token_ids": collapse_placeholders(ids, placeholders), "multi_modal_data": mm})

@@ -3,8 +3,8 @@
 Backends are looked up by name (`sampling.backend`, registry `ROLLOUT_BACKENDS`); an entry may be a dotted
 `module:Class` path so that a heavy engine is imported only when it is chosen. `hf` is transformers'
 `generate` (`generate` below), which also serves validation and evaluation; `shared` prefills each prompt
-once and samples the G rows with ktr's own loop (`ktr.rollout_shared`); `vllm` is a colocated vLLM engine
-(`ktr.rollout_vllm`).
+once and samples the G rows with ktr's own loop (`ktr.rollout.shared`); `vllm` is a colocated vLLM engine
+(`ktr.rollout.vllm`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ktr.config import SamplingConfig
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.families import core, family_of
+from ktr.model.families import core
 from ktr.types import PromptBatch, Rollout
 
 
@@ -47,43 +47,6 @@ def suppressed_token_ids(model: nn.Module) -> list[int]:
     config = core(model).config
     return [config.image_token_id, config.video_token_id, config.vision_start_token_id,
             getattr(config, "vision_end_token_id", config.vision_start_token_id + 1)]
-
-
-@torch.no_grad()
-def generate(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, cfg: SamplingConfig,
-             group_size: int | None = None, greedy: bool = False) -> Rollout:
-    """Sample `G` completions per prompt; rows `i*G .. i*G+G-1` belong to prompt `i`.
-
-    Transformers encodes the media once per prompt before expanding to G rows, then prefills the G copies.
-    """
-    g = group_size or cfg.group_size
-    check_prompt_lengths(batch, cfg)
-    was_training = model.training
-    model.eval()  # gradient checkpointing disables the KV cache in train mode
-    try:
-        seqs = model.generate(**hf_generate_kwargs(model, processor, batch, cfg, g, greedy))  # [N, L + T]
-    finally:
-        model.train(was_training)
-    completion = seqs[:, batch.input_ids.shape[1]:]  # [N, T], T >= 1: generate always emits at least one token
-    return assemble_rollout(batch, completion, g, processor, end_of_sequence_ids(processor))
-
-
-def hf_generate_kwargs(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
-                       cfg: SamplingConfig, group_size: int, greedy: bool) -> dict:
-    """Everything `generate` passes to transformers' `model.generate` (inputs, media, sampling settings)."""
-    sample = not greedy and cfg.temperature > 0
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=sample,
-                  max_new_tokens=cfg.max_new_tokens, num_return_sequences=group_size,
-                  eos_token_id=end_of_sequence_ids(processor), pad_token_id=processor.pad_token_id,
-                  suppress_tokens=suppressed_token_ids(model), use_cache=True)
-    if sample:
-        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    vision = batch.hf_vision_kwargs()
-    if not family_of(model).video_time_scaling:  # Qwen2-VL has no temporal scaling of rotary positions
-        vision.pop("second_per_grid_ts", None)
-    return {**kwargs, **vision}
 
 
 def assemble_rollout(batch: PromptBatch, completion: Tensor, group_size: int,
@@ -126,18 +89,11 @@ class RolloutBackend:
         """Called after every optimizer step: a backend holding its own copy of the weights syncs them here."""
 
 
-class HFBackend(RolloutBackend):
-    """transformers' `generate` with `num_return_sequences` (module-level `generate`)."""
-
-    def generate(self, model, processor, batch, cfg, group_size=None, greedy=False) -> Rollout:
-        return generate(model, processor, batch, cfg, group_size=group_size, greedy=greedy)
-
-
 # name -> backend class, or "module:Class" imported on first use
 ROLLOUT_BACKENDS: dict[str, type[RolloutBackend] | str] = {
-    "hf": HFBackend,
-    "shared": "ktr.rollout_shared:SharedPrefixBackend",  # imports this module: a dotted entry avoids the cycle
-    "vllm": "ktr.rollout_vllm:VLLMBackend",  # vLLM is imported on the first generate (`pip install 'ktr[vllm]'`)
+    "hf": "ktr.rollout.hf:HFBackend",  # every backend module imports this one: dotted entries avoid the cycle
+    "shared": "ktr.rollout.shared:SharedPrefixBackend",
+    "vllm": "ktr.rollout.vllm:VLLMBackend",  # vLLM is imported on the first generate (`pip install 'ktr[vllm]'`)
 }
 
 

@@ -6,7 +6,7 @@ so every rank makes the same calls whatever its mix), the features are scattered
 them, 3D rotary positions are computed from `mm_token_type_ids` (without it transformers silently falls back
 to 1D positions), and only the decoder trunk runs on the N rows. Log-probs come from the final hidden states
 through the chunked projection of `ktr.fused`, so no pass materialises `[N, T, V]` logits. What differs per
-model family (deepstack features and their decoder arguments for Qwen3-VL) comes from `ktr.families`.
+model family (deepstack features and their decoder arguments for Qwen3-VL) comes from `ktr.model.families`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ktr import prefix
-from ktr.families import core, family_of, row_features
+from ktr.config import DEFAULT_CHUNK_SIZE
+from ktr.model import prefix
+from ktr.model.families import core, family_of, row_features
 from ktr.types import PromptBatch, Rollout, VisionFeatures
 
 
@@ -84,7 +85,7 @@ class SequenceView:
     mm_token_type_ids: Tensor  # [N, S]
     position_ids: Tensor  # [3, N, S]
     prompt_index: Tensor  # [N]
-    shared_prefix: bool = True  # run each group's prompt once (`ktr.prefix`) where the pass allows it
+    shared_prefix: bool = True  # run each group's prompt once (`ktr.model.prefix`) where the pass allows it
 
     @classmethod
     def of(cls, model: nn.Module, rollout: Rollout, batch: PromptBatch, shared_prefix: bool = True) -> SequenceView:
@@ -94,12 +95,25 @@ class SequenceView:
                    shared_prefix)
 
 
+@dataclass
+class PolicyPass:
+    """One scoring pass of the policy over a rollout: what the probes, the loss and the baselines read."""
+
+    view: SequenceView
+    features: VisionFeatures  # with grad when the vision tower trains
+    logps: Tensor  # [N, T] policy log-probs of the completion tokens, no grad
+    entropy: Tensor | None = None  # [N, T] full-vocabulary entropy, no grad (the entropy signal)
+    hidden: Tensor | None = None  # [N, T, H] with grad (one micro-batch) or None (recomputed per micro-batch)
+    ref_logps: Tensor | None = None  # [N, T] reference log-probs (the KL term)
+    base_hidden: Tensor | None = None  # [N, T, H] detached hidden states (distribution scores, TW-GRPO)
+
+
 def completion_hidden(model: nn.Module, view: SequenceView, features: VisionFeatures, completion_length: int,
                       zero_vision: Tensor | None = None) -> Tensor:
     """Final hidden states `[N, T, H]` at the positions that predict the T completion tokens.
 
     With `view.shared_prefix` (the default) each group's prompt runs once, its completions packed after it
-    (`ktr.prefix`), when the rows of every group share their prompt part and the attention implementation takes
+    (`ktr.model.prefix`), when the rows of every group share their prompt part and the attention implementation takes
     a 4D mask; otherwise every row runs whole (the naive layout, as released).
     """
     packed = shared_layout(model, view, completion_length, zero_vision)
@@ -154,7 +168,7 @@ def output_projection(model: nn.Module) -> nn.Module:
 
 
 def completion_logps(model: nn.Module, hidden: Tensor, completion_ids: Tensor, valid: Tensor,
-                     chunk_size: int | None = 512, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                     chunk_size: int | None = DEFAULT_CHUNK_SIZE, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs `[N, T]` of the sampled tokens (and full-vocabulary entropy `[N, T]`, no grad) from `hidden`.
 
     `chunk_size=None` is the naive path (full logits), kept for comparison and tests; otherwise the output

@@ -1,4 +1,4 @@
-"""Model-touching parts of the baselines (layer L2): T-GRPO's shuffled-frame rollout, TW-GRPO's weights.
+"""T-GRPO's shuffled-frame rollout (layer L2): completions sampled on videos whose frames are permuted.
 
 The rules themselves are pure functions in `ktr.baselines`.
 """
@@ -6,15 +6,12 @@ The rules themselves are pure functions in `ktr.baselines`.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ktr.baselines import tw_grpo_weights
 from ktr.config import SamplingConfig
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.forward import output_projection
 from ktr.probes.temporal import get_temporal_perturbation
 from ktr.rewards import compute_rewards
 from ktr.types import PromptBatch
@@ -51,16 +48,3 @@ def shuffled_accuracy(model: nn.Module, processor: VisionLanguageProcessor, back
     out[idx] = per["accuracy"].view(len(idx), group_size)
     return out.masked_fill(~batch.is_video.to(out.device).unsqueeze(-1), 0.0).reshape(-1)
 
-
-@torch.no_grad()
-def tw_weights(model: nn.Module, hidden: Tensor, valid: Tensor, group_size: int, alpha: float,
-               chunk_size: int | None) -> Tensor:
-    """TW-GRPO weights `[N, T]` from the policy pass's detached hidden states `[N, T, H]`."""
-    from ktr import fused
-
-    fn = partial(_tw, valid=valid, group_size=group_size, alpha=alpha, chunk_size=chunk_size or 512)
-    return fused.call_with_head(output_projection(model), hidden, fn)
-
-
-def _tw(h, weight, bias=None, *, valid, group_size, alpha, chunk_size):
-    return tw_grpo_weights(h, weight, valid, group_size, alpha, bias=bias, chunk_size=chunk_size)

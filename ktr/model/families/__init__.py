@@ -1,14 +1,14 @@
 """Model families: what differs between Qwen-VL generations, behind one small interface (layer L2, bottom).
 
-`ktr.families.base` holds the interface (`ModelFamily`), the registry and the module finders (`core`,
+`ktr.model.families.base` holds the interface (`ModelFamily`), the registry and the module finders (`core`,
 `vision_tower`, `language_model`); one file per family registers it. Adding a family is one subclass (only the
 pieces that differ) and one `register_family` call; the probes and the module never see it.
 """
 
-from ktr.families.base import (QUANT_SKIP_MODULES, FAMILIES, ModelFamily, core, family_of, get_family,
-                               language_model, register_family, row_features, tiny_family, vision_tower)
-from ktr.families.qwen2 import QWEN2_5_VL, QWEN2_VL
-from ktr.families.qwen3vl import QWEN3_VL
+from ktr.model.families.base import (QUANT_SKIP_MODULES, FAMILIES, ModelFamily, core, family_of, get_family,
+                                     language_model, register_family, row_features, tiny_family, vision_tower)
+from ktr.model.families.qwen2 import QWEN2_5_VL, QWEN2_VL
+from ktr.model.families.qwen3vl import QWEN3_VL
 
 for _family in (QWEN2_5_VL, QWEN2_VL, QWEN3_VL):
     register_family(_family)

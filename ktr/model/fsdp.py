@@ -7,7 +7,7 @@
 - every decoder layer, the input embeddings, the output projection, then the language model (final norm);
 - the root (the peft wrapper or the bare model).
 
-Units are chosen by what `ktr.forward` *calls*, not only by size: the single forward path calls the vision
+Units are chosen by what `ktr.model.forward` *calls*, not only by size: the single forward path calls the vision
 tower, the embeddings, the language model and the output projection directly rather than through the root
 forward, so each of them must own its weights to be gathered in its own forward hook.
 
@@ -36,8 +36,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ktr.config import ShardingConfig  # noqa: F401 (re-exported)
-from ktr.families import core, family_of
+from ktr.config import ShardingConfig
+from ktr.model.families import core, family_of
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -1,0 +1,93 @@
+"""A trained policy rebuilt from its run's configs and checkpoint, without the LightningModule or the Trainer.
+
+`ktr export`, `ktr explain` and the vLLM engine's model folder read runs through these: the configs merged in
+order like `ktr fit` merges them, each section checked by the CLI's own type checks, and the module's weights
+read safely from a `.ckpt` file or a `ModelParallelStrategy` directory (`ktr.model.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ktr.config import PolicyConfig
+from ktr.data.video import ImageSettings, VideoSettings
+from ktr.model.checkpoint import CheckpointError, check_checkpoint, read_checkpoint
+from ktr.model.policy import Policy, load_policy
+
+
+def read_configs(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """The YAML configs merged in order (later files override keys of earlier ones, recursively)."""
+    import yaml
+
+    merged: dict[str, Any] = {}
+    for p in paths:
+        data = yaml.safe_load(Path(p).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: a config must be a mapping, got {type(data).__name__}")
+        _merge(merged, data)
+    return merged
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def typed_section(cls, value: dict | None, where: str):
+    """`value` parsed as dataclass `cls` with the CLI's type checks (jsonargparse), defaults when absent."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--x", type=cls)
+    try:
+        return parser.instantiate_classes(parser.parse_object({"x": value or {}})).x
+    except Exception as err:  # jsonargparse raises its own error types; name the config key
+        raise ValueError(f"config key {where}: {err}") from err
+
+
+def settings_from_config(config: dict) -> tuple[PolicyConfig, VideoSettings, ImageSettings]:
+    """The policy and the media settings named by a merged `ktr fit` config."""
+    model = (config.get("model") or {}).get("init_args") or {}
+    data = (config.get("data") or {}).get("init_args") or {}
+    return (typed_section(PolicyConfig, model.get("policy"), "model.init_args.policy"),
+            typed_section(VideoSettings, data.get("video"), "data.init_args.video"),
+            typed_section(ImageSettings, data.get("image"), "data.init_args.image"))
+
+
+def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The LightningModule `state_dict` of a `.ckpt` file or of a `ModelParallelStrategy` checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return read_checkpoint(path, key="--ckpt")["state_dict"]  # names the file and what is wrong with it
+    check_checkpoint(path, key="--ckpt")
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    state = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path))
+    if "state_dict" not in state:
+        raise CheckpointError(f"--ckpt {str(path)!r}: not a Lightning checkpoint (no 'state_dict' key)")
+    return state["state_dict"]
+
+
+def load_trained_policy(cfg: PolicyConfig, weights: dict[str, torch.Tensor]) -> Policy:
+    """Rebuild the policy in full precision and load the trained weights (`model.` keys of the module)."""
+    trained_4bit = cfg.quantization != "none"
+    policy = load_policy(replace(cfg, quantization="none", gradient_checkpointing=False))
+    state = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
+    if not state:
+        raise ValueError("the checkpoint holds no `model.*` weights: was it written by a ktr module?")
+    if trained_4bit:  # only the adapters trained; the 4-bit base is replaced by the full-precision one
+        state = {k: v for k, v in state.items() if "lora_" in k}
+        missing = {k for k, _ in policy.model.named_parameters() if "lora_" in k} - set(state)
+        if not state or missing:
+            raise ValueError(f"QLoRA checkpoint lacks adapter weights (e.g. {sorted(missing)[:3]})")
+        policy.model.load_state_dict(state, strict=False)
+    else:
+        policy.model.load_state_dict(state, strict=True)
+    return policy

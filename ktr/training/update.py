@@ -1,0 +1,109 @@
+"""The policy-gradient backward of one RL step: the masked (or weighted) loss of `ktr.losses.policy_loss`,
+normalised over the whole batch, in micro-batches of rows (no Lightning: `backward` is the module's).
+
+`LossInputs` holds what the loss reads per completion row and `LossTerms` what is the same for every
+micro-batch (settings and the whole batch's denominators), so a micro-batch's loss sums to the whole batch's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ktr import fused
+from ktr.config import LossConfig
+from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, output_projection
+from ktr.types import Rollout
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Per-row inputs of the loss; `rows` cuts a micro-batch."""
+
+    tokens: Tensor  # [N, T] completion ids
+    mask: Tensor  # [N, T] bool: the tokens carrying the loss (key tokens, or every valid token for GRPO)
+    advantages: Tensor  # [N], or [N, T] with importance weights
+    ref_logps: Tensor | None = None  # [N, T] (the KL term)
+    weights: Tensor | None = None  # [N, T] float token weights on `mask` (soft key tokens, TW-GRPO)
+    kl_mask: Tensor | None = None  # [N, T] bool: tokens carrying the KL term (None: `mask`, as released)
+
+    def rows(self, rows: slice) -> LossInputs:
+        return LossInputs(*(None if t is None else t[rows] for t in (getattr(self, f.name) for f in fields(self))))
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Settings and whole-batch denominators of `ktr.losses.policy_loss`, the same for every micro-batch."""
+
+    beta: float
+    clip_low: float
+    clip_high: float
+    aggregation: str
+    num_sequences: int
+    num_tokens: Tensor  # [] tokens (or summed weights) of the whole batch's `mask`
+    max_len: int
+    weight_norm: str | None = None  # with weights: "weights" (sums of weights) or "mask" (counts)
+    num_kl_tokens: Tensor | None = None  # [] with a separate `kl_mask`
+
+    @classmethod
+    def of(cls, cfg: LossConfig, inputs: LossInputs, weight_norm: str = "weights") -> LossTerms:
+        weighted = inputs.weights is not None and weight_norm == "weights"
+        n, t = inputs.tokens.shape
+        return cls(beta=cfg.beta if inputs.ref_logps is not None else 0.0, clip_low=cfg.clip_low,
+                   clip_high=cfg.clip_high, aggregation=cfg.aggregation, num_sequences=n,
+                   num_tokens=inputs.weights.masked_fill(~inputs.mask, 0.0).sum() if weighted else inputs.mask.sum(),
+                   max_len=t, weight_norm=weight_norm if inputs.weights is not None else None,
+                   num_kl_tokens=inputs.kl_mask.sum() if inputs.kl_mask is not None else None)
+
+
+def loss_inputs(rollout: Rollout, scored: PolicyPass, mask: Tensor, advantages: Tensor, cfg: LossConfig,
+                weights: Tensor | None = None) -> LossInputs:
+    """The loss's inputs for `rollout`'s completions under `mask` `[N, T]` and `advantages`."""
+    kl_mask = rollout.completion_mask if cfg.kl_on == "valid" else None
+    return LossInputs(rollout.completion_ids, mask, advantages, scored.ref_logps, weights, kl_mask)
+
+
+def loss_backward(model: nn.Module, hidden: Tensor, inputs: LossInputs, terms: LossTerms, chunk_size: int | None,
+                  backward: Callable[[Tensor], None]) -> Tensor:
+    """Loss of one micro-batch from its hidden states `[n, T, H]`, backpropagated; returns it detached."""
+    kw = {f.name: getattr(terms, f.name) for f in fields(terms) if getattr(terms, f.name) is not None}
+    kw.update(ref_logps=inputs.ref_logps)
+    kw.update({k: v for k, v in (("weights", inputs.weights), ("kl_mask", inputs.kl_mask)) if v is not None})
+    if chunk_size is None:
+        fn = partial(fused.naive_policy_loss, tokens=inputs.tokens, advantages=inputs.advantages, mask=inputs.mask,
+                     **kw)
+    else:
+        fn = partial(fused.fused_policy_loss, tokens=inputs.tokens, advantages=inputs.advantages, mask=inputs.mask,
+                     chunk_size=chunk_size, **kw)
+    loss, _, _ = fused.call_with_head(output_projection(model), hidden, fn)
+    backward(loss)
+    return loss.detach()
+
+
+def policy_update(model: nn.Module, scored: PolicyPass, inputs: LossInputs, terms: LossTerms,
+                  chunk_size: int | None, micro_batch_size: int | None, backward: Callable[[Tensor], None]) -> Tensor:
+    """Backward of the whole batch's loss: from `scored.hidden` when it was kept with grad (one micro-batch), else
+    recomputing the hidden states per micro-batch of rows with the vision features as a leaf, then one backward
+    through the vision tower for all of them. Returns the summed loss, detached."""
+    if scored.hidden is not None:
+        return loss_backward(model, scored.hidden, inputs, terms, chunk_size, backward)
+    n, t = inputs.tokens.shape
+    leaf = scored.features.detached()
+    total = torch.zeros((), device=inputs.tokens.device)
+    for start in range(0, n, micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        hidden = completion_hidden(model, _rows(scored.view, rows), leaf, t)
+        total = total + loss_backward(model, hidden, inputs.rows(rows), terms, chunk_size, backward)
+    grads = [(f, lf.grad) for f, lf in zip(scored.features.tensors(), leaf.tensors()) if lf.grad is not None]
+    if grads:  # the vision tower trains: one backward through it for all micro-batches
+        torch.autograd.backward([f for f, _ in grads], [g for _, g in grads])
+    return total
+
+
+def _rows(view: SequenceView, rows: slice) -> SequenceView:
+    return SequenceView(view.input_ids[rows], view.attention_mask[rows], view.mm_token_type_ids[rows],
+                        view.position_ids[:, rows], view.prompt_index[rows])
