@@ -100,14 +100,14 @@ class KTRModule(PolicyModule):
             return
         if not self._ref:
             self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
-        elif not getattr(self, "_sharded", False):
+        elif not self._sharded:
             self._ref[0].to(self.device)  # taken at resume time, before Lightning moved the policy to its device
 
     def _frozen_models(self) -> list:
         return self._ref
 
     def configure_model(self) -> None:
-        if self._model_parallel() and not getattr(self, "_sharded", False):
+        if self._model_parallel() and not self._sharded:
             if self.loss_cfg.beta != 0 and self.policy_cfg.lora is None and self.warm_start_steps > 0:
                 raise ValueError("under ModelParallelStrategy the reference copy is taken before sharding, so a "
                                  "warm start with beta > 0 and full fine-tuning is not supported; use "
@@ -118,7 +118,7 @@ class KTRModule(PolicyModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         # After a warm start the reference is not the starting checkpoint: save it (single device only).
-        if self._ref and self.warm_start_steps > 0 and not getattr(self, "_sharded", False):
+        if self._ref and self.warm_start_steps > 0 and not self._sharded:
             checkpoint["ktr_reference"] = self._ref[0].state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

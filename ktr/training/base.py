@@ -18,9 +18,10 @@ from torch import Tensor
 from ktr.model.checkpoint import CheckpointError, flat_settings, shape_mismatch
 from ktr.config import DEFAULT_CHUNK_SIZE, OptimConfig, PolicyConfig, SamplingConfig, check_number
 from ktr.data.base import StepBatch
-from ktr.data.skips import SkipLimitExceeded, Skipped, row_source
+from ktr.data.skips import SkipCounter, SkipLimitExceeded, Skipped, row_source
 from ktr.model.fsdp import tied_gradients
 from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.training.lightning_compat import attached_trainer, forget_step_metrics
 from ktr.training.optim import lr_lambda, make_optimizer
 from ktr.model.policy import load_policy
 from ktr.training.resume import rng_state, set_rng_state
@@ -36,6 +37,8 @@ class PolicyModule(L.LightningModule):
     """What SFT and RL share: the policy, manual optimisation with clipping, greedy validation accuracy."""
 
     needs_targets = False
+    warm_start_steps: int = 0  # SFT steps before RL (`KTRModule`); the schedule and reports read them
+    warm_start_lr: float | None = None
 
     def __init__(self, policy: PolicyConfig = PolicyConfig(), optim: OptimConfig = OptimConfig(),  # noqa: B008
                  val_max_new_tokens: int = 64, val_target_prob: bool = False) -> None:
@@ -49,6 +52,10 @@ class PolicyModule(L.LightningModule):
         built = load_policy(self.policy_cfg)
         self.model = built.model
         self.processor = built.processor
+        self._sharded = False  # set by `configure_model` under ModelParallelStrategy (FSDP2)
+        self._skips: SkipCounter | None = None  # the data module's counter of unusable samples, at train start
+        self._skips_restored: dict | None = None  # its state from the checkpoint of a resumed run
+        self._load_metrics: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
         """Checkpoints are written through a temporary file in their own folder (`ktr.training.checkpoint_io`)."""
@@ -57,22 +64,14 @@ class PolicyModule(L.LightningModule):
         use_run_folder_io(self.trainer)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """Forget last step's per-step metrics, so that a metric is logged only in the steps that compute it.
-
-        Lightning keeps an `on_step` metric's last value until the epoch ends and logs it again at every later
-        step: the warm start's `train/sft_loss` would otherwise be drawn as a flat line over all RL steps. Only
-        per-step metrics (`on_epoch` false) are touched, so nothing accumulated over the epoch is lost.
-        """
-        for item in self.trainer._results.values():  # Lightning's result collection: no public API for this
-            if item.meta.on_step and not item.meta.on_epoch:
-                item.has_reset = True
+        """A metric is logged only in the steps that compute it (`lightning_compat.forget_step_metrics`)."""
+        forget_step_metrics(self.trainer)
 
     def on_train_start(self) -> None:
         dm = self.trainer.datamodule
         self._skips = dm.make_skip_counter() if hasattr(dm, "make_skip_counter") else None
-        restored = getattr(self, "_skips_restored", None)  # from the checkpoint of a resumed run
-        if self._skips is not None and restored is not None:
-            self._skips.load_state_dict(restored)
+        if self._skips is not None and self._skips_restored is not None:
+            self._skips.load_state_dict(self._skips_restored)
         self._load_metrics = dm.load_metrics() if hasattr(dm, "load_metrics") else {}
 
     def count_skips(self, batch: StepBatch) -> StepBatch:
@@ -85,15 +84,14 @@ class PolicyModule(L.LightningModule):
         """
         batch = _agree_on_step(batch, self.device)
         self.log("data/skipped", float(len(batch.skipped)), reduce_fx="sum", batch_size=1)
-        skips = getattr(self, "_skips", None)
-        if skips is not None:
-            self._stop_saved(skips.update_batch, batch)
+        if self._skips is not None:
+            self._stop_saved(self._skips.update_batch, batch)
             # rank-local, no sync: reason keys differ between ranks, a collective per key could hang
-            self.log_dict({**skips.metrics(), **getattr(self, "_load_metrics", {})}, batch_size=1)
+            self.log_dict({**self._skips.metrics(), **self._load_metrics}, batch_size=1)
         return batch
 
     def on_train_epoch_end(self) -> None:
-        if getattr(self, "_skips", None) is not None:
+        if self._skips is not None:
             self._stop_saved(self._skips.check, final=True)
 
     def _stop_saved(self, check, *args, **kwargs) -> None:
@@ -127,7 +125,7 @@ class PolicyModule(L.LightningModule):
     # --- scale: FSDP2 sharding and exact resume (ktr.model.fsdp, ktr.training.resume) -------------------------
     def configure_model(self) -> None:
         """Under `ModelParallelStrategy`, shard the policy (and frozen models) with FSDP2; else nothing."""
-        if getattr(self, "_sharded", False) or not self._model_parallel():
+        if self._sharded or not self._model_parallel():
             return
         from ktr.model.fsdp import data_parallel_mesh, shard_policy
 
@@ -140,14 +138,15 @@ class PolicyModule(L.LightningModule):
     def _model_parallel(self) -> bool:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+        trainer = attached_trainer(self)
+        return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
 
     def _frozen_models(self) -> list:
         """Models that are sharded alongside the policy (KTR's reference copy)."""
         return []
 
     def on_fit_start(self) -> None:
-        if getattr(self, "_sharded", False):
+        if self._sharded:
             from ktr.model.fsdp import ensure_root_initialized
 
             for m in [self.model, *self._frozen_models()]:
@@ -155,7 +154,7 @@ class PolicyModule(L.LightningModule):
 
     def rollout_context(self):
         """Weights stay gathered across `generate` under FSDP2 (one all-gather per unit, not per token)."""
-        if not getattr(self, "_sharded", False):
+        if not self._sharded:
             return nullcontext()
         from ktr.model.fsdp import gathered_for_rollout
 
@@ -171,27 +170,26 @@ class PolicyModule(L.LightningModule):
             states = [state]
         checkpoint["ktr_rng"] = states
         checkpoint["ktr_policy"] = flat_settings(self.policy_cfg, "policy")  # named when a resume does not fit
-        skips = getattr(self, "_skips", None)
-        if skips is not None:
-            checkpoint["ktr_skips"] = _per_rank(skips.state_dict())
+        if self._skips is not None:
+            checkpoint["ktr_skips"] = _per_rank(self._skips.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line naming the differing settings, a checkpoint whose tensors do not fit the policy
         (Lightning loads the weights after this hook); then restore skip counts and RNG states."""
-        if not getattr(self, "_sharded", False):
+        if not self._sharded:
             problem = shape_mismatch(checkpoint.get("state_dict", {}), self.state_dict(),
                                      checkpoint.get("ktr_policy"), flat_settings(self.policy_cfg, "policy"))
             if problem is not None:
                 raise CheckpointError(problem)
         skips = checkpoint.get("ktr_skips")
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = _world_size(self)
         if skips is not None:  # applied at train start, when the counter exists
             if len(skips) == world:
                 self._skips_restored = skips[self.global_rank]
             elif self.global_rank == 0:  # resumed on another number of processes: rank 0 carries the totals
                 self._skips_restored = _merged_skips(skips)
         states = checkpoint.get("ktr_rng")
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = _world_size(self)
         if states is not None and len(states) == world:
             set_rng_state(states[self.global_rank])
         elif states is not None:
@@ -204,9 +202,10 @@ class PolicyModule(L.LightningModule):
             raise ValueError("the policy has no trainable parameters (a 4-bit `policy.quantization: nf4` base is "
                              "frozen: set `policy.lora` to train adapters)")
         opt = make_optimizer(params, self.optim_cfg)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warm = getattr(self, "warm_start_steps", 0)
-        factor = (getattr(self, "warm_start_lr", None) or self.optim_cfg.lr) / self.optim_cfg.lr
+        trainer = attached_trainer(self)
+        total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1
+        warm = self.warm_start_steps
+        factor = (self.warm_start_lr or self.optim_cfg.lr) / self.optim_cfg.lr
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_lambda, total=total, cfg=self.optim_cfg,
                                                                warm_start_steps=warm, warm_start_factor=factor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -288,6 +287,11 @@ class PolicyModule(L.LightningModule):
 
     def test_step(self, batch: StepBatch, batch_idx: int) -> None:
         """Nothing per batch: `ktr test` is done by the benchmark evaluator callbacks (`ktr.callbacks`)."""
+
+
+def _world_size(module: L.LightningModule) -> int:
+    trainer = attached_trainer(module)
+    return trainer.world_size if trainer is not None else 1
 
 
 def _per_rank(state: dict) -> list[dict]:
