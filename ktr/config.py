@@ -7,25 +7,64 @@ for the CLI), naming the key.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
-from typing import Literal, get_args
+import types
+from dataclasses import dataclass, field, fields
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_CHUNK_SIZE = 512
 """Tokens per chunk of the output projection (`loss.chunk_size`): rows of `[chunk, vocab]` logits at a time."""
 
 
+# --- fixed choices: each stated once, as the Literal that annotates its field(s) ------------------------------
+# The `__post_init__`s check every Literal-typed field against its values (`check_choices`); jsonargparse checks
+# the same Literals at parse time. The ones that must name a registry's keys are compared with it in
+# tests/test_config_choices.py.
 RolloutBackendName = Literal["shared", "hf", "vllm"]
 """Registered rollout backends (`ktr.rollout.base.ROLLOUT_BACKENDS`)."""
 EvalBackendName = Literal["hf", "vllm"]
 """Backends evaluation can generate with."""
+DType = Literal["float32", "bfloat16", "float16"]
+VLLMDType = Literal["auto", DType]
+VLLMMedia = Literal["embeds", "frames"]
+KLTokens = Literal["key", "valid"]
+Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+"""`ktr.losses.AGGREGATIONS`."""
+AdvantageName = Literal["grpo", "drgrpo"]
+"""`ktr.advantages.ADVANTAGES`."""
+RolloutCorrection = Literal["none", "tis"]
+LengthReading = Literal["generated", "key"]
+OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
+Schedule = Literal["constant", "cosine"]
+ScoreName = Literal["logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger"]
+"""`ktr.probes.scores.SCORE_FUNCTIONS`."""
+VisualPerturbation = Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
+                             "swap_media", "identity"]
+"""`ktr.probes.visual.VISUAL_PERTURBATIONS`."""
+TemporalPerturbation = Literal["shuffle", "reverse", "segment_shuffle", "patch_shuffle", "identity"]
+"""`ktr.probes.temporal.TEMPORAL_PERTURBATIONS`."""
+Scope = Literal["group", "sequence", "batch"]
+"""`ktr.probes.select.SCOPES`."""
+Combine = Literal["union", "intersection"]
+"""`ktr.probes.select.COMBINERS`."""
+Weighting = Literal["hard", "softmax", "sigmoid", "linear", "exponential"]
+"""`hard`, then `ktr.probes.weighting.WEIGHTINGS`."""
+WeightCombine = Literal["mean", "max"]
+SoftNorm = Literal["weights", "valid"]
+ShardDType = Literal["bfloat16", "float32"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
+VideoWrapper = Literal["replace", "keep"]
+Quantization = Literal["none", "nf4"]
+
+SCORES = get_args(ScoreName)  # = ktr.probes.scores.SCORE_FUNCTIONS
 
 
 @dataclass
 class VLLMSettings:
     """The colocated vLLM engine of `backend: vllm` (`ktr.rollout.vllm`; `pip install 'ktr[vllm]'`)."""
 
-    media: Literal["embeds", "frames"] = "embeds"
+    media: VLLMMedia = "embeds"
     """`embeds`: the policy's own vision tower encodes each prompt's media once and the engine receives the
     features (what the scoring passes see, exactly); `frames`: the engine encodes the processed frames with its
     own copy of the vision tower (images only: on videos vLLM 0.32's tower disagrees with the policy's)."""
@@ -37,20 +76,19 @@ class VLLMSettings:
     """Longest sequence the engine accepts; null = the sampling's max_prompt_length + max_new_tokens."""
     enforce_eager: bool = False
     """No CUDA graphs (slower decoding, faster start, less memory)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: VLLMDType = "auto"
     """Engine weights and compute; `auto` = the policy's parameter dtype (under FSDP2 with fp32 master weights set
     `bfloat16`, the sharding's compute dtype)."""
     seed: int = 0
     """Seed of the engine's sampler (each request also gets a seed drawn from torch's global generator)."""
 
     def __post_init__(self) -> None:
-        check_choice("sampling.vllm.media", self.media, ("embeds", "frames"))
+        check_choices(self, "sampling.vllm")
         check_number("sampling.vllm.gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1,
                      low_open=True)
         check_number("sampling.vllm.kv_cache_gib", self.kv_cache_gib, low=0, low_open=True)
         check_number("sampling.vllm.max_model_len", self.max_model_len, integer=True, low=1, optional=True)
         check_flag("sampling.vllm.enforce_eager", self.enforce_eager)
-        check_choice("sampling.vllm.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         check_number("sampling.vllm.seed", self.seed, integer=True, low=0)
 
 
@@ -109,10 +147,7 @@ class DecodingConfig(SamplingConfig):
     """Questions per `generate` call on each rank."""
 
     def __post_init__(self) -> None:
-        _check_sampling(self, "decoding")
-        if self.backend not in get_args(EvalBackendName):
-            raise ConfigError(f"decoding.backend must be one of {list(get_args(EvalBackendName))} at evaluation, "
-                              f"got {self.backend!r}")
+        _check_sampling(self, "decoding")  # (`backend` against EvalBackendName, this class's annotation)
         if self.group_size != 1:
             raise ConfigError(f"decoding.group_size must be 1 at evaluation, got {self.group_size}")
         check_number("decoding.batch_size", self.batch_size, integer=True, low=1)
@@ -124,11 +159,11 @@ class LossConfig:
 
     beta: float = 0.04
     """KL coefficient (k3 estimator against the frozen reference); 0 drops the reference entirely."""
-    kl_on: Literal["key", "valid"] = "key"
+    kl_on: KLTokens = "key"
     """Tokens carrying the KL term: key tokens only (released) or every valid token."""
-    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    aggregation: Aggregation = "seq-mean-token-mean"
     """Loss aggregation: released GRPO, DAPO token mean, or Dr. GRPO."""
-    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    advantage: AdvantageName = "grpo"
     """Group advantage: (r - mean) / (std + eps), or r - mean (Dr. GRPO)."""
     clip_low: float = 0.2
     """PPO clip range below 1 (only active with several updates per rollout)."""
@@ -141,7 +176,7 @@ class LossConfig:
     shared_prefix: bool = True
     """Scoring passes run each group's prompt once, its G completions packed after it (`ktr.model.prefix`); false runs
     the N rows whole, as released (the same log-probs up to rounding, G times the prompt work)."""
-    rollout_correction: Literal["none", "tis"] = "none"
+    rollout_correction: RolloutCorrection = "none"
     """Rollout/training mismatch: `tis` multiplies each token's policy-gradient term by the detached truncated
     importance weight min(exp(logp_policy - logp_rollout), tis_cap) (needs a backend that returns the sampled
     tokens' log-probs: `sampling.backend: vllm`); `none` trusts the rollout to be the policy's (hf, shared)."""
@@ -149,17 +184,13 @@ class LossConfig:
     """Cap of the truncated importance weight (`rollout_correction: tis`)."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "loss")
         check_number("loss.beta", self.beta, low=0)
         check_flag("loss.shared_prefix", self.shared_prefix)
-        check_choice("loss.kl_on", self.kl_on, ("key", "valid"))
-        check_choice("loss.aggregation", self.aggregation,
-                     ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"))
-        check_choice("loss.advantage", self.advantage, ("grpo", "drgrpo"))
         check_number("loss.clip_low", self.clip_low, low=0, high=1, high_open=True)  # ratio floor 1 - clip_low > 0
         check_number("loss.clip_high", self.clip_high, low=0)
         check_number("loss.chunk_size", self.chunk_size, integer=True, low=1, optional=True)
         check_number("loss.micro_batch_size", self.micro_batch_size, integer=True, low=1, optional=True)
-        check_choice("loss.rollout_correction", self.rollout_correction, ("none", "tis"))
         check_number("loss.tis_cap", self.tis_cap, low=0, low_open=True)
 
 
@@ -173,7 +204,7 @@ class RewardConfig:
     """One weight per reward (default 1 each)."""
     length_bonus: bool = False
     """Add the released length bonus (+0.2 for correct completions of 320-512 tokens in a group with >1 correct)."""
-    length_reading: Literal["generated", "key"] = "key"
+    length_reading: LengthReading = "key"
     """Length counted over generated tokens, or over key tokens as the released code did."""
 
     def __post_init__(self) -> None:
@@ -189,7 +220,7 @@ class RewardConfig:
             for i, w in enumerate(self.weights):
                 check_number(f"rewards.weights[{i}]", w)
         check_flag("rewards.length_bonus", self.length_bonus)
-        check_choice("rewards.length_reading", self.length_reading, ("generated", "key"))
+        check_choices(self, "rewards")
 
 
 @dataclass
@@ -202,9 +233,9 @@ class OptimConfig:
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    optimizer: OptimizerName = "adamw"
     """8-bit and paged variants need bitsandbytes (`pip install 'ktr[quant]'`)."""
-    schedule: Literal["constant", "cosine"] = "cosine"
+    schedule: Schedule = "cosine"
     """Learning-rate schedule over the run's optimizer steps."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
@@ -212,22 +243,20 @@ class OptimConfig:
     """Clip the global gradient norm to this value (null: no clipping)."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "optim")
         check_number("optim.lr", self.lr, low=0, low_open=True)
         check_number("optim.weight_decay", self.weight_decay, low=0)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r:.80}")
         for i, b in enumerate(self.betas):
             check_number(f"optim.betas[{i}]", b, low=0, high=1, high_open=True)
-        check_choice("optim.optimizer", self.optimizer, ("adamw", "adamw_8bit", "paged_adamw_8bit"))
-        check_choice("optim.schedule", self.schedule, ("constant", "cosine"))
         check_number("optim.warmup_steps", self.warmup_steps, integer=True, low=0)
         check_number("optim.grad_clip", self.grad_clip, low=0, low_open=True, optional=True)
 
 
-SIGNALS = ("visual", "temporal", "entropy")
+SIGNALS = ("visual", "temporal", "entropy")  # the SignalConfig fields of KeyTokenConfig
 RANDOM_VISUAL = ("random_half", "swap_media")  # perturbations whose draws differ (`SignalConfig.draws`)
 RANDOM_TEMPORAL = ("shuffle", "segment_shuffle", "patch_shuffle")
-SCORES = ("logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger")  # = ktr.probes.scores.SCORE_FUNCTIONS
 
 
 @dataclass
@@ -238,7 +267,7 @@ class SignalConfig:
     """Use this signal."""
     ratio: float = 0.2
     """Fraction of valid tokens per pool this signal selects (the top (1 - ratio) quantile and above)."""
-    score: Literal["logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger"] = "logp_diff"
+    score: ScoreName = "logp_diff"
     """How the probe compares the policy with and without the perturbation (`ktr.probes.scores`): the signed
     log-prob difference of the sampled token (released), or a distance between the full next-token
     distributions (KL(P || Q) with P the unperturbed policy, Jensen-Shannon, L1, L2, cosine, Hellinger). The
@@ -249,6 +278,9 @@ class SignalConfig:
     each prompt the clip d + 1 places on among the prompts of its shape). Each draw costs one decoder pass (the
     temporal probe: also one vision call). The score is then the mean over draws: an estimate of the expected
     change under the perturbation rather than the change under one sample of it."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "key_tokens.<signal>")  # KeyTokenConfig checks again, naming the signal
 
 
 @dataclass
@@ -263,26 +295,25 @@ class KeyTokenConfig:
     """Temporal-aware signal (frames perturbed); video samples only."""
     entropy: SignalConfig = field(default_factory=SignalConfig)
     """Entropy of the policy's next-token distribution."""
-    visual_perturbation: Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
-                                 "swap_media", "identity"] = "attention_mask"
+    visual_perturbation: VisualPerturbation = "attention_mask"
     """How the media is hidden for the visual probe (released: attention_mask)."""
-    temporal_perturbation: Literal["shuffle", "reverse", "segment_shuffle", "patch_shuffle", "identity"] = "shuffle"
+    temporal_perturbation: TemporalPerturbation = "shuffle"
     """How frames are perturbed for the temporal probe (released: shuffle)."""
-    scope: Literal["group", "sequence", "batch"] = "group"
+    scope: Scope = "group"
     """Pool of the quantile: the G completions of a prompt (released), each sequence, or the whole batch."""
-    combine: Literal["union", "intersection"] = "union"
+    combine: Combine = "union"
     """How per-signal masks combine (released: union)."""
-    weighting: Literal["hard", "softmax", "sigmoid", "linear", "exponential"] = "hard"
+    weighting: Weighting = "hard"
     """`hard` (released): the 0/1 key-token mask. Otherwise per-token float weights from each signal's score
     rank within the pool (`ktr.probes.weighting`), combined over signals by `weight_combine`; every valid token
     then carries gradient with its weight."""
-    weight_combine: Literal["mean", "max"] = "mean"
+    weight_combine: WeightCombine = "mean"
     """How soft weights of several signals combine per token (the authors' early code: mean, or max)."""
     soft_k: float = 20.0
     """Steepness of the `sigmoid` weights and inverse temperature of the `softmax` weights."""
     soft_gamma: float = 1.5
     """Spread of the `sigmoid`, `linear` and `exponential` weights: they span [1 - gamma/2, 1 + gamma/2]."""
-    soft_norm: Literal["weights", "valid"] = "weights"
+    soft_norm: SoftNorm = "weights"
     """Normaliser of a soft-weighted loss: the sum of the weights (a 0/1 weight is then exactly the mask), or
     the number of valid tokens (the authors' early soft code multiplied the per-token loss by the weight and kept
     the valid-token denominators)."""
@@ -298,11 +329,13 @@ class KeyTokenConfig:
     A per-row random perturbation (`random_half`) has no such ties and is left as it is."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "key_tokens")
         check_flag("key_tokens.enabled", self.enabled)
         check_flag("key_tokens.tie_contexts", self.tie_contexts)
         for s in SIGNALS:
             if not isinstance(getattr(self, s), SignalConfig):
                 raise ConfigError(f"key_tokens.{s} must be a mapping with `enabled` and `ratio`")
+            check_choices(getattr(self, s), f"key_tokens.{s}")
         if self.enabled and not any(getattr(self, s).enabled for s in SIGNALS):
             raise ConfigError("key_tokens.enabled is true but every signal is disabled; enable one or set "
                              "key_tokens.enabled: false for vanilla GRPO")
@@ -314,22 +347,17 @@ class KeyTokenConfig:
         for s in SIGNALS:
             check_flag(f"key_tokens.{s}.enabled", getattr(self, s).enabled)
             check_number(f"key_tokens.{s}.ratio", getattr(self, s).ratio, low=0, high=1)
-            if getattr(self, s).score not in SCORES:
-                raise ConfigError(f"key_tokens.{s}.score must be one of {list(SCORES)}, got {getattr(self, s).score!r}")
         for s, drawn in (("visual", RANDOM_VISUAL), ("temporal", RANDOM_TEMPORAL), ("entropy", ())):
             draws = getattr(self, s).draws
             check_number(f"key_tokens.{s}.draws", draws, integer=True, low=1)
             perturbation = getattr(self, f"{s}_perturbation", None)
             if draws > 1 and perturbation not in drawn:
-                what = f"the {perturbation!r} perturbation is deterministic" if perturbation else "it has no perturbation"
+                what = (f"the {perturbation!r} perturbation is deterministic" if perturbation
+                        else "it has no perturbation")
                 hint = f"use draws: 1, or a perturbation among {list(drawn)}" if drawn else "use draws: 1"
                 raise ConfigError(f"key_tokens.{s}.draws is {draws}, but {what}: every draw would be the same; {hint}")
         if self.entropy.score != "logp_diff":
             raise ConfigError("key_tokens.entropy.score must be logp_diff: the entropy signal compares no two passes")
-        for key, allowed in (("weighting", ("hard", "softmax", "sigmoid", "linear", "exponential")),
-                             ("weight_combine", ("mean", "max")), ("soft_norm", ("weights", "valid"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"key_tokens.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.weighting != "hard" and self.soft_k <= 0:
             raise ConfigError(f"key_tokens.soft_k must be > 0, got {self.soft_k}")
         if self.weighting in ("sigmoid", "linear", "exponential") and not 0.0 <= self.soft_gamma < 2.0:
@@ -358,6 +386,7 @@ class BaselineConfig:
     """TW-GRPO: largest token weight; weights span [1, tw_alpha]."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "baseline")
         if self.shuffled_group_size is not None and self.shuffled_group_size < 1:
             raise ConfigError(f"baseline.shuffled_group_size must be >= 1 or null, got {self.shuffled_group_size}")
         if self.tw_alpha < 1.0:
@@ -368,17 +397,17 @@ class BaselineConfig:
 class ShardingConfig:
     """FSDP2 settings, used only under `ModelParallelStrategy` (ignored on one device)."""
 
-    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    param_dtype: ShardDType = "bfloat16"
     """Dtype of the all-gathered weights and of the computation (master weights stay in the load dtype)."""
-    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    reduce_dtype: ShardDType = "float32"
     """Dtype of the gradient reduce-scatter."""
     reshard_after_forward: bool = True
     """Free gathered weights after each unit's forward (ZeRO-3); false keeps them until backward (ZeRO-2)."""
     gather_for_rollout: bool = True
     """Keep weights gathered for the whole of `generate` instead of re-gathering every layer for every token."""
 
-
-DType = Literal["float32", "bfloat16", "float16"]
+    def __post_init__(self) -> None:
+        check_choices(self, "policy.sharding")
 
 
 @dataclass
@@ -407,6 +436,7 @@ class TinyModelConfig:
     """Seed of the random initialisation (independent of the global seed)."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "policy.tiny")
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vision_depth",
                      "vision_hidden_size", "vision_heads"):
             check_number(f"policy.tiny.{name}", getattr(self, name), integer=True, low=1)
@@ -435,6 +465,7 @@ class LoraSettings:
     """Module name suffixes to adapt; matched inside the language model only."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "policy.lora")
         check_number("policy.lora.r", self.r, integer=True, low=1)
         check_number("policy.lora.alpha", self.alpha, low=0, low_open=True)
         check_number("policy.lora.dropout", self.dropout, low=0, high=1, high_open=True)
@@ -449,13 +480,13 @@ class PolicyConfig:
     directory, or a hub id (needs network)."""
     dtype: DType = "float32"
     """Parameter dtype at load time (mixed precision is the Trainer's `precision`)."""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
     """Attention kernel of the language model and vision tower."""
     trust_remote_code: bool = False
     """Allow code shipped with a checkpoint to run. Off by default: only turn on for checkpoints you trust."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when loading by hub id."""
-    video_wrapper: Literal["replace", "keep"] = "replace"
+    video_wrapper: VideoWrapper = "replace"
     """Qwen3-VL (timestamped videos) only: `replace` lays the per-frame `<t seconds><|vision_start|>...
     <|vision_end|>` blocks in place of the template's `<|vision_start|><|video_pad|><|vision_end|>` (the Qwen3-VL
     reference processor and transformers 4.57, i.e. the format the released models were trained on); `keep`
@@ -471,12 +502,15 @@ class PolicyConfig:
     """Train LoRA adapters instead of the full model; the reference is the base with adapters disabled."""
     adapter_path: str | None = None
     """A saved LoRA adapter directory (peft format) to load on top of the base model (e.g. for `ktr test`)."""
-    quantization: Literal["none", "nf4"] = "none"
+    quantization: Quantization = "none"
     """`nf4`: language-model linear layers in 4-bit NF4 with double quantisation, computing in `dtype` (QLoRA;
     needs `lora` to train, and bitsandbytes: `pip install 'ktr[quant]'`). Vision tower and output projection stay
     in `dtype`."""
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     """FSDP2 settings, used only when the Trainer's strategy is ModelParallelStrategy."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "policy")
 
 
 # --- validation helpers (used by the `__post_init__`s above; raise `ConfigError` naming the key) -----------
@@ -518,10 +552,42 @@ def _range(low, high, low_open: bool, high_open: bool) -> str:
     return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def check_choice(key: str, value, choices: tuple) -> None:
-    """Raise `ConfigError` unless `value` is one of `choices` (Literal fields built outside the CLI)."""
+def check_choice(key: str, value, choices) -> None:
+    """Raise `ConfigError` unless `value` is one of `choices`: a `Literal` alias (its values) or a tuple.
+
+    >>> check_choice("key_tokens.scope", "groups", Scope)
+    Traceback (most recent call last):
+    ...
+    ktr.config.ConfigError: key_tokens.scope must be one of 'group', 'sequence', 'batch', got 'groups'
+    """
+    if get_origin(choices) is Literal:
+        choices = get_args(choices)
+    if value is None and None in choices:
+        return
     if not isinstance(value, (str, bool)) or value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r:.80}")
+
+
+def check_choices(cfg, prefix: str) -> None:
+    """`check_choice` on every field of the dataclass `cfg` annotated with a Literal (or an optional one, which
+    also takes None), key `prefix.<field>`: the values are read from the annotation, never retyped. Every
+    dataclass above calls it from `__post_init__`, so a bad value fails where the config is built, CLI or not."""
+    for name, choices in choice_fields(type(cfg)).items():
+        check_choice(f"{prefix}.{name}", getattr(cfg, name), choices)
+
+
+@functools.cache
+def choice_fields(cls: type) -> dict[str, tuple]:
+    """`{field: values}` of the dataclass `cls`'s Literal-typed fields (None among the values when optional)."""
+    hints = get_type_hints(cls)  # the annotations are strings here (`from __future__ import annotations`)
+    out = {}
+    for f in fields(cls):
+        tp = hints[f.name]
+        parts = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+        literals = [p for p in parts if get_origin(p) is Literal]
+        if literals and all(get_origin(p) is Literal or p is type(None) for p in parts):  # not `Literal | int`
+            out[f.name] = tuple(v for p in literals for v in get_args(p)) + ((None,) if type(None) in parts else ())
+    return out
 
 
 def check_flag(key: str, value) -> None:
@@ -554,4 +620,4 @@ def _check_sampling(cfg: SamplingConfig, key: str) -> None:
     check_number(f"{key}.top_k", cfg.top_k, integer=True, low=0)
     check_number(f"{key}.max_new_tokens", cfg.max_new_tokens, integer=True, low=1)
     check_number(f"{key}.max_prompt_length", cfg.max_prompt_length, integer=True, low=1)
-    check_choice(f"{key}.backend", cfg.backend, get_args(RolloutBackendName))
+    check_choices(cfg, key)

@@ -1,4 +1,4 @@
-"""Key-token selection (layer L1), KTR spec section 2.
+"""Key-token selection (layer L1), docs/method.md section 2.
 
 For one attribution signal, a token is key when its score reaches the ``1 - ratio`` quantile of its pool:
 ``thr = torch.quantile(scores[valid & finite], 1 - ratio)`` (linear interpolation) and
@@ -13,19 +13,18 @@ the tests), handles every pool at once, and has no 2**24-element input limit.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ktr.config import Combine, Scope
 from ktr.ops import check_mask, upcast
 
 __all__ = ["COMBINERS", "SCOPES", "above_thresholds", "combine_masks", "pooled_quantile", "random_same_count",
            "context_representatives", "scope_thresholds", "select_scope", "select_top_ratio", "tie_equal_contexts",
            "top_ratio_thresholds"]
 
-Scope = Literal["group", "sequence", "batch"]
-Combine = Literal["union", "intersection"]
 
 # torch.quantile converts the row length to the input's float dtype; beyond 2**24 float32 cannot hold
 # every integer (torch.quantile refuses such inputs), so ranks are computed in float64 there.
