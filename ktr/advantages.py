@@ -31,7 +31,7 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale_by_std: bool = True) -> Tensor:
-    """Group-normalised advantages ``A_i = (r_i - mean_g) / (std_g + eps)`` (GRPO, KTR spec section 3).
+    """Group-normalised advantages ``A_i = (r_i - mean_g) / (std_g + eps)`` (GRPO, docs/method.md section 3.1).
 
     Args:
         rewards: ``[N]`` scalar reward per completion, ``N = B * G``, one prompt per block of ``G`` rows.

@@ -1,9 +1,9 @@
 """Answer extraction and the Video-R1 schema vocabulary (layer L1: stdlib only).
 
 The released Video-R1 / Video-KTR code reads answers from ``<answer>...</answer>`` tags in both the model
-output and the dataset's ``solution`` field (KTR_SPEC.md section 4). Training and evaluation differ only
+output and the dataset's ``solution`` field (docs/method.md section 4.3). Training and evaluation differ only
 in what happens when no answer can be read: training scores the empty string, evaluation falls back to
-the whole output (KTR_SPEC.md section 6).
+the whole output (docs/method.md section 6.1).
 
 The problem and data types live here, at the bottom layer, so that prompts (L2), rewards (L1) and data
 loaders (L3) share one list.

@@ -128,7 +128,7 @@ class SamplingConfig:
 @dataclass
 class DecodingConfig(SamplingConfig):
     """Sampling settings at evaluation: the rollout's fields with the released evaluation's defaults
-    (KTR_SPEC section 6), plus how many questions go into one `generate` call."""
+    (docs/method.md section 6.1), plus how many questions go into one `generate` call."""
 
     group_size: int = 1
     """Answers per question (evaluation scores one answer: must be 1)."""
@@ -155,7 +155,7 @@ class DecodingConfig(SamplingConfig):
 
 @dataclass
 class LossConfig:
-    """The policy objective (KTR_SPEC section 3)."""
+    """The policy objective (docs/method.md section 3)."""
 
     beta: float = 0.04
     """KL coefficient (k3 estimator against the frozen reference); 0 drops the reference entirely."""
@@ -196,7 +196,7 @@ class LossConfig:
 
 @dataclass
 class RewardConfig:
-    """Rewards summed into the scalar that advantages are computed from (KTR_SPEC section 4)."""
+    """Rewards summed into the scalar that advantages are computed from (docs/method.md section 4)."""
 
     names: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     """Registered reward names or dotted paths `pkg.module:function` of your own rewards."""

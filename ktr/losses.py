@@ -1,4 +1,4 @@
-"""Policy-gradient loss of GRPO / Video-KTR (layer L1), KTR spec section 3.
+"""Policy-gradient loss of GRPO / Video-KTR (layer L1), docs/method.md section 3.
 
 Three pieces, each defined once and reused by the chunked fused loss (``ktr/fused.py``):
 

@@ -1,4 +1,4 @@
-"""Answer extraction (KTR_SPEC.md sections 4 and 6), on hand cases and real model outputs."""
+"""Answer extraction (docs/method.md sections 4.3 and 6.1), on hand cases and real model outputs."""
 
 from __future__ import annotations
 

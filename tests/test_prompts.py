@@ -1,6 +1,6 @@
-"""Prompts equal hand-written expectations from KTR_SPEC.md section 4, on real rows of the released data.
+"""Prompts equal hand-written expectations from docs/method.md section 4, on real rows of the released data.
 
-The expected strings below are typed from the spec (and the row texts from the fixture), never produced
+The expected strings below are typed from that section (and the row texts from the fixture), never produced
 by the code under test.
 """
 

@@ -1,4 +1,4 @@
-"""Rewards of KTR_SPEC.md section 4: hand-computed values, rouge-score parity, properties, registry."""
+"""Rewards of docs/method.md section 4: hand-computed values, rouge-score parity, properties, registry."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 `MMVU`, `VideoHolmes`, and the generated `SyntheticBenchmark` of the demo.
 
 Each takes ``annotation_path``, ``video_root`` and ``format`` (``"video_r1"``: the Video-R1 eval JSON;
-``"official"``: the benchmark's own files; see ``docs/BENCHMARKS.md`` and :mod:`ktr.eval.benchmarks`), its
+``"official"``: the benchmark's own files; see ``docs/benchmarks.md`` sections 1-6 and :mod:`ktr.eval.benchmarks`), its
 own options, and the evaluator options of :class:`~ktr.callbacks.evaluator.BenchmarkEvaluator`
 (``decoding``, ``video``, ``every_n_steps``, ``subset``, ``output_dir``, ``num_workers``).
 """

@@ -1,4 +1,4 @@
-"""Prompts of the released Video-R1 / Video-KTR run, character for character (KTR_SPEC.md section 4).
+"""Prompts of the released Video-R1 / Video-KTR run, character for character (docs/method.md sections 4.1-4.2).
 
 Layer L2, but pure text: no tokenizer or processor here. The user turn is one vision item followed by
 ``QUESTION_TEMPLATE.format(Question=q) + TYPE_TEMPLATE[problem_type]``; no system message is added, so

@@ -2,7 +2,7 @@
 through `ktr.data.decoders`; no torchvision).
 
 The rules are those of qwen-vl-utils as vendored by the released Video-R1/Video-KTR code
-(KTR_SPEC.md section 5), re-implemented on plain torch so that the package never needs torchvision:
+(docs/method.md sections 5.2-5.3), re-implemented on plain torch so that the package never needs torchvision:
 
 - ``smart_nframes``/``sample_frame_indices``: how many frames and which ones;
 - ``smart_resize``: the per-frame size, both sides multiples of 28, area within pixel bounds;
@@ -47,7 +47,7 @@ MEMORY_PATH = "<memory>"
 
 @dataclass
 class VideoSettings:
-    """How videos are sampled and resized (qwen-vl-utils rules, KTR_SPEC.md section 5)."""
+    """How videos are sampled and resized (qwen-vl-utils rules, docs/method.md sections 5.2-5.3)."""
 
     fps: float = 2.0
     """Frames sampled per second of video, before clamping to [min_frames, max_frames]."""
@@ -66,7 +66,7 @@ class VideoSettings:
     """Temporal rotary step of video tokens. `sampled`: `second_per_grid_ts = temporal_patch / sample_fps`, as
     the Qwen2.5-VL processor computes it. `released`: as if `second_per_grid_ts` were absent (transformers'
     default 1.0), in every pass and in generation: the released Video-KTR / Video-R1 trainers delete it before
-    every forward, and the Video-R1 SFT checkpoint was trained that way (KTR_SPEC section 5)."""
+    every forward, and the Video-R1 SFT checkpoint was trained that way (docs/method.md section 5.4)."""
     factor: int | None = None
     """Frame sides are multiples of this: the model's patch_size * merge_size (Qwen2/2.5-VL 28, Qwen3-VL 32).
     None: the policy's (data modules and evaluators fill it in; standalone use: 28)."""

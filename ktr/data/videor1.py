@@ -1,7 +1,7 @@
 """Data modules for files in the Video-R1 schema (layer L3): Video-R1-Holmes-16k, Video-R1-260k, Video-R1-COT-165k.
 
 A data file is a JSON list or JSONL of rows (`problem_id`, `problem`, `data_type`, `problem_type`, `options`,
-`solution`, `path`, `data_source`; the COT file adds `process`), KTR_SPEC.md section 5. `path` is relative to a
+`solution`, `path`, `data_source`; the COT file adds `process`), docs/method.md section 5.5. `path` is relative to a
 media root (`./LLaVA-Video-178K/...`); images and videos are mixed in one run and decoded in DataLoader workers.
 
 Bad input, two stages:

@@ -3,7 +3,7 @@
 Each rule returns an :class:`Extraction`: the answer (None when the output is unparsable) and the name of
 the step that decided it, so that evaluators can count, e.g., how often Video-Holmes fell back to a bare
 letter. Rules reproduce the reference scripts' behaviour, quirks included (each quirk is named where it
-is kept); see ``docs/BENCHMARKS.md`` (shared) for the sources.
+is kept); see ``docs/benchmarks.md`` (sections 1.3 and 2-6) for the sources.
 
 - ``video_r1``: first ``<answer>`` tag, else the whole output (Video-R1 ``eval_bench.py``).
 - ``videomme_official``: remove the official answer phrases, first A-D letter (Video-MME ``eval_your_results.py``);

@@ -1,4 +1,4 @@
-"""Key-token attribution: run the enabled probes, select per signal, combine (layer L2, KTR_SPEC 1-2)."""
+"""Key-token attribution: run the enabled probes, select per signal, combine (layer L2, docs/method.md sections 1-2)."""
 
 from __future__ import annotations
 

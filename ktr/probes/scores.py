@@ -1,4 +1,4 @@
-"""Score functions of the attribution probes (layer L1), KTR_SPEC section 1 and the paper's score ablation.
+"""Score functions of the attribution probes (layer L1), docs/method.md section 1.4 and the paper's score ablation.
 
 A probe compares the policy with the media seen (``P``, the policy pass) and with the media perturbed (``Q``,
 the probe's pass). ``logp_diff`` (released, the default) is the signed difference of the sampled token's

@@ -1,4 +1,4 @@
-"""Temporal-aware probe: `s_T = log p(y | frames) - log p(y | perturbed frames)` (layer L2, KTR_SPEC 1.2).
+"""Temporal-aware probe: `s_T = log p(y | frames) - log p(y | perturbed frames)` (layer L2, docs/method.md section 1.2).
 
 The decoded frames are permuted *before* patching (so the two frames of a temporal patch are mixed too) and
 re-encoded by the vision tower: once per prompt, not once per completion. The prompt's text is untouched, so on

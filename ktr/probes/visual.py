@@ -1,4 +1,4 @@
-"""Visual-aware probe: `s_V = log p(y | video) - log p(y | video hidden)` (layer L2, KTR_SPEC section 1.1).
+"""Visual-aware probe: `s_V = log p(y | video) - log p(y | video hidden)` (layer L2, docs/method.md section 1.1).
 
 Perturbations (registry `VISUAL_PERTURBATIONS`) edit a copy of the sequence view; the vision features are
 reused, so this probe never calls the vision tower.

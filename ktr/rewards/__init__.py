@@ -1,6 +1,6 @@
 """Rewards (layer L1): pure functions of strings, looked up by name.
 
-Built-ins: ``"accuracy"`` and ``"format"`` (KTR_SPEC.md section 4) and the length bonus. Custom rewards
+Built-ins: ``"accuracy"`` and ``"format"`` (docs/method.md sections 4.4-4.5) and the length bonus. Custom rewards
 follow the protocol of :mod:`ktr.rewards.registry` and are named in the config by dotted path.
 """
 

@@ -1,4 +1,4 @@
-"""Accuracy reward of the released Video-R1 / Video-KTR run (layer L1, KTR_SPEC.md section 4).
+"""Accuracy reward of the released Video-R1 / Video-KTR run (layer L1, docs/method.md section 4.4).
 
 One scorer per ``problem_type``, picked from :data:`ACCURACY_SCORERS`. Scorers see the two extracted
 answers (model, ground truth) and return a score in [0, 1]. The reward never raises: an unknown type, an
@@ -151,7 +151,7 @@ def accuracy_reward_detail(completion: str, solution: str, problem_type: str) ->
 
 @register_reward("accuracy", detail=accuracy_reward_detail)
 def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
-    """Accuracy reward in [0, 1] by ``problem_type`` (KTR_SPEC.md section 4); 0 on any failure.
+    """Accuracy reward in [0, 1] by ``problem_type`` (docs/method.md section 4.4); 0 on any failure.
 
     >>> accuracy_reward("<think>...</think><answer> B </answer>", "<answer>B</answer>", "multiple choice")
     1.0

@@ -1,4 +1,4 @@
-"""Format reward of the released Video-R1 / Video-KTR run (layer L1, KTR_SPEC.md section 4)."""
+"""Format reward of the released Video-R1 / Video-KTR run (layer L1, docs/method.md section 4.5)."""
 
 from __future__ import annotations
 

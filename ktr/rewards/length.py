@@ -1,4 +1,4 @@
-"""Length bonus of the released Video-R1 / Video-KTR run (layer L1, KTR_SPEC.md section 4)."""
+"""Length bonus of the released Video-R1 / Video-KTR run (layer L1, docs/method.md section 4.6)."""
 
 from __future__ import annotations
 
