@@ -24,7 +24,7 @@ Whole step (`--parts step`): `scripts/bench_step.py`'s instrumented KTRModule st
 shared KTR (the defaults) and shared GRPO (`key_tokens.enabled: false`), with the released sampling (temperature
 1, top-p 0.95) and KL (beta 0.04, so a reference pass). Memory there is the process's peak RSS over the run
 (monotonic, so it includes the weights, the reference copy and the optimizer state), time the mean step after
-the first (`bench_step.summarise`).
+the first (`ktr.experiments.bench_step.summarise`).
 
 Model: a decoder-dominated CPU model (the built-in random Qwen2.5-VL at hidden 512, 4 layers, the full
 151,936 vocabulary, untied output projection), one prompt of a 16-frame 224x448 video (1,024 video tokens)
@@ -211,8 +211,7 @@ STEP_VARIANTS = {  # bench_step overrides of each whole-step variant
 
 def step_worker(variant: str, new_tokens: int, group_size: int, steps: int) -> list[dict]:
     """Whole KTRModule steps (`scripts/bench_step.py`) on the bench model and a ~1,000-token synthetic video."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import bench_step
+    from ktr.experiments import bench_step
 
     tiny = dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1408,
                 tie_word_embeddings=False)

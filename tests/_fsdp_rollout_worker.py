@@ -60,6 +60,5 @@ def run(rank: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     mp.spawn(run, args=(int(sys.argv[1]),), nprocs=WORLD, join=True)
     print("OK")

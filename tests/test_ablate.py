@@ -1,15 +1,12 @@
-"""scripts/ablate.py's statistics: t-intervals, the exact sign test, pairing on shared seeds, both metrics."""
+"""scripts/ablate.py's statistics (`ktr.report.ablation`): t-intervals, the exact sign test, pairing on shared
+seeds, both metrics."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("ablate", ROOT / "scripts/ablate.py")
-ab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ab)
+import ktr.report.ablation as ab
+from ktr.experiments.ablation import VARIANTS
 
 
 def test_mean_ci_is_the_student_t_interval() -> None:
@@ -34,13 +31,13 @@ def _rec(variant, seed, acc, p):
 def test_summarise_pairs_on_shared_seeds_per_metric() -> None:
     recs = [_rec("grpo", 0, 0.5, 0.30), _rec("grpo", 1, 0.6, 0.32), _rec("ktr", 0, 0.7, 0.35),
             _rec("ktr", 1, 0.6, 0.33), _rec("ktr", 2, 0.9, 0.50), _rec("random", 2, 0.1, None)]
-    summaries, paired = ab.summarise(recs, "val_acc")
+    summaries, paired = ab.summarise(recs, "val_acc", VARIANTS)
     ktr = next(s for s in summaries if s["variant"] == "ktr")
     assert ktr["n_seeds"] == 3 and ktr["mean"] == pytest.approx(0.7333, abs=1e-4) and ktr["warm_start"] == 0.4
     vs = {(p["variant"], p["vs"]): p for p in paired}
     assert vs["ktr", "grpo"]["n_seeds"] == 2 and vs["ktr", "grpo"]["mean_diff"] == pytest.approx(0.1)  # seed 2 unpaired
     assert vs["ktr", "random"]["n_seeds"] == 1 and vs["ktr", "random"]["mean_diff"] == pytest.approx(0.8)
-    summaries, paired = ab.summarise(recs, "val_p_target")
+    summaries, paired = ab.summarise(recs, "val_p_target", VARIANTS)
     assert {s["variant"] for s in summaries} == {"grpo", "ktr"}  # the run without the metric is left out
     diff = next(p for p in paired if p["variant"] == "ktr")
     assert diff["metric"] == "val_p_target" and diff["mean_diff"] == pytest.approx(0.03)

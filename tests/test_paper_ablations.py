@@ -1,20 +1,18 @@
-"""scripts/paper_ablations.py writes one valid overlay per variant of each paper figure."""
+"""scripts/paper_ablations.py (`ktr.experiments.paper_ablations`) writes one valid overlay per variant of each
+paper figure."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+import ktr.experiments.paper_ablations as pa
 from ktr.config import KeyTokenConfig, LossConfig, SignalConfig
 from ktr.training.algorithms import get_algorithm
 from ktr.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("paper_ablations", ROOT / "scripts/paper_ablations.py")
-pa = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pa)
 
 
 def _key_tokens(d: dict) -> KeyTokenConfig:

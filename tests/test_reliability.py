@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
@@ -354,9 +353,7 @@ def test_help_describes_ktr(capsys) -> None:
 
 
 def test_bench_step_times_rl_steps_on_the_demo_config() -> None:
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "scripts" / "bench_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    import ktr.experiments.bench_step as bench
     from ktr.model.trained import read_configs
 
     config = read_configs([DEMO])

@@ -1,8 +1,8 @@
-"""The comparison parts of `scripts/gpu_check.py` (vision processor, bf16 parity, shared prefix) and its report
-helpers.
+"""The comparison parts of the GPU check (vision processor, bf16 parity, shared prefix) and its report helpers
+(layer L4, with `ktr.experiments.gpu_check`; `scripts/gpu_check.py` is the command line).
 
 Each part fills `out` as it goes (so that a failure keeps what was measured) and returns its headline figures;
-`{"status": "skipped", "reason": ...}` when something it needs is absent. See `gpu_check.py` for the run.
+`{"status": "skipped", "reason": ...}` when something it needs is absent. See `scripts/gpu_check.py` for the run.
 """
 
 from __future__ import annotations
@@ -179,10 +179,10 @@ def _diff(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> dict:
 
 def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict:
     """bf16 log-probs of ktr's path vs transformers' forward, per attention kernel, and vs a float32 forward."""
-    from bench_step import arch_config, build_random
     from transformers.utils import is_flash_attn_2_available
 
     from ktr.config import TinyModelConfig
+    from ktr.experiments.bench_step import arch_config, build_random
     from ktr.model.policy import tiny_config
     from ktr.config import SamplingConfig
     from ktr.rollout.hf import generate
@@ -241,9 +241,8 @@ def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     """Shared prompt prefix vs naive (issue 11) at 7B widths (4 decoder layers, 2 vision blocks, bf16): rollout
     (`hf` vs `shared`, G = 8, released sampling) and each scoring pass on its completions (`loss.shared_prefix`
     false vs true): seconds, peak allocated memory, and the log-prob difference between the two layouts."""
-    from bench_step import arch_config, build_random
-
     from ktr.config import SamplingConfig
+    from ktr.experiments.bench_step import arch_config, build_random
     from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
     from ktr.config import TinyModelConfig
     from ktr.model.policy import tiny_config
@@ -377,7 +376,7 @@ def _phase_table(res: dict) -> list[str]:
 
 def _partial_table(progress: dict) -> list[str]:
     """Per-phase figures of the steps a failed step part got through (the failing phase included)."""
-    from bench_step import summarise
+    from ktr.experiments.bench_step import summarise
 
     setup = progress.get("setup") or {}
     return [*_summary_rows(summarise(progress["steps"])),
