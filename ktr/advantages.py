@@ -6,7 +6,7 @@ prompt ``g`` (``N = B * G``).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 

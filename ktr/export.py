@@ -23,8 +23,8 @@ the checkpoint's weights loaded into it; the LightningModule and the Trainer are
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ktr.model.checkpoint import CheckpointError
 from ktr.model.saving import export_policy

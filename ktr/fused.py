@@ -22,7 +22,8 @@ Shapes: ``N`` sequences, ``T`` positions, ``H`` hidden size, ``V`` vocabulary, `
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +192,7 @@ class _FusedLoss(torch.autograd.Function):
     """Grad-in-forward strategy: each chunk's loss gradient is formed while its softmax is in memory."""
 
     @staticmethod
-    def forward(ctx, h, w, b, y, loss_fn: "_ChunkedPolicyLoss", cfg: _Cfg):
+    def forward(ctx, h, w, b, y, loss_fn: _ChunkedPolicyLoss, cfg: _Cfg):
         run = _Chunked(h, w, b, cfg, with_grads=True)
 
         def backprop(sl: slice, logp: Tensor, e: Tensor, s: Tensor) -> None:

@@ -14,7 +14,8 @@ Shapes: ``N`` completions (``B * G``), ``T`` completion positions.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -319,7 +320,8 @@ def truncated_is_weights(logps: Tensor, rollout_logps: Tensor, mask: Tensor, cap
     corrects for it (TIS). The policy gradient is linear in the advantage, so the module passes per-token
     advantages ``A_i * w_it`` to :func:`policy_loss`: the KL term and the normalisers stay as they are.
 
-    >>> truncated_is_weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]]), torch.tensor([[True, True]]), 2.0)
+    >>> logps, rollout_logps = torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]])
+    >>> truncated_is_weights(logps, rollout_logps, torch.tensor([[True, True]]), 2.0)
     tensor([[2., 1.]])
     """
     log_ratio = (upcast(logps) - upcast(rollout_logps)).clamp(max=_LOG_RATIO_BOUND)  # [N, T]

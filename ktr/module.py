@@ -57,8 +57,8 @@ class KTRModule(PolicyModule):
             warm_start_lr: learning rate of the warm-start steps (default: optim.lr).
             val_max_new_tokens: greedy completion length at validation.
             algorithm: `grpo` (GRPO, with Video-KTR key tokens when `key_tokens.enabled`), or a same-data
-                baseline of the paper (`ktr.training.algorithms`, docs/baselines.md): `t_grpo` (Video-R1's temporal bonus
-                from G/2 extra rollouts on shuffled frames) or `tw_grpo` (TW-GRPO's token weights in
+                baseline of the paper (`ktr.training.algorithms`, docs/baselines.md): `t_grpo` (Video-R1's
+                temporal bonus from G/2 extra rollouts on shuffled frames) or `tw_grpo` (TW-GRPO's token weights in
                 [1, baseline.tw_alpha]; needs `key_tokens.enabled: false`).
             baseline: settings of the baselines.
             val_target_prob: also log `val/p_target`, the mean probability of the held-out rows' SFT targets

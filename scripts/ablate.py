@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             "summaries_p_target": p_summaries, "paired_p_target": p_paired,
             "warm_start": warm, "matched_scale": scale, "matched_lr": base_lr * (scale or 1.0),
             "ktr_frac_key_mean": next((s["frac_key"] for s in summaries if s["variant"] == "ktr"), None),
-            "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
+            "config": (str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT)
+                       else args.config),
             "rl_steps": args.rl_steps, "val_every": args.val_every, "extra": args.extra}, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")

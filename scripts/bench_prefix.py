@@ -106,7 +106,8 @@ def worker(impl: str, new_tokens: int, group_size: int, head_scale: float) -> di
     prefill = (b if impl == "shared" else n) * prompt
     return dict(impl=impl, phase="rollout", group_size=group_size, prompt_tokens=prompt, new_tokens=t,
                 tokens_processed=prefill + n * (t - 1), time_s=seconds, cpu_s=cpu_seconds, peak_mem_mb=peak_kb / 1024,
-                head_scale=head_scale, generated_tokens_per_s=n * t / seconds, tokens_per_cpu_s=(prefill + n * (t - 1)) / cpu_seconds)
+                head_scale=head_scale, generated_tokens_per_s=n * t / seconds,
+                tokens_per_cpu_s=(prefill + n * (t - 1)) / cpu_seconds)
 
 
 PASSES = ("policy", "backward", "reference", "visual", "temporal")

@@ -16,12 +16,11 @@ import time
 
 import torch
 
-from ktr.config import KeyTokenConfig
-from ktr.config import SIGNALS
+from ktr.config import SIGNALS, KeyTokenConfig
+from ktr.model.tokenizer import build_qwen2_tokenizer
 from ktr.probes.keytokens import select_key_tokens
 from ktr.report.record import StepRecord, report_data, thumbnails
 from ktr.report.write import write_index, write_report
-from ktr.model.tokenizer import build_qwen2_tokenizer
 from ktr.types import Media, PromptBatch, Rollout
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ktr.data.synthetic import moving_pattern
 from ktr.data.decoders import available_backends, open_video
+from ktr.data.synthetic import moving_pattern
 from ktr.data.video import VideoSettings, load_video, write_video
 
 DEFAULT_VIDEO = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "video1.mp4"

@@ -195,7 +195,8 @@ def spread_table(records: list[dict], seeds: list[int]) -> str:
     for r in records:
         groups.setdefault((r["model"], r["signal"], r["perturbation"], r["draws"], r["label"]), []).append(r["auroc"])
     lines = [f"AUROC over {len(seeds)} scoring seeds (perturbation draws) {seeds}:", "",
-             "| model | signal | perturbation | draws | label | mean | min | max |", "|---|---|---|---|---|---|---|---|"]
+             "| model | signal | perturbation | draws | label | mean | min | max |",
+             "|---|---|---|---|---|---|---|---|"]
     for (m, sig, pert, d, lab), xs in groups.items():
         lines.append(f"| {m} | {sig} | {pert or '-'} | {d} | {lab} | {sum(xs) / len(xs):.3f} | {min(xs):.3f} | "
                      f"{max(xs):.3f} |")
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--score-seeds", type=int, nargs="+", default=None,
                    help="score the held-out set once per seed (the seed of the temporal permutations and the "
                         "random score; default: --seed): the spread of each AUROC over perturbation draws")
-    p.add_argument("--visual-perturbations", nargs="+", default=["attention_mask"], choices=sorted(VISUAL_PERTURBATIONS),
+    p.add_argument("--visual-perturbations", nargs="+", default=["attention_mask"],
+                   choices=sorted(VISUAL_PERTURBATIONS),
                    help="visual perturbations scored (released: attention_mask)")
     p.add_argument("--temporal-perturbations", nargs="+", default=["shuffle"], choices=sorted(TEMPORAL_PERTURBATIONS),
                    help="temporal perturbations scored (released: shuffle)")

@@ -128,12 +128,9 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from ktr.config import ShardingConfig
+    from ktr.config import (KeyTokenConfig, LoraSettings, LossConfig, OptimConfig, PolicyConfig, RewardConfig,
+                            SamplingConfig, ShardingConfig, TinyModelConfig)
     from ktr.module import KTRModule
-    from ktr.config import LossConfig, OptimConfig, RewardConfig
-    from ktr.config import LoraSettings, PolicyConfig, TinyModelConfig
-    from ktr.config import KeyTokenConfig
-    from ktr.config import SamplingConfig
 
     s = SCENARIOS[scenario]
     torch.set_num_threads(1)

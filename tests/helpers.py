@@ -94,3 +94,18 @@ def run_in_own_session(cmd, timeout: float, what: str, **kwargs):
         proc.communicate()
         pytest.fail(f"{what} timed out after {timeout:.0f} s")
     return proc.returncode, out, err
+
+
+def metric_recorder():
+    """A Lightning logger that records which metric names each logged step carried: `rows` of (step, names)."""
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    class MetricRecorder(DummyLogger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int, set[str]]] = []
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.rows.append((step, set(metrics)))
+
+    return MetricRecorder()

@@ -100,12 +100,14 @@ def _fit(tmp_path: Path, monkeypatch, *overlay: str) -> set[str]:
     ("t_grpo", ["train/reward/temporal", "train/t_grpo/shuffled_accuracy"]),
     ("tw_grpo", ["train/tw_grpo/mean_weight"]),
 ])
+@pytest.mark.slow
 def test_three_step_demo_run_of_each_baseline(tmp_path, monkeypatch, name, tags) -> None:
     got = _fit(tmp_path, monkeypatch, "--config", str(ROOT / f"configs/baselines/{name}.yaml"))
     for tag in ["train/loss", "train/reward/total", *tags]:
         assert tag in got, (tag, sorted(got))
 
 
+@pytest.mark.slow
 def test_three_step_run_with_soft_weights_and_a_distribution_score(tmp_path, monkeypatch) -> None:
     got = _fit(tmp_path, monkeypatch, "--model.init_args.key_tokens.weighting=sigmoid",
                "--model.init_args.key_tokens.visual.score=js", "--model.init_args.loss.beta=0.04")

@@ -17,6 +17,7 @@ def _argv(monkeypatch):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_config_parses(config: Path, capsys) -> None:
     sub = "test" if "eval" in config.name else "fit"
     with pytest.raises(SystemExit) as exit_info:
@@ -39,6 +40,7 @@ def test_bad_enum_fails_naming_key(capsys) -> None:
     assert "aggregation" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_help_documents_options(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "ktr.module.KTRModule"])
@@ -47,6 +49,7 @@ def test_help_documents_options(capsys) -> None:
     assert "Completions per prompt" in out  # attribute docstring of SamplingConfig.group_size
 
 
+@pytest.mark.slow
 def test_fit_runs_in_process_and_logs_rewards(tmp_path: Path) -> None:
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -18,10 +18,10 @@ import torch
 
 from ktr.data.base import PromptDataset, StepBatch
 from ktr.data.processor import VisionLanguageProcessor
-from ktr.data.skips import SkipCounter, Skipped, SkipLimitExceeded
+from ktr.data.skips import SkipCounter, SkipLimitExceeded, Skipped
 from ktr.data.video import ImageSettings, VideoSettings
-from ktr.data.videor1 import (DataFileError, Holmes16kDataModule, VideoR1COTDataModule, VideoR1DataModule,
-                              load_rows, resolve_media_path)
+from ktr.data.videor1 import (DataFileError, Holmes16kDataModule, VideoR1COTDataModule, VideoR1DataModule, load_rows,
+                              resolve_media_path)
 from tests import FIXTURES
 
 av = pytest.importorskip("av")
@@ -362,6 +362,7 @@ def test_skip_counter_threshold_and_messages(caplog) -> None:
 
 
 @pytest.mark.parametrize("name", ["video_r1_holmes_16k", "video_r1_260k", "video_r1_cot_165k"])
+@pytest.mark.slow
 def test_data_configs_parse_and_instantiate(name, dataset, tmp_path) -> None:
     from jsonargparse import ArgumentParser
 

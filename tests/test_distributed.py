@@ -44,13 +44,13 @@ def one_process_group():
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_units_follow_what_the_forward_path_calls(one_process_group):
     from torch.distributed.fsdp import FSDPModule
 
-    from ktr.config import ShardingConfig
-    from ktr.model.fsdp import is_sharded, shard_policy
-    from ktr.config import PolicyConfig
+    from ktr.config import PolicyConfig, ShardingConfig
     from ktr.model.families import core
+    from ktr.model.fsdp import is_sharded, shard_policy
     from ktr.model.policy import load_policy
 
     model = load_policy(PolicyConfig(attn_implementation="eager")).model  # tiny: tied embeddings
@@ -68,11 +68,11 @@ def test_units_follow_what_the_forward_path_calls(one_process_group):
         shard_policy(model, one_process_group)
 
 
+@pytest.mark.slow
 def test_tied_gradients_clip_once_and_update_both_copies(one_process_group):
-    from ktr.config import ShardingConfig
-    from ktr.model.fsdp import shard_policy, tied_gradients
-    from ktr.config import PolicyConfig
+    from ktr.config import PolicyConfig, ShardingConfig
     from ktr.model.families import core
+    from ktr.model.fsdp import shard_policy, tied_gradients
     from ktr.model.policy import load_policy
 
     model = load_policy(PolicyConfig(attn_implementation="eager")).model
@@ -95,7 +95,8 @@ def _run_worker(tmp_path: Path, scenario: str) -> dict:
         proc = subprocess.run([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"2-process FSDP run {scenario!r} did not finish (hang?):\n{(err.stderr or '')[-3000:]}")
+        raise AssertionError(f"2-process FSDP run {scenario!r} did not finish (hang?):\n{(err.stderr or '')[-3000:]}") \
+            from err
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((tmp_path / f"{scenario}.json").read_text())
     out["weights"] = torch.load(tmp_path / f"{scenario}.pt")
@@ -122,7 +123,7 @@ def _matches_one_process(fsdp: dict, single: dict) -> dict:
     w, sw = fsdp["weights"], single["weights"]
     assert w.keys() == sw.keys()
     for k in w:
-        torch.testing.assert_close(w[k], sw[k], atol=1e-4, rtol=0, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(w[k], sw[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     return w
 
 

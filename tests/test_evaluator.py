@@ -16,9 +16,9 @@ import torch
 
 from ktr import callbacks as C
 from ktr.callbacks import DecodingConfig, EvalVideoSettings, SyntheticBenchmark
+from ktr.config import PolicyConfig
 from ktr.data.video import write_video
 from ktr.eval import prompt_hash, summarize
-from ktr.config import PolicyConfig
 from ktr.model.policy import load_policy
 from tests import FIXTURES as FIXTURES_ROOT
 
@@ -76,6 +76,7 @@ CASES = [  # evaluator, fixture file, format, questions evaluated (subset)
 
 
 @pytest.mark.parametrize(("cls", "file", "fmt", "subset"), CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.slow
 def test_each_benchmark_end_to_end(fx, policy, tmp_path, cls, file, fmt, subset):
     ev = cls(fx / file, tmp_path / "videos" / "Evaluation", fmt, subset=subset, **SMALL)
     items = ev.benchmark.load()[:subset]
@@ -185,6 +186,7 @@ def _ktr_test(tmp_path: Path, *extra: str):
                  "--trainer.callbacks.decoding.batch_size", "4", *extra])
 
 
+@pytest.mark.slow
 def test_ktr_test_demo_config_writes_results(tmp_path):
     cli = _ktr_test(tmp_path)
     out = tmp_path / "runs" / "demo_eval" / "version_0" / "eval" / "synthetic"
@@ -234,6 +236,7 @@ def _perturbed(module) -> None:
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "hf_dir", "lora"])
+@pytest.mark.slow
 def test_ktr_test_from_checkpoint_hf_dir_and_lora(policy, tmp_path, source):
     import lightning as L
 

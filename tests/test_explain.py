@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs/demo.yaml")
 
 
+@pytest.mark.slow
 def test_explain_generates_an_answer_for_the_fixture_video(fixtures_dir, tmp_path, capsys) -> None:
     torch.set_num_threads(1)
     page = main(["--config", DEMO, "--video", str(fixtures_dir / "video1.mp4"), "--question", "What is shown?",
@@ -35,6 +36,7 @@ def test_explain_generates_an_answer_for_the_fixture_video(fixtures_dir, tmp_pat
         assert Image.open(tmp_path / "answer.png").width <= 900 and "picture:" in out
 
 
+@pytest.mark.slow
 def test_explain_scores_a_given_answer_for_an_image(tmp_path) -> None:
     from PIL import Image
 
@@ -68,6 +70,7 @@ def _same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_checkpoints_load_like_ktr_test(changed_policy, tmp_path) -> None:
     from ktr.model.saving import export_policy
     from ktr.config import LoraSettings

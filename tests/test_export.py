@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktr.model.trained import checkpoint_weights
+from ktr.config import PolicyConfig
 from ktr.export import export, main
 from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.config import PolicyConfig
 from ktr.model.policy import load_policy
+from ktr.model.trained import checkpoint_weights
 
 CONFIG = """
 seed_everything: 0
@@ -82,6 +82,7 @@ def _logps(model, batch, rollout) -> torch.Tensor:
     return completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask)[0]  # [N, T]
 
 
+@pytest.mark.slow
 def test_export_reloads_with_from_pretrained_and_gives_the_same_logps(trained):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -101,6 +102,7 @@ def test_export_reloads_with_from_pretrained_and_gives_the_same_logps(trained):
         "<|im_start|>user")["input_ids"]
 
 
+@pytest.mark.slow
 def test_processor_settings_are_exported(trained):
     out = export([trained["cfg"]], trained["ckpt"], trained["tmp"] / "hf_proc")
     img = json.loads((out / "preprocessor_config.json").read_text())
@@ -119,6 +121,7 @@ def test_processor_settings_are_exported(trained):
         (out / "tokenizer_config.json").read_text())
 
 
+@pytest.mark.slow
 def test_adapter_only_export_reloads_exactly(trained):
     if trained["kind"] != "lora":
         with pytest.raises(ValueError, match="adapter-only needs a LoRA"):

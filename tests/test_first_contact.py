@@ -131,6 +131,7 @@ def _skip_run(tmp_path, train_size: int, min_seen: int, max_fraction: float, ste
 
 
 @pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
+@pytest.mark.slow
 def test_skip_limit_saves_last_checkpoint_before_stopping(tmp_path, where) -> None:
     """3 of the first 4 items are skipped after one RL step on item 0. At the epoch end (4 items, skip_min_seen
     100 keeps the per-batch check quiet) the check ran before ModelCheckpoint's save: nothing was saved."""
@@ -177,6 +178,7 @@ def _demo_fit(tmp_path, monkeypatch, steps: int, *extra: str):
                  "--trainer.limit_val_batches=0", *extra])
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_resumes_the_runs_last_checkpoint(tmp_path, monkeypatch, capsys) -> None:
     first = _demo_fit(tmp_path, monkeypatch, 1)
     last = Path(first.trainer.checkpoint_callback.last_model_path)
@@ -188,6 +190,7 @@ def test_ckpt_path_last_resumes_the_runs_last_checkpoint(tmp_path, monkeypatch, 
     assert f"ktr: --ckpt_path last is {last}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_without_a_checkpoint_is_refused(tmp_path, monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _demo_fit(tmp_path, monkeypatch, 1, "--ckpt_path=last")
@@ -216,6 +219,7 @@ def test_batch_size_above_the_row_count_warns_with_both_numbers(tmp_path, caplog
 
 
 # ---------------------------------------------------------------------------------- 6. resume with another size
+@pytest.mark.slow
 def test_resume_with_another_model_size_names_the_setting(tmp_path) -> None:
     import lightning as L
     import torch
@@ -265,6 +269,7 @@ class _Unpicklable:
         raise RuntimeError("cannot pickle this")
 
 
+@pytest.mark.slow
 def test_checkpoint_temp_file_stays_in_the_run_folder_and_goes_on_failure(tmp_path, monkeypatch) -> None:
     """The system temp directory is unusable here (as when it is full or small): a save still works, since its
     temporary file is in the checkpoint's own folder; a failing save leaves the old file and no temporary one."""

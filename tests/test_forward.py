@@ -1,10 +1,11 @@
 """The shared forward path equals Hugging Face's Qwen2.5-VL forward; tokenizer and processor facts."""
 
+import pytest
 import torch
 
-from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.model.families import family_of
 from ktr.config import TinyModelConfig
+from ktr.model.families import family_of
+from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.model.policy import tiny_config
 from tests.helpers import rollout_for, tiny_qwen2_vl_config
 
@@ -58,6 +59,7 @@ def ktr_logps(model, batch, rollout, chunk_size=7):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_forward_equals_huggingface(tiny_any) -> None:
     """Left padding, two different videos and an image in one pass, G = 2 rows each."""
     model = tiny_any.model
@@ -93,6 +95,7 @@ def test_video_placeholders_for_real_clip(tiny_policy, fixtures_dir) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_qwen2_vl_checkpoint_directory_loads_and_matches_hf(tiny_policy, tmp_path) -> None:
     """A Qwen2-VL (not 2.5) checkpoint directory goes through the same code after construction."""
     from transformers import Qwen2VLForConditionalGeneration

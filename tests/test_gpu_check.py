@@ -24,6 +24,9 @@ PARTS = ["vision_processor", "parity", "prefix", "loss_bench", "fsdp_step", "qlo
 VIDEO = FIXTURES / "video1.mp4"
 
 
+pytestmark = pytest.mark.slow  # one module fixture runs the whole check script (~15 s)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_check")

@@ -13,6 +13,7 @@ from ktr.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_command_writes_a_report(tmp_path: Path, monkeypatch) -> None:
     # `ktr fit --config configs/demo.yaml --trainer.max_steps=4`: all four steps are warm-start (SFT) steps,
     # which have no key tokens; the callback's end-of-training page explains the last batch with the final policy.
@@ -38,6 +39,7 @@ def test_demo_command_writes_a_report(tmp_path: Path, monkeypatch) -> None:
     assert comp["text"] == "<answer>C</answer>" and comp["num_key"] >= 1
 
 
+@pytest.mark.slow
 def test_rl_steps_are_reported_with_index_and_tensorboard_text(tmp_path: Path, monkeypatch) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers.logger import DummyLogger
 
 from ktr.training.lightning_compat import attached_trainer, forget_step_metrics
+from tests.helpers import metric_recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE = re.compile(r"\._(results|trainer)\b|trainer\._\w+")
@@ -19,15 +19,6 @@ def test_no_private_lightning_attribute_outside_the_compat_module() -> None:
             if p.name != "lightning_compat.py"
             for i, line in enumerate(p.read_text().splitlines(), 1) if PRIVATE.search(line)]
     assert not hits, "private Lightning attributes outside ktr/training/lightning_compat.py:\n" + "\n".join(hits)
-
-
-class _Recorder(DummyLogger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, set[str]]] = []
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, set(metrics)))
 
 
 class _Tiny(L.LightningModule):
@@ -57,7 +48,7 @@ class _Tiny(L.LightningModule):
 
 
 def _steps_logging(forget: bool) -> tuple[list[int], _Tiny]:
-    module, recorder = _Tiny(forget), _Recorder()
+    module, recorder = _Tiny(forget), metric_recorder()
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=recorder, log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module)

@@ -5,13 +5,10 @@ import lightning as L
 import pytest
 import torch
 
+from ktr.config import KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig, RewardConfig, SamplingConfig, SignalConfig
 from ktr.data.base import SyntheticDataModule
 from ktr.module import KTRModule
-from ktr.config import LossConfig, OptimConfig, RewardConfig
-from ktr.config import PolicyConfig
-from ktr.config import KeyTokenConfig, SignalConfig
-from ktr.config import SamplingConfig
-from tests.helpers import SMALL_VIDEO, module_grads, rollout_for
+from tests.helpers import SMALL_VIDEO, metric_recorder, module_grads, rollout_for
 
 
 def _module(**kw) -> KTRModule:
@@ -20,6 +17,7 @@ def _module(**kw) -> KTRModule:
                      sampling=SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0), **kw)
 
 
+@pytest.mark.slow
 def test_one_training_step_changes_parameters(tmp_path) -> None:
     L.seed_everything(0)
     module = _module(loss=LossConfig(beta=0.04), optim=OptimConfig(lr=1e-3),
@@ -42,6 +40,7 @@ def _grads(module, batch, rollout, micro):
     return loss, grads
 
 
+@pytest.mark.slow
 def test_micro_batches_equal_single_pass() -> None:
     module = _module()
     from ktr.model.policy import Policy
@@ -55,6 +54,7 @@ def test_micro_batches_equal_single_pass() -> None:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vanilla_grpo_is_config_of_the_same_module() -> None:
     module = _module(key_tokens=KeyTokenConfig(enabled=False))
     assert type(module) is KTRModule
@@ -63,22 +63,13 @@ def test_vanilla_grpo_is_config_of_the_same_module() -> None:
         KeyTokenConfig(visual=off, temporal=off, entropy=off)
 
 
+@pytest.mark.slow
 def test_metrics_are_logged_only_in_the_steps_that_compute_them() -> None:
     """The warm start's `train/sft_loss` must not be re-logged (stale) at the RL steps after it."""
-    from lightning.pytorch.loggers.logger import DummyLogger
-
-    class Recorder(DummyLogger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows: list[tuple[int, set[str]]] = []
-
-        def log_metrics(self, metrics, step=None) -> None:
-            self.rows.append((step, set(metrics)))
-
     L.seed_everything(0)
     module = _module(warm_start_steps=2, warm_start_lr=1e-3, loss=LossConfig(beta=0.0))
     dm = SyntheticDataModule(batch_size=2, val_size=0, train_size=16, video=SMALL_VIDEO)
-    recorder = Recorder()
+    recorder = metric_recorder()
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=recorder, log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
@@ -90,6 +81,7 @@ def test_metrics_are_logged_only_in_the_steps_that_compute_them() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_target_logp_equals_huggingface_teacher_forcing() -> None:
     """`val/p_target`: the product of the target's token probabilities under transformers' own forward, for
     targets of different lengths in one batch (right padding of the targets, left padding of the prompts)."""
@@ -111,6 +103,7 @@ def test_target_logp_equals_huggingface_teacher_forcing() -> None:
     assert (got < 0).all() and got[1] > got[2]  # the 2-token target is likelier than the 17-token one
 
 
+@pytest.mark.slow
 def test_validation_logs_target_prob_from_the_datamodules_targets() -> None:
     """With `val_target_prob` an RL run (no warm start) still gets SFT targets for its held-out rows, and
     `val/p_target` equals `target_logp` of those rows under the final policy."""

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 import ktr.experiments.paper_ablations as pa
+from ktr.cli import main
 from ktr.config import KeyTokenConfig, LossConfig, SignalConfig
 from ktr.training.algorithms import get_algorithm
-from ktr.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

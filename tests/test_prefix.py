@@ -1,5 +1,6 @@
-"""Shared prompt prefix (ktr.model.prefix): the packed layout, every scoring pass equal to the naive layout, gradients of
-the KTR loss equal with and without micro-batches and a frozen vision tower, and the decoder's rows per pass."""
+"""Shared prompt prefix (ktr.model.prefix): the packed layout, every scoring pass equal to the naive layout,
+gradients of the KTR loss equal with and without micro-batches and a frozen vision tower, and the decoder's rows per
+pass."""
 
 from dataclasses import replace
 
@@ -121,6 +122,7 @@ def _grads(module, batch, rollout, shared, micro):
 
 
 @pytest.mark.parametrize("frozen_vision", [False, True])
+@pytest.mark.slow
 def test_ktr_gradients_equal_naive(frozen_vision) -> None:
     from ktr.model.families import vision_tower
     from ktr.model.policy import Policy
@@ -174,6 +176,7 @@ def _key_and_grads(module, batch, rollout, shared: bool, tie: bool):
     return key, {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_key_tokens_and_gradients_equal_naive_on_shared_starts() -> None:
     """Completions that begin alike have tied scores at their common start; the packed layout must select exactly
     the naive layout's tokens (released ties: kept or dropped together), and then give the same gradients."""
@@ -190,6 +193,7 @@ def test_key_tokens_and_gradients_equal_naive_on_shared_starts() -> None:
         torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(), msg=k)
 
 
+@pytest.mark.slow
 def test_tied_contexts_select_alike_at_every_threshold() -> None:
     """At every threshold a pool can have (each integer quantile rank), the packed layout's scores select the naive
     layout's tokens once contexts are tied; untied, the packed row's last-bit differences between copies of one

@@ -4,8 +4,8 @@ tower runs once per distinct (media, perturbation) whatever G; forward calls are
 import pytest
 import torch
 
-from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.config import KeyTokenConfig
+from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.probes.keytokens import attribute
 from ktr.probes.temporal import segment_permutation, temporal_scores
 from ktr.probes.visual import visual_scores
@@ -30,6 +30,7 @@ def _base(policy, batch, rollout):
 
 @torch.no_grad()
 @pytest.mark.parametrize("kind", ["visual", "temporal"])
+@pytest.mark.slow
 def test_identity_perturbation_scores_exactly_zero(tiny_policy, kind) -> None:
     batch, rollout = rollout_for(tiny_policy)
     view, feats, logps, _ = _base(tiny_policy, batch, rollout)
@@ -44,6 +45,7 @@ def test_identity_perturbation_scores_exactly_zero(tiny_policy, kind) -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("perturbation", ["attention_mask", "zero_embeddings", "random_half"])
+@pytest.mark.slow
 def test_hiding_the_video_changes_scores(tiny_policy, perturbation) -> None:
     batch, rollout = rollout_for(tiny_policy)
     view, feats, logps, _ = _base(tiny_policy, batch, rollout)
@@ -57,6 +59,7 @@ def test_hiding_the_video_changes_scores(tiny_policy, perturbation) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_swap_media_shows_each_prompt_another_prompts_clip(tiny_policy) -> None:
     """Prompts 0 and 1 (videos of one shape) see each other's features; prompt 2 (an image, alone) has no partner
     and gets zero embeddings. Checked against passes built by hand."""
@@ -82,6 +85,7 @@ def test_swap_media_shows_each_prompt_another_prompts_clip(tiny_policy) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_swap_media_draws_show_each_prompt_a_different_clip(tiny_policy) -> None:
     """Draw d rotates the same-shaped prompts by 1 + d; `draws` = 2 is the mean of draws 0 and 1."""
     from ktr.probes.visual import get_visual_perturbation
@@ -105,9 +109,9 @@ def test_swap_media_draws_show_each_prompt_a_different_clip(tiny_policy) -> None
 
 def _swap_scores(model, view, feats, ids, valid, logps, other):
     """logp_diff scores with prompt i's features replaced by prompt other[i]'s, built by hand."""
-    from ktr.probes.compare import compare_passes
-
     from dataclasses import replace
+
+    from ktr.probes.compare import compare_passes
 
     ds = feats.deepstack and [feats.deepstack[j] for j in other]
     swapped = feats.with_prompts(list(range(len(other))),
@@ -117,6 +121,7 @@ def _swap_scores(model, view, feats, ids, valid, logps, other):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_temporal_draws_average_fresh_permutations(tiny_policy) -> None:
     """`draws` = 3 is the mean of three single-draw scores taken from the same generator in turn."""
     batch, rollout = rollout_for(tiny_policy, n_prompts=2)
@@ -145,6 +150,7 @@ def test_draws_need_a_random_perturbation() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_temporal_shuffle_changes_video_scores_and_zero_on_images(tiny_policy) -> None:
     torch.manual_seed(1)
     batch, rollout = rollout_for(tiny_policy, n_prompts=2, image_every=2)  # prompt 0 video, prompt 1 image
@@ -183,6 +189,7 @@ class _Counter:
 
 @torch.no_grad()
 @pytest.mark.parametrize("group_size", [2, 4])
+@pytest.mark.slow
 def test_vision_tower_runs_once_per_media_and_perturbation(tiny_policy, group_size) -> None:
     model = tiny_policy.model
     batch, rollout = rollout_for(tiny_policy, n_prompts=2, group_size=group_size)
@@ -199,6 +206,7 @@ def test_vision_tower_runs_once_per_media_and_perturbation(tiny_policy, group_si
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_same_forward_calls_for_any_media_mix(tiny_policy) -> None:
     counts = []
     for image_every in (0, 1, 2):  # all videos, all images, mixed
@@ -213,6 +221,7 @@ def test_same_forward_calls_for_any_media_mix(tiny_policy) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_random_control_keeps_ktr_count_per_group(tiny_policy) -> None:
     batch, rollout = rollout_for(tiny_policy, n_prompts=2, group_size=2, max_new_tokens=8)
     view, feats, logps, ent = _base(tiny_policy, batch, rollout)

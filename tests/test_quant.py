@@ -30,11 +30,10 @@ def text_length(completion: str, solution: str, problem_type: str) -> float:
 @pytest.fixture(scope="module", params=["tiny", "tiny-qwen3vl"])
 def trained(request):
     """A KTR module on a 4-bit tiny base (each tiny family), its weights before, and after one training step."""
+    from ktr.config import LossConfig, OptimConfig, RewardConfig, SamplingConfig
     from ktr.data.base import SyntheticDataModule
     from ktr.data.video import VideoSettings
     from ktr.module import KTRModule
-    from ktr.config import LossConfig, OptimConfig, RewardConfig
-    from ktr.config import SamplingConfig
 
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -54,6 +53,7 @@ def trained(request):
     return module, before
 
 
+@pytest.mark.slow
 def test_language_model_linears_are_nf4_and_the_rest_stays_high_precision(trained):
     module, _ = trained
     base = core(module.model)
@@ -80,6 +80,7 @@ def test_qlora_step_changes_only_adapter_weights(trained):
     assert any("lora_B" in k for k in changed)  # B starts at zero: the adapters now do something
 
 
+@pytest.mark.slow
 def test_reference_logps_equal_the_4bit_base_model(trained):
     from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
     from tests.helpers import rollout_for

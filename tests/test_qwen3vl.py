@@ -286,11 +286,11 @@ def test_unsupported_checkpoint_names_model_type_and_supported(tmp_path) -> None
     assert get_family("qwen3_vl").tiny_name == "tiny-qwen3vl"
 
 
+@pytest.mark.slow
 def test_micro_batches_equal_single_pass_on_qwen3vl() -> None:
-    from ktr.module import KTRModule
+    from ktr.config import PolicyConfig, SamplingConfig
     from ktr.model.policy import Policy
-    from ktr.config import PolicyConfig
-    from ktr.config import SamplingConfig
+    from ktr.module import KTRModule
     from tests.test_module import _grads
 
     torch.set_num_threads(1)
@@ -306,6 +306,7 @@ def test_micro_batches_equal_single_pass_on_qwen3vl() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_export_round_trip_on_qwen3vl(tiny_qwen3vl, tmp_path) -> None:
     """Export writes a Qwen3-VL directory (weights, tokenizer, Qwen3-VL processor configs) that transformers and
     ktr load back to the same log-probs."""
@@ -313,9 +314,9 @@ def test_export_round_trip_on_qwen3vl(tiny_qwen3vl, tmp_path) -> None:
 
     from transformers import Qwen3VLForConditionalGeneration
 
-    from ktr.model.saving import export_policy
     from ktr.config import PolicyConfig
     from ktr.model.policy import load_policy
+    from ktr.model.saving import export_policy
     from tests.test_forward import ktr_logps
 
     batch, rollout = rollout_for(tiny_qwen3vl, n_prompts=2, group_size=1, image_every=2)

@@ -22,18 +22,8 @@ import lightning as L
 import pytest
 import torch
 
-from ktr.config import (
-    ConfigError,
-    DecodingConfig,
-    KeyTokenConfig,
-    LoraSettings,
-    LossConfig,
-    OptimConfig,
-    RewardConfig,
-    SamplingConfig,
-    SignalConfig,
-    TinyModelConfig,
-)
+from ktr.config import (ConfigError, DecodingConfig, KeyTokenConfig, LoraSettings, LossConfig, OptimConfig,
+                        RewardConfig, SamplingConfig, SignalConfig, TinyModelConfig)
 from ktr.data.base import PromptDataset, SyntheticDataModule
 from ktr.data.skips import SkipCounter
 from ktr.data.video import ImageSettings, VideoSettings
@@ -52,8 +42,8 @@ def _argv(monkeypatch):
 
 
 def _module(**kw):
-    from ktr.module import KTRModule
     from ktr.config import PolicyConfig
+    from ktr.module import KTRModule
 
     torch.set_num_threads(1)
     sampling = kw.pop("sampling", SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0))
@@ -83,6 +73,7 @@ class _Recorder:
 
 
 # ---------------------------------------------------------------------------------- 1. per-sample failures
+@pytest.mark.slow
 def test_too_long_prompt_is_skipped_counted_and_logged_not_fatal() -> None:
     """Synthetic prompts are 193 or 204 tokens: with max_prompt_length 200 the long ones used to end the run."""
     L.seed_everything(0)
@@ -125,7 +116,8 @@ def test_data_file_failures_name_file_line_and_fault(tmp_path) -> None:
             read_records(f)
 
     fails("latin1.json", b'[\n{"problem": "caf\xe9"}]', r"latin1\.json: not UTF-8 text at line 2")
-    fails("syntax.json", b'[\n{"problem": 1},\n{"problem" 2}]', r"syntax\.json: not valid JSON at line 3 column 12: Expecting .:. delimiter")
+    fails("syntax.json", b'[\n{"problem": 1},\n{"problem" 2}]',
+          r"syntax\.json: not valid JSON at line 3 column 12: Expecting .:. delimiter")
     fails("object.json", b'{\n"rows": []\n}', r"object\.json: the file is one JSON object \(keys \['rows'\]\)")
     fails("scalar.json", b"42", r"scalar\.json: the top-level JSON value is a int")
     fails("utf16.json", "[]".encode("utf-16"), r"utf16\.json: the file is UTF-16")
@@ -230,6 +222,7 @@ def test_checkpoint_reader_names_file_and_fault(tmp_path) -> None:
 
 @pytest.mark.usefixtures("_argv")
 @pytest.mark.parametrize("command", ["fit", "test", "export"])
+@pytest.mark.slow
 def test_commands_refuse_a_bad_checkpoint_naming_it(command, tmp_path, capsys) -> None:
     cases = _bad_checkpoints(tmp_path)
     for name in ("empty", "truncated", "plain_state_dict"):
@@ -292,6 +285,7 @@ class _OddFramesFail(SyntheticDataModule):
         return super().load_media(row)
 
 
+@pytest.mark.slow
 def test_skip_counts_survive_resume(tmp_path) -> None:
     def fit(steps: int, ckpt: str | None = None):
         L.seed_everything(0)
@@ -352,6 +346,7 @@ def test_help_describes_ktr(capsys) -> None:
     assert "usage: ktr" in out and "Video-KTR" in out and "Lightning Trainer command line tool" not in out
 
 
+@pytest.mark.slow
 def test_bench_step_times_rl_steps_on_the_demo_config() -> None:
     import ktr.experiments.bench_step as bench
     from ktr.model.trained import read_configs

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(find_chromium() is None, reason="Chromium is not
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     from ktr.config import KeyTokenConfig
+    from ktr.model.tokenizer import build_qwen2_tokenizer
     from ktr.report.record import report_data, thumbnails
     from ktr.report.write import write_report
-    from ktr.model.tokenizer import build_qwen2_tokenizer
     from tests.test_report import TEXTS, _record
 
     tok = build_qwen2_tokenizer()

@@ -103,12 +103,10 @@ class _Record(Callback):
 
 def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: Path | None = None, warm: int = 0,
          name: str = "tiny"):
+    from ktr.config import LossConfig, OptimConfig, PolicyConfig, SamplingConfig
     from ktr.data.base import SyntheticDataModule
     from ktr.data.video import VideoSettings
     from ktr.module import KTRModule
-    from ktr.config import LossConfig, OptimConfig
-    from ktr.config import PolicyConfig
-    from ktr.config import SamplingConfig
 
     torch.set_num_threads(1)
     L.seed_everything(42)
@@ -130,7 +128,7 @@ def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: 
     return module, record.ids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _uninterrupted(warm: int = 0, name: str = "tiny"):
     module, ids = _fit(warm=warm, name=name)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, ids

@@ -10,8 +10,8 @@ from ktr.model.forward import SequenceView
 from ktr.rollout.base import (ROLLOUT_BACKENDS, assemble_rollout, end_of_sequence_ids, rollout_backend,
                               suppressed_token_ids)
 from ktr.rollout.hf import generate, hf_generate_kwargs
-from ktr.rollout.shared import SharedPrefixBackend, decode_step, generate_shared, prefill
 from ktr.rollout.sampling import process_logits
+from ktr.rollout.shared import SharedPrefixBackend, decode_step, generate_shared, prefill
 from tests.helpers import synthetic_samples, tiny_qwen2_vl_config
 
 G = 4
@@ -69,6 +69,7 @@ def _assert_same_rollout(a, b) -> None:
 
 
 @pytest.mark.parametrize("which", ["untied_policy", "qwen2_vl_policy", "untied_qwen3vl"])
+@pytest.mark.slow
 def test_greedy_equals_hf(which, request) -> None:
     policy = request.getfixturevalue(which)
     batch = _batch(policy)

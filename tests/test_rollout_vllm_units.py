@@ -76,8 +76,9 @@ def test_policy_weights_are_the_checkpoint_names_with_lora_merged(tiny_policy) -
         torch.testing.assert_close(got[k], merged[k], rtol=0, atol=1e-6)
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(got[q], plain.state_dict()[q])  # the adapters moved it
-    torch.testing.assert_close(dict(lora.named_parameters())[f"base_model.model.{q}".replace(".weight", ".base_layer.weight")],
-                               plain.state_dict()[q])  # the policy's own weights untouched
+    base_q = f"base_model.model.{q}".replace(".weight", ".base_layer.weight")
+    # the policy's own weights untouched
+    torch.testing.assert_close(dict(lora.named_parameters())[base_q], plain.state_dict()[q])
 
 
 def test_truncated_is_weights_by_hand() -> None:

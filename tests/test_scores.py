@@ -97,7 +97,7 @@ def test_probe_distance_scores_on_the_tiny_model(tiny_policy) -> None:
         visual_scores(model, batch, view, feats, ids, valid, logps, "attention_mask", score="kl")
     cfg = KeyTokenConfig(visual=SignalConfig(score="hellinger"), temporal=SignalConfig(score="l1"))
     assert cfg.needs_base_hidden and not KeyTokenConfig().needs_base_hidden
-    kt = attribute(model, tiny_policy.processor, batch, rollout, PolicyPass(view, feats, logps, ent, base_hidden=hidden),
-                   cfg)
+    scored = PolicyPass(view, feats, logps, ent, base_hidden=hidden)
+    kt = attribute(model, tiny_policy.processor, batch, rollout, scored, cfg)
     assert kt.scores["visual"].max() <= 1.0 and (kt.scores["visual"][valid] >= 0).all()
     assert kt.mask.any() and not (kt.mask & ~valid).any()

@@ -131,6 +131,7 @@ def test_bfloat16_scores_are_upcast() -> None:
     assert torch.equal(out, select_top_ratio(s.float(), _all_valid(s), 0.5))
 
 
+@pytest.mark.slow
 def test_pool_larger_than_torch_quantile_limit() -> None:
     n = 2**24 + 4096  # torch.quantile refuses inputs above 2**24 elements
     scores = torch.rand(1, n, generator=torch.Generator().manual_seed(2))

@@ -140,6 +140,7 @@ def test_open_gop_sparse_reads_give_decords_sequential_frames(clips, name: str) 
 @pytest.mark.parametrize(("settings", "nframes"), [(VideoSettings(), 16),
                                                   (VideoSettings(max_frames=64, max_pixels=256 * 28 * 28), 44)],
                          ids=["train", "eval-64"])  # 491 / 22.29 * 2 = 44.06 frames, under the cap of 64
+@pytest.mark.slow
 def test_real_clip_same_on_both_backends(settings: VideoSettings, nframes: int) -> None:
     if not VIDEO1.is_file():
         pytest.skip(f"real clip fixture missing: {VIDEO1}")
@@ -248,6 +249,7 @@ def test_frame_count_is_the_packets_not_the_header_estimate(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("name", ["h264", "mpeg4-bframes", "mpeg4-avi", "vp9"])
+@pytest.mark.slow
 def test_sampled_frames_are_the_source_frames(clips, name: str) -> None:
     """Each returned frame is closest to the source frame of its index: presentation order, not decode order
     (with B-frames the 2nd frame shown is not the 2nd decoded), also at sparse indices after seeks."""

@@ -1,4 +1,4 @@
-"""Lightning callbacks (layer L3): benchmark evaluators that run during `fit` and under `ktr test`; key-token reports."""
+"""Lightning callbacks (layer L3): benchmark evaluators, run during `fit` and under `ktr test`; key-token reports."""
 
 from ktr.callbacks.benchmarks import MMVU, SyntheticBenchmark, TempCompass, VideoHolmes, VideoMME, VideoMMMU
 from ktr.callbacks.evaluator import BenchmarkEvaluator, DecodingConfig, EvalVideoSettings

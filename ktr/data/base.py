@@ -9,22 +9,22 @@ without it, and the module counts and logs it (`data/skipped`, by reason). Too m
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from ktr.data.processor import VisionLanguageProcessor
-from ktr.data.synthetic import SyntheticSpec
 from ktr.config import check_number
-from ktr.data.skips import SkipCounter, Skipped, row_source
+from ktr.data.processor import VisionLanguageProcessor
 from ktr.data.prompts import build_messages
-from ktr.data.video import (ImageSettings, MediaDecodeError, VideoSettings, frames_from_array, load_image, load_video)
-from ktr.types import Media, PromptBatch, PromptSample
+from ktr.data.skips import SkipCounter, Skipped, row_source
+from ktr.data.synthetic import SyntheticSpec
+from ktr.data.video import ImageSettings, MediaDecodeError, VideoSettings, frames_from_array, load_image, load_video
 from ktr.training.resume import ResumableDataLoader
+from ktr.types import Media, PromptBatch, PromptSample
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ class BaseDataModule(L.LightningDataModule):
         ds = PromptDataset(rows, self.load_media, self.processor, eval_prompt=eval_prompt, target=target,
                            max_prompt_length=self.max_prompt_length)
         gen = torch.Generator().manual_seed(self.seed)
-        # Resumable: Lightning checkpoints its shuffle and position, so a resumed run sees the same data (ktr.training.resume).
+        # Resumable: Lightning checkpoints its shuffle and position, so a resumed run sees the same data
+        # (ktr.training.resume).
         return ResumableDataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                                    collate_fn=self.collate, generator=gen, persistent_workers=self.num_workers > 0)
 

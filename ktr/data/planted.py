@@ -62,7 +62,7 @@ def token_labels(colours: Sequence[str], tokenize: Tokenize, end_ids: Sequence[i
     seqs = {c: list(tokenize(planted_target(c, palette))) + list(end_ids) for c in clips}
     mine = seqs[tuple(colours)]
     labels: dict[str, list[bool]] = {name: [] for name in LABELS}
-    for t, tok in enumerate(mine):
+    for t in range(len(mine)):
         same_prefix = [c for c, s in seqs.items() if s[:t] == mine[:t]]
         same_set = [c for c in same_prefix if set(c) == set(colours)]
         labels["content"].append(len({_at(seqs[c], t) for c in same_prefix}) > 1)

@@ -22,9 +22,10 @@ import logging
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from ktr.data.base import BaseDataModule, decode_image_file, decode_video_file
 from ktr.data.prompts import validate_row

@@ -234,4 +234,5 @@ def build_tokenizer_once() -> None:
 
     import ktr.model.tokenizer
 
-    ktr.model.tokenizer.build_qwen2_tokenizer = functools.lru_cache(maxsize=None)(ktr.model.tokenizer.build_qwen2_tokenizer)
+    tokenizer = ktr.model.tokenizer
+    tokenizer.build_qwen2_tokenizer = functools.lru_cache(maxsize=None)(tokenizer.build_qwen2_tokenizer)

@@ -181,10 +181,9 @@ def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     """bf16 log-probs of ktr's path vs transformers' forward, per attention kernel, and vs a float32 forward."""
     from transformers.utils import is_flash_attn_2_available
 
-    from ktr.config import TinyModelConfig
+    from ktr.config import SamplingConfig, TinyModelConfig
     from ktr.experiments.bench_step import arch_config, build_random
     from ktr.model.policy import tiny_config
-    from ktr.config import SamplingConfig
     from ktr.rollout.hf import generate
 
     config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 2, 2)
@@ -241,10 +240,9 @@ def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     """Shared prompt prefix vs naive (issue 11) at 7B widths (4 decoder layers, 2 vision blocks, bf16): rollout
     (`hf` vs `shared`, G = 8, released sampling) and each scoring pass on its completions (`loss.shared_prefix`
     false vs true): seconds, peak allocated memory, and the log-prob difference between the two layouts."""
-    from ktr.config import SamplingConfig
+    from ktr.config import SamplingConfig, TinyModelConfig
     from ktr.experiments.bench_step import arch_config, build_random
     from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
-    from ktr.config import TinyModelConfig
     from ktr.model.policy import tiny_config
     from ktr.probes.temporal import temporal_scores
     from ktr.probes.visual import visual_scores
@@ -344,8 +342,9 @@ def _headline(name: str, rec: dict) -> str:
     if name == "loss_bench":
         top = rec["summary"][max(rec["summary"], key=int)]
         best = top["best_chunked"] or {}
-        return (f"N*T={max(rec['summary'], key=int)}: naive {top['naive_mb']} MB / best chunked {best.get('peak_mem_mb')}"
-                f" MB ({best.get('strategy')}, {best.get('chunk')}); max rel grad err {top['max_rel_grad_err']:.2g}")
+        return (f"N*T={max(rec['summary'], key=int)}: naive {top['naive_mb']} MB / best chunked "
+                f"{best.get('peak_mem_mb')} MB ({best.get('strategy')}, {best.get('chunk')}); "
+                f"max rel grad err {top['max_rel_grad_err']:.2g}")
     res = rec["result"]
     s = res["summary"]["step"]
     text = f"step {s['seconds']:.1f} s, peak {s['peak_gb']:.2f} GiB" + (

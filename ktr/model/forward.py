@@ -168,7 +168,8 @@ def output_projection(model: nn.Module) -> nn.Module:
 
 
 def completion_logps(model: nn.Module, hidden: Tensor, completion_ids: Tensor, valid: Tensor,
-                     chunk_size: int | None = DEFAULT_CHUNK_SIZE, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+                     with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs `[N, T]` of the sampled tokens (and full-vocabulary entropy `[N, T]`, no grad) from `hidden`.
 
     `chunk_size=None` is the naive path (full logits), kept for comparison and tests; otherwise the output

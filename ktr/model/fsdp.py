@@ -30,8 +30,8 @@ Mixed precision is FSDP's: parameters all-gathered and computed in `param_dtype`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

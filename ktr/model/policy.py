@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ktr.data.processor import PatchSettings, VisionLanguageProcessor
 from ktr.config import LoraSettings, PolicyConfig, TinyModelConfig
+from ktr.data.processor import PatchSettings, VisionLanguageProcessor
 from ktr.model.families import FAMILIES, core, family_of, get_family, tiny_family, vision_tower
 
 log = logging.getLogger(__name__)

@@ -157,7 +157,8 @@ def _build(specials: tuple[str, ...], template: str, cache: Path):
     tok.padding_side = "left"
     for i, t in enumerate(specials):
         if tok.convert_tokens_to_ids(t) != FIRST_SPECIAL_ID + i:
-            raise RuntimeError(f"special token {t} got id {tok.convert_tokens_to_ids(t)}, expected {FIRST_SPECIAL_ID + i}")
+            raise RuntimeError(f"special token {t} got id {tok.convert_tokens_to_ids(t)}, "
+                               f"expected {FIRST_SPECIAL_ID + i}")
     return tok
 
 

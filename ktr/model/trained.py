@@ -7,9 +7,10 @@ read safely from a `.ckpt` file or a `ModelParallelStrategy` directory (`ktr.mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

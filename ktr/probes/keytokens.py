@@ -7,13 +7,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.model.forward import PolicyPass
 from ktr.probes.select import (above_thresholds, combine_masks, context_representatives, random_same_count,
                                scope_thresholds)
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import PER_ROW_PERTURBATIONS, visual_scores
-from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig
 from ktr.types import PromptBatch, Rollout
 
 

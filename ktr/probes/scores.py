@@ -27,7 +27,7 @@ float32. Everything here is under ``no_grad``: scores never carry gradient.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,7 @@ the tests), handles every pool at once, and has no 2**24-element input limit.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

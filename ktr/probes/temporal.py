@@ -14,8 +14,8 @@ permutation per video per step, reproducible under `seed_everything`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

@@ -22,8 +22,8 @@ reused, so this probe never calls the vision tower.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -114,7 +114,8 @@ def get_visual_perturbation(name: str) -> VisualPerturbation:
 @torch.no_grad()
 def visual_scores(model: nn.Module, batch: PromptBatch, view: SequenceView, features: VisionFeatures,
                   completion_ids: Tensor, valid: Tensor, base_logps: Tensor, perturbation: str = "attention_mask",
-                  chunk_size: int | None = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None, score: str = "logp_diff",
+                  chunk_size: int | None = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None,
+                  score: str = "logp_diff",
                   base_hidden: Tensor | None = None, draws: int = 1) -> Tensor:
     """`s_V` `[N, T]` (0 outside `valid`). `base_logps` `[N, T]` are the policy's log-probs with the media seen;
     `score` names the comparison (`ktr.probes.scores`), `base_hidden` `[N, T, H]` is needed for a distance.

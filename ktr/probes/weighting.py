@@ -28,7 +28,7 @@ over the valid tokens of the pool only, so the weights do not depend on padding.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

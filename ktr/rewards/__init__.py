@@ -4,17 +4,6 @@ Built-ins: ``"accuracy"`` and ``"format"`` (docs/method.md sections 4.4-4.5) and
 follow the protocol of :mod:`ktr.rewards.registry` and are named in the config by dotted path.
 """
 
-from ktr.rewards.registry import (
-    REWARD_DETAILS,
-    REWARDS,
-    RewardFn,
-    RewardResult,
-    compute_rewards,
-    get_reward,
-    get_reward_detail,
-    register_reward,
-    resolve_rewards,
-)
 from ktr.rewards.accuracy import (  # noqa: I001 - registers "accuracy", needs the registry first
     ACCURACY_SCORERS,
     accuracy_reward,
@@ -25,6 +14,8 @@ from ktr.rewards.accuracy import (  # noqa: I001 - registers "accuracy", needs t
 )
 from ktr.rewards.format import format_reward
 from ktr.rewards.length import LengthReading, length_bonus
+from ktr.rewards.registry import (REWARD_DETAILS, REWARDS, RewardFn, RewardResult, compute_rewards, get_reward,
+                                  get_reward_detail, register_reward, resolve_rewards)
 
 __all__ = [
     "ACCURACY_SCORERS",

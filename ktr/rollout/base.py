@@ -74,7 +74,8 @@ def teacher_rollout(prompts: PromptBatch, processor) -> Rollout:
     target, valid = prompts.target_ids, prompts.target_mask
     return Rollout(group_size=1, input_ids=torch.cat([prompts.input_ids, target], 1),
                    attention_mask=torch.cat([prompts.attention_mask, valid.long()], 1),
-                   mm_token_type_ids=torch.cat([prompts.mm_token_type_ids, torch.zeros_like(target, dtype=torch.int)], 1),
+                   mm_token_type_ids=torch.cat([prompts.mm_token_type_ids,
+                                                torch.zeros_like(target, dtype=torch.int)], 1),
                    completion_ids=target, completion_mask=valid)
 
 

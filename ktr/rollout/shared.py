@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ktr.rollout import sampling
 from ktr.config import SamplingConfig
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.model.families import core, family_of, language_model
 from ktr.model.forward import encode_media, rope_positions, sequence_embeddings
+from ktr.rollout import sampling
 from ktr.rollout.base import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
                               suppressed_token_ids)
 from ktr.types import PromptBatch, Rollout

@@ -103,8 +103,8 @@ def _engine_dir(model: nn.Module, processor: VisionLanguageProcessor) -> Path:
     """A folder with the policy's config, tokenizer and processor settings (no weights: the engine starts with
     dummy weights and receives the policy's through `reload_weights`)."""
     from ktr.data.video import ImageSettings, VideoSettings
-    from ktr.model.saving import write_processor_config  # the one definition of ktr's HF processor files
     from ktr.model.policy import Policy
+    from ktr.model.saving import write_processor_config  # the one definition of ktr's HF processor files
 
     out = Path(tempfile.mkdtemp(prefix="ktr-vllm-"))
     config = copy.deepcopy(core(model).config)

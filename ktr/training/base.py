@@ -15,19 +15,19 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from ktr.model.checkpoint import CheckpointError, flat_settings, shape_mismatch
 from ktr.config import DEFAULT_CHUNK_SIZE, OptimConfig, PolicyConfig, SamplingConfig, check_number
 from ktr.data.base import StepBatch
 from ktr.data.skips import SkipCounter, SkipLimitExceeded, Skipped, row_source
-from ktr.model.fsdp import tied_gradients
+from ktr.model.checkpoint import CheckpointError, flat_settings, shape_mismatch
 from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.model.fsdp import tied_gradients
+from ktr.model.policy import load_policy
+from ktr.rewards import compute_rewards
+from ktr.rollout.base import teacher_rollout
+from ktr.rollout.hf import generate
 from ktr.training.lightning_compat import attached_trainer, forget_step_metrics
 from ktr.training.optim import lr_lambda, make_optimizer
-from ktr.model.policy import load_policy
 from ktr.training.resume import rng_state, set_rng_state
-from ktr.rewards import compute_rewards
-from ktr.rollout.hf import generate
-from ktr.rollout.base import teacher_rollout
 from ktr.types import PromptBatch
 
 log = logging.getLogger(__name__)

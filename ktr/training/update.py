@@ -7,9 +7,9 @@ micro-batch (settings and the whole batch's denominators), so a micro-batch's lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

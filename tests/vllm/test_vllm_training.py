@@ -41,7 +41,8 @@ def run(tmp_path_factory):
     sys.argv = ["ktr"]
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("fit")
-    args = ["fit", "--config", str(REPO / "configs" / "demo_vllm.yaml"), "--trainer.logger.init_args.save_dir", str(tmp),
+    args = ["fit", "--config", str(REPO / "configs" / "demo_vllm.yaml"),
+            "--trainer.logger.init_args.save_dir", str(tmp),
             "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
             "--data.init_args.val_size", "2", "--data.init_args.batch_size", "2",
             "--model.init_args.sampling.group_size", "4", "--model.init_args.sampling.max_new_tokens", "6",

@@ -9,7 +9,6 @@ from ktr.eval.benchmarks.videommmu import VideoMMMU
 from ktr.eval.benchmarks.videor1 import DualFormatBenchmark, load_video_r1, mean_relative_accuracy, score_video_r1
 
 
-
 def get_benchmark(name: str) -> type[Benchmark]:
     """The benchmark class registered as ``name``; ValueError listing the valid names otherwise."""
     if name not in BENCHMARKS:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
-
+from ktr.data.prompts import build_question
 from ktr.data.synthetic import SyntheticSpec, make_item
 from ktr.data.video import write_video
-from ktr.data.prompts import build_question
 from ktr.eval.base import EvalItem, Format, read_rows
 from ktr.eval.benchmarks.videor1 import DualFormatBenchmark, field_error
 from ktr.eval.extract import Extraction

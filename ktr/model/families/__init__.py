@@ -5,7 +5,7 @@
 pieces that differ) and one `register_family` call; the probes and the module never see it.
 """
 
-from ktr.model.families.base import (QUANT_SKIP_MODULES, FAMILIES, ModelFamily, core, family_of, get_family,
+from ktr.model.families.base import (FAMILIES, QUANT_SKIP_MODULES, ModelFamily, core, family_of, get_family,
                                      language_model, register_family, row_features, tiny_family, vision_tower)
 from ktr.model.families.qwen2 import QWEN2_5_VL, QWEN2_VL
 from ktr.model.families.qwen3vl import QWEN3_VL
