@@ -35,10 +35,12 @@ MODULES = {
     "ktr.resume": "ktr.training.resume",
     "ktr.checkpoint_io": "ktr.training.checkpoint_io",
 }
-CLASSES = {  # class paths that configs name
+CLASSES = {  # class paths that configs or user code name
     "ktr.module.SFTModule": "ktr.training.sft.SFTModule",
     "ktr.callbacks.EvalDataModule": "ktr.data.eval.EvalDataModule",
 }
+CLASSES |= {f"ktr.eval.{name}": f"ktr.eval.{name}Benchmark"  # benchmark rules, renamed apart from the callbacks
+            for name in ("VideoMME", "TempCompass", "VideoMMMU", "MMVU", "VideoHolmes")}
 
 
 def _warn(old: str, new: str) -> None:

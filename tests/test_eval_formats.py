@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ktr.eval import BENCHMARKS, SchemaError, get_benchmark, resolve_video_path
-from ktr.eval.benchmarks.tempcompass import TempCompass
-from ktr.eval.benchmarks.videommmu import VideoMMMU
+from ktr.eval.benchmarks.tempcompass import TempCompassBenchmark
+from ktr.eval.benchmarks.videommmu import VideoMMMUBenchmark
 from tests import FIXTURES as FIXTURES_ROOT
 
 FIXTURES = FIXTURES_ROOT / "benchmarks"
@@ -116,7 +116,7 @@ def test_videommmu_bad_problem_id_names_row_and_field(fx, tmp_path):
     bad = tmp_path / "mmmu.json"
     bad.write_text(json.dumps(rows))
     with pytest.raises(SchemaError, match=r"mmmu\.json: row 2: field 'problem_id': 901 is outside 1\.\.900"):
-        VideoMMMU(bad, "/v").load()
+        VideoMMMUBenchmark(bad, "/v").load()
 
 
 def test_videommmu_official_rows(fx, tmp_path):
@@ -125,14 +125,14 @@ def test_videommmu_official_rows(fx, tmp_path):
                  "options": [o[3:] for o in r["options"]], "answer": r["solution"][8]} for r in rows[:3]]
     path = tmp_path / "perception.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in official))
-    items = VideoMMMU(path, "/v", "official", track="Perception").load()
+    items = VideoMMMUBenchmark(path, "/v", "official", track="Perception").load()
     assert [i.qid for i in items] == [
         "Perception/dev_Biology_3", "Perception/dev_Geography_5", "Perception/test_Geography_8"]
     assert items[0].options[:2] == ["A. aldose", "B. ketose"]
     assert items[0].prompt_text.endswith("J. sucrose\nPlease directly output the option letter/data as the answer.")
     assert items[0].video_path == "/v/dev_Biology_3.mp4"
     with pytest.raises(SchemaError, match="field 'track'"):
-        VideoMMMU(path, "/v", "official").load()
+        VideoMMMUBenchmark(path, "/v", "official").load()
 
 
 def test_mmvu_disciplines_and_formats(fx):
@@ -205,9 +205,9 @@ def test_tempcompass_official_repository_layout(fx, tmp_path):
         (tmp_path / "questions" / f"{task}.json").write_text(json.dumps(data[task]))
     (tmp_path / "meta_info.json").write_text(json.dumps(data["meta_info"]))
     _, combined = _load(fx, "tempcompass", "tempcompass_sample.json", "official")
-    from_dir = TempCompass(tmp_path, "/data/Evaluation", "official").load()
+    from_dir = TempCompassBenchmark(tmp_path, "/data/Evaluation", "official").load()
     assert [(i.qid, i.prompt_text, i.meta) for i in from_dir] == [(i.qid, i.prompt_text, i.meta) for i in combined]
-    one = TempCompass(tmp_path / "questions" / "yes_no.json", "/v", "official", tasks=["yes_no"]).load()
+    one = TempCompassBenchmark(tmp_path / "questions" / "yes_no.json", "/v", "official", tasks=["yes_no"]).load()
     assert len(one) == 61  # meta_info.json found one folder up
 
 
@@ -224,7 +224,7 @@ def test_tempcompass_video_r1_rows_use_extras_when_present(fx, tmp_path):
                              "path": f"./Evaluation/TempCompass/videos/{vid}.mp4"})
     path = tmp_path / "eval_tempcompass.json"
     path.write_text(json.dumps(rows))
-    bench = TempCompass(path, "/data/Evaluation")
+    bench = TempCompassBenchmark(path, "/data/Evaluation")
     items = bench.load()
     assert len(items) == 32 and items[0].video_path == "/data/Evaluation/TempCompass/videos/1034419625.mp4"
     assert bench.breakdown_keys(items[0]) == {"dimension": "action", "task_type": "unknown", "fine_type": "unknown"}
@@ -233,7 +233,7 @@ def test_tempcompass_video_r1_rows_use_extras_when_present(fx, tmp_path):
 
 def test_tempcompass_captioning_is_refused():
     with pytest.raises(ValueError, match="captioning.*LLM judge"):
-        TempCompass("x.json", "/v", "official", tasks=["multi-choice", "captioning"])
+        TempCompassBenchmark("x.json", "/v", "official", tasks=["multi-choice", "captioning"])
 
 
 def test_schema_errors_name_file_row_and_field(fx, tmp_path):

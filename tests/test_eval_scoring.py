@@ -17,7 +17,7 @@ from ktr.eval import (
     summarize,
 )
 from ktr.eval.benchmarks import mean_relative_accuracy, score_video_r1
-from ktr.eval.benchmarks.videommmu import VideoMMMU, score_open
+from ktr.eval.benchmarks.videommmu import VideoMMMUBenchmark, score_open
 from tests import FIXTURES as FIXTURES_ROOT
 
 FIXTURES = FIXTURES_ROOT / "benchmarks"
@@ -154,7 +154,7 @@ def test_videommmu_official_open_and_choice(tmp_path):
              "options": ["aldose", "ketose", "glucose", "fructose"], "answer": "A"}]
     path = tmp_path / "adaptation.json"
     path.write_text(json.dumps(rows))
-    bench = VideoMMMU(path, "/v", "official", track="Adaptation")
+    bench = VideoMMMUBenchmark(path, "/v", "official", track="Adaptation")
     open_q, mc = bench.load()
     assert open_q.prompt_text.startswith("Please directly output the option letter/data as the answer. You should")
     assert bench.evaluate("the mass is 12.970 g", open_q)["score"] == 1.0

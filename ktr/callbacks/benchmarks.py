@@ -31,7 +31,7 @@ class VideoMME(BenchmarkEvaluator):
 
     def __init__(self, annotation_path: str, video_root: str | None = None, format: Format = "video_r1",  # noqa: A002
                  lenient_extraction: bool = False, **kwargs) -> None:
-        super().__init__(E.VideoMME(annotation_path, video_root, format, lenient_extraction), **kwargs)
+        super().__init__(E.VideoMMEBenchmark(annotation_path, video_root, format, lenient_extraction), **kwargs)
 
 
 class TempCompass(BenchmarkEvaluator):
@@ -44,7 +44,7 @@ class TempCompass(BenchmarkEvaluator):
 
     def __init__(self, annotation_path: str, video_root: str | None = None, format: Format = "video_r1",  # noqa: A002
                  tasks: Sequence[str] = SCORED_TASKS, meta_info_path: str | None = None, **kwargs) -> None:
-        super().__init__(E.TempCompass(annotation_path, video_root, format, tasks, meta_info_path), **kwargs)
+        super().__init__(E.TempCompassBenchmark(annotation_path, video_root, format, tasks, meta_info_path), **kwargs)
 
 
 class VideoMMMU(BenchmarkEvaluator):
@@ -57,7 +57,7 @@ class VideoMMMU(BenchmarkEvaluator):
 
     def __init__(self, annotation_path: str, video_root: str | None = None, format: Format = "video_r1",  # noqa: A002
                  track: str | None = None, track_order: Sequence[str] = VIDEO_R1_TRACK_ORDER, **kwargs) -> None:
-        super().__init__(E.VideoMMMU(annotation_path, video_root, format, track, track_order), **kwargs)
+        super().__init__(E.VideoMMMUBenchmark(annotation_path, video_root, format, track, track_order), **kwargs)
 
 
 class MMVU(BenchmarkEvaluator):
@@ -65,7 +65,7 @@ class MMVU(BenchmarkEvaluator):
 
     def __init__(self, annotation_path: str, video_root: str | None = None, format: Format = "video_r1",  # noqa: A002
                  **kwargs) -> None:
-        super().__init__(E.MMVU(annotation_path, video_root, format), **kwargs)
+        super().__init__(E.MMVUBenchmark(annotation_path, video_root, format), **kwargs)
 
 
 class VideoHolmes(BenchmarkEvaluator):
@@ -73,7 +73,7 @@ class VideoHolmes(BenchmarkEvaluator):
 
     def __init__(self, annotation_path: str, video_root: str | None = None, format: Format = "video_r1",  # noqa: A002
                  **kwargs) -> None:
-        super().__init__(E.VideoHolmes(annotation_path, video_root, format), **kwargs)
+        super().__init__(E.VideoHolmesBenchmark(annotation_path, video_root, format), **kwargs)
 
 
 class SyntheticBenchmark(BenchmarkEvaluator):

@@ -1,11 +1,11 @@
 """The five benchmarks of Video-KTR, one module each; importing this package registers them."""
 
 from ktr.eval.base import BENCHMARKS, Benchmark
-from ktr.eval.benchmarks.mmvu import MMVU
-from ktr.eval.benchmarks.tempcompass import TempCompass
-from ktr.eval.benchmarks.videoholmes import VideoHolmes
-from ktr.eval.benchmarks.videomme import VideoMME
-from ktr.eval.benchmarks.videommmu import VideoMMMU
+from ktr.eval.benchmarks.mmvu import MMVUBenchmark
+from ktr.eval.benchmarks.tempcompass import TempCompassBenchmark
+from ktr.eval.benchmarks.videoholmes import VideoHolmesBenchmark
+from ktr.eval.benchmarks.videomme import VideoMMEBenchmark
+from ktr.eval.benchmarks.videommmu import VideoMMMUBenchmark
 from ktr.eval.benchmarks.videor1 import DualFormatBenchmark, load_video_r1, mean_relative_accuracy, score_video_r1
 
 
@@ -17,12 +17,12 @@ def get_benchmark(name: str) -> type[Benchmark]:
 
 
 __all__ = [
-    "MMVU",
+    "MMVUBenchmark",
     "DualFormatBenchmark",
-    "TempCompass",
-    "VideoHolmes",
-    "VideoMME",
-    "VideoMMMU",
+    "TempCompassBenchmark",
+    "VideoHolmesBenchmark",
+    "VideoMMEBenchmark",
+    "VideoMMMUBenchmark",
     "get_benchmark",
     "load_video_r1",
     "mean_relative_accuracy",

@@ -70,7 +70,7 @@ def video_relpath(video: str) -> str:
 
 
 @register_benchmark("mmvu")
-class MMVU(DualFormatBenchmark):
+class MMVUBenchmark(DualFormatBenchmark):
     """MMVU multiple-choice subset; meta: discipline, subject."""
 
     breakdown_fields = ("discipline", "subject")

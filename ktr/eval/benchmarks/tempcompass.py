@@ -42,7 +42,7 @@ UNKNOWN = "unknown"
 
 
 @register_benchmark("tempcompass")
-class TempCompass(DualFormatBenchmark):
+class TempCompassBenchmark(DualFormatBenchmark):
     """TempCompass; meta: dimension, task_type, fine_type (+ answer_line for the official rules)."""
 
     breakdown_fields = ("dimension", "task_type", "fine_type")

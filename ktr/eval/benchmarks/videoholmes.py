@@ -35,7 +35,7 @@ def _question_type(value: Any, name: str) -> str:
 
 
 @register_benchmark("videoholmes")
-class VideoHolmes(DualFormatBenchmark):
+class VideoHolmesBenchmark(DualFormatBenchmark):
     """Video-Holmes; meta: question_type."""
 
     breakdown_fields = ("question_type",)

@@ -37,7 +37,7 @@ def _video_id(row: Mapping[str, Any]) -> str | None:
 
 
 @register_benchmark("videomme")
-class VideoMME(DualFormatBenchmark):
+class VideoMMEBenchmark(DualFormatBenchmark):
     """Video-MME (``format="video_r1"`` or ``"official"``); meta: duration, domain, sub_category, task_type.
 
     ``lenient_extraction=True`` (off by default, not official) reads official-format outputs with

@@ -47,7 +47,7 @@ def lettered(options: Sequence[str]) -> list[str]:
 
 
 @register_benchmark("videommmu")
-class VideoMMMU(DualFormatBenchmark):
+class VideoMMMUBenchmark(DualFormatBenchmark):
     """Video-MMMU; meta: track."""
 
     breakdown_fields = ("track",)
