@@ -94,24 +94,28 @@ def test_every_valid_choice_is_accepted(cls, name, values):
         assert getattr(cls(**{name: value}), name) == value
 
 
-@pytest.mark.parametrize(("cfg", "key"), [
-    (lambda: config.KeyTokenConfig(scope=BAD), "key_tokens.scope"),
-    (lambda: config.KeyTokenConfig(combine=BAD), "key_tokens.combine"),
-    (lambda: config.KeyTokenConfig(visual_perturbation=BAD), "key_tokens.visual_perturbation"),
-    (lambda: config.KeyTokenConfig(temporal_perturbation=BAD), "key_tokens.temporal_perturbation"),
-    (lambda: config.SignalConfig(score=BAD), "key_tokens.<signal>.score"),
-    (lambda: config.SamplingConfig(backend=BAD), "sampling.backend"),
-    (lambda: config.DecodingConfig(backend="shared"), "decoding.backend"),
-    (lambda: config.VLLMSettings(dtype=BAD), "sampling.vllm.dtype"),
-    (lambda: config.LossConfig(aggregation=BAD), "loss.aggregation"),
-    (lambda: config.RewardConfig(length_reading=BAD), "rewards.length_reading"),
-    (lambda: config.OptimConfig(schedule=BAD), "optim.schedule"),
-    (lambda: config.PolicyConfig(attn_implementation=BAD), "policy.attn_implementation"),
-    (lambda: config.ShardingConfig(reduce_dtype=BAD), "policy.sharding.reduce_dtype"),
-])
-def test_full_keys(cfg, key):
+FULL_KEYS = {  # (option group, field, bad value) -> the dotted key the message must name
+    ("KeyTokenConfig", "scope", BAD): "key_tokens.scope",
+    ("KeyTokenConfig", "combine", BAD): "key_tokens.combine",
+    ("KeyTokenConfig", "visual_perturbation", BAD): "key_tokens.visual_perturbation",
+    ("KeyTokenConfig", "temporal_perturbation", BAD): "key_tokens.temporal_perturbation",
+    ("SignalConfig", "score", BAD): "key_tokens.<signal>.score",
+    ("SamplingConfig", "backend", BAD): "sampling.backend",
+    ("DecodingConfig", "backend", "shared"): "decoding.backend",
+    ("VLLMSettings", "dtype", BAD): "sampling.vllm.dtype",
+    ("LossConfig", "aggregation", BAD): "loss.aggregation",
+    ("RewardConfig", "length_reading", BAD): "rewards.length_reading",
+    ("OptimConfig", "schedule", BAD): "optim.schedule",
+    ("PolicyConfig", "attn_implementation", BAD): "policy.attn_implementation",
+    ("ShardingConfig", "reduce_dtype", BAD): "policy.sharding.reduce_dtype",
+}
+
+
+@pytest.mark.parametrize(("case", "key"), FULL_KEYS.items(), ids=list(FULL_KEYS.values()))
+def test_full_keys(case, key):
+    cls, field, value = case
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be one of "):
-        cfg()
+        getattr(config, cls)(**{field: value})
 
 
 def test_signal_score_is_named_by_signal_in_key_tokens():
