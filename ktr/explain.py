@@ -1,7 +1,8 @@
 """`ktr explain`: which tokens of an answer depend on the video, on frame order, or are uncertain (layer L4).
 
     ktr explain --config configs/demo.yaml [--ckpt CKPT] --video clip.mp4 --question "..." --out DIR
-    ktr explain --config ... --image photo.jpg --question "..." --answer "<think>...</think><answer>B</answer>" --out DIR
+    ktr explain --config ... --image photo.jpg --question "..." \
+        --answer "<think>...</think><answer>B</answer>" --out DIR
     ktr explain --stats runs/demo/version_0 [--out DIR]
 
 The policy is rebuilt from the `ktr fit` config(s) (`model.init_args.policy`, frame and pixel settings of
@@ -9,8 +10,14 @@ The policy is rebuilt from the `ktr fit` config(s) (`model.init_args.policy`, fr
 reads one: a Lightning `.ckpt` file or `ModelParallelStrategy` directory (weights only, `weights_only=True`),
 a Hugging Face model directory (`config.json`), or a LoRA adapter directory (`adapter_config.json`, on the
 config's base model). Without `--answer` the answer is generated (greedy by default); the three probes run
-on it and DIR gets `report.html` (the same page as the training reports), `report.json`, and `answer.png`
+on it and DIR gets `report.html` (the training reports' page), `report.json`, and `answer.png`
 (the highlighted answer, rendered by headless Chromium when installed; otherwise a message says so).
+
+The page marks fewer tokens than training selects: a token is marked for a signal only when the training
+rule selects it (top ratio of its pool), its score is positive, and it clears the pool's noise floor
+`max(--min-score, median + --floor-mads * 1.4826 * MAD)` (`ktr.report.floor` says why). With one short
+answer the pool is small; the page then says its statistics rest on too few tokens (fewer than 50), and so
+does the console. The page names the checkpoint it explains (it has no training step).
 
 `--stats RUN_DIR` reads every report JSON under RUN_DIR and writes `stats.json`, `venn.png` and `stats.html`
 (selected fraction per signal, the seven-region overlap, most frequent selected words, word types when a
@@ -28,9 +35,10 @@ from pathlib import Path
 import torch
 
 from ktr.answers import PROBLEM_TYPES
-from ktr.model.trained import typed_section, checkpoint_weights, load_trained_policy, read_configs, settings_from_config
-from ktr.model.policy import Policy, load_policy
 from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig, PolicyConfig
+from ktr.model.policy import Policy, load_policy
+from ktr.model.trained import checkpoint_weights, load_trained_policy, read_configs, settings_from_config, typed_section
+from ktr.report.floor import MIN_SCORE, NOISE_MADS
 
 
 def load_explain_policy(cfg: PolicyConfig, ckpt: str | None) -> Policy:
@@ -68,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer")
     p.add_argument("--train-prompt", action="store_true", help="training wording of the prompt (default: evaluation)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the temporal probe's permutation")
+    p.add_argument("--floor-mads", type=float, default=NOISE_MADS,
+                   help="a marked score is this many robust SDs (1.4826 * MAD) above its pool's median")
+    p.add_argument("--min-score", type=float, default=MIN_SCORE,
+                   help="the noise floor's lower bound, in the score's unit (nats for log-prob differences)")
     p.add_argument("--no-png", action="store_true", help="do not render answer.png")
     p.add_argument("--stats", metavar="RUN_DIR", help="token statistics over every report under RUN_DIR")
     p.add_argument("--out", help="output directory (required unless --stats)")
@@ -88,9 +100,10 @@ def _prompt(args, processor, video, image):
 
 def explain(args: argparse.Namespace) -> Path:
     """One video/image + question -> report.html, report.json, answer.png in `args.out`."""
-    from ktr.report import explain_batch, report_data, thumbnails, write_report
-    from ktr.report.html import render_figure
     from ktr.config import SamplingConfig
+    from ktr.report import explain_batch, report_data, thumbnails, write_report
+    from ktr.report.attribution import apply_noise_floor
+    from ktr.report.html import few_tokens_note, render_figure
 
     config = read_configs(args.config) if args.config else {}
     policy_cfg, video, image = settings_from_config(config)
@@ -106,10 +119,16 @@ def explain(args: argparse.Namespace) -> Path:
     record = explain_batch(policy.model, policy.processor, prompts, key_cfg, sampling,
                            given=args.answer is not None, chunk_size=chunk,
                            greedy=args.temperature == 0)
+    cfg = replace(key_cfg, enabled=True)
+    record = apply_noise_floor(record, cfg, args.floor_mads, args.min_score)
     where = args.ckpt or policy_cfg.name_or_path
-    data = report_data(record, policy.tokenizer, replace(key_cfg, enabled=True), kind="explain",
+    data = report_data(record, policy.tokenizer, cfg, kind="explain",
                        title=f"Key tokens: {Path(args.video or args.image).name} ({Path(str(where)).name})")
-    data["step"] = None
+    data["step"] = None  # not a training step: the page names the checkpoint instead
+    data["checkpoint"] = str(where)
+    few = few_tokens_note(data["noise_floor"])
+    if few:
+        print(f"note: {few}")
     out = Path(args.out)
     page = write_report(data, [thumbnails(prompts.media[0])], out, "report")
     print(f"report: {page}\ndata: {out / 'report.json'}")
@@ -157,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         parser.error("missing " + ", ".join(missing))
     if args.samples < 1:
         parser.error("--samples must be >= 1")
+    if not (args.floor_mads >= 0 and args.min_score >= 0):  # also refuses NaN
+        parser.error(f"--floor-mads and --min-score must be >= 0, got {args.floor_mads} and {args.min_score}")
     if args.samples > 1 and (args.temperature == 0 or args.answer is not None):
         parser.error("--samples > 1 needs sampling: set --temperature > 0 (and no --answer)")
     return explain(args)

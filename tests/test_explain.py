@@ -103,3 +103,30 @@ def test_stats_over_a_folder_and_argument_errors(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--question", "q", "--out", str(tmp_path)])
     assert "--video or --image" in capsys.readouterr().err
+
+
+def test_explain_page_marks_above_the_noise_floor_and_says_what_it_explains(tmp_path, capsys) -> None:
+    """(issue 29) The page names the checkpoint instead of `step None`, states the noise floor, warns that one
+    short answer is too few tokens; the JSON keeps the training rule's key tokens beside explain's marks."""
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    Image.new("RGB", (64, 48), (30, 200, 30)).save(tmp_path / "green.png")
+    main(["--config", DEMO, "--image", str(tmp_path / "green.png"), "--question", "Which colour?",
+          "--answer", "<think>It is green.</think><answer>green</answer>", "--no-png", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "report.json").read_text())
+    comp = data["prompts"][0]["completions"][0]
+    assert data["step"] is None and data["checkpoint"] == "tiny"
+    assert data["noise_floor"]["mads"] == 3.0 and data["noise_floor"]["min_score"] == 0.01
+    assert comp["num_marked"] <= comp["num_key"] and set(comp["floors"]) == {"visual", "temporal", "entropy"}
+    for t in comp["tokens"]:
+        assert set(t["signals"]) <= set(t["rule_signals"])  # never more than the training rule selects
+        for s in t["signals"]:
+            assert t["scores"][s] > 0 and t["scores"][s] >= comp["floors"][s]
+    page = (tmp_path / "report.html").read_text()
+    assert "step None" not in page and "explain page · checkpoint: tiny" in page
+    assert "noise floor" in page and "these statistics rest on too few tokens" in page
+    assert "note: Few tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--config", DEMO, "--image", str(tmp_path / "green.png"), "--question", "q", "--out", str(tmp_path),
+              "--min-score", "-1"])

@@ -11,6 +11,9 @@
 5. A batch size larger than the training set is warned about, naming the requested and the effective batch.
 6. Resuming with another model size names the differing settings in one line, not PyTorch's `size mismatch` dump.
 7. Checkpoints are written through a temporary file in their own folder, removed when the save fails.
+8. `ktr test --ckpt_path` does not warn that the training callbacks must be re-added; the progress bar of a
+   `max_steps` run reads `Epoch 0`, not `Epoch 0/-2` (help and parse errors: tests/test_cli.py).
+9. One `eval_root` places all five benchmarks; an absolute path of one benchmark is kept.
 """
 
 from __future__ import annotations
@@ -291,3 +294,99 @@ def test_checkpoint_temp_file_stays_in_the_run_folder_and_goes_on_failure(tmp_pa
         trainer.strategy.checkpoint_io.save_checkpoint({"state_dict": {}, "bad": _Unpicklable()}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt", "manual.ckpt"]
+
+
+# ---------------------------------------------------------------------------------- 8. evaluation run messages
+def test_test_with_a_fit_checkpoint_does_not_warn_about_training_callbacks(tmp_path, monkeypatch) -> None:
+    """The checkpoint holds ModelCheckpoint's and KeyTokenReport's states; an evaluation needs neither, so
+    Lightning's "callbacks used to create the checkpoint need to be provided" would be a false alarm."""
+    import warnings
+
+    import torch
+    import yaml
+
+    from ktr.cli import main
+
+    first = _demo_fit(tmp_path, monkeypatch, 1)
+    last = Path(first.trainer.checkpoint_callback.last_model_path)
+    held = set(torch.load(last, weights_only=False)["callbacks"])
+    assert any(k.startswith("ModelCheckpoint") for k in held)
+    config = yaml.safe_load((ROOT / "configs" / "demo_eval.yaml").read_text())
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "eval")
+    bench = config["trainer"]["callbacks"][0]["init_args"]
+    bench.update(num_questions=2, data_dir=str(tmp_path / "bench"))
+    bench["decoding"]["max_new_tokens"] = 2
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(["test", "--config", str(tmp_path / "eval.yaml"), "--ckpt_path", str(last),
+                    "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.ckpt_path == str(last)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "callbacks used to create the checkpoint" in m], messages
+
+
+def test_progress_bar_of_a_max_steps_run_reads_the_epoch_alone(monkeypatch) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from ktr.cli import main
+    from ktr.training.lightning_compat import StepsProgressBar
+
+    monkeypatch.setattr(sys, "argv", ["ktr"])
+    cli = main(["--config", DEMO, "--trainer.logger=false"], run=False)  # max_steps 150, no max_epochs
+    bar = cli.trainer.progress_bar_callback
+    assert type(bar) is StepsProgressBar
+    cli.trainer.fit_loop.max_epochs = -1  # what Lightning sets when such a fit starts
+    bar.setup(cli.trainer, cli.model, "fit")
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    stock = RichProgressBar()
+    stock.setup(cli.trainer, cli.model, "fit")
+    assert stock._get_train_description(0).strip() == "Epoch 0/-2"  # what Lightning's own bar prints
+    off = main(["--config", DEMO, "--trainer.logger=false", "--trainer.enable_progress_bar=false"], run=False)
+    assert off.trainer.progress_bar_callback is None
+
+
+# ---------------------------------------------------------------------------------- 9. one evaluation root
+class _Parsed(Exception):
+    pass
+
+
+def test_eval_root_set_once_places_all_five_benchmarks(tmp_path, monkeypatch) -> None:
+    from ktr.cli import KTRCLI, main
+
+    seen = {}
+
+    def stop(self) -> None:  # the config as it would be instantiated, without building the 7B model
+        seen["config"] = self.config
+        raise _Parsed
+
+    monkeypatch.setattr(sys, "argv", ["ktr"])
+    monkeypatch.setattr(KTRCLI, "instantiate_classes", stop)
+    root = tmp_path / "Evaluation"
+    with pytest.raises(_Parsed):
+        main(["test", "--config", str(ROOT / "configs" / "eval.yaml"), "--eval_root", str(root)])
+    callbacks = seen["config"]["test"]["trainer"]["callbacks"]
+    paths = {cb["class_path"].rsplit(".", 1)[1]: cb["init_args"] for cb in callbacks}
+    assert sorted(paths) == ["MMVU", "TempCompass", "VideoHolmes", "VideoMME", "VideoMMMU"]
+    for name, init in paths.items():
+        assert Path(init["annotation_path"]).parent == root, (name, init["annotation_path"])
+        assert Path(init["annotation_path"]).is_absolute()
+        want = root / "VideoHolmes" if name == "VideoHolmes" else root
+        assert Path(init["video_root"]) == want, name
+
+
+def test_eval_root_keeps_absolute_paths_and_leaves_other_callbacks() -> None:
+    from ktr.cli import resolve_eval_root
+
+    callbacks = [{"class_path": "ktr.callbacks.MMVU", "init_args": {"annotation_path": "/elsewhere/mmvu.json",
+                                                                     "video_root": "/videos/mmvu"}},
+                 {"class_path": "ktr.callbacks.TempCompass",
+                  "init_args": {"annotation_path": "TempCompass", "video_root": "TempCompass/videos",
+                                "meta_info_path": "TempCompass/meta_info.json"}},
+                 {"class_path": "ktr.callbacks.KeyTokenReport", "init_args": {"output_dir": "reports"}}]
+    resolve_eval_root(callbacks, "/data/Evaluation")
+    assert callbacks[0]["init_args"] == {"annotation_path": "/elsewhere/mmvu.json", "video_root": "/videos/mmvu"}
+    assert callbacks[1]["init_args"] == {"annotation_path": "/data/Evaluation/TempCompass",
+                                         "video_root": "/data/Evaluation/TempCompass/videos",
+                                         "meta_info_path": "/data/Evaluation/TempCompass/meta_info.json"}
+    assert callbacks[2]["init_args"] == {"output_dir": "reports"}

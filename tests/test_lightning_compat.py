@@ -11,7 +11,7 @@ from ktr.training.lightning_compat import attached_trainer, forget_step_metrics
 from tests.helpers import metric_recorder
 
 ROOT = Path(__file__).resolve().parents[1]
-PRIVATE = re.compile(r"\._(results|trainer)\b|trainer\._\w+")
+PRIVATE = re.compile(r"\._(results|trainer)\b|trainer\._\w+|_get_train_description")
 
 
 def test_no_private_lightning_attribute_outside_the_compat_module() -> None:

@@ -47,3 +47,44 @@ def test_constraints_pin_every_dependency_inside_its_range() -> None:
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not pinned in constraints.txt"
         assert req.specifier.contains(pins[name], prereleases=True), f"pin {req.name}=={pins[name]} is outside {req}"
+
+
+def test_readme_help_commands_show_ktrs_options(monkeypatch, capsys) -> None:
+    """(issue 29) Every `ktr <command> ... help` the README gives prints ktr's own options (its former
+    `ktr fit --model ktr.module.KTRModule --help` printed Lightning's Trainer options only)."""
+    import shlex
+    import sys
+
+    import pytest
+
+    from ktr.cli import main
+
+    commands = re.findall(r"`(ktr (?:fit|validate|test)\b[^`]*?(?:--help|\.help)[^`]*)`", README.read_text())
+    assert "ktr fit --model.help ktr.module.KTRModule" in commands
+    monkeypatch.setattr(sys, "argv", ["ktr"])
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main(shlex.split(command)[1:])
+        assert exit_info.value.code == 0, command
+        assert "key_tokens" in capsys.readouterr().out, command
+
+
+def test_readme_data_section_says_where_each_configured_file_comes_from() -> None:
+    """(issue 29) The README's data section names every file the data configs and the evaluation config point
+    at, the config key that points there, and the source it comes from."""
+    import yaml
+
+    text = README.read_text()
+    section = text[text.index("### Getting the data"):]
+    section = section[:section.index("\n### ", 1)]
+    for path in sorted((README.parent / "configs" / "data").glob("*.yaml")):
+        init = yaml.safe_load(path.read_text())["data"]["init_args"]
+        assert path.name in section and Path(init["train_file"]).name in section, path.name
+    assert "media_root" in section and "train_file" in section and "Video-R1/Video-R1-data" in section
+    evaluation = yaml.safe_load((README.parent / "configs" / "eval.yaml").read_text())
+    assert "eval_root" in evaluation and "eval_root" in section
+    for cb in evaluation["trainer"]["callbacks"]:
+        assert cb["init_args"]["annotation_path"] in section, cb["class_path"]
+    for repo in ["lmms-lab/Video-MME", "lmms-lab/TempCompass", "lmms-lab/VideoMMMU", "yale-nlp/MMVU",
+                 "TencentARC/Video-Holmes", "Video-R1/Video-R1-eval", "ziyue1999/Video-KTR"]:
+        assert repo in section, repo

@@ -299,3 +299,92 @@ def test_word_type_shares_per_signal() -> None:
     assert out["shares"]["visual"] == {"adjective": 0.5, "noun": 0.5}
     assert out["shares"]["temporal"] == {"noun": 1.0} and out["shares"]["entropy"] == {}
     assert out["shares"]["all"] == pytest.approx({"adjective": 1 / 3, "noun": 1 / 3, "verb": 1 / 3})
+
+
+# ---------------------------------------------------------------------------------- explain's noise floor (issue 29)
+FIFTEEN = "The red square moves to the left and then the blue one follows it"  # 14 tokens + <|im_end|>
+
+
+def _explain_record(tok, scores_of, texts=(FIFTEEN,)):
+    """An explain-style record (one prompt, G = len(texts)) whose signals' scores are `scores_of(name, valid)`,
+    selected by the training rule, with explain's noise floor applied."""
+    from dataclasses import replace
+
+    from ktr.report.attribution import apply_noise_floor
+
+    record = _record(tok, list(texts), group_size=len(texts))
+    valid = record.rollout.completion_mask
+    scores = {s: scores_of(s, valid).masked_fill(~valid, 0.0) for s in SIGNALS}
+    key = select_key_tokens(scores, valid, torch.ones(valid.shape[0], dtype=torch.bool), KeyTokenConfig(),
+                            len(texts))
+    return apply_noise_floor(replace(record, key=key), KeyTokenConfig())
+
+
+def test_explain_marks_nothing_when_every_score_is_tiny(tok) -> None:
+    """One completion of 15 tokens, scores ~1e-5: the training rule still selects its top 20% (3 tokens per
+    signal); explain marks none of them, and says why in each tooltip."""
+    g = torch.Generator().manual_seed(0)
+    record = _explain_record(tok, lambda s, v: 1e-5 * torch.rand(v.shape, generator=g))
+    valid = record.rollout.completion_mask
+    assert int(valid.sum()) == 15
+    assert all(int(record.key.masks[s].sum()) == 3 for s in SIGNALS)  # training's rule, unchanged
+    assert not record.floor.mask.any() and not any(m.any() for m in record.floor.masks.values())
+    data = report_data(record, tok, KeyTokenConfig(), kind="explain")
+    comp = data["prompts"][0]["completions"][0]
+    assert comp["num_key"] == int(record.key.mask.sum()) > 0 and comp["num_marked"] == 0
+    assert all(not t["signals"] and not t["marked"] for t in comp["tokens"])
+    assert sum(bool(t["rule_signals"]) for t in comp["tokens"]) >= 3
+    html = render_page(data)
+    spans = [sp for r in _parse(html).rows.values() for sp in r]
+    assert not any(c == "key" or c.startswith("s-") for classes, *_ in spans for c in classes)
+    assert "below the noise floor: not marked" in html and "No token clears the noise floor" in html
+
+
+def test_explain_never_marks_a_negative_score_as_a_dependence(tok) -> None:
+    """Shuffling the frames raised every token's probability (temporal scores all negative): the rule's top 20%
+    are negative, and explain marks none of them as temporal."""
+    def scores(name, valid):
+        n, t = valid.shape
+        return -torch.linspace(3.0, 0.1, n * t).reshape(n, t) if name == "temporal" else torch.zeros(n, t)
+
+    record = _explain_record(tok, scores)
+    assert int(record.key.masks["temporal"].sum()) == 3  # training would still take them
+    assert not record.floor.masks["temporal"].any()
+    data = report_data(record, tok, KeyTokenConfig(), kind="explain")
+    assert not any("temporal" in t["signals"] for t in data["prompts"][0]["completions"][0]["tokens"])
+    assert "not positive: not a dependence" in render_page(data)
+
+
+def test_explain_marks_the_scores_that_stand_clear_of_the_noise() -> None:
+    from ktr.report.floor import noise_floor, pool_floors
+
+    g = torch.Generator().manual_seed(1)
+    n, t = 1, 80
+    valid = torch.ones(n, t, dtype=torch.bool)
+    noise = 0.02 * torch.linspace(-1, 1, t)[torch.randperm(t, generator=g)].reshape(n, t)  # the bulk: +-0.02 nats
+    noise[0, [5, 40, 70]] = torch.tensor([1.5, 0.9, 2.0])  # three tokens that do depend on the video
+    floor, count = pool_floors(noise, valid, 1)
+    assert int(count) == 80 and 0.02 < float(floor) < 0.1  # median + 3 x 1.4826 x MAD: above the whole bulk
+    rule = select_key_tokens({"visual": noise}, valid, torch.ones(n, dtype=torch.bool), KeyTokenConfig(), 1)
+    assert int(rule.masks["visual"].sum()) == 16  # top 20% of 80
+    marked = noise_floor(rule.masks, {"visual": noise}, valid, torch.ones(n, dtype=torch.bool), KeyTokenConfig(), 1)
+    assert marked.masks["visual"][0].nonzero().flatten().tolist() == [5, 40, 70]
+    assert marked.mask.equal(marked.masks["visual"])
+
+
+def test_explain_page_names_its_checkpoint_and_warns_on_few_tokens(tok) -> None:
+    g = torch.Generator().manual_seed(2)
+    record = _explain_record(tok, lambda s, v: torch.randn(v.shape, generator=g))
+    data = report_data(record, tok, KeyTokenConfig(), kind="explain")
+    data["step"], data["checkpoint"] = None, "runs/demo/version_0/checkpoints/last.ckpt"
+    assert data["noise_floor"]["smallest_pool"] == {"visual": 15, "temporal": 15, "entropy": 15}
+    html = render_page(data)
+    assert "step None" not in html and "explain page · checkpoint: runs/demo/version_0/checkpoints/last.ckpt" in html
+    assert "these statistics rest on too few tokens" in html and "visual 15" in html
+    assert "noise floor: max(0.01, median + 3 x 1.4826 x MAD" in html  # the legend says how marks are chosen
+    long = _explain_record(tok, lambda s, v: torch.randn(v.shape, generator=g), texts=[FIFTEEN] * 4)
+    data = report_data(long, tok, KeyTokenConfig(), kind="explain")  # a pool of 4 x 15 = 60 tokens
+    assert data["noise_floor"]["smallest_pool"]["visual"] == 60
+    assert "too few tokens" not in render_page(data)
+    train = report_data(_record(tok, TEXTS[:2]), tok, KeyTokenConfig())  # training pages are unchanged
+    assert "noise_floor" not in train and "num_marked" not in train["prompts"][0]["completions"][0]

@@ -104,7 +104,8 @@ class KeyTokenReport(Callback):
         tokenizer = pl_module.processor.tokenizer
         data = report_data(record, tokenizer, getattr(pl_module, "key_cfg", None), self.num_prompts,
                            self.num_completions, kind=kind, title=title)
-        thumbs = [thumbnails(m, self.max_frames, self.thumbnail_height) for m in record.prompts.media[:self.num_prompts]]
+        thumbs = [thumbnails(m, self.max_frames, self.thumbnail_height)
+                  for m in record.prompts.media[:self.num_prompts]]
         out = self.report_dir(trainer)
         page = write_report(data, thumbs, out, stem)
         write_index(out)

@@ -73,7 +73,8 @@ def tables(summaries: list[dict], paired: list[dict], what: str = "held-out acc 
     for s in summaries:
         lines.append(f"| {s['variant']} | {s['mean']:.3f} | [{s['ci95_low']:.3f}, {s['ci95_high']:.3f}] | "
                      f"{s['n_seeds']} | {s['warm_start']:.3f} | {s['frac_key']:.2f} | {s['wall_s']:.0f} |")
-    lines += ["", "| variant | vs | mean paired diff | 95% CI | wins / losses | sign test p |", "|---|---|---|---|---|---|"]
+    lines += ["", "| variant | vs | mean paired diff | 95% CI | wins / losses | sign test p |",
+              "|---|---|---|---|---|---|"]
     for p in paired:
         lines.append(f"| {p['variant']} | {p['vs']} | {p['mean_diff']:+.3f} | [{p['ci95_low']:+.3f}, "
                      f"{p['ci95_high']:+.3f}] | {p['wins']} / {p['losses']} | {p['sign_test_p']:.3f} |")

@@ -2,7 +2,8 @@
 (layer L2). Used by `ktr explain` and by the report callback's end-of-training report.
 
 The passes are the training step's (vision features once, the policy pass with entropy, the visual and
-temporal probes, selection per pool), under `no_grad`, on the model as it is.
+temporal probes, selection per pool), under `no_grad`, on the model as it is. `ktr explain` then applies
+its noise floor (:func:`apply_noise_floor`, `ktr.report.floor`) to what its page marks.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import torch
 from torch import nn
 
 from ktr.advantages import group_advantages
+from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig, SamplingConfig
 from ktr.data.processor import VisionLanguageProcessor
 from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, completion_logps, encode_media
-from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig
 from ktr.probes.keytokens import attribute
+from ktr.report.floor import MIN_SCORE, NOISE_MADS, noise_floor
 from ktr.report.record import StepRecord
 from ktr.rewards import compute_rewards
-from ktr.config import SamplingConfig
-from ktr.rollout.hf import generate
 from ktr.rollout.base import teacher_rollout
+from ktr.rollout.hf import generate
 from ktr.types import PromptBatch
 
 
@@ -60,3 +61,14 @@ def explain_batch(model: nn.Module, processor: VisionLanguageProcessor, prompts:
         advantages = group_advantages(rewards, g) if g > 1 else None
     return StepRecord(step=step, prompts=prompts, rollout=rollout, key=key, rewards=rewards, per_reward=per,
                       advantages=advantages)
+
+
+def apply_noise_floor(record: StepRecord, key_cfg: KeyTokenConfig, mads: float = NOISE_MADS,
+                      min_score: float = MIN_SCORE) -> StepRecord:
+    """`record` with the noise floor of `ktr.report.floor` (what an explain page marks); its key tokens, scores
+    and thresholds (the training rule's) are kept as they are."""
+    ro = record.rollout
+    video_rows = record.prompts.is_video.to(ro.completion_mask.device).repeat_interleave(ro.group_size)  # [N]
+    floor = noise_floor(record.key.masks, record.key.scores, ro.completion_mask, video_rows, key_cfg,
+                        ro.group_size, mads, min_score)
+    return replace(record, floor=floor)

@@ -8,7 +8,9 @@ hatched background; key tokens (those that get gradient) are bold; a token of on
 marker (a middle dot, or a return arrow for a line break) drawn by CSS, so the page's text stays the answer's
 text. Every token is focusable (Tab): hover or
 focus shows its raw scores and its pool's thresholds. Special tokens are hidden (listed under the answer
-when they were selected).
+when they were selected). An explain page (a report with a `noise_floor`, `ktr.report.floor`) marks only
+tokens that clear the noise floor, says so in its legend, shows the floor in every tooltip, and warns when
+its pools hold too few tokens for steady statistics.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ SIGNAL_STYLE = {
 }
 
 CSS = """
-body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#111;background:#fff}
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#111;
+  background:#fff}
 main{max-width:1100px;margin:0 auto;padding:16px 20px}
 h1{font-size:1.35em;margin:.2em 0}h2{font-size:1.15em;margin:1.2em 0 .3em}h3{font-size:1em;margin:.2em 0}
 .meta,.stats{color:#333;font-size:.92em}
@@ -73,27 +76,56 @@ def fmt_score(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def legend(signals: list[str], config: dict | None) -> str:
-    """The legend: one sample per signal, one of all three overlapping, and how to read scores."""
+def legend(signals: list[str], config: dict | None, floor: dict | None = None) -> str:
+    """The legend: one sample per signal, one of all three overlapping, and how to read scores (and, on an
+    explain page, the noise floor that marks must clear)."""
     ratios = (config or {}).get("ratios", {})
     items = []
     for s in signals:
         style, meaning = SIGNAL_STYLE[s]
-        ratio = f" (top {ratios[s]:.0%} of its pool)" if s in ratios else ""
+        ratio = f" (top {ratios[s]:.0%} of its pool" + (", above the noise floor)" if floor else ")") \
+            if s in ratios else (" (above the noise floor)" if floor else "")
         items.append(f'<li><span class="tok key s-{s}">{s}</span>: {style}; {escape(meaning)}{escape(ratio)}</li>')
     if len(signals) > 1:
         all_cls = " ".join(f"s-{s}" for s in signals)
         items.append(f'<li><span class="tok key {all_cls}">overlap</span>: the styles combine '
                      f'(a token selected by several signals shows each one)</li>')
-    items.append('<li><span class="tok key">bold</span>: key token (receives policy gradient); plain: no gradient</li>')
+    if floor:
+        items.append('<li><span class="tok key">bold</span>: marked by the signals combined (above the noise '
+                     'floor); the tooltip also says whether training would give it gradient</li>')
+    else:
+        items.append('<li><span class="tok key">bold</span>: key token (receives policy gradient); plain: no '
+                     'gradient</li>')
     scope = (config or {}).get("scope")
     pool = f" Thresholds are per {escape(scope)} pool." if scope else ""
+    rule = f"<p class=\"note\">{escape(floor_rule(floor))}</p>" if floor else ""
     return ('<section class="legend" aria-label="Legend"><strong>Legend</strong><ul>' + "".join(items) +
             f"</ul><p class=\"note\">Hover a token, or focus it with Tab, to see its raw scores and the "
-            f"thresholds.{pool} Special tokens are hidden.</p></section>\n")
+            f"thresholds.{pool} Special tokens are hidden.</p>{rule}</section>\n")
 
 
-def _tip(tokens: list[dict], thresholds: dict, n_tokens: int) -> str:
+def floor_rule(floor: dict) -> str:
+    """How an explain page chose its marks, in words (`ktr.report.floor`)."""
+    return (f"A token is marked for a signal only when the training rule selects it (the top ratio of its pool), "
+            f"its score is positive (a perturbation that raised the token's probability is not a dependence), "
+            f"and the score clears the pool's noise floor: max({floor['min_score']:g}, median + "
+            f"{floor['mads']:g} x 1.4826 x MAD of the pool's scores), i.e. more than {floor['mads']:g} robust "
+            f"standard deviations above the pool's typical token. Training itself keeps its rule (top ratio).")
+
+
+def few_tokens_note(floor: dict) -> str | None:
+    """The warning of a page whose pools hold fewer than `min_pool_tokens` tokens (None when they do not)."""
+    few = {s: n for s, n in (floor.get("smallest_pool") or {}).items() if n < floor["min_pool_tokens"]}
+    if not few:
+        return None
+    sizes = ", ".join(f"{s} {n}" for s, n in few.items())
+    return (f"Few tokens: these statistics rest on too few tokens (smallest pool per signal: {sizes}; steady "
+            f"from about {floor['min_pool_tokens']}). The top-ratio threshold and the noise floor are rough "
+            f"here: read the marks as a hint, or sample more answers (--samples 8 --temperature 1.0) or a longer "
+            f"one for a steadier page.")
+
+
+def _tip(tokens: list[dict], thresholds: dict, n_tokens: int, floors: dict | None = None) -> str:
     lines = []
     for tok in tokens:
         if n_tokens > 1:
@@ -104,9 +136,26 @@ def _tip(tokens: list[dict], thresholds: dict, n_tokens: int) -> str:
                 lines.append(f"{s:<8} {fmt_score(v)}  (no pool: not selectable)")
                 continue
             rel = ">=" if v is not None and v >= thr else "<"
-            mark = "  selected" if s in tok["signals"] else ""
-            lines.append(f"{s:<8} {fmt_score(v)} {rel} threshold {fmt_score(thr)}{mark}")
-        lines.append("key token: gets gradient" if tok["key"] else "not key: no gradient")
+            if floors is None:
+                mark = "  selected" if s in tok["signals"] else ""
+                lines.append(f"{s:<8} {fmt_score(v)} {rel} threshold {fmt_score(thr)}{mark}")
+                continue
+            floor = floors.get(s)
+            above = v is not None and floor is not None and v >= floor
+            if s in tok["signals"]:
+                mark = "marked"
+            elif s in tok.get("rule_signals", []):
+                mark = "top ratio, but not positive: not a dependence" if v is not None and v <= 0 and s != \
+                    "entropy" else "top ratio, but below the noise floor: not marked"
+            else:
+                mark = "not marked"
+            lines.append(f"{s:<8} {fmt_score(v)} {rel} threshold {fmt_score(thr)}, {'>=' if above else '<'} "
+                         f"noise floor {fmt_score(floor)}: {mark}")
+        if floors is None:
+            lines.append("key token: gets gradient" if tok["key"] else "not key: no gradient")
+        else:
+            lines.append(("marked" if tok.get("marked") else "not marked") + "; training would "
+                         + ("give it gradient (key token)" if tok["key"] else "not give it gradient"))
     return "\n".join(lines)
 
 
@@ -117,10 +166,10 @@ def answer_spans(completion: dict) -> str:
     for piece in completion["pieces"]:
         toks = [by_pos[p] for p in piece["positions"]]
         signals = [s for s in SIGNAL_STYLE if any(s in t["signals"] for t in toks)]
-        key = any(t["key"] for t in toks)
+        key = any(t.get("marked", t["key"]) for t in toks)  # explain pages: bold = marked
         ws = [] if piece["text"].strip() else ["ws-nl" if "\n" in piece["text"] else "ws"]  # shown by a marker
         cls = " ".join(["tok"] + ws + (["key"] if key else []) + [f"s-{s}" for s in signals])
-        tip = _tip(toks, completion["thresholds"], len(toks))
+        tip = _tip(toks, completion["thresholds"], len(toks), completion.get("floors"))
         label = f"{piece['text'].strip() or 'space'}: " + (", ".join(signals) if signals else "no signal")
         out.append(f'<span class="{cls}" tabindex="0" role="note" data-pos="{" ".join(map(str, piece["positions"]))}" '
                    f'data-signals="{" ".join(signals)}" data-tip="{escape(tip)}" aria-label="{escape(label)}">'
@@ -133,9 +182,14 @@ def _completion(c: dict, rank: int) -> str:
     parts = ", ".join(f"{k} {_fmt(v)}" for k, v in c["rewards"].items())
     stats = (f"reward {reward}" + (f" ({parts})" if parts else "") + f" · advantage {_fmt(c['advantage'], True)}"
              f" · key tokens {c['num_key']}/{c['num_valid']} ({c['key_fraction']:.0%})")
+    if "num_marked" in c:  # explain page
+        stats += f" · marked (above the noise floor) {c['num_marked']}/{c['num_valid']}"
     hidden = [t for t in c["tokens"] if t["special"] and (t["key"] or t["signals"])]  # selected, yet not shown
     notes = []
-    if c["num_key"] == 0:
+    if c.get("num_marked") == 0:
+        notes.append("No token clears the noise floor: no score of this answer stands out from the rest of its "
+                     "pool (the tooltips show each score against the floor), so nothing is marked.")
+    elif c["num_key"] == 0:
         notes.append("No key token: this completion receives no policy gradient.")
     for t in hidden:
         sel = ", ".join(t["signals"]) if t["signals"] else "none"
@@ -161,12 +215,16 @@ def render_page(data: dict, thumbs: list[list[str]] | None = None) -> str:
     """One report page from :func:`ktr.report.record.report_data`'s dictionary and per-prompt thumbnails."""
     head = _head(data["title"])
     cfg = data.get("config") or {}
-    meta = f"{data['kind']} · step {data['step']} · {data['group_size']} completion(s) per prompt"
+    floor = data.get("noise_floor")
+    meta = f"{_when(data)} · {data['group_size']} completion(s) per prompt"
     if cfg:
         meta += f" · pool: {cfg['scope']} · combine: {cfg['combine']}"
     body = [f"<h1>{escape(data['title'])}</h1>\n<p class=\"meta\">{escape(meta)}</p>\n"]
+    few = few_tokens_note(floor) if floor else None
+    if few:
+        body.append(f'<p class="note" role="alert">{escape(few)}</p>\n')
     if data["signals"]:
-        body.append(legend(data["signals"], cfg))
+        body.append(legend(data["signals"], cfg, floor))
     else:
         body.append('<p class="note">Key-token masking is off (vanilla GRPO): every valid token gets gradient; '
                     "no signal was computed.</p>\n")
@@ -182,6 +240,14 @@ def render_page(data: dict, thumbs: list[list[str]] | None = None) -> str:
     return head + "".join(body) + _TAIL
 
 
+def _when(data: dict) -> str:
+    """`<kind> · step N` of a training report; a page without a step (`ktr explain`) names what it explains."""
+    if data.get("step") is not None:
+        return f"{data['kind']} · step {data['step']}"
+    source = data.get("checkpoint")
+    return f"{data['kind']} page" + (f" · checkpoint: {source}" if source else "")
+
+
 def render_index(entries: list[dict], title: str = "Key-token reports", extra: str = "") -> str:
     """Index of every report: `entries` of {href, step, kind, key_fraction, reward, fractions: {signal: f}}."""
     signals = [s for s in SIGNAL_STYLE if any(s in e.get("fractions", {}) for e in entries)]
@@ -189,7 +255,8 @@ def render_index(entries: list[dict], title: str = "Key-token reports", extra: s
     rows = []
     for e in entries:
         cells = "".join(f"<td>{_fmt(e['fractions'].get(s))}</td>" for s in signals)
-        rows.append(f'<tr><td><a href="{escape(e["href"])}">step {e["step"]} ({escape(e["kind"])})</a></td>'
+        when = f"step {e['step']}" if e.get("step") is not None else "explain page"
+        rows.append(f'<tr><td><a href="{escape(e["href"])}">{when} ({escape(e["kind"])})</a></td>'
                     f"<td>{_fmt(e.get('reward'))}</td><td>{_fmt(e.get('key_fraction'))}</td>{cells}</tr>")
     table = ("<table><thead><tr><th>report</th><th>mean reward</th><th>key fraction</th>" + head_cells +
              "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>\n")
@@ -238,7 +305,7 @@ def render_figure(data: dict) -> str:
     """A compact page for papers and slides: the legend and the highlighted answers only (no frames, no tips)."""
     body = [f"<h1>{escape(data['title'])}</h1>\n"]
     if data["signals"]:
-        body.append(legend(data["signals"], data.get("config")))
+        body.append(legend(data["signals"], data.get("config"), data.get("noise_floor")))
     for p in data["prompts"]:
         body.append(f'<p class="question">{escape(p["question"])}</p>\n')
         body.extend(f'<p class="answer">{answer_spans(c)}</p>\n' for c in p["completions"])

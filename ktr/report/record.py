@@ -1,9 +1,15 @@
 """What a key-token report shows, as plain data (layer L2, no Lightning).
 
 :class:`StepRecord` is what one RL step (or one `ktr explain` call) produced: prompts, completions,
-key-token masks, raw scores and thresholds, rewards and advantages. :func:`report_data` turns it into the
-JSON-ready dictionary that the HTML page is rendered from and that is written beside it; the token
-statistics (`ktr.report.stats`) read those JSON files back.
+key-token masks, raw scores and thresholds, rewards and advantages, and for `ktr explain` the noise floor
+(`ktr.report.floor`). :func:`report_data` turns it into the JSON-ready dictionary that the HTML page is
+rendered from and that is written beside it; the token statistics (`ktr.report.stats`) read those JSON files
+back.
+
+With a noise floor (explain pages) a token's `signals` are the signals that *mark* it (the training rule's
+selection, positive and above the floor), `rule_signals` those the training rule selected, `marked` their
+combination; `key` stays the training rule's key token (what training would give gradient), so `num_key`
+means the same on every page and `num_marked` counts the marks.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import Tensor
 
 from ktr.config import SIGNALS, KeyTokenConfig
 from ktr.probes.keytokens import KeyTokens
+from ktr.report.floor import NoiseFloor
 from ktr.report.tokens import readable_pieces, special_ids
 from ktr.types import Media, PromptBatch, Rollout
 
@@ -36,6 +43,7 @@ class StepRecord:
     rewards: Tensor | None = None  # [N] total reward
     per_reward: dict[str, Tensor] = field(default_factory=dict)  # name -> [N]
     advantages: Tensor | None = None  # [N]
+    floor: NoiseFloor | None = None  # `ktr explain`: what its page marks (`ktr.report.floor`)
 
 
 def _num(x) -> float | None:
@@ -59,6 +67,9 @@ def _completion(record: StepRecord, i: int, tokenizer, hidden: set[int]) -> dict
     valid = ro.completion_mask[i].cpu()  # [T]
     ids = ro.completion_ids[i].cpu()  # [T]
     masks = {s: m[i].cpu() for s, m in key.masks.items()}
+    floor = record.floor
+    marks = {s: m[i].cpu() for s, m in floor.masks.items()} if floor is not None else masks
+    marked = floor.mask[i].cpu() if floor is not None else None
     scores = {s: v[i].detach().float().cpu() for s, v in key.scores.items()}
     kmask = key.mask[i].cpu()
     positions = [t for t in range(ids.shape[0]) if bool(valid[t])]
@@ -66,8 +77,11 @@ def _completion(record: StepRecord, i: int, tokenizer, hidden: set[int]) -> dict
     for t in positions:
         tid = int(ids[t])
         entry = {"pos": t, "id": tid, "special": tid in hidden, "key": bool(kmask[t]),
-                 "signals": [s for s in SIGNALS if s in masks and bool(masks[s][t])],
+                 "signals": [s for s in SIGNALS if s in marks and bool(marks[s][t])],
                  "scores": {s: _num(v[t]) for s, v in scores.items()}}
+        if floor is not None:
+            entry["rule_signals"] = [s for s in SIGNALS if s in masks and bool(masks[s][t])]
+            entry["marked"] = bool(marked[t])
         if tid in hidden:
             entry["token"] = tokenizer.convert_ids_to_tokens(tid)
         tokens.append(entry)
@@ -80,6 +94,10 @@ def _completion(record: StepRecord, i: int, tokenizer, hidden: set[int]) -> dict
            "reward": None if record.rewards is None else _num(record.rewards[i]),
            "rewards": {k: _num(v[i]) for k, v in record.per_reward.items()},
            "advantage": None if record.advantages is None else _num(record.advantages[i])}
+    if floor is not None:
+        out["num_marked"] = int((marked & valid).sum())
+        out["floors"] = {s: _num(v[i]) for s, v in floor.floors.items()}
+        out["pool_tokens"] = {s: int(v[i]) for s, v in floor.pool_tokens.items()}
     return out
 
 
@@ -104,9 +122,15 @@ def report_data(record: StepRecord, tokenizer, cfg: KeyTokenConfig | None = None
         config = {"enabled": cfg.enabled, "scope": cfg.scope, "combine": cfg.combine,
                   "ratios": {s: getattr(cfg, s).ratio for s in SIGNALS if getattr(cfg, s).enabled},
                   "visual_perturbation": cfg.visual_perturbation, "temporal_perturbation": cfg.temporal_perturbation}
-    return {"format": FORMAT, "kind": kind, "step": record.step, "group_size": g,
-            "title": title or f"Key tokens, step {record.step}",
-            "signals": [s for s in SIGNALS if s in record.key.masks], "config": config, "prompts": prompts}
+    out = {"format": FORMAT, "kind": kind, "step": record.step, "group_size": g,
+           "title": title or f"Key tokens, step {record.step}",
+           "signals": [s for s in SIGNALS if s in record.key.masks], "config": config, "prompts": prompts}
+    if record.floor is not None:
+        f = record.floor
+        out["noise_floor"] = {"mads": f.mads, "min_score": f.min_score, "min_pool_tokens": f.min_pool_tokens,
+                              "smallest_pool": {s: int(v[v > 0].min()) for s, v in f.pool_tokens.items()
+                                                if (v > 0).any()}}
+    return out
 
 
 def thumbnails(media: Media, max_frames: int = 16, height: int = 64) -> list[str]:

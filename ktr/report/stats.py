@@ -140,7 +140,7 @@ def word_type_shares(all_words: list[list[tuple[str, set[str]]]], tagger=None) -
     for cw in all_words:
         if not cw:
             continue
-        for (w, sig), kind in zip(cw, tag([w for w, _ in cw])):
+        for (_, sig), kind in zip(cw, tag([w for w, _ in cw]), strict=True):
             counts["all"][kind] += 1
             for s in sig & set(SIGNALS):
                 counts[s][kind] += 1

@@ -72,7 +72,7 @@ def readable_pieces(tokenizer, ids: list[int], positions: list[int] | None = Non
             out.append(Piece(buf.decode("utf-8", errors="replace"), tuple(pos)))
         buf, pos = b"", []
 
-    for tid, p in zip(ids, positions):
+    for tid, p in zip(ids, positions, strict=True):
         if int(tid) in hidden:
             flush()
             continue

@@ -51,7 +51,8 @@ def write_index(out_dir: str | Path) -> Path:
         if isinstance(data, dict) and data.get("format") == FORMAT and path.with_suffix(".html").is_file():
             entries.append(summary(data) | {"href": path.with_suffix(".html").name})
     entries.sort(key=lambda e: (e["step"] if e["step"] is not None else -1, e["href"]))
-    extra = '<p><a href="stats.html">Token statistics of these reports</a></p>\n' if (out / "stats.html").is_file() else ""
+    stats = (out / "stats.html").is_file()
+    extra = '<p><a href="stats.html">Token statistics of these reports</a></p>\n' if stats else ""
     index = out / "index.html"
     _atomic_write(index, render_index(entries, extra=extra))
     return index
