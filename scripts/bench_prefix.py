@@ -1,15 +1,26 @@
-"""Shared prompt prefix vs naive: time, peak memory and tokens processed of the rollout, of each scoring pass
-and of the whole step (issue 11).
+"""Shared prompt prefix vs naive: time, peak memory and tokens processed of the rollout, of one attention layer,
+of each scoring pass and of the whole step (issues 11 and 26).
 
     python scripts/bench_prefix.py --repeats 3 --new-tokens 32 128 --json bench_prefix.json
+    python scripts/bench_prefix.py --parts attention --new-tokens 128 768 --json docs/bench_prefix.json --merge
+    python scripts/bench_prefix.py --parts passes --model decoder --new-tokens 128 768 --repeats 2 \
+        --json docs/bench_prefix.json --merge
     python scripts/bench_prefix.py --parts passes step --new-tokens 128 --json bench_prefix_step.json
+
+Attention (`--parts attention`): one decoder layer's attention, forward + backward, fp32, 1 thread, at
+Qwen2.5-VL-7B's head shapes (28 query and 4 key/value heads of 128), a 1,200-token prompt and G = 8
+(`ktr.experiments.gpu_parts.attention_layouts`, also the GPU check's): `naive` (G rows, transformers' SDPA call
+without a mask), `naive_mask` (the explicit causal mask transformers passes once a row is padded), `dense` (one
+packed row, `[W, W]` mask) and `split` (`ktr.model.attention`), interleaved in one process, median process CPU
+time, with the largest output and gradient difference to naive.
 
 Rollout: `naive` is transformers' `generate` with `num_return_sequences` (`sampling.backend: hf`): the decoder
 prefills each prompt G times. `shared` is `ktr.rollout.shared` (`sampling.backend: shared`): one prefill per
 prompt, its key/value cache repeated to the G rows, ktr's own sampling loop (exact candidate-set top-p).
 
-Scoring passes (`--parts passes`; `loss.shared_prefix: false` vs `true`, `ktr.model.prefix`): on G random completions
-of `new_tokens` tokens, each measured in its own phase of one process: `policy` (vision features and the
+Scoring passes (`--parts passes`; `naive`: `loss.shared_prefix: false`; `split`: the default, `ktr.model.prefix` with
+split attention; `dense`: the packed row with a dense mask, `SequenceView.prefix_attention = "dense"`): on G random
+completions of `new_tokens` tokens, each measured in its own phase of one process: `policy` (vision features and the
 decoder with gradient, log-probs and entropy through the chunked projection), `backward` (the fused masked
 loss and its backward into the decoder and the vision tower), `reference` (a no-grad pass), `visual` (the
 released `attention_mask` probe), `temporal` (the `shuffle` probe: re-encoded frames and a decoder pass).
@@ -17,7 +28,9 @@ Peak memory of a phase is the growth of the process's resident set over the phas
 mark is reset before each phase, `/proc/self/clear_refs`, and large buffers are returned to the system when
 freed, `MALLOC_MMAP_THRESHOLD_`); gradients are allocated before the first phase, so `policy` + `backward`
 hold the gradient pass's activations only. Tokens processed count decoder positions (the packed layout's
-padding included).
+padding included). `policy/decoder`, `reference/decoder` and `visual/decoder` time the decoder part of those passes
+alone (no output projection: on a 7B model the 151,936-wide head is ~1/12 of a token's cost, on the bench
+models it is more than the decoder's per completion token).
 
 Whole step (`--parts step`): `scripts/bench_step.py`'s instrumented KTRModule steps on the same model and a
 ~1,000-token synthetic video, three variants: naive KTR (`sampling.backend: hf`, `loss.shared_prefix: false`),
@@ -26,8 +39,11 @@ shared KTR (the defaults) and shared GRPO (`key_tokens.enabled: false`), with th
 (monotonic, so it includes the weights, the reference copy and the optimizer state), time the mean step after
 the first (`ktr.experiments.bench_step.summarise`).
 
-Model: a decoder-dominated CPU model (the built-in random Qwen2.5-VL at hidden 512, 4 layers, the full
-151,936 vocabulary, untied output projection), one prompt of a 16-frame 224x448 video (1,024 video tokens)
+Model (`--model small`, the default): the built-in random Qwen2.5-VL at hidden 512, 4 layers, 8 heads (2 key/value),
+MLP 1408, the full 151,936 vocabulary, untied output projection; `--model decoder`: hidden 1024, 8 layers,
+16 heads (2 key/value), MLP 2816 (the decoder's share of the passes larger: 180 MFLOP per token through the decoder
+against 311 MFLOP through the head, and each naive row 1,900 decoder tokens for 768 head tokens); one prompt of a
+16-frame 224x448 video (1,024 video tokens)
 plus ~100 text tokens, G = 8, the released sampling (temperature 1, top-p 0.95). A random model almost never
 emits an end token, so every completion runs to `new_tokens`. Its next-token distribution is nearly flat,
 so the nucleus holds ~95% of the vocabulary and the candidate-set filter falls back to the full sort; with
@@ -62,7 +78,13 @@ QUESTION = ("Watch the video carefully. Several coloured shapes appear one after
             "(C) green, blue, red (D) red, blue, green. Put the letter of the answer in the answer tags.")
 
 
-def build(head_scale: float):
+MODELS = {  # TinyModelConfig fields of the bench models
+    "small": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1408),
+    "decoder": dict(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=2, intermediate_size=2816),
+}
+
+
+def build(head_scale: float, model: str = "small"):
     """The bench model (random, seeded) and a one-prompt batch."""
     import torch
 
@@ -70,8 +92,7 @@ def build(head_scale: float):
     from ktr.model.policy import load_policy
     from ktr.types import Media
 
-    tiny = TinyModelConfig(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1408,
-                           tie_word_embeddings=False)
+    tiny = TinyModelConfig(**MODELS[model], tie_word_embeddings=False)
     policy = load_policy(PolicyConfig(attn_implementation="sdpa", tiny=tiny))
     with torch.no_grad():
         policy.model.lm_head.weight.mul_(head_scale)
@@ -134,18 +155,20 @@ def _phase(fn) -> tuple[object, float, float, float]:
     return out, wall, cpu, (_rss_kb("VmHWM") - before) / 1024
 
 
-def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float) -> list[dict]:
-    """The scoring passes and the backward of one step on G random completions (run in its own process)."""
+def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float, model_name: str = "small"
+                  ) -> list[dict]:
+    """The scoring passes and the backward of one step on G random completions (run in its own process); `impl`:
+    naive, dense or split (`shared`: split, the records of earlier runs)."""
     import torch
 
     from ktr import fused
     from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media, output_projection
     from ktr.probes.temporal import temporal_scores
-    from ktr.probes.visual import visual_scores
+    from ktr.probes.visual import get_visual_perturbation, visual_scores
     from ktr.types import Rollout
 
     torch.set_num_threads(1)
-    policy, batch = build(head_scale)
+    policy, batch = build(head_scale, model_name)
     model, proc = policy.model, policy.processor
     g, t = group_size, new_tokens
     gen = torch.Generator().manual_seed(0)
@@ -155,7 +178,8 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
                       torch.cat([batch.attention_mask.repeat(g, 1), valid.long()], 1),
                       torch.cat([batch.mm_token_type_ids.repeat(g, 1), torch.zeros_like(comp, dtype=torch.int)], 1),
                       comp, valid)
-    view = SequenceView.of(model, rollout, batch, shared_prefix=impl == "shared")
+    view = SequenceView.of(model, rollout, batch, shared_prefix=impl != "naive",
+                           prefix_attention="dense" if impl == "dense" else "split")
     adv = torch.linspace(-1, 1, g)
     key = torch.rand(g, t, generator=gen) < 0.3
 
@@ -180,10 +204,10 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
 
     def record(phase, wall, cpu, mem):
         p = int(batch.attention_mask.sum())
-        tokens = (p + g * t) if impl == "shared" else g * (p + t)
+        tokens = g * (p + t) if impl == "naive" else (p + g * t)
         records.append(dict(impl=impl, phase=phase, group_size=g, prompt_tokens=p, new_tokens=t,
                             tokens_processed=tokens, time_s=wall, cpu_s=cpu, peak_mem_mb=mem, head_scale=head_scale,
-                            tokens_per_cpu_s=tokens / cpu))
+                            tokens_per_cpu_s=tokens / cpu, model=model_name))
 
     out, *m = _phase(policy_pass)
     feats, hidden, logps = out
@@ -192,7 +216,14 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
     record("backward", *m)
     hidden = None  # the activations go before the no-grad passes
     detached = feats.detached(leaves=False)
+    _, *m = _phase(lambda: completion_hidden(model, view, encode_media(model, batch.pixel_values, batch.grid_thw), t))
+    record("policy/decoder", *m)  # the policy pass's forward without the head (its graph dropped at once)
     with torch.no_grad():
+        _, *m = _phase(lambda: completion_hidden(model, view, detached, t))
+        record("reference/decoder", *m)
+        perturbed, _ = get_visual_perturbation("attention_mask")(view, model, batch, None, 0)
+        _, *m = _phase(lambda: completion_hidden(model, perturbed, detached, t))
+        record("visual/decoder", *m)
         _, *m = _phase(lambda: completion_logps(model, completion_hidden(model, view, detached, t), comp, valid))
         record("reference", *m)
         _, *m = _phase(lambda: visual_scores(model, batch, view, detached, comp, valid, logps))
@@ -201,6 +232,23 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
                                                generator=torch.Generator().manual_seed(1)))
         record("temporal", *m)
     return records
+
+
+def attention_records(new_tokens: int, repeats: int) -> list[dict]:
+    """One attention layer at 7B head shapes, fp32, this process on 1 thread (`gpu_parts.attention_layouts`)."""
+    import torch
+
+    from ktr.experiments.gpu_parts import attention_layouts
+
+    torch.set_num_threads(1)
+    rec = attention_layouts(torch.device("cpu"), torch.float32, new_tokens, repeats=repeats)
+    shape = {k: rec[k] for k in ("prompt", "group", "heads", "kv_heads", "head_dim", "dtype")}
+    return [dict(impl=impl, phase="attention", part="attention", new_tokens=new_tokens, cpu_s=v["seconds"],
+                 cpu_s_all=v["seconds_all"], x_naive=v["x_naive"], pairs=rec["pairs"].get(impl, rec["pairs"]["naive"]
+                                                                                            if impl.startswith("naive")
+                                                                                            else None),
+                 max_rel_out_diff=v["max_rel_out_diff"], max_rel_grad_diff=v["max_rel_grad_diff"],
+                 repeats=repeats, **shape) for impl, v in rec["impls"].items()]
 
 
 STEP_VARIANTS = {  # bench_step overrides of each whole-step variant
@@ -230,10 +278,11 @@ def step_worker(variant: str, new_tokens: int, group_size: int, steps: int) -> l
 
 
 def measure(impl: str, new_tokens: int, group_size: int, head_scale: float, part: str = "rollout",
-            steps: int = 3):
+            steps: int = 3, model: str = "small"):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, __file__, "--worker", impl, "--worker-part", part, "--new-tokens", str(new_tokens),
-           "--group-size", str(group_size), "--head-scale", str(head_scale), "--steps", str(steps)]
+           "--group-size", str(group_size), "--head-scale", str(head_scale), "--steps", str(steps),
+           "--model", model]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -250,9 +299,19 @@ def medians(runs: list[dict]) -> dict:
     return rec
 
 
+PART_OF_PHASE = {"rollout": "rollout", "attention": "attention"}  # else: step/... -> step, the rest -> passes
+
+
+def part_of(rec: dict) -> str:
+    """The `--parts` value a record comes from (records of earlier runs carry no `part`)."""
+    phase = rec["phase"]
+    return rec.get("part") or PART_OF_PHASE.get(phase) or ("step" if phase.startswith("step") else "passes")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["rollout", "passes", "step"], default=["rollout", "passes"])
+    parser.add_argument("--parts", nargs="+", choices=["rollout", "attention", "passes", "step"],
+                        default=["rollout", "passes"])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -260,57 +319,100 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-scale", type=float, nargs="+", default=[1.0],
                         help="multiply the output projection (1: flat random logits; 40: a peaked, trained-like "
                              "distribution whose nucleus is small)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small", help="the rollout and passes' model")
+    parser.add_argument("--passes-impls", nargs="+", default=["naive", "dense", "split"],
+                        choices=["naive", "dense", "split"])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the records of --json's other parts (and of other models) and replace this run's")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-part", default="rollout", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         t, g, h = args.new_tokens[0], args.group_size, args.head_scale[0]
-        out = {"rollout": lambda: worker(args.worker, t, g, h), "passes": lambda: passes_worker(args.worker, t, g, h),
+        out = {"rollout": lambda: worker(args.worker, t, g, h),
+               "passes": lambda: passes_worker(args.worker, t, g, h, args.model),
                "step": lambda: step_worker(args.worker, t, g, args.steps)}[args.worker_part]()
         print(json.dumps(out))
         return
     records = []
     for part in args.parts:
-        impls = tuple(STEP_VARIANTS) if part == "step" else ("naive", "shared")
+        if part == "attention":
+            for t in args.new_tokens:
+                records += attention_records(t, args.repeats)
+                print(f"  attention {t:4d} new tokens: " + ", ".join(
+                    f"{r['impl']} {r['cpu_s']:.2f} s" for r in records[-4:]), file=sys.stderr, flush=True)
+            continue
+        impls = (tuple(STEP_VARIANTS) if part == "step" else tuple(args.passes_impls) if part == "passes"
+                 else ("naive", "shared"))
         for scale in args.head_scale if part != "step" else [1.0]:
             for t in args.new_tokens:
                 runs: dict[str, list] = {i: [] for i in impls}
                 for r in range(args.repeats if part != "step" else 1):
                     for impl in (impls if r % 2 == 0 else impls[::-1]):
-                        got = measure(impl, t, args.group_size, scale, part, args.steps)
+                        got = measure(impl, t, args.group_size, scale, part, args.steps, args.model)
                         runs[impl].append(got if isinstance(got, list) else [got])
                         print(f"  {part} {impl:11s} head x{scale:g} {t:4d} new tokens: "
                               + ", ".join(f"{x['phase']} {x['time_s']:.2f} s" for x in runs[impl][-1]),
                               file=sys.stderr, flush=True)
                 for impl in impls:  # one record per (impl, phase): medians over the repeats
                     for k in range(len(runs[impl][0])):
-                        records.append(medians([rep[k] for rep in runs[impl]]))
+                        records.append(dict(medians([rep[k] for rep in runs[impl]]), part=part))
     print(table(records, args))
     if args.json:
         import torch
 
-        meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(), "threads": 1,
-                "model": "tiny Qwen2.5-VL, hidden 512, 4 layers, 8 heads (2 kv), MLP 1408, vocab 151936, untied",
+        meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
+                "cpu": _cpu_name(), "threads": 1,
+                "models": {k: f"random Qwen2.5-VL, {v['num_layers']} layers, hidden {v['hidden_size']}, "
+                              f"{v['num_heads']} heads ({v['num_kv_heads']} kv), MLP {v['intermediate_size']}, "
+                              "vocab 151936, untied" for k, v in MODELS.items()},
                 "sampling": {"temperature": 1.0, "top_p": 0.95}}
+        if args.merge and args.json.exists():
+            old = json.loads(args.json.read_text())
+            ran = {(part_of(r), r.get("model", "small")) for r in records}
+            kept = [r for r in old["results"] if (part_of(r), r.get("model", "small")) not in ran]
+            meta = {**old["settings"], **meta}
+            records = kept + records
         args.json.write_text(json.dumps({"settings": meta, "results": records}, indent=2) + "\n")
 
 
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def table(records: list[dict], args) -> str:
-    """Each record beside its naive counterpart (same phase, lengths, head scale): times and memory as ratios."""
-    lines = [f"G={args.group_size}, 1 thread, {os.cpu_count()} cpus ({platform.machine()}), medians of interleaved "
-             f"runs (shared machine: noisy; cpu s is the steadier measure)",
-             f"{'phase':>16} {'impl':>11} {'new':>4} {'tokens':>7} {'wall s':>7} {'cpu s':>7} {'x naive':>7} "
-             f"{'peak MB':>8} {'x naive':>7}"]
+    """Each record beside its naive counterpart (same part, model, phase, lengths, head scale): times and memory as
+    ratios. Attention records: CPU seconds, ratio, pairs computed and the difference to naive."""
+    lines = [f"G={args.group_size}, 1 thread, {os.cpu_count()} cpus ({platform.machine()}, {_cpu_name()}), medians "
+             f"of interleaved runs (shared machine: noisy; cpu s is the steadier measure)"]
+    attn = [r for r in records if r["phase"] == "attention"]
+    if attn:
+        lines.append(f"{'attention':>16} {'impl':>11} {'new':>4} {'pairs M':>8} {'cpu s':>7} {'x naive':>7} "
+                     f"{'out diff':>9} {'grad diff':>9}")
+        for r in attn:
+            pairs = f"{r['pairs'] / 1e6:.2f}" if r.get("pairs") else "-"
+            lines.append(f"{'':>16} {r['impl']:>11} {r['new_tokens']:>4} {pairs:>8} {r['cpu_s']:>7.2f} "
+                         f"{r['x_naive']:>7.2f} {r['max_rel_out_diff']:>9.1e} {r['max_rel_grad_diff']:>9.1e}")
+    rest = [r for r in records if r["phase"] != "attention"]
+    if not rest:
+        return "\n".join(lines)
+    lines.append(f"{'phase':>17} {'impl':>11} {'new':>4} {'tokens':>7} {'wall s':>7} {'cpu s':>7} {'x naive':>7} "
+                 f"{'peak MB':>8} {'x naive':>7}")
+
     def key(r):
-        return (r["phase"], r["new_tokens"], r.get("head_scale", 1.0))
-    naive = {key(r): r for r in records if r["impl"] == "naive"}
-    for r in records:
+        return (part_of(r), r.get("model", "small"), r["phase"], r["new_tokens"], r.get("head_scale", 1.0))
+
+    naive = {key(r): r for r in rest if r["impl"] == "naive"}
+    for r in rest:
         n = naive.get(key(r))
         base_t = "cpu_s" if "cpu_s" in r else "time_s"
         ratio = f"{r[base_t] / n[base_t]:.2f}" if n and n[base_t] else "-"
         mem = f"{r['peak_mem_mb'] / n['peak_mem_mb']:.2f}" if n and n.get("peak_mem_mb") else "-"
-        lines.append(f"{r['phase']:>16} {r['impl']:>11} {r['new_tokens']:>4} {r.get('tokens_processed', 0):>7} "
+        lines.append(f"{r['phase']:>17} {r['impl']:>11} {r['new_tokens']:>4} {r.get('tokens_processed', 0):>7} "
                      f"{r['time_s']:>7.2f} {r.get('cpu_s', float('nan')):>7.2f} {ratio:>7} "
                      f"{r['peak_mem_mb']:>8.0f} {mem:>7}")
     return "\n".join(lines)

@@ -30,6 +30,10 @@ SCENARIOS = {
     "lora_bf16": dict(lora=True, param_dtype="bfloat16", beta=0.04, steps=2, tied=False),
     # "full" on the tiny Qwen3-VL (deepstack features, timestamped video prompt; 64 x 64 media)
     "full_qwen3vl": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, name="tiny-qwen3vl", side=64),
+    # "full" with SDPA: the ranks score with split attention in the packed row (`ktr.model.attention`)
+    "full_sdpa": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, attn="sdpa"),
+    # ... with micro-batches of one completion: the prompt's keys and values shared across them (MicroBatches)
+    "full_sdpa_micro": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, attn="sdpa", micro=1),
 }
 
 
@@ -135,14 +139,14 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
     s = SCENARIOS[scenario]
     torch.set_num_threads(1)
     L.seed_everything(0)
-    policy = PolicyConfig(name_or_path=s.get("name", "tiny"), attn_implementation="eager",
+    policy = PolicyConfig(name_or_path=s.get("name", "tiny"), attn_implementation=s.get("attn", "eager"),
                           gradient_checkpointing=True,
                           tiny=TinyModelConfig(tie_word_embeddings=s.get("tied", True)),
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0) if s["lora"] else None,
                           sharding=ShardingConfig(param_dtype=s["param_dtype"]))
     module = KTRModule(policy=policy, sampling=SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0),
                        key_tokens=KeyTokenConfig(temporal_perturbation="reverse"),
-                       loss=LossConfig(beta=s["beta"], shared_prefix=shared_prefix),
+                       loss=LossConfig(beta=s["beta"], shared_prefix=shared_prefix, micro_batch_size=s.get("micro")),
                        optim=OptimConfig(lr=1e-3, schedule="constant"),
                        rewards=RewardConfig(names=["tests._fsdp_worker:text_length"]))
     module.rollout_backend = PerPromptBackend()

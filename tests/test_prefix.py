@@ -2,12 +2,16 @@
 gradients of the KTR loss equal with and without micro-batches and a frozen vision tower, and the decoder's rows per
 pass."""
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
 import torch
 
-from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media, shared_layout
+from ktr.model import attention
+from ktr.model.families import language_model
+from ktr.model.forward import (SequenceView, completion_hidden, completion_logps, encode_media, prefix_layout,
+                               shared_layout)
 from ktr.model.prefix import group_runs, pack_groups
 from ktr.probes.temporal import temporal_scores
 from ktr.probes.visual import visual_scores
@@ -42,19 +46,35 @@ def _logps(model, view, feats, rollout, zero_vision=None):
     return completion_logps(model, hidden, rollout.completion_ids, rollout.completion_mask, chunk_size=5)[0]
 
 
-@torch.no_grad()
-def test_every_pass_equals_naive(tiny_any) -> None:
-    """Two prompts of different lengths, a video and an image, G = 4: policy, visual and temporal probes."""
-    model, proc = tiny_any.model, tiny_any.processor
-    batch, rollout = rollout_for(tiny_any, n_prompts=2, group_size=4, max_new_tokens=8, image_every=2)
+@contextmanager
+def attention_implementation(model, impl: str):
+    """The language model's attention switched to `impl` for the block (the session fixtures load eager)."""
+    cfg = language_model(model).config
+    before = cfg._attn_implementation
+    cfg._attn_implementation = impl
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = before
+
+
+def _every_pass_equals_naive(policy, layout: str) -> None:
+    """Two prompts of different lengths, a video and an image, G = 4: policy, visual and temporal passes in `layout`
+    equal the naive layout to 1e-5."""
+    model, proc = policy.model, policy.processor
+    batch, rollout = rollout_for(policy, n_prompts=2, group_size=4, max_new_tokens=8, image_every=2)
     assert batch.is_video.tolist() == [True, False] and batch.attention_mask.sum(-1).unique().numel() == 2
     feats = encode_media(model, batch.pixel_values, batch.grid_thw)
     shared = SequenceView.of(model, rollout, batch)
     naive = replace(shared, shared_prefix=False)
     t = rollout.completion_ids.shape[1]
+    assert prefix_layout(model, shared) == layout
     packed = shared_layout(model, shared, t)
-    assert packed is not None and packed.input_ids.shape[0] == 2  # one packed row per prompt
-    assert packed.input_ids.shape[1] == rollout.prompt_length + 4 * t
+    if layout == "dense":
+        assert packed.input_ids.shape == (2, rollout.prompt_length + 4 * t)  # one packed row per prompt
+    else:  # one row: each prompt's visible tokens once, then its completions
+        assert packed.input_ids.shape == (1, int(batch.attention_mask.sum()) + 8 * t)
+        assert packed.attention_mask is None and len(packed.split.groups) == 2
     valid = rollout.completion_mask
     base = _logps(model, naive, feats, rollout)
     torch.testing.assert_close(_logps(model, shared, feats, rollout)[valid], base[valid], rtol=1e-5, atol=1e-5)
@@ -69,6 +89,51 @@ def test_every_pass_equals_naive(tiny_any) -> None:
     b = temporal_scores(model, proc, batch, naive, feats, *args, generator=gen[1])
     assert a[:4].abs().max() > 0
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("impl, layout", [("eager", "dense"), ("sdpa", "split")])
+def test_every_pass_equals_naive(tiny_any, impl, layout) -> None:
+    """Eager attention packs with the dense mask (the oracle); SDPA splits attention in one packed row."""
+    with attention_implementation(tiny_any.model, impl):
+        _every_pass_equals_naive(tiny_any, layout)
+
+
+@torch.no_grad()
+def test_a_leaking_split_attention_fails_the_check(tiny_policy, monkeypatch) -> None:
+    """The same check catches completions that see each other (one causal block per group)."""
+    from tests.test_split_attention import _leaky
+
+    monkeypatch.setitem(attention.SPLITTERS, "sdpa", _leaky)
+    with attention_implementation(tiny_policy.model, "sdpa"), pytest.raises(AssertionError):
+        _every_pass_equals_naive(tiny_policy, "split")
+
+
+@torch.no_grad()
+def test_visual_probe_drops_hidden_media_from_the_packed_row(tiny_any) -> None:
+    """The `attention_mask` probe's packed row holds the text only (positions those of the masked view), and its
+    log-probs equal the masked rows' (naive) and the dense mask's."""
+    from ktr.probes.visual import get_visual_perturbation
+
+    model = tiny_any.model
+    batch, rollout = rollout_for(tiny_any, n_prompts=2, group_size=3, max_new_tokens=6, image_every=2)
+    feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+    view, _ = get_visual_perturbation("attention_mask")(SequenceView.of(model, rollout, batch), model, batch, None, 0)
+    t = rollout.completion_ids.shape[1]
+    text = (batch.attention_mask.bool() & (batch.mm_token_type_ids == 0)).sum(-1)  # [B] visible text tokens
+    with attention_implementation(model, "sdpa"):
+        packed = shared_layout(model, view, t)
+        assert [g.prompt for g in packed.split.groups] == text.tolist()
+        assert not (packed.mm_token_type_ids > 0).any() and packed.media_index.numel() == 0
+        p = rollout.prompt_length
+        kept = view.attention_mask.bool()[0, :p]
+        assert torch.equal(packed.position_ids[:, 0, :int(text[0])], view.position_ids[:, 0, :p][:, kept])
+        split = _logps(model, view, feats, rollout)
+        naive = _logps(model, replace(view, shared_prefix=False), feats, rollout)
+        dense = _logps(model, replace(view, prefix_attention="dense"), feats, rollout)
+    valid = rollout.completion_mask
+    torch.testing.assert_close(split[valid], naive[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split[valid], dense[valid], rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -106,12 +171,14 @@ def test_rows_with_different_prompt_parts_run_naive(tiny_policy) -> None:
     assert shared_layout(tiny_policy.model, replace(view, shared_prefix=False), t) is None
 
 
-def _module():
+def _module(name: str = "tiny", checkpointing: bool = False):
     from ktr.config import PolicyConfig, SamplingConfig
     from ktr.module import KTRModule
 
     torch.set_num_threads(1)
-    return KTRModule(policy=PolicyConfig(), sampling=SamplingConfig(group_size=4, max_new_tokens=6, top_p=1.0))
+    module = KTRModule(policy=PolicyConfig(name_or_path=name, gradient_checkpointing=checkpointing),
+                       sampling=SamplingConfig(group_size=4, max_new_tokens=6, top_p=1.0))
+    return module.train() if checkpointing else module
 
 
 def _grads(module, batch, rollout, shared, micro):
@@ -121,26 +188,65 @@ def _grads(module, batch, rollout, shared, micro):
     return module_grads(module, batch, rollout, cfg, torch.linspace(-1, 1, rollout.completion_ids.shape[0]))
 
 
-@pytest.mark.parametrize("frozen_vision", [False, True])
+def _recomputed_layers(model) -> int:
+    """Decoder layers that recompute their forward in backward (gradient checkpointing on and in training mode)."""
+    return sum(bool(getattr(m, "gradient_checkpointing", False)) and m.training
+               for m in language_model(model).layers)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3vl"])
+@pytest.mark.parametrize("frozen_vision, checkpointing", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.slow
-def test_ktr_gradients_equal_naive(frozen_vision) -> None:
+def test_ktr_gradients_equal_naive(name, frozen_vision, checkpointing) -> None:
+    """Split attention (SDPA, the default): the reference log-probs, the loss and every parameter's gradient equal
+    the naive layout's, whole batch and micro-batches, trainable or frozen vision, with gradient checkpointing."""
     from ktr.model.families import vision_tower
     from ktr.model.policy import Policy
 
-    module = _module()
+    module = _module(name, checkpointing)
+    assert (_recomputed_layers(module.model) > 0) == checkpointing
     if frozen_vision:
         vision_tower(module.model).requires_grad_(False)
     batch, rollout = rollout_for(Policy(module.model, module.processor), n_prompts=2, group_size=4,
                                  image_every=2)
+    view = SequenceView.of(module.model, rollout, batch)
+    assert prefix_layout(module.model, view) == "split" and shared_layout(module.model, view, 6) is not None
     loss0, scores0, g0 = _grads(module, batch, rollout, False, None)
     assert any("visual" in k for k in g0) != frozen_vision
-    for micro in (None, 3, 8):  # whole batch; micro-batches that split groups; one group per micro-batch
+    for micro in (None, 1, 3, 8):  # whole batch; micro-batches that split groups (the prompts' K/V shared); all
         loss, scores, g = _grads(module, batch, rollout, True, micro)
         torch.testing.assert_close(scores.ref_logps, scores0.ref_logps, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-6)
         assert g.keys() == g0.keys()
         for k in g0:
             torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(), msg=k)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3vl"])
+@pytest.mark.slow
+def test_micro_batches_run_each_prompt_once(name) -> None:
+    """Micro-batches smaller than a group (`loss.micro_batch_size` 3 for G = 4): the decoder runs each prompt once
+    (one prompts pass, its keys and values shared) and then only the N*T completion tokens, and the gradients equal
+    one pass's. With the dense mask each micro-batch repeats its prompts."""
+    from ktr.model.policy import Policy
+
+    module = _module(name)
+    batch, rollout = rollout_for(Policy(module.model, module.processor), n_prompts=2, group_size=4, image_every=2)
+    tokens = []
+    hook = language_model(module.model).register_forward_pre_hook(
+        lambda m, args, kw: tokens.append(kw["inputs_embeds"].shape[:2].numel()), with_kwargs=True)
+    try:
+        _, _, g0 = _grads(module, batch, rollout, True, None)
+        tokens.clear()
+        _, _, g = _grads(module, batch, rollout, True, 3)
+    finally:
+        hook.remove()
+    n, t = rollout.completion_ids.shape
+    prompts = int(batch.attention_mask.sum())
+    # the policy and reference passes (whole, no grad), then the gradient pass: the prompts once + 3 micro-batches
+    assert tokens[:-4] == [prompts + n * t] * 2 and tokens[-4:] == [prompts, 3 * t, 3 * t, 2 * t]
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(), msg=k)
 
 
 def _shared_start_rollout(module, n_start: int = 6):
@@ -193,14 +299,19 @@ def test_key_tokens_and_gradients_equal_naive_on_shared_starts() -> None:
         torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * g0[k].abs().max().item(), msg=k)
 
 
+@pytest.mark.parametrize("packed", ["split", "dense"])
 @pytest.mark.slow
-def test_tied_contexts_select_alike_at_every_threshold() -> None:
+def test_tied_contexts_select_alike_at_every_threshold(packed, monkeypatch) -> None:
     """At every threshold a pool can have (each integer quantile rank), the packed layout's scores select the naive
-    layout's tokens once contexts are tied; untied, the packed row's last-bit differences between copies of one
-    context split them at some threshold (what made the demo's entropy mask keep 99 tokens instead of 105)."""
+    layout's tokens once contexts are tied, split attention and dense mask alike. Untied, the dense-mask row's
+    last-bit differences between copies of one context split them at some threshold (what made the demo's entropy
+    mask keep 99 tokens instead of 105). Split attention computes the copies of a context in one batched call, and
+    here they come out bit-identical even untied; the tie rule does not rely on that."""
     from ktr.probes.keytokens import tie_contexts
     from ktr.probes.select import select_top_ratio
 
+    of = SequenceView.__dict__["of"].__func__
+    monkeypatch.setattr(SequenceView, "of", classmethod(lambda cls, *a, **k: of(cls, *a, **k, prefix_attention=packed)))
     module = _module()
     with torch.no_grad():  # a random head gives near-uniform next-token distributions whose entropies differ only in
         module.model.lm_head.weight.mul_(30.0)  # the last bits across contexts too; a trained head is peaked
@@ -219,4 +330,5 @@ def test_tied_contexts_select_alike_at_every_threshold() -> None:
             assert torch.equal(a, b), (name, rank)
             raw = select_top_ratio(shared.scores[name], valid, ratio, group_size=4)
             untied_splits += int(not torch.equal(raw, a))
-    assert untied_splits > 0  # the packed row's raw scores do split ties: this test would fail without tying
+    if packed == "dense":
+        assert untied_splits > 0  # the dense row's raw scores do split ties: this test would fail without tying

@@ -236,10 +236,125 @@ def _timed(device: torch.device, fn):
     return ret, round(secs, 4), None if peak is None else round(peak, 3)
 
 
+def _attention_inputs(device, dtype, prompt: int, group: int, new_tokens: int, heads: int, kv_heads: int,
+                      head_dim: int) -> dict:
+    """Per-token leaves of one attention layer: the prompt's q/k/v once, each completion's, and output weights."""
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    p, g, t, h, hk, d = prompt, group, new_tokens, heads, kv_heads, head_dim
+    return dict(qp=r(1, h, p, d), kp=r(1, hk, p, d), vp=r(1, hk, p, d), qc=r(g, h, t, d), kc=r(g, hk, t, d),
+                vc=r(g, hk, t, d), wp=r(p, h, d), wc=r(g, t, h, d))
+
+
+def _attention_run(impl: str, x: dict, layout, module, scale: float):
+    """One forward + backward of `impl` on fresh leaves of `x`: outputs `[P + G*T, H, D]` in packed order (prompt,
+    then completion-major), and the leaves' gradients."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ktr.model.attention import split_sdpa, split_varlen
+
+    leaves = {k: x[k].detach().clone().requires_grad_() for k in ("qp", "kp", "vp", "qc", "kc", "vc")}
+    qp, kp, vp, qc, kc, vc = leaves.values()
+    g, h, t, d = qc.shape
+    p = qp.shape[2]
+    if impl.startswith("naive"):
+        q, k, v = (torch.cat([a.expand(g, -1, -1, -1), b], 2) for a, b in ((qp, qc), (kp, kc), (vp, vc)))
+        if impl == "naive_fa2":
+            from flash_attn import flash_attn_func
+
+            out = flash_attn_func(*(z.transpose(1, 2) for z in (q, k, v)), softmax_scale=scale, causal=True)
+        else:
+            mask = None
+            if impl == "naive_mask":  # what transformers passes once a row of the batch is padded
+                mask = torch.ones(p + t, p + t, dtype=torch.bool, device=q.device).tril().expand(g, 1, -1, -1)
+            out = sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0]  # [G, P+T, H, D]
+        packed = torch.cat([out[0, :p], out[:, p:].flatten(0, 1)])
+    else:
+        def flat(a, b):  # prompt once, then the completions one after another: [1, H, P + G*T, D]
+            return torch.cat([a, b.transpose(0, 1).flatten(1, 2).unsqueeze(0)], 2)
+
+        q, k, v = flat(qp, qc), flat(kp, kc), flat(vp, vc)
+        if impl == "dense":
+            mask = layout.dense_mask(q.device)[None, None]
+            out = sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0]
+        elif impl == "split":
+            out = split_sdpa(module, q, k, v, layout, scaling=scale)[0]
+        else:  # split_fa2
+            out = split_varlen(module, q, k, v, layout, scaling=scale)[0]
+        packed = out[0]
+    loss = (packed[:p].float() * x["wp"].float()).sum() + (packed[p:].float() * x["wc"].flatten(0, 1).float()).sum()
+    loss.backward()
+    return packed.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def attention_layouts(device: torch.device, dtype: torch.dtype, new_tokens: int, prompt: int = 1200, group: int = 8,
+                      heads: int = 28, kv_heads: int = 4, head_dim: int = 128, repeats: int = 3,
+                      impls: tuple[str, ...] | None = None) -> dict:
+    """One decoder layer's attention, forward + backward, at these head shapes (the defaults: Qwen2.5-VL-7B's 28
+    query and 4 key/value heads of 128, a 1,200-token prompt, G = 8) in each layout: `naive` (G rows of prompt +
+    completion, transformers' SDPA call without a mask, `is_causal`), `naive_mask` (the same with the explicit
+    causal mask transformers passes once any row is padded), `dense` (one packed row, `[W, W]` mask), `split`
+    (`ktr.model.attention.split_sdpa`) and, on CUDA with flash-attention 2, `naive_fa2` and `split_fa2`
+    (`split_varlen`). Repeats interleaved (order alternating); median seconds (CPU: process time, run it on one
+    thread), ratio to `naive`, and the largest difference to `naive` of the outputs and of the six leaves'
+    gradients, relative to the largest naive value. Used by `scripts/bench_prefix.py --parts attention` (CPU) and
+    the GPU check's `prefix` part."""
+    import statistics
+    import time
+
+    from ktr.model.attention import flash_available
+    from ktr.model.prefix import SplitGroup, SplitLayout
+
+    cuda = device.type == "cuda"
+    if impls is None:
+        impls = ("naive", "naive_mask", "dense", "split")
+        if cuda and flash_available() and dtype in (torch.float16, torch.bfloat16):
+            impls += ("naive_fa2", "split_fa2")
+    x = _attention_inputs(device, dtype, prompt, group, new_tokens, heads, kv_heads, head_dim)
+    layout = SplitLayout((SplitGroup(0, prompt, group, new_tokens),))
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    scale = head_dim ** -0.5
+    clock = time.perf_counter if cuda else time.process_time
+    seconds: dict[str, list[float]] = {i: [] for i in impls}
+    results = {}
+    for r in range(repeats + 1):  # the first round is warm-up
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = clock()
+            results[impl] = _attention_run(impl, x, layout, module, scale)
+            if cuda:
+                torch.cuda.synchronize(device)
+            if r:
+                seconds[impl].append(clock() - start)
+    out0, grads0 = results["naive"]
+    rec = {"prompt": prompt, "group": group, "new_tokens": new_tokens, "heads": heads, "kv_heads": kv_heads,
+           "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."), "device": device.type,
+           "repeats": repeats, "clock": "wall" if cuda else "process cpu", "pairs": {
+               "naive": group * (prompt + new_tokens) * (prompt + new_tokens + 1) // 2,
+               "dense": (prompt + group * new_tokens) ** 2, "split": layout.pairs()}, "impls": {}}
+    for impl in impls:
+        out, grads = results[impl]
+        med = statistics.median(seconds[impl])
+        rec["impls"][impl] = {
+            "seconds": round(med, 4), "seconds_all": [round(s, 4) for s in seconds[impl]],
+            "x_naive": round(med / statistics.median(seconds["naive"]), 3),
+            "max_rel_out_diff": float((out.float() - out0.float()).abs().max() / out0.float().abs().max()),
+            "max_rel_grad_diff": max(float((grads[k].float() - grads0[k].float()).abs().max()
+                                           / grads0[k].float().abs().max()) for k in grads0)}
+    return rec
+
+
 def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict:
-    """Shared prompt prefix vs naive (issue 11) at 7B widths (4 decoder layers, 2 vision blocks, bf16): rollout
+    """Shared prompt prefix vs naive (issues 11, 26) at 7B widths (4 decoder layers, 2 vision blocks, bf16): rollout
     (`hf` vs `shared`, G = 8, released sampling) and each scoring pass on its completions (`loss.shared_prefix`
-    false vs true): seconds, peak allocated memory, and the log-prob difference between the two layouts."""
+    false vs true, i.e. split attention): seconds, peak allocated memory, and the log-prob difference between the
+    two layouts; then one attention layer forward + backward at 7B head shapes, 128 and 768 new tokens, naive /
+    dense mask / split (SDPA; and flash-attention 2 naive / split when importable): `attention_layouts`."""
     from ktr.config import SamplingConfig, TinyModelConfig
     from ktr.experiments.bench_step import arch_config, build_random
     from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
@@ -296,9 +411,22 @@ def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     out["logp_shared_vs_naive"] = _diff(logps["shared"], logps["naive"], valid)
     n, sh = out["passes"]["naive"], out["passes"]["shared"]
     keys = [k for k in n if k.endswith("_s")]
+    # one attention layer at 7B head shapes (28 x 128, 4 kv heads, prompt 1,200, G = 8), bf16: naive / dense / split,
+    # and flash-attention 2's naive and split calls when importable (`attention_layouts`)
+    shapes = dict(prompt=40, group=4, heads=4, kv_heads=2, head_dim=16) if tiny else {}
+    lengths = (new_tokens,) if tiny else (128, 768)
+    out["attention"] = {}
+    for length in lengths:
+        out["attention"][str(length)] = attention_layouts(device, torch.bfloat16, length, repeats=1 if tiny else 3,
+                                                          **shapes)
+    split = {t: {k: v["x_naive"] for k, v in rec["impls"].items() if k.startswith("split")}
+             for t, rec in out["attention"].items()}
     return {"rollout_speedup": round(out["rollout"]["naive"]["seconds"] / out["rollout"]["shared"]["seconds"], 2),
             "passes_time_ratio": round(sum(sh[k] for k in keys) / sum(n[k] for k in keys), 3),
-            "max_abs_dlogp": out["logp_shared_vs_naive"]["max_abs"]}
+            "max_abs_dlogp": out["logp_shared_vs_naive"]["max_abs"], "attention_split_x_naive": split,
+            "attention_max_rel_grad_diff": max(v["max_rel_grad_diff"] for rec in out["attention"].values()
+                                               for k, v in rec["impls"].items() if k.startswith("split"))}
+
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -335,8 +463,11 @@ def _headline(name: str, rec: dict) -> str:
                          f"values), vs qwen-vl-utils resize {v['vs_qwen_vl_utils_levels']}"
                          for k, v in rec.items() if k in ("train", "eval"))
     if name == "prefix":
+        attn = "; ".join(f"{t} new tokens " + ", ".join(f"{k} {v}x" for k, v in r.items())
+                         for t, r in rec.get("attention_split_x_naive", {}).items())
         return (f"rollout shared {rec['rollout_speedup']}x faster; scoring passes {rec['passes_time_ratio']}x naive "
-                f"time; max |d logp| shared vs naive {rec['max_abs_dlogp']:.3g}")
+                f"time; max |d logp| shared vs naive {rec['max_abs_dlogp']:.3g}"
+                + (f"; attention layer (fwd+bwd) vs naive: {attn}" if attn else ""))
     if name == "parity":
         return "; ".join(f"{k}: max |d logp| {rec[k]:.3g}" for k in ("sdpa", "flash_attention_2") if k in rec)
     if name == "loss_bench":

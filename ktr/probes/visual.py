@@ -3,12 +3,15 @@
 Perturbations (registry `VISUAL_PERTURBATIONS`) edit a copy of the sequence view; the vision features are
 reused, so this probe never calls the vision tower.
 - `attention_mask` (released): attention mask 0 on every vision placeholder; 3D positions are recomputed from
-  the mask, so the text after the media is re-indexed as if the media were absent.
+  the mask, so the text after the media is re-indexed as if the media were absent. In the packed split layout
+  (`ktr.model.prefix.pack_split`, the default with SDPA) the hidden tokens are dropped from the row instead of
+  masked, the text keeping those positions: the pass runs the ~200-token text prompt only, with the same result
+  (no token may attend to a hidden one, and nothing reads a hidden token's output).
   The text around the media stays visible, so on Qwen3-VL the `<t seconds>` timestamps and the per-frame vision
   start/end tokens stay (they carry no visual content; this is the default).
 - `attention_mask_block`: as `attention_mask`, but the whole media block the processor laid out is hidden
   (`PromptBatch.media_block`; Qwen3-VL: the timestamps and per-frame start/end tokens too; Qwen2.5-VL: the
-  vision start/end pair), positions recomputed the same way.
+  vision start/end pair), positions recomputed the same way (and dropped from the split row the same way).
 - `zero_embeddings`: vision embeddings set to zero, mask and positions kept (Qwen3-VL: the deepstack features
   at those positions are zeroed too, by the family's `decoder_kwargs`).
 - `random_half`: a random half of each row's vision tokens masked out, positions kept.

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ktr import fused
 from ktr.config import LossConfig
-from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, output_projection
+from ktr.model.forward import MicroBatches, PolicyPass, output_projection
 from ktr.types import Rollout
 
 
@@ -87,23 +87,19 @@ def loss_backward(model: nn.Module, hidden: Tensor, inputs: LossInputs, terms: L
 def policy_update(model: nn.Module, scored: PolicyPass, inputs: LossInputs, terms: LossTerms,
                   chunk_size: int | None, micro_batch_size: int | None, backward: Callable[[Tensor], None]) -> Tensor:
     """Backward of the whole batch's loss: from `scored.hidden` when it was kept with grad (one micro-batch), else
-    recomputing the hidden states per micro-batch of rows with the vision features as a leaf, then one backward
-    through the vision tower for all of them. Returns the summed loss, detached."""
+    recomputing the hidden states per micro-batch of rows (`ktr.model.forward.MicroBatches`: each prompt once) with
+    the vision features as a leaf, then one backward through the vision tower for all of them. Returns the summed
+    loss, detached."""
     if scored.hidden is not None:
         return loss_backward(model, scored.hidden, inputs, terms, chunk_size, backward)
     n, t = inputs.tokens.shape
     leaf = scored.features.detached()
     total = torch.zeros((), device=inputs.tokens.device)
-    for start in range(0, n, micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        hidden = completion_hidden(model, _rows(scored.view, rows), leaf, t)
+    micro = MicroBatches(model, scored.view, leaf, t, micro_batch_size)  # each prompt once (split attention)
+    for rows, hidden in micro:
         total = total + loss_backward(model, hidden, inputs.rows(rows), terms, chunk_size, backward)
+    micro.finish()  # the prompts' pass, before the vision tower's (its features are `leaf`)
     grads = [(f, lf.grad) for f, lf in zip(scored.features.tensors(), leaf.tensors()) if lf.grad is not None]
     if grads:  # the vision tower trains: one backward through it for all micro-batches
         torch.autograd.backward([f for f, _ in grads], [g for _, g in grads])
     return total
-
-
-def _rows(view: SequenceView, rows: slice) -> SequenceView:
-    return SequenceView(view.input_ids[rows], view.attention_mask[rows], view.mm_token_type_ids[rows],
-                        view.position_ids[:, rows], view.prompt_index[rows])

@@ -73,6 +73,11 @@ class ModelFamily:
     """transformers processor / image / video processor class names written by `ktr.export`."""
     image_processor_type: str = "Qwen2VLImageProcessor"
     video_processor_type: str = "Qwen2VLVideoProcessor"
+    shared_prefix_exact: bool = True
+    """Whether a packed row (`ktr.model.prefix`: a group's prompt once, its G completions after it) scores each
+    completion exactly as its own row does. True for pure-attention decoders; False where a layer carries a state
+    along the row (e.g. a linear-attention layer), which would run from one completion into the next: such a
+    family's scoring passes always take the naive layout (`ktr.model.forward.prefix_layout`)."""
 
     def load_class(self):
         import transformers
