@@ -276,7 +276,7 @@ def test_unsupported_checkpoint_names_model_type_and_supported(tmp_path) -> None
     Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model_type 'qwen2' is not supported; expected one of "
-                                         r"\['qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'\]") as err:
+                                         r"\['qwen2_5_vl', 'qwen2_vl', 'qwen3_5', 'qwen3_vl'\]") as err:
         load_policy(PolicyConfig(name_or_path=str(tmp_path)))
     assert str(tmp_path) in str(err.value)
     with pytest.raises(ValueError, match="'tiny-llava' is not a tiny model"):

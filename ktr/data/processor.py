@@ -155,8 +155,8 @@ class VisionLanguageProcessor:
         per_block = self.num_tokens(grid_thw)
         if media.kind == "video" and self.layout.timestamps:
             wrapped = self._wrapped(pad)
-            target = wrapped if self.layout.wrapper == "replace" and wrapped in text else pad
-            text = text.replace(target, self._timestamped(media, pad), 1)
+            replaced = wrapped if self.layout.wrapper == "replace" and wrapped in text else pad  # not `target`
+            text = text.replace(replaced, self._timestamped(media, pad), 1)
             per_block //= int(grid_thw[0])
         ids: list[int] = []
         for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]:

@@ -61,8 +61,28 @@ ARCHS = {
                     patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
                     deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh", in_channels=3),
     ),
+    # Qwen/Qwen3.5-9B (config.json of the released checkpoint; Qwen3.6 dense shares the architecture): 32 hybrid
+    # layers (three Gated DeltaNet, then one gated full-attention), no deepstack, untied 248320-row head. The
+    # checkpoint's multi-token-prediction layer (`mtp.*`, ~0.24B) is not part of transformers' model.
+    "qwen3.5-9b": dict(
+        family="qwen3_5",
+        text=dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                  num_attention_heads=16, num_key_value_heads=4, head_dim=256, linear_num_key_heads=16,
+                  linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                  linear_conv_kernel_dim=4, full_attention_interval=4, max_position_embeddings=262144,
+                  rms_norm_eps=1e-6, eos_token_id=248044, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_interleaved": True,
+                                   "mrope_section": [11, 11, 10], "partial_rotary_factor": 0.25}),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    hidden_act="gelu_pytorch_tanh", in_channels=3),
+        ids=dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
+                 vision_end_token_id=248054),
+    ),
 }
-_CONFIG_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig"}
+_CONFIG_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "qwen3_5": "Qwen3_5Config"}
+_QWEN2_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                  vision_end_token_id=151653)
 PHASES = ("rollout", "scoring", "probes", "backward", "optimizer")
 
 
@@ -80,15 +100,16 @@ def arch_config(name: str, text_layers: int | None = None, vision_depth: int | N
     text, vision = dict(a["text"]), dict(a["vision"])
     if text_layers is not None:
         text["num_hidden_layers"] = text_layers
-    if vision_depth is not None and "fullatt_block_indexes" in vision:
+    if vision_depth is not None and "deepstack_visual_indexes" not in vision and "fullatt_block_indexes" not in vision:
+        vision["depth"] = vision_depth  # Qwen3.5: no deepstack, no windowed blocks
+    elif vision_depth is not None and "fullatt_block_indexes" in vision:
         # the last block keeps full attention, as every fourth block of the 7B tower
         vision.update(depth=vision_depth, fullatt_block_indexes=[vision_depth - 1])
     elif vision_depth is not None:  # Qwen3-VL: keep the deepstack layers that still exist (at least the last)
         kept = [i for i in vision["deepstack_visual_indexes"] if i < vision_depth] or [vision_depth - 1]
         vision.update(depth=vision_depth, deepstack_visual_indexes=kept)
     config_class = getattr(transformers, _CONFIG_CLASSES[a["family"]])
-    return config_class(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-                        vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
+    return config_class(text_config=text, vision_config=vision, **a.get("ids", _QWEN2_IDS), tie_word_embeddings=False)
 
 
 def build_random(config, device: torch.device, dtype: torch.dtype):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ktr._imports import BITSANDBYTES_AVAILABLE, require
-from ktr.model.families import QUANT_SKIP_MODULES, core
+from ktr.model.families import QUANT_SKIP_MODULES, core, family_of
 
 # Modules kept in high precision, as transformers' `llm_int8_skip_modules` prefixes (per family).
 SKIP_MODULES = QUANT_SKIP_MODULES
@@ -75,15 +75,21 @@ def is_quantized(model: nn.Module) -> bool:
 def quantize_language_model(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Replace every `nn.Linear` of the language model by an NF4 `Linear4bit`, in place. Returns how many.
 
+    Layers whose name ends in one of the family's `quant_skip_modules` stay as they are (as transformers' loader
+    skips them by suffix): Qwen3.5's DeltaNet `in_proj_a` / `in_proj_b`; no other family has such a layer.
+
     Quantisation happens on the device the weight is on; the full-precision weight of each layer is released
     as soon as that layer is replaced, so peak memory grows by one layer only.
     """
     bnb = _bnb()
     lm = core(model).model.language_model
+    skip = family_of(model).quant_skip_modules  # name suffixes kept in high precision (Qwen3.5: DeltaNet a / b)
     count = 0
-    for parent in list(lm.modules()):
+    for prefix, parent in list(lm.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:  # exact type: never re-wrap peft or already-quantised layers
+                continue
+            if any(f"{prefix}.{name}".endswith(s) for s in skip):
                 continue
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type=QUANT_TYPE,

@@ -76,8 +76,8 @@ class ModelFamily:
     shared_prefix_exact: bool = True
     """Whether a packed row (`ktr.model.prefix`: a group's prompt once, its G completions after it) scores each
     completion exactly as its own row does. True for pure-attention decoders; False where a layer carries a state
-    along the row (e.g. a linear-attention layer), which would run from one completion into the next: such a
-    family's scoring passes always take the naive layout (`ktr.model.forward.prefix_layout`)."""
+    along the row (Qwen3.5's Gated DeltaNet), which would run from one completion into the next: such a family's
+    scoring passes always take the naive layout (`ktr.model.forward.prefix_layout`)."""
 
     def load_class(self):
         import transformers
@@ -132,11 +132,18 @@ class ModelFamily:
         visual, lm = vision_tower(model), language_model(model)
         return [*visual.blocks, visual, *lm.layers]
 
+    def repeat_cache(self, cache, repeats: int) -> None:
+        """Repeat a prefilled transformers cache `repeats` times along the batch, in place (each prompt's state
+        for its G rows): keys and values of every attention layer."""
+        cache.batch_repeat_interleave(repeats)
+
     def lora_target_regex(self, target_modules: list[str]) -> str:
         return rf"{self.lora_scope}\.({'|'.join(target_modules)})"
 
 
 FAMILIES: dict[str, ModelFamily] = {}
+REFUSED: dict[str, str] = {}
+"""model_type -> why ktr refuses it (a known relative of a supported family, e.g. Qwen3.5's MoE checkpoints)."""
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -145,10 +152,12 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 def get_family(model_type: str, source: str = "") -> ModelFamily:
-    """The family of `model_type`; an unsupported one fails naming it, where it came from and the supported ones."""
+    """The family of `model_type`; an unsupported one fails naming it, where it came from and the supported ones
+    (and, for a refused relative of a supported family, why)."""
     if model_type not in FAMILIES:
         where = f"{source}: " if source else ""
-        raise ValueError(f"{where}model_type {model_type!r} is not supported; expected one of {sorted(FAMILIES)}")
+        why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
+        raise ValueError(f"{where}model_type {model_type!r} is not supported{why}; expected one of {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
 
