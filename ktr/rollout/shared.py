@@ -2,8 +2,8 @@
 
 `generate` (transformers, `num_return_sequences`) expands the B prompts to N = B x G rows before the prefill,
 so the decoder processes every prompt G times. Here the vision tower runs once on the B prompts' media
-(`ktr.model.forward.encode_media`), the decoder prefills the B prompts once, the key/value cache is repeated to the
-N rows (`DynamicCache.batch_repeat_interleave`), and a small loop samples the G continuations, applying the
+(`ktr.model.forward.encode_media`), the decoder prefills the B prompts once, the cache is repeated to the
+N rows (`ModelFamily.repeat_cache`: keys/values, and a hybrid decoder's recurrent states), and a small loop samples the G continuations, applying the
 same logits processing as `generate` (`ktr.rollout.sampling.process_logits`; top-p through the exact candidate-set
 `nucleus_filter`) and the same multinomial draw, so it samples from the same distribution per step.
 
@@ -66,7 +66,7 @@ def prefill(model: nn.Module, batch: PromptBatch, group_size: int) -> DecodeStat
     out = lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions, cache=cache,
              use_cache=True, **extra)
     logits = _head_logits(model, out.last_hidden_state[:, -1])  # [B, V]; prompts are left-padded
-    cache.batch_repeat_interleave(group_size)  # [N, kv_heads, L, head_dim] per layer
+    family_of(model).repeat_cache(cache, group_size)  # [N, kv_heads, L, head_dim] per layer (+ recurrent states)
     g = group_size
     return DecodeState(cache=cache,
                        attention_mask=batch.attention_mask.repeat_interleave(g, dim=0),  # [N, L]
