@@ -42,6 +42,8 @@ ScoreName = Literal["logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger"]
 VisualPerturbation = Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
                              "swap_media", "identity"]
 """`ktr.probes.visual.VISUAL_PERTURBATIONS`."""
+HiddenTokens = Literal["drop", "mask"]
+"""What the visual probe does with the tokens it hides: remove them from the rows, or mask them (released)."""
 TemporalPerturbation = Literal["shuffle", "reverse", "segment_shuffle", "patch_shuffle", "identity"]
 """`ktr.probes.temporal.TEMPORAL_PERTURBATIONS`."""
 Scope = Literal["group", "sequence", "batch"]
@@ -297,6 +299,11 @@ class KeyTokenConfig:
     """Entropy of the policy's next-token distribution."""
     visual_perturbation: VisualPerturbation = "attention_mask"
     """How the media is hidden for the visual probe (released: attention_mask)."""
+    visual_hidden: HiddenTokens = "drop"
+    """`drop` (default): the hidden tokens are removed from the rows (their text neighbours keep the re-indexed
+    positions), the clean counterfactual on every family, equal to masking on attention-only decoders to rounding
+    (docs/method.md); `mask`: the released pass literally (attention mask 0, naive layout), which on a decoder with
+    a recurrent state (Qwen3.5) still lets the masked tokens decay the state (docs/qwen35.md)."""
     temporal_perturbation: TemporalPerturbation = "shuffle"
     """How frames are perturbed for the temporal probe (released: shuffle)."""
     scope: Scope = "group"

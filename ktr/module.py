@@ -222,7 +222,7 @@ class KTRModule(PolicyModule):
         g = rollout.group_size
         rows = [r for r in prompts.rows for _ in range(g)]
         errors: dict[str, str] = {}
-        total, per, failed = compute_rewards(rollout.texts, [r["solution"] for r in rows],
+        total, per, failed = compute_rewards(rollout.assistant_texts, [r["solution"] for r in rows],
                                              [r["problem_type"] for r in rows], self.reward_cfg.names,
                                              self._weights, device=self.device, errors=errors)
         for name in errors.keys() - self._reward_warned:  # once per reward; every failure is counted

@@ -134,6 +134,13 @@ class Rollout:
     texts: list[str] = field(default_factory=list)
     logps: Tensor | None = None  # [N, T] float32 the rollout engine's log-probs of the sampled tokens (vllm), 0
     # outside completion_mask; None when the rollout is the policy's own sampling (hf, shared)
+    opened: str = ""  # text the generation prompt already opened for the assistant (Qwen3.5: "<think>\n")
+
+    @property
+    def assistant_texts(self) -> list[str]:
+        """Each completion as the assistant's whole turn: `opened` + the completion (what the rewards read, so
+        that a `<think>` block the chat template opened counts for the format reward)."""
+        return [self.opened + t for t in self.texts]
 
     @property
     def prompt_length(self) -> int:

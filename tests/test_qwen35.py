@@ -150,7 +150,30 @@ def test_sft_target_of_a_timestamped_video_is_the_target_text(tiny_qwen35) -> No
     text = "<think>I watch the frames.</think><answer>B</answer>"
     sample = p.encode(_MESSAGES, media, target=text)
     assert torch.equal(sample.target_ids, p.encode_target(text))
-    assert p.tokenizer.decode(sample.target_ids) == text + "<|im_end|>"
+    # the prompt already opened `<think>\n`: the target starts inside the block, as a completion does
+    assert p.tokenizer.decode(sample.target_ids) == "I watch the frames.</think><answer>B</answer><|im_end|>"
+
+
+def test_rewards_read_the_think_block_the_prompt_opened(tiny_qwen35) -> None:
+    """Qwen3.5-9B's generation prompt ends in `<think>\n`, so completions start inside the block: the rewards read
+    the assistant's whole turn (`Rollout.assistant_texts`), so the released format reward is not 0 for every
+    completion; Qwen2.5-VL's template opens nothing."""
+    from ktr.rewards import compute_rewards
+    from tests.helpers import rollout_for
+
+    assert tiny_qwen35.processor.opened_turn == "<think>\n"
+    _, rollout = rollout_for(tiny_qwen35, n_prompts=1, group_size=2, max_new_tokens=2)
+    rollout.texts = ["I watch.</think><answer>B</answer>", "<answer>B</answer>"]
+    assert rollout.assistant_texts[0] == "<think>\nI watch.</think><answer>B</answer>"
+    _, per, _ = compute_rewards(rollout.assistant_texts, ["<answer>B</answer>"] * 2, ["multiple choice"] * 2,
+                                ["accuracy", "format"], [1.0, 1.0])
+    assert per["format"].tolist() == [1.0, 0.0] and per["accuracy"].tolist() == [1.0, 1.0]
+
+
+def test_other_templates_open_nothing(tiny_policy) -> None:
+    assert tiny_policy.processor.opened_turn == ""
+    text = "<think>a</think><answer>B</answer>"
+    assert tiny_policy.processor.tokenizer.decode(tiny_policy.processor.encode_target(text)) == text + "<|im_end|>"
 
 
 # -------------------------------------------------------------------------------- forward, layout, rollout
@@ -287,18 +310,8 @@ def _untied(policy):
     return Policy(model=model.eval(), processor=policy.processor)
 
 
-@pytest.fixture
-def shared_repeats_through_the_family(monkeypatch):
-    """`ktr.rollout.shared.prefill` repeats its prompt cache with `DynamicCache.batch_repeat_interleave`, which
-    transformers' DeltaNet cache layers lack; route it through the family's `repeat_cache` (the one-line change
-    the shared backend needs for Qwen3.5, docs/qwen35.md)."""
-    from transformers import DynamicCache
-
-    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", lambda cache, g: QWEN35.repeat_cache(cache, g))
-
-
 @torch.no_grad()
-def test_greedy_rollout_equals_generate(tiny_qwen35, shared_repeats_through_the_family) -> None:
+def test_greedy_rollout_equals_generate(tiny_qwen35) -> None:
     """transformers' `generate` (the `hf` backend: DeltaNet in its recurrent single-token mode) and ktr's shared
     prefill + decode loop give the same greedy tokens; each token is the argmax of ktr's own scoring pass over the
     whole sequence (DeltaNet in its chunked mode), so rollout and scoring agree."""
@@ -324,7 +337,7 @@ def test_greedy_rollout_equals_generate(tiny_qwen35, shared_repeats_through_the_
 
 
 @torch.no_grad()
-def test_sampled_distribution_equals_generate_per_step(tiny_qwen35, shared_repeats_through_the_family) -> None:
+def test_sampled_distribution_equals_generate_per_step(tiny_qwen35) -> None:
     """G = 4 rows from one prefill: the repeated DeltaNet and attention states give, at every step, the processed
     logits `generate` sampled from (teacher-forcing its own samples), and the same seed the same rollout."""
     from tests.test_rollout_shared import _assert_same_rollout, _teacher_forced_scores
@@ -497,7 +510,7 @@ def test_qlora_step_trains_adapters_only_and_keeps_deltanet_gates_high_precision
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, shared_repeats_through_the_family) -> None:
+def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path) -> None:
     """Mid-epoch resume on the tiny Qwen3.5, sampling with the shared backend (no DeltaNet state outlives a step:
     nothing extra to save)."""
     from tests.test_resume import _equal_weights, _fit, _uninterrupted

@@ -122,6 +122,7 @@ class VisionLanguageProcessor:
         self.patch = patch or PatchSettings()
         self.layout = layout or VideoLayout()
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._opened: str | None = None  # `opened_turn`, rendered once
 
     @property
     def resize_factor(self) -> int:
@@ -142,6 +143,20 @@ class VisionLanguageProcessor:
 
     def num_tokens(self, grid_thw: Tensor) -> int:
         return int(grid_thw.prod()) // self.patch.merge_size**2
+
+    @property
+    def opened_turn(self) -> str:
+        """What the chat template's generation prompt writes after the assistant header (`<|im_start|>assistant\n`):
+        "" for Qwen2.5-VL / Qwen3-VL, `<think>\n` for Qwen3.5-9B's template, whose completions start inside that
+        block. The rewards read `opened_turn + completion` (`Rollout.assistant_texts`)."""
+        if self._opened is None:
+            turn = [{"role": "user", "content": "x"}]
+            full = self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+            bare = self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
+            added = full[len(bare):] if full.startswith(bare) else ""
+            header = "assistant\n"
+            self._opened = added.split(header, 1)[1] if header in added else ""
+        return self._opened
 
     def encode(self, messages: list[dict], media: Media, row: dict | None = None,
                target: str | None = None) -> PromptSample:
@@ -236,7 +251,12 @@ class VisionLanguageProcessor:
         return batch
 
     def encode_target(self, text: str) -> Tensor:
-        """A completion's token ids as the policy writes it: `text`, then `<|im_end|>`. `[T]` long."""
+        """A completion's token ids as the policy writes it: `text`, then `<|im_end|>`. `[T]` long. Where the
+        generation prompt already opened a block (`opened_turn`, e.g. `<think>\n`) and `text` opens it too, the
+        target starts inside it, as a completion does (the rewards read `opened_turn` + completion)."""
+        opened = self.opened_turn
+        if opened and text.lstrip().startswith(opened.strip()):
+            text = text.lstrip()[len(opened.strip()):].lstrip("\n")
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [end])
 

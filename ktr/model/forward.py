@@ -102,6 +102,7 @@ class SequenceView:
     prompt_index: Tensor  # [N]
     shared_prefix: bool = True  # run each group's prompt once (`ktr.model.prefix`) where the pass allows it
     prefix_attention: PrefixAttention = "split"  # with SDPA: split attention (default) or the dense mask (comparison)
+    drop_hidden: bool = True  # naive layout: prompt tokens the pass hides are removed from the rows, not masked
 
     @classmethod
     def of(cls, model: nn.Module, rollout: Rollout, batch: PromptBatch, shared_prefix: bool = True,
@@ -137,7 +138,9 @@ def completion_hidden(model: nn.Module, view: SequenceView, features: VisionFeat
 
     With `view.shared_prefix` (the default) each group's prompt runs once, its completions packed after it
     (`ktr.model.prefix`), when the rows of every group share their prompt part; otherwise every row runs whole
-    (the naive layout, as released). `prefix_layout` decides how.
+    (the naive layout, as released). `prefix_layout` decides how. Prompt tokens a pass hides (the visual probe's
+    media) are removed from the rows in every layout but the dense-mask oracle (`prefix.drop_hidden`,
+    `prefix.pack_split`), unless `view.drop_hidden` is off (the released masking, naive layout).
     """
     packed = shared_layout(model, view, completion_length, zero_vision)
     if packed is not None:
@@ -145,9 +148,12 @@ def completion_hidden(model: nn.Module, view: SequenceView, features: VisionFeat
                                 packed.mm_token_type_ids, packed.media_index, features, packed.zero_vision,
                                 split=packed.split)
         return hidden.flatten(0, 1)[packed.gather]  # [N, T, H]
-    media = view.prompt_index[(view.mm_token_type_ids > 0).any(-1)]
-    hidden = decoder_hidden(model, view.input_ids, view.attention_mask, view.position_ids, view.mm_token_type_ids,
-                            media, features, zero_vision)  # [N, S, H]
+    ids, mask, mm, pos = view.input_ids, view.attention_mask, view.mm_token_type_ids, view.position_ids
+    dropped = prefix.drop_hidden(ids, mask, mm, pos, zero_vision, completion_length) if view.drop_hidden else None
+    if dropped is not None:  # the visual probe's hidden media removed from the rows, not masked
+        ids, mask, mm, pos, zero_vision = dropped
+    media = view.prompt_index[(mm > 0).any(-1)]
+    hidden = decoder_hidden(model, ids, mask, pos, mm, media, features, zero_vision)  # [N, S, H]
     s = hidden.shape[1]
     return hidden[:, s - completion_length - 1: s - 1]
 

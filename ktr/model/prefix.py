@@ -252,3 +252,48 @@ def pack_split(input_ids: Tensor, attention_mask: Tensor, mm_token_type_ids: Ten
                       prompt_index=prompt_index[starts], media_index=prompt_index[starts][has_media],
                       zero_vision=None if zero_vision is None else pack(zero_vision), gather=gather,
                       split=SplitLayout(tuple(groups)))
+
+
+def drop_hidden(input_ids: Tensor, attention_mask: Tensor, mm_token_type_ids: Tensor, position_ids: Tensor,
+                zero_vision: Tensor | None, completion_length: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None] | None:
+    """The naive layout's N rows with the prompt tokens a pass hides removed rather than masked (the visual probe's
+    media): each row's visible prompt tokens, left-padded to the longest, then its completion part unchanged; every
+    kept token keeps its position (the perturbation's re-indexed one). Returns `(input_ids, attention_mask,
+    mm_token_type_ids, position_ids, zero_vision)` or None where nothing is hidden after a visible token (left
+    padding only), or where dropping would not be exact: a row whose last prompt token is hidden (its output
+    predicts the first completion token) or that hides only part of its media (its vision features could not be
+    split).
+
+    On an attention-only decoder removing a masked token changes nothing (no query attends to it, nothing reads its
+    output) beyond rounding; on a decoder whose layers carry a state along the row (Qwen3.5's Gated DeltaNet) a
+    masked token is not absent (it still decays the state and enters the short convolution), so removal is what
+    makes the counterfactual clean (docs/qwen35.md).
+    """
+    s = input_ids.shape[1]
+    p = s - completion_length
+    keep = attention_mask[:, :p].bool()  # [N, P]
+    hidden_inside = keep.long().cummax(-1).values.bool() & ~keep  # [N, P] hidden after a visible token
+    if not bool(hidden_inside.any()):
+        return None
+    vision = mm_token_type_ids[:, :p] > 0
+    partial = (vision & keep).any(-1) & (vision & ~keep).any(-1)  # [N]
+    if not bool(keep[:, -1].all()) or bool(partial.any()):
+        return None
+    counts = keep.sum(-1)  # [N]
+    width = int(counts.max())
+    n = input_ids.shape[0]
+    rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, p)[keep]  # [K] row of each kept token
+    cols = (width - counts).unsqueeze(1) + keep.long().cumsum(-1) - 1  # [N, P] its column in the new prompt part
+    cols = cols[keep]  # [K]
+
+    def compact(x: Tensor, fill) -> Tensor:  # x [N, S, ...] -> [N, width + T, ...]
+        out = x.new_full((n, width, *x.shape[2:]), fill)
+        out[rows, cols] = x[:, :p][keep]
+        return torch.cat([out, x[:, p:]], 1)
+
+    mask = torch.cat([torch.arange(width, device=keep.device).unsqueeze(0) >= (width - counts).unsqueeze(1),
+                      attention_mask[:, p:].bool()], 1).to(attention_mask.dtype)
+    pos = compact(position_ids.permute(1, 2, 0), 0).permute(2, 0, 1)  # [3, N, width + T]
+    return (compact(input_ids, 0), mask, compact(mm_token_type_ids, 0), pos,
+            None if zero_vision is None else compact(zero_vision, False))

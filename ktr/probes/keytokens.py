@@ -84,7 +84,7 @@ def attribute(model: nn.Module, processor: VisionLanguageProcessor, batch: Promp
     if cfg.visual.enabled:
         scores["visual"] = visual_scores(model, batch, view, features, completion_ids, valid, base_logps,
                                          cfg.visual_perturbation, chunk_size, score=cfg.visual.score,
-                                         base_hidden=base_hidden, draws=cfg.visual.draws)
+                                         base_hidden=base_hidden, draws=cfg.visual.draws, hidden=cfg.visual_hidden)
     if cfg.temporal.enabled:
         scores["temporal"] = temporal_scores(model, processor, batch, view, features, completion_ids, valid,
                                              base_logps, cfg.temporal_perturbation, chunk_size,

@@ -3,10 +3,13 @@
 Perturbations (registry `VISUAL_PERTURBATIONS`) edit a copy of the sequence view; the vision features are
 reused, so this probe never calls the vision tower.
 - `attention_mask` (released): attention mask 0 on every vision placeholder; 3D positions are recomputed from
-  the mask, so the text after the media is re-indexed as if the media were absent. In the packed split layout
-  (`ktr.model.prefix.pack_split`, the default with SDPA) the hidden tokens are dropped from the row instead of
-  masked, the text keeping those positions: the pass runs the ~200-token text prompt only, with the same result
-  (no token may attend to a hidden one, and nothing reads a hidden token's output).
+  the mask, so the text after the media is re-indexed as if the media were absent. By default
+  (`key_tokens.visual_hidden: drop`) the hidden tokens are then removed from the rows instead of masked, the text
+  keeping those positions, in the packed split layout (`ktr.model.prefix.pack_split`) and the naive one
+  (`ktr.model.prefix.drop_hidden`): the pass runs the ~200-token text prompt only. On attention-only decoders
+  that equals masking up to rounding (no token may attend to a hidden one, nothing reads a hidden token's output);
+  on Qwen3.5's DeltaNet layers it is the clean counterfactual that masking is not. `visual_hidden: mask` runs the
+  released masked pass literally (naive layout).
   The text around the media stays visible, so on Qwen3-VL the `<t seconds>` timestamps and the per-frame vision
   start/end tokens stay (they carry no visual content; this is the default).
 - `attention_mask_block`: as `attention_mask`, but the whole media block the processor laid out is hidden
@@ -119,13 +122,18 @@ def visual_scores(model: nn.Module, batch: PromptBatch, view: SequenceView, feat
                   completion_ids: Tensor, valid: Tensor, base_logps: Tensor, perturbation: str = "attention_mask",
                   chunk_size: int | None = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None,
                   score: str = "logp_diff",
-                  base_hidden: Tensor | None = None, draws: int = 1) -> Tensor:
+                  base_hidden: Tensor | None = None, draws: int = 1, hidden: str = "drop") -> Tensor:
     """`s_V` `[N, T]` (0 outside `valid`). `base_logps` `[N, T]` are the policy's log-probs with the media seen;
     `score` names the comparison (`ktr.probes.scores`), `base_hidden` `[N, T, H]` is needed for a distance.
-    `draws` > 1 averages the score over that many draws of the perturbation (one decoder pass each)."""
+    `draws` > 1 averages the score over that many draws of the perturbation (one decoder pass each). `hidden`:
+    `drop` removes the hidden tokens from the rows, `mask` masks them in the naive layout (the released pass)."""
+    if hidden not in ("drop", "mask"):
+        raise ValueError(f"hidden must be 'drop' or 'mask', got {hidden!r}")
     total = None
     for d in range(draws):
         perturbed, zero_vision = get_visual_perturbation(perturbation)(view, model, batch, generator, d)
+        if hidden == "mask":
+            perturbed = replace(perturbed, shared_prefix=False, drop_hidden=False)
         hidden = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
         s = compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
         total = s if total is None else total + s

@@ -56,7 +56,7 @@ def explain_batch(model: nn.Module, processor: VisionLanguageProcessor, prompts:
     rows = [r for r in prompts.rows for _ in range(g)]
     rewards, per, advantages = None, {}, None
     if all(r.get("solution") for r in rows):
-        rewards, per, _ = compute_rewards(rollout.texts, [r["solution"] for r in rows],
+        rewards, per, _ = compute_rewards(rollout.assistant_texts, [r["solution"] for r in rows],
                                           [r["problem_type"] for r in rows], ["accuracy", "format"], [1.0, 1.0])
         advantages = group_advantages(rewards, g) if g > 1 else None
     return StepRecord(step=step, prompts=prompts, rollout=rollout, key=key, rewards=rewards, per_reward=per,

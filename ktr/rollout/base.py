@@ -66,6 +66,7 @@ def assemble_rollout(batch: PromptBatch, completion: Tensor, group_size: int,
         completion_ids=completion,
         completion_mask=valid,
         texts=processor.tokenizer.batch_decode(completion, skip_special_tokens=True),
+        opened=processor.opened_turn,
     )
 
 

@@ -3,9 +3,10 @@
 `generate` (transformers, `num_return_sequences`) expands the B prompts to N = B x G rows before the prefill,
 so the decoder processes every prompt G times. Here the vision tower runs once on the B prompts' media
 (`ktr.model.forward.encode_media`), the decoder prefills the B prompts once, the cache is repeated to the
-N rows (`ModelFamily.repeat_cache`: keys/values, and a hybrid decoder's recurrent states), and a small loop samples the G continuations, applying the
-same logits processing as `generate` (`ktr.rollout.sampling.process_logits`; top-p through the exact candidate-set
-`nucleus_filter`) and the same multinomial draw, so it samples from the same distribution per step.
+N rows (`ModelFamily.repeat_cache`: keys/values, and a hybrid decoder's recurrent states), and a small loop
+samples the G continuations, applying the same logits processing as `generate`
+(`ktr.rollout.sampling.process_logits`; top-p through the exact candidate-set `nucleus_filter`) and the same
+multinomial draw, so it samples from the same distribution per step.
 
 Positions: the prompt's 3D rotary positions come from `ktr.model.forward.rope_positions` (as every scoring pass);
 each generated token's position is the previous token's plus one, in all three sections. That is what

@@ -42,8 +42,8 @@ def shuffled_accuracy(model: nn.Module, processor: VisionLanguageProcessor, back
     sub, idx = shuffled_prompts(processor, batch)
     rollout = backend.generate(model, processor, sub, sampling, group_size=group_size)
     rows = [r for r in sub.rows for _ in range(group_size)]
-    _, per, _ = compute_rewards(rollout.texts, [r["solution"] for r in rows], [r["problem_type"] for r in rows],
-                                ["accuracy"], [1.0], device=batch.input_ids.device)
+    _, per, _ = compute_rewards(rollout.assistant_texts, [r["solution"] for r in rows],
+                                [r["problem_type"] for r in rows], ["accuracy"], [1.0], device=batch.input_ids.device)
     out = torch.zeros(len(batch.media), group_size, dtype=torch.float32, device=batch.input_ids.device)
     out[idx] = per["accuracy"].view(len(idx), group_size)
     return out.masked_fill(~batch.is_video.to(out.device).unsqueeze(-1), 0.0).reshape(-1)

@@ -260,8 +260,9 @@ class PolicyModule(L.LightningModule):
         cfg = SamplingConfig(group_size=1, max_new_tokens=self.val_max_new_tokens, temperature=0.0)
         rollout = generate(self.model, self.processor, batch.prompts, cfg, greedy=True)
         rows = batch.prompts.rows
-        _, per, _ = compute_rewards(rollout.texts, [r["solution"] for r in rows], [r["problem_type"] for r in rows],
-                                    names=["accuracy", "format"], weights=[1.0, 1.0], device=self.device)
+        _, per, _ = compute_rewards(rollout.assistant_texts, [r["solution"] for r in rows],
+                                    [r["problem_type"] for r in rows], names=["accuracy", "format"],
+                                    weights=[1.0, 1.0], device=self.device)
         n = len(rows)
         self.log("val/acc", per["accuracy"].mean(), batch_size=n, sync_dist=True, prog_bar=True)
         self.log("val/format", per["format"].mean(), batch_size=n, sync_dist=True)
