@@ -45,13 +45,13 @@ import torch
 from torch import Tensor, nn
 
 from ktr.config import SamplingConfig, VLLMSettings
-from ktr.data.processor import VisionLanguageProcessor
+from ktr.data.processor import VisionLanguageProcessor, frame_times_of, patch_times
 from ktr.model.families import core, family_of
 from ktr.rollout.base import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
                               suppressed_token_ids)
 from ktr.types import PromptBatch, Rollout
 
-SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 SUPPRESS_BIAS = -100.0  # vLLM clamps logit biases to [-100, 100]
 
 
@@ -180,25 +180,63 @@ def engine_requests(model: nn.Module, processor: VisionLanguageProcessor, batch:
     if media == "embeds":
         from ktr.model.forward import encode_media
 
-        features = encode_media(model, batch.pixel_values, batch.grid_thw).per_prompt  # B x [n_b, H]
+        features = encode_media(model, batch.pixel_values, batch.grid_thw)  # B x [n_b, H] (+ deepstack)
     requests, expected = [], []
     for i, m in enumerate(batch.media):
         ids = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
         grid = batch.grid_thw[i: i + 1].cpu()  # [1, 3]
+        stamped = m.kind == "video" and processor.layout.timestamps  # Qwen3-VL: one block per temporal patch
         if features is not None:
             key = "video" if m.kind == "video" else "image"
-            data = {f"{key}_embeds": features[i].detach().cpu(), f"{key}_grid_thw": grid}
+            data = {f"{key}_embeds": _engine_features(features, i), f"{key}_grid_thw": grid}
             if key == "video" and scaled:
                 data["second_per_grid_ts"] = batch.second_per_grid_ts[i: i + 1].cpu()
+            if stamped:
+                data["timestamps"] = [patch_times(frame_times_of(m), processor.patch.temporal_patch_size)]  # [1][T]
             mm = {key: data}
         elif m.kind == "video":
             raise ValueError("sampling.vllm.media: frames serves images only (on videos vLLM's vision tower disagrees "
                              "with the policy's, see ktr.rollout.vllm); use sampling.vllm.media: embeds")
         else:
             mm = {m.kind: _frames_input(m)}
-        requests.append({"prompt_token_ids": collapse_placeholders(ids, placeholders), "multi_modal_data": mm})
+        prompt = (collapse_video_blocks(ids, batch.media_block[i][batch.attention_mask[i].bool()].tolist(), config,
+                                        processor.layout.wrapper) if stamped
+                  else collapse_placeholders(ids, placeholders))
+        requests.append({"prompt_token_ids": prompt, "multi_modal_data": mm})
         expected.append(ids)
     return requests, expected
+
+
+def _engine_features(features, i: int) -> Tensor:
+    """Prompt i's features as the engine takes them: `[n, H]`, or with deepstack (Qwen3-VL) the main and each
+    deepstack layer's features side by side, `[n, H * (1 + L)]` (the vision tower's output layout in vLLM)."""
+    main = features.per_prompt[i]
+    if features.deepstack is None:
+        return main.detach().cpu()
+    return torch.cat([main, *features.deepstack[i]], dim=-1).detach().cpu()
+
+
+def engine_video_target(config) -> list[int]:
+    """The tokens the engine's Qwen3-VL processor replaces with the timestamped blocks: the bare video token with
+    transformers >= 5.10's processors (they override `replace_video_token`), else vision start, video, end
+    (the rule of vLLM's `Qwen3VLMultiModalProcessor._expands_only_video_token`)."""
+    from transformers import ProcessorMixin, Qwen3VLProcessor
+
+    own = getattr(Qwen3VLProcessor, "replace_video_token", None)
+    if own is not None and own is not getattr(ProcessorMixin, "replace_video_token", None):
+        return [config.video_token_id]
+    return [config.vision_start_token_id, config.video_token_id, config.vision_end_token_id]
+
+
+def collapse_video_blocks(ids: list[int], block: list[bool], config, wrapper: str) -> list[int]:
+    """A timestamped video prompt (Qwen3-VL) with its blocks `<t seconds><vs><video>*n<ve>...` replaced by what
+    the engine expands to those blocks (`engine_video_target`); `block` marks the media block (`PromptBatch.
+    media_block`: the blocks, or with `video_wrapper: keep` the outer start/end pair around them, kept)."""
+    first = block.index(True)
+    last = len(block) - 1 - block[::-1].index(True)
+    target = engine_video_target(config)
+    middle = [ids[first], *target, ids[last]] if wrapper == "keep" else target
+    return ids[:first] + middle + ids[last + 1:]
 
 
 def _frames_input(media):
