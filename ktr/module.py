@@ -171,6 +171,7 @@ class KTRModule(PolicyModule):
                            weight_norm)
         norm = self._optimizer_step()
         self.rollout_backend.on_weights_updated(self.model)
+        self._extra_metrics.update(self.rollout_backend.metrics())  # vLLM: the engine's memory per phase
         self._log_step(rollout, rewards, per_reward, failed, loss, norm, scores, key)
         return loss
 

@@ -39,6 +39,7 @@ import copy
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,6 +50,8 @@ from ktr.data.processor import VisionLanguageProcessor, frame_times_of, patch_ti
 from ktr.model.families import core, family_of
 from ktr.rollout.base import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
                               suppressed_token_ids)
+from ktr.rollout.vllm_memory import (SLEEP_LEVELS, EnginePlan, EngineSleep, MemoryTimeline, engine_memory_kwargs,
+                                     plan_engine, sleep_mode_available)
 from ktr.types import PromptBatch, Rollout
 
 SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
@@ -126,27 +129,47 @@ def _dtype(model: nn.Module, setting: str) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
 
-def build_engine(model: nn.Module, processor: VisionLanguageProcessor, cfg: SamplingConfig):
-    """A vLLM `LLM` for `model` on this rank, holding the policy's current weights."""
+def build_engine(model: nn.Module, processor: VisionLanguageProcessor, cfg: SamplingConfig, plan: EnginePlan):
+    """A vLLM `LLM` for `model` on this rank, sized by `plan` (`ktr.rollout.vllm_memory`), holding the policy's
+    current weights."""
     family = family_of(model).model_type
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"sampling.backend: vllm supports {list(SUPPORTED_FAMILIES)} policies, got {family!r}; "
                          "use sampling.backend: shared or hf")
     settings: VLLMSettings = cfg.vllm
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")  # read by the CPU engine only
     vllm = require_vllm()
     kwargs = {}
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank (untested here)
-    engine = vllm.LLM(
-        model=str(_engine_dir(model, processor)), load_format="dummy", dtype=_dtype(model, settings.dtype),
-        max_model_len=settings.max_model_len or cfg.max_prompt_length + cfg.max_new_tokens,
-        enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
-        enable_mm_embeds=True, limit_mm_per_prompt={"image": 1, "video": 1},
-        enable_prefix_caching=True, seed=settings.seed, **kwargs)
+    on_cuda = torch.cuda.is_available()
+    kwargs.update(engine_memory_kwargs(plan, cfg, on_cuda))
+    if settings.sleep != "off" and sleep_mode_available():
+        kwargs["enable_sleep_mode"] = True
+    with _cpu_kv_setting(settings):
+        engine = vllm.LLM(
+            model=str(_engine_dir(model, processor)), load_format="dummy", dtype=_dtype(model, settings.dtype),
+            max_model_len=plan.max_model_len, enforce_eager=settings.enforce_eager, enable_mm_embeds=True,
+            limit_mm_per_prompt={"image": 1, "video": 1}, enable_prefix_caching=True, seed=settings.seed, **kwargs)
     load_weights(engine, model)
     return engine
+
+
+@contextmanager
+def _cpu_kv_setting(settings: VLLMSettings):
+    """The CPU engine reads `VLLM_CPU_KVCACHE_SPACE` (GiB) over `kv_cache_memory_bytes`: `memory: fraction` sets
+    it to kv_cache_gib (unless set already), `memory: derived` hides it while the engine is built."""
+    key = "VLLM_CPU_KVCACHE_SPACE"
+    if settings.memory == "fraction":
+        os.environ.setdefault(key, f"{settings.kv_cache_gib:g}")
+        yield
+        return
+    old = os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[key] = old
 
 
 def load_weights(engine, model: nn.Module) -> None:
@@ -287,10 +310,14 @@ def _completion_tensors(outputs, expected: list[list[int]], rows: list[dict], re
 
 
 class VLLMBackend(RolloutBackend):
-    """A colocated in-process vLLM engine (see the module docstring); built on the first `generate`."""
+    """A colocated in-process vLLM engine (see the module docstring); built on the first `generate`, asleep
+    between rollouts (`sampling.vllm.sleep`); `timeline` records its phases and memory."""
 
     def __init__(self) -> None:
         self.engine = None
+        self.plan: EnginePlan | None = None
+        self.sleeper: EngineSleep | None = None
+        self.timeline = MemoryTimeline()
 
     def generate(self, model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
                  cfg: SamplingConfig, group_size: int | None = None, greedy: bool = False) -> Rollout:
@@ -298,18 +325,44 @@ class VLLMBackend(RolloutBackend):
         g = group_size or cfg.group_size
         check_prompt_lengths(batch, cfg)
         if self.engine is None:
-            self.engine = build_engine(model, processor, cfg)
+            self._build(model, processor, cfg, prompts=batch.input_ids.shape[0])
         greedy = greedy or cfg.temperature == 0
         with torch.no_grad():
             requests, expected = engine_requests(model, processor, batch, cfg.vllm.media)
         params = sampling_params(model, processor, cfg, 1 if greedy else g, greedy)  # vLLM: greedy needs n = 1
-        outputs = self.engine.generate(requests, params, use_tqdm=False)
+        self.wake(model)
+        try:
+            outputs = self.engine.generate(requests, params, use_tqdm=False)
+            self.timeline.record("generated", requests=len(requests), samples=len(requests) * (1 if greedy else g))
+        finally:
+            self.sleeper.sleep()  # scoring, backward and the optimizer step get the engine's memory
         ids, lps = _completion_tensors(outputs, expected, batch.rows, g if greedy else 1, processor.pad_token_id)
         device = batch.input_ids.device
         rollout = assemble_rollout(batch, ids.to(device), g, processor, end_of_sequence_ids(processor))
         rollout.logps = lps.to(device).masked_fill(~rollout.completion_mask, 0.0)  # [N, T]
         return rollout
 
+    def _build(self, model: nn.Module, processor: VisionLanguageProcessor, cfg: SamplingConfig, prompts: int) -> None:
+        dtype = {"float32": 4, "bfloat16": 2, "float16": 2}[_dtype(model, cfg.vllm.dtype)]
+        self.plan = plan_engine(model, cfg, prompts, dtype)
+        self.engine = build_engine(model, processor, cfg, self.plan)
+        self.timeline.record("built", **self.plan.as_dict())
+        self.sleeper = EngineSleep(self.engine, SLEEP_LEVELS[cfg.vllm.sleep], sleep_mode_available(), self.timeline)
+
+    def wake(self, model: nn.Module) -> None:
+        """Everything awake, the weights current (after a level-2 sleep without a sync since: they are pushed)."""
+        if "weights" in self.sleeper.asleep:
+            self.sleeper.wake_weights()
+            if self.sleeper.weights_lost:
+                load_weights(self.engine, model)
+        self.sleeper.wake_kv_cache()
+
     def on_weights_updated(self, model: nn.Module) -> None:
+        """Wake the weights (not the KV cache), push the policy's, drop the caches computed with the old ones."""
         if self.engine is not None:
+            self.sleeper.wake_weights()
             load_weights(self.engine, model)
+            self.timeline.record("synced")
+
+    def metrics(self) -> dict[str, float]:
+        return self.timeline.metrics()

@@ -88,6 +88,7 @@ def test_greedy_equals_hf_on_a_text_prompt(setup) -> None:
                         do_sample=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=policy.processor.pad_token_id,
                         suppress_tokens=suppressed_token_ids(model), temperature=None, top_p=None, top_k=None)
     hf_tokens = hf[0, len(ids):].tolist()
+    backend.wake(model)  # asleep since the last rollout; this test calls the engine itself
     out = backend.engine.generate([{"prompt_token_ids": ids}], sampling_params(model, policy.processor, cfg, 1, True),
                                   use_tqdm=False)
     assert len(set(hf_tokens)) > 1
