@@ -6,6 +6,13 @@ every optimizer step `on_weights_updated` pushes the weights again (`reload_weig
 names; LoRA merged; under FSDP2 each parameter gathered in turn) and clears the engine's prefix, multimodal and
 encoder caches: without the encoder-cache reset the next request on the same media fails ("Encoder cache miss").
 
+Memory (`ktr.rollout.vllm_memory`, docs/vllm.md): the engine is sized from the step (`max_num_seqs` = G x
+prompts, `max_num_batched_tokens`, a KV cache for those sequences at full length; `sampling.vllm.memory:
+fraction` keeps the bare fraction), sleeps after every rollout (`sampling.vllm.sleep`, default level 1), wakes
+its weights for the sync and its KV cache before the next rollout, and records its memory after each phase
+(`train/rollout/memory_gib/<phase>`). vLLM's CPU engine has no sleep mode: there the scheduler is paused instead,
+the same calls in the same order, nothing freed.
+
 What the engine sees is what the scoring passes see:
 - prompts are ktr's own token ids, each run of vision placeholders collapsed to one token that vLLM expands
   again; the expanded prompt is checked against ktr's (a mismatch raises, naming the sample);
@@ -28,9 +35,12 @@ Qwen2.5-VL code of transformers 4.x) at `max(t, h, w) + 1`. ktr's scoring passes
 on videos whose temporal extent exceeds the spatial one the engine samples from slightly different positions
 than the policy scores; `train/rollout/logp_diff` shows it and `loss.rollout_correction: tis` corrects for it.
 
-Supported families: Qwen2.5-VL and Qwen2-VL. 4-bit (`policy.quantization: nf4`) keeps the HF path (a
-ConfigError at construction). Tested on vLLM's CPU engine (`tests/vllm`); the CUDA engine, colocated GPU memory
-sharing (`gpu_memory_utilization`) and the FSDP2 gather are written but untested here.
+Supported families: Qwen2.5-VL, Qwen2-VL and Qwen3-VL. Qwen3-VL (`media: embeds`): the engine gets the main and
+deepstack features side by side and each video's per-patch timestamps; the timestamped blocks of ktr's prompt are
+collapsed to what vLLM's processor expands back (`collapse_video_blocks`), and the check above compares the
+result; vLLM's positions after a Qwen3-VL video equal transformers' (no gap). 4-bit (`policy.quantization: nf4`)
+keeps the HF path (a ConfigError at construction). Tested on vLLM's CPU engine (`tests/vllm`); the CUDA engine,
+sleep mode (CUDA only), colocated GPU memory sharing and the FSDP2 gather are written but untested here.
 """
 
 from __future__ import annotations

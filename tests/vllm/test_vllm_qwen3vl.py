@@ -109,3 +109,13 @@ def test_sampled_logps_equal_the_policy_pass(setup, settings) -> None:
     assert rollout.completion_ids[:G].unique(dim=0).shape[0] > 1  # G distinct samples of a prompt
     mine = _policy_logps(model, batch, rollout)  # video rows too: vLLM's Qwen3-VL positions are transformers'
     torch.testing.assert_close(rollout.logps, mine, rtol=0, atol=1e-4)
+
+
+def test_raw_frames_of_an_image_equal_hf(setup) -> None:
+    """`media: frames` on Qwen3-VL: the engine's own vision tower (synced too, deepstack included) on ktr's image."""
+    policy, backend, batch, cfg, _ = setup
+    image = policy.processor.collate([synthetic_samples(policy.processor, 2, image_every=2)[1]])
+    hf = generate(policy.model, policy.processor, image, cfg, group_size=1, greedy=True)
+    got = backend.generate(policy.model, policy.processor, image, replace(cfg, vllm=VLLMSettings(media="frames")),
+                           group_size=1, greedy=True)
+    assert torch.equal(got.completion_ids, hf.completion_ids)
