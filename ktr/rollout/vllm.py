@@ -8,7 +8,8 @@ encoder caches: without the encoder-cache reset the next request on the same med
 
 Memory (`ktr.rollout.vllm_memory`, docs/vllm.md): the engine is sized from the step (`max_num_seqs` = G x
 prompts, `max_num_batched_tokens`, a KV cache for those sequences at full length; `sampling.vllm.memory:
-fraction` keeps the bare fraction), sleeps after every rollout (`sampling.vllm.sleep`, default level 1), wakes
+fraction` keeps the bare fraction), sleeps after a step's rollouts (`release`; `sampling.vllm.sleep`, default
+level 1; an evaluator releases it after its last batch), wakes
 its weights for the sync and its KV cache before the next rollout, and records its memory after each phase
 (`train/rollout/memory_gib/<phase>`). vLLM's CPU engine has no sleep mode: there the scheduler is paused instead,
 the same calls in the same order, nothing freed.
@@ -38,7 +39,9 @@ than the policy scores; `train/rollout/logp_diff` shows it and `loss.rollout_cor
 Supported families: Qwen2.5-VL, Qwen2-VL and Qwen3-VL. Qwen3-VL (`media: embeds`): the engine gets the main and
 deepstack features side by side and each video's per-patch timestamps; the timestamped blocks of ktr's prompt are
 collapsed to what vLLM's processor expands back (`collapse_video_blocks`), and the check above compares the
-result; vLLM's positions after a Qwen3-VL video equal transformers' (no gap). 4-bit (`policy.quantization: nf4`)
+result; vLLM's positions after a Qwen3-VL video equal transformers' (no gap). `media: frames` is refused on
+Qwen3-VL: on an image whose pixels the engine's processor reproduced to 6e-8, the engine's greedy tokens left
+transformers' after the first one (vLLM 0.32 CPU; not found why). 4-bit (`policy.quantization: nf4`)
 keeps the HF path (a ConfigError at construction). Tested on vLLM's CPU engine (`tests/vllm`); the CUDA engine,
 sleep mode (CUDA only), colocated GPU memory sharing and the FSDP2 gather are written but untested here.
 """
@@ -227,6 +230,9 @@ def engine_requests(model: nn.Module, processor: VisionLanguageProcessor, batch:
             if stamped:
                 data["timestamps"] = [patch_times(frame_times_of(m), processor.patch.temporal_patch_size)]  # [1][T]
             mm = {key: data}
+        elif family_of(model).model_type == "qwen3_vl":
+            raise ValueError("sampling.vllm.media: frames is refused on Qwen3-VL (vLLM's vision tower gave other "
+                             "features than the policy's on the same pixels, see docs/vllm.md); use media: embeds")
         elif m.kind == "video":
             raise ValueError("sampling.vllm.media: frames serves images only (on videos vLLM's vision tower disagrees "
                              "with the policy's, see ktr.rollout.vllm); use sampling.vllm.media: embeds")
@@ -320,8 +326,9 @@ def _completion_tensors(outputs, expected: list[list[int]], rows: list[dict], re
 
 
 class VLLMBackend(RolloutBackend):
-    """A colocated in-process vLLM engine (see the module docstring); built on the first `generate`, asleep
-    between rollouts (`sampling.vllm.sleep`); `timeline` records its phases and memory."""
+    """A colocated in-process vLLM engine (see the module docstring); built on the first `generate`, asleep from
+    `release` (after a step's rollouts) to the next sync or `generate` (`sampling.vllm.sleep`); `timeline`
+    records its phases and memory."""
 
     def __init__(self) -> None:
         self.engine = None
@@ -341,11 +348,8 @@ class VLLMBackend(RolloutBackend):
             requests, expected = engine_requests(model, processor, batch, cfg.vllm.media)
         params = sampling_params(model, processor, cfg, 1 if greedy else g, greedy)  # vLLM: greedy needs n = 1
         self.wake(model)
-        try:
-            outputs = self.engine.generate(requests, params, use_tqdm=False)
-            self.timeline.record("generated", requests=len(requests), samples=len(requests) * (1 if greedy else g))
-        finally:
-            self.sleeper.sleep()  # scoring, backward and the optimizer step get the engine's memory
+        outputs = self.engine.generate(requests, params, use_tqdm=False)
+        self.timeline.record("generated", requests=len(requests), samples=len(requests) * (1 if greedy else g))
         ids, lps = _completion_tensors(outputs, expected, batch.rows, g if greedy else 1, processor.pad_token_id)
         device = batch.input_ids.device
         rollout = assemble_rollout(batch, ids.to(device), g, processor, end_of_sequence_ids(processor))
@@ -366,6 +370,11 @@ class VLLMBackend(RolloutBackend):
             if self.sleeper.weights_lost:
                 load_weights(self.engine, model)
         self.sleeper.wake_kv_cache()
+
+    def release(self) -> None:
+        """The engine sleeps (`sampling.vllm.sleep`): scoring, backward and the optimizer step get its memory."""
+        if self.sleeper is not None:
+            self.sleeper.sleep()
 
     def on_weights_updated(self, model: nn.Module) -> None:
         """Wake the weights (not the KV cache), push the policy's, drop the caches computed with the old ones."""

@@ -61,7 +61,7 @@ def test_the_engine_expands_to_ktrs_timestamped_layout(setup) -> None:
     requests, expected = engine_requests(policy.model, policy.processor, batch, "embeds")
     backend.wake(policy.model)
     out = backend.engine.generate(requests[:1], backend_params(policy, cfg), use_tqdm=False)[0]
-    backend.sleeper.sleep()
+    backend.release()
     assert list(out.prompt_token_ids) == expected[0]
     text = tok.decode(expected[0])
     n_patches = int(batch.grid_thw[0, 0])
@@ -111,11 +111,11 @@ def test_sampled_logps_equal_the_policy_pass(setup, settings) -> None:
     torch.testing.assert_close(rollout.logps, mine, rtol=0, atol=1e-4)
 
 
-def test_raw_frames_of_an_image_equal_hf(setup) -> None:
-    """`media: frames` on Qwen3-VL: the engine's own vision tower (synced too, deepstack included) on ktr's image."""
-    policy, backend, batch, cfg, _ = setup
+def test_raw_frames_are_refused(setup) -> None:
+    """`media: frames` on Qwen3-VL: the engine's own vision tower on ktr's image (pixels equal to 6e-8) gave other
+    greedy tokens than transformers' after the first (vLLM 0.32 CPU), so the backend refuses it."""
+    policy, backend, _, cfg, _ = setup
     image = policy.processor.collate([synthetic_samples(policy.processor, 2, image_every=2)[1]])
-    hf = generate(policy.model, policy.processor, image, cfg, group_size=1, greedy=True)
-    got = backend.generate(policy.model, policy.processor, image, replace(cfg, vllm=VLLMSettings(media="frames")),
-                           group_size=1, greedy=True)
-    assert torch.equal(got.completion_ids, hf.completion_ids)
+    with pytest.raises(ValueError, match="frames is refused on Qwen3-VL"):
+        backend.generate(policy.model, policy.processor, image, replace(cfg, vllm=VLLMSettings(media="frames")),
+                         group_size=1, greedy=True)

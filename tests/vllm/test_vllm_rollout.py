@@ -167,3 +167,17 @@ def test_lora_weights_reach_the_engine_merged(setup) -> None:
         assert torch.equal(got.completion_ids, hf.completion_ids)
     finally:
         backend.on_weights_updated(policy.model)
+
+
+def test_the_engine_is_sized_from_the_step(setup) -> None:
+    """`memory: derived`: the engine runs the step's G x 2 sequences at once and its KV cache is the plan's (each
+    sequence at max_model_len; tiny fp32 model: 2 layers x K and V x 64 x 4 bytes = 1 KiB per token), not a
+    fraction of the machine."""
+    _, backend, _, _, _ = setup
+    plan = backend.plan
+    config = backend.engine.llm_engine.vllm_config
+    assert plan.max_num_seqs == config.scheduler_config.max_num_seqs == 2 * G
+    assert plan.max_num_batched_tokens == config.scheduler_config.max_num_batched_tokens == 1024
+    cache = config.cache_config
+    assert plan.kv_bytes_per_token == 1024 and plan.kv_cache_bytes == 2 * G * 1024 * 1024
+    assert cache.num_gpu_blocks * cache.block_size * plan.kv_bytes_per_token == plan.kv_cache_bytes
