@@ -28,8 +28,9 @@ EvalBackendName = Literal["hf", "vllm"]
 DType = Literal["float32", "bfloat16", "float16"]
 VLLMDType = Literal["auto", DType]
 VLLMMedia = Literal["embeds", "frames"]
-VLLMSleep = Literal["level1", "level2", "off"]
-"""vLLM's sleep levels (`LLM.sleep`): 1 = weights to CPU, KV cache dropped; 2 = both dropped; `off` = never."""
+VLLMSleep = Literal["level1", "level2", "never"]
+"""vLLM's sleep levels (`LLM.sleep`): 1 = weights to CPU, KV cache dropped; 2 = both dropped; `never`
+(not `off`: YAML reads that as false)."""
 VLLMMemory = Literal["derived", "fraction"]
 KLTokens = Literal["key", "valid"]
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
@@ -75,7 +76,7 @@ class VLLMSettings:
     """After each rollout the engine sleeps (`LLM.sleep(level)`), so that scoring, backward and the optimizer step
     have its memory; the weight sync wakes the weights, the next rollout the KV cache. `level1` = weights offloaded
     to CPU memory, KV cache dropped (the safe one for VLMs: level 2 corrupted VLM rollouts in another framework);
-    `level2` = both dropped (less CPU memory; ktr reloads the weights after waking); `off` = never sleep (the
+    `level2` = both dropped (less CPU memory; ktr reloads the weights after waking); `never` = never sleep (the
     engine stays resident, as before). CUDA only: vLLM's CPU engine has no sleep mode, there the engine's
     scheduler is paused instead (level 0) and one log line says so."""
     memory: VLLMMemory = "derived"

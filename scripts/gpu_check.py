@@ -63,7 +63,7 @@ This image has no vLLM and vLLM's CUDA wheels do not fit the 64 MiB that can be 
 with vLLM installed (`pip install 'ktr[vllm]'`), in the repository root:
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
-        python scripts/vllm_memory.py --out runs/vllm_memory --sleep level1 off --steps 3
+        python scripts/vllm_memory.py --out runs/vllm_memory --sleep level1 never --steps 3
 
 It prints the memory in use after each engine phase (built, generated, slept, woke_weights, synced,
 woke_kv_cache) with the engine asleep between rollouts and without, and writes runs/vllm_memory/vllm_memory.json.

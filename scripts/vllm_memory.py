@@ -1,7 +1,7 @@
 """The vLLM engine's memory through KTR training steps, phase by phase, with the engine asleep between rollouts
 and without (`sampling.vllm.sleep`).
 
-    python scripts/vllm_memory.py --out runs/vllm_memory            # CUDA: reduced-depth 7B, sleep level1 vs off
+    python scripts/vllm_memory.py --out runs/vllm_memory            # CUDA: reduced-depth 7B, sleep level1 vs never
     python scripts/vllm_memory.py --tiny --out /tmp/vllm_memory     # vLLM's CPU engine, tiny model
 
 Each setting trains `--steps` RL steps of the config (`ktr.experiments.bench_step.measure`: random weights of
@@ -19,7 +19,7 @@ Not run on a GPU yet: docs/vllm.md says what is expected and what is measured. O
 (`pip install 'ktr[vllm]'`; the GPU image of scripts/gpu_check.py has no vLLM), in the repository root:
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
-        python scripts/vllm_memory.py --out runs/vllm_memory --sleep level1 off --steps 3
+        python scripts/vllm_memory.py --out runs/vllm_memory --sleep level1 never --steps 3
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def parse_args(argv):
     p.add_argument("--vision-depth", type=int, default=2, help="vision blocks of the architecture (CUDA)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's (tiny: 20)")
-    p.add_argument("--sleep", nargs="+", default=["level1", "off"], choices=["level1", "level2", "off"])
+    p.add_argument("--sleep", nargs="+", default=["level1", "never"], choices=["level1", "level2", "never"])
     p.add_argument("--out", type=Path, help="write vllm_memory.json here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting, write JSON to this path
     return p.parse_args(argv)

@@ -120,7 +120,7 @@ def test_module_rollout_correction() -> None:
 def test_sleep_and_memory_settings() -> None:
     assert VLLMSettings().sleep == "level1" and VLLMSettings().memory == "derived"
     for bad in (1, True, "level0"):
-        with pytest.raises(ConfigError, match="sampling.vllm.sleep must be one of 'level1', 'level2', 'off'"):
+        with pytest.raises(ConfigError, match="sampling.vllm.sleep must be one of 'level1', 'level2', 'never'"):
             VLLMSettings(sleep=bad)
     with pytest.raises(ConfigError, match="sampling.vllm.memory"):
         VLLMSettings(memory="auto")

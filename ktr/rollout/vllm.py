@@ -157,7 +157,7 @@ def build_engine(model: nn.Module, processor: VisionLanguageProcessor, cfg: Samp
         kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank (untested here)
     on_cuda = torch.cuda.is_available()
     kwargs.update(engine_memory_kwargs(plan, cfg, on_cuda))
-    if settings.sleep != "off" and sleep_mode_available():
+    if settings.sleep != "never" and sleep_mode_available():
         kwargs["enable_sleep_mode"] = True
     with _cpu_kv_setting(settings):
         engine = vllm.LLM(

@@ -6,7 +6,7 @@ that needs (`kv_cache_memory_bytes` = max_num_seqs x max_model_len tokens, an up
 each prompt's blocks across its G samples), not a fraction of the GPU. The start-up budget (weights + KV cache +
 headroom) sets `gpu_memory_utilization` for vLLM's free-memory check at start; when the engine is built before
 the optimizer state exists (the first rollout), that state is counted too where it must coexist with the engine
-(`sleep: off`). See docs/vllm.md.
+(`sleep: never`). See docs/vllm.md.
 
 Sleep and wake (`EngineSleep`): after each rollout `LLM.sleep(level)`; the weight sync wakes the weights
 (`wake_up(["weights"])`; level 2 dropped them, so the sync reloads them anyway) and the next rollout the KV cache
@@ -36,7 +36,7 @@ from ktr.model.families import core
 log = logging.getLogger(__name__)
 GIB = 2**30
 KV_ROUND = 256  # tokens a sequence's KV allowance is rounded up to (a multiple of vLLM's block sizes)
-SLEEP_LEVELS = {"off": 0, "level1": 1, "level2": 2}  # `sampling.vllm.sleep` -> `LLM.sleep(level)`
+SLEEP_LEVELS = {"never": 0, "level1": 1, "level2": 2}  # `sampling.vllm.sleep` -> `LLM.sleep(level)`
 PHASES = ("built", "generated", "slept", "woke_weights", "synced", "woke_kv_cache")
 
 
@@ -120,13 +120,13 @@ def engine_memory_kwargs(plan: EnginePlan, cfg: SamplingConfig, on_cuda: bool) -
     kwargs = {**sizes, "kv_cache_memory_bytes": plan.kv_cache_bytes}
     if on_cuda:
         free, total = torch.cuda.mem_get_info()
-        need = plan.budget_bytes + (plan.optimizer_state_bytes if s.sleep == "off" else 0)
+        need = plan.budget_bytes + (plan.optimizer_state_bytes if s.sleep == "never" else 0)
         if need > free:
             log.warning("vLLM engine: %.2f GiB free, the engine needs %.2f GiB (weights %.2f + KV %.2f + headroom "
                         "%.2f)%s", free / GIB, need / GIB, plan.weight_bytes / GIB, plan.kv_cache_bytes / GIB,
                         plan.headroom_bytes / GIB,
-                        f" + the optimizer state {plan.optimizer_state_bytes / GIB:.2f} (sleep: off: it coexists "
-                        "with the engine)" if s.sleep == "off" else "")
+                        f" + the optimizer state {plan.optimizer_state_bytes / GIB:.2f} (sleep: never: it coexists "
+                        "with the engine)" if s.sleep == "never" else "")
         kwargs["gpu_memory_utilization"] = min(0.95, plan.budget_bytes / total)  # vLLM's start-up check of free memory
     return kwargs
 
@@ -176,7 +176,7 @@ def sleep_mode_available() -> bool:
 class EngineSleep:
     """Sleep after a rollout, wake the weights for the sync, the KV cache before the next rollout.
 
-    `level`: 1 or 2 (`sampling.vllm.sleep: level1`, `level2`), 0 = never (`off`). Where vLLM cannot sleep (`real`
+    `level`: 1 or 2 (`sampling.vllm.sleep: level1`, `level2`), 0 = never (`never`). Where vLLM cannot sleep (`real`
     False: the CPU engine) the scheduler is paused instead, so the same calls run in the same order on the real
     engine.
     """
