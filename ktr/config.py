@@ -28,6 +28,10 @@ EvalBackendName = Literal["hf", "vllm"]
 DType = Literal["float32", "bfloat16", "float16"]
 VLLMDType = Literal["auto", DType]
 VLLMMedia = Literal["embeds", "frames"]
+VLLMSleep = Literal["level1", "level2", "never"]
+"""vLLM's sleep levels (`LLM.sleep`): 1 = weights to CPU, KV cache dropped; 2 = both dropped; `never`
+(not `off`: YAML reads that as false)."""
+VLLMMemory = Literal["derived", "fraction"]
 KLTokens = Literal["key", "valid"]
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 """`ktr.losses.AGGREGATIONS`."""
@@ -70,10 +74,31 @@ class VLLMSettings:
     """`embeds`: the policy's own vision tower encodes each prompt's media once and the engine receives the
     features (what the scoring passes see, exactly); `frames`: the engine encodes the processed frames with its
     own copy of the vision tower (images only: on videos vLLM 0.32's tower disagrees with the policy's)."""
+    sleep: VLLMSleep = "level1"
+    """After each rollout the engine sleeps (`LLM.sleep(level)`), so that scoring, backward and the optimizer step
+    have its memory; the weight sync wakes the weights, the next rollout the KV cache. `level1` = weights offloaded
+    to CPU memory, KV cache dropped (the safe one for VLMs: level 2 corrupted VLM rollouts in another framework);
+    `level2` = both dropped (less CPU memory; ktr reloads the weights after waking); `never` = never sleep (the
+    engine stays resident, as before). CUDA only: vLLM's CPU engine has no sleep mode, there the engine's
+    scheduler is paused instead (level 0) and one log line says so."""
+    memory: VLLMMemory = "derived"
+    """How big the engine is. `derived`: from what a step needs: KV cache for max_num_seqs sequences of
+    max_model_len tokens (`kv_cache_memory_bytes`), the budget checked at start = weights + that KV cache +
+    headroom_gib (`gpu_memory_utilization` computed from it); `fraction`: `gpu_memory_utilization` of the GPU
+    (CPU engine: kv_cache_gib), the KV cache whatever is left of it after the weights (the old behaviour)."""
+    max_num_seqs: int | None = None
+    """Sequences the engine runs at once; null = group_size x prompts of the batch that builds the engine (a
+    rank's rollout, all at once)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per engine step; null = max(max_num_seqs, max_prompt_length): any prompt is prefilled in one step
+    and every sequence decodes in one."""
+    headroom_gib: float = 2.0
+    """`memory: derived`: GiB beyond weights and KV cache in the start-up budget (activations of a
+    max_num_batched_tokens step, CUDA graphs, the CUDA context)."""
     gpu_memory_utilization: float = 0.3
-    """Fraction of GPU memory the engine may take (weights + KV cache); the policy and optimizer share the GPU."""
+    """`memory: fraction`: fraction of GPU memory the engine may take (weights + KV cache)."""
     kv_cache_gib: float = 1.0
-    """KV cache of the CPU engine in GiB (`VLLM_CPU_KVCACHE_SPACE`); ignored on GPU."""
+    """`memory: fraction`: KV cache of the CPU engine in GiB (`VLLM_CPU_KVCACHE_SPACE`); ignored on GPU."""
     max_model_len: int | None = None
     """Longest sequence the engine accepts; null = the sampling's max_prompt_length + max_new_tokens."""
     enforce_eager: bool = False
@@ -89,6 +114,10 @@ class VLLMSettings:
         check_number("sampling.vllm.gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1,
                      low_open=True)
         check_number("sampling.vllm.kv_cache_gib", self.kv_cache_gib, low=0, low_open=True)
+        check_number("sampling.vllm.max_num_seqs", self.max_num_seqs, integer=True, low=1, optional=True)
+        check_number("sampling.vllm.max_num_batched_tokens", self.max_num_batched_tokens, integer=True, low=1,
+                     optional=True)
+        check_number("sampling.vllm.headroom_gib", self.headroom_gib, low=0)
         check_number("sampling.vllm.max_model_len", self.max_model_len, integer=True, low=1, optional=True)
         check_flag("sampling.vllm.enforce_eager", self.enforce_eager)
         check_number("sampling.vllm.seed", self.seed, integer=True, low=0)

@@ -159,6 +159,7 @@ class KTRModule(PolicyModule):
         prompts = batch.prompts
         with self.rollout_context():
             rollout = self.rollout_backend.generate(self.model, self.processor, prompts, self.sampling)
+        self.rollout_backend.release()  # vLLM: the engine sleeps through scoring, backward and the step
         scores = self.score(prompts, rollout)
         key = attribute(self.model, self.processor, prompts, rollout, scores, self.key_cfg, self.chunk_size)
         weights, weight_norm = self.token_weights(rollout, scores, key)
@@ -167,10 +168,12 @@ class KTRModule(PolicyModule):
         scale = self.loss_cfg.advantage == "grpo"
         advantages = group_advantages(rewards, rollout.group_size, scale_by_std=scale)
         self.last_step = StepRecord(self.global_step, prompts, rollout, key, rewards, per_reward, advantages)  # reports
+        self.rollout_backend.release()  # again if an algorithm sampled more (t_grpo's shuffled rollouts)
         loss = self.update(rollout, scores, key.mask, self.rollout_corrected(rollout, scores, advantages), weights,
                            weight_norm)
         norm = self._optimizer_step()
         self.rollout_backend.on_weights_updated(self.model)
+        self._extra_metrics.update(self.rollout_backend.metrics())  # vLLM: the engine's memory per phase
         self._log_step(rollout, rewards, per_reward, failed, loss, norm, scores, key)
         return loss
 

@@ -58,6 +58,16 @@ the GPU machine, then, in the repository root (the single command; `--out` is an
     pip install --no-index --no-deps .gpu/wheels/*.whl && \\
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python scripts/gpu_check.py --video .gpu/video1.mp4 --out runs/gpu_check
 
+Not in this check: the vLLM engine's memory timeline (sleep after each rollout, wake for the sync; docs/vllm.md).
+This image has no vLLM and vLLM's CUDA wheels do not fit the 64 MiB that can be carried to it. On a CUDA machine
+with vLLM installed (`pip install 'ktr[vllm]'`), in the repository root:
+
+    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
+        python scripts/vllm_memory.py --out runs/vllm_memory --sleep level1 never --steps 3
+
+It prints the memory in use after each engine phase (built, generated, slept, woke_weights, synced,
+woke_kv_cache) with the engine asleep between rollouts and without, and writes runs/vllm_memory/vllm_memory.json.
+
 Expected duration on one H100/H200: about 5 minutes (an estimate: it has not run on a GPU yet). The parts
 together cannot take more than `--budget-s` (420 s by default): each part's guard is cut to what is left of it
 (the guard interrupts between Python operations, e.g. between generated tokens), so with start-up (imports,

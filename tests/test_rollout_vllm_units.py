@@ -3,6 +3,7 @@ and the clashes they catch, the lazy registry entry, placeholder collapsing, the
 (LoRA merged), truncated importance weights and the module's rollout correction."""
 
 import copy
+from dataclasses import replace
 import importlib.util
 import sys
 
@@ -114,3 +115,85 @@ def test_module_rollout_correction() -> None:
     torch.testing.assert_close(out, adv[:, None] * w)
     rollout.logps = None
     assert KTRModule.rollout_corrected(module, rollout, scores, adv) is adv
+
+
+def test_sleep_and_memory_settings() -> None:
+    assert VLLMSettings().sleep == "level1" and VLLMSettings().memory == "derived"
+    for bad in (1, True, "level0"):
+        with pytest.raises(ConfigError, match="sampling.vllm.sleep must be one of 'level1', 'level2', 'never'"):
+            VLLMSettings(sleep=bad)
+    with pytest.raises(ConfigError, match="sampling.vllm.memory"):
+        VLLMSettings(memory="auto")
+    with pytest.raises(ConfigError, match="sampling.vllm.max_num_seqs"):
+        VLLMSettings(max_num_seqs=0)
+    with pytest.raises(ConfigError, match="sampling.vllm.headroom_gib"):
+        VLLMSettings(headroom_gib=-1)
+
+
+def test_engine_plan_of_the_tiny_policy_by_hand(tiny_policy) -> None:
+    """The tiny Qwen2.5-VL (2 layers, 2 KV heads of 16, fp32): 2 x 2 x 2 x 16 x 4 = 512 bytes of KV per token."""
+    from ktr.rollout.vllm_memory import GIB, engine_memory_kwargs, plan_engine
+
+    model = tiny_policy.model
+    cfg = SamplingConfig(group_size=8, max_prompt_length=1000, max_new_tokens=300, backend="vllm",
+                         vllm=VLLMSettings(headroom_gib=0.5))
+    plan = plan_engine(model, cfg, prompts=3, dtype_bytes=2)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert (plan.max_num_seqs, plan.max_model_len, plan.max_num_batched_tokens) == (24, 1300, 1000)
+    assert plan.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
+    assert plan.kv_cache_bytes == 24 * 1536 * plan.kv_bytes_per_token  # 1300 tokens rounded up to 6 x 256
+    assert plan.weight_bytes == 2 * n_params and plan.optimizer_state_bytes == 2 * 4 * n_params  # AdamW, fp32
+    assert plan.budget_bytes == plan.weight_bytes + plan.kv_cache_bytes + GIB // 2
+    derived = engine_memory_kwargs(plan, cfg, on_cuda=False)
+    assert derived == {"max_num_seqs": 24, "max_num_batched_tokens": 1000, "kv_cache_memory_bytes": plan.kv_cache_bytes}
+    fixed = replace(cfg, vllm=VLLMSettings(memory="fraction", max_num_seqs=4, max_num_batched_tokens=4096))
+    plan = plan_engine(model, fixed, prompts=3, dtype_bytes=2)
+    assert engine_memory_kwargs(plan, fixed, on_cuda=False) == {"max_num_seqs": 4, "max_num_batched_tokens": 4096,
+                                                                "gpu_memory_utilization": 0.3}
+
+
+class _Engine:
+    """Records the sleep/wake calls `EngineSleep` makes (vLLM's `LLM` is the collaborator here, not under test)."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags):
+        self.calls.append(("wake_up", tuple(tags)))
+
+
+@pytest.mark.parametrize("level,real,want", [
+    (1, True, [("sleep", 1), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]),  # CUDA
+    (2, True, [("sleep", 2), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]),
+    (1, False, [("sleep", 0), ("wake_up", ("scheduling",))]),  # the CPU engine: a scheduler pause
+    (0, True, []),  # never sleeps
+])
+def test_engine_sleep_calls_in_order(level, real, want) -> None:
+    """The CUDA calls cannot run on the CPU engine (tests/vllm runs the pause path on the real engine)."""
+    from ktr.rollout.vllm_memory import EngineSleep, MemoryTimeline
+
+    engine, timeline = _Engine(), MemoryTimeline()
+    s = EngineSleep(engine, level, real, timeline)
+    s.sleep()
+    s.sleep()  # already asleep: nothing
+    s.wake_weights()
+    s.wake_weights()
+    s.wake_kv_cache()
+    assert engine.calls == want and not s.asleep
+    assert s.weights_lost == (level == 2 and real)
+    phases = [p["phase"] for p in timeline.phases]
+    assert phases == (["slept", "woke_weights", "woke_kv_cache"] if level else [])
+    metrics = timeline.metrics()
+    assert set(metrics) == {f"train/rollout/memory_gib/{p}" for p in phases} and all(v > 0 for v in metrics.values())
+    assert timeline.metrics() == {}  # each value is logged once
+
+
+def test_vllm_memory_doctests() -> None:
+    import doctest
+
+    import ktr.rollout.vllm_memory
+
+    assert doctest.testmod(ktr.rollout.vllm_memory).failed == 0

@@ -246,6 +246,8 @@ class BenchmarkEvaluator(Callback):
         if self.backend is not None and not self._shared_backend:
             self.backend.on_weights_updated(model)  # the evaluator's own engine: the weights may have moved
         new, mine = self._generate_all(model, processor, pending_items(items, done), rank, world, pred_path)
+        if self.backend is not None:
+            self.backend.release()  # vLLM: the engine sleeps again (training, or the next benchmark, follows)
         done.update(new)
         records = [done[it.qid] for it in items]
         results = summarize(records, self.benchmark.excluded)

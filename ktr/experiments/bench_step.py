@@ -343,7 +343,17 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
             else "process peak RSS", "overrides": dict(overrides or {}),
             "group_size": g, "max_new_tokens": t, "full_length": full_length,
             "full_length_ok": all(s.get("completion_tokens") == g * t for s in meter.steps) if full_length else None,
-            "step_kind": "rl", "setup": setup, "steps": meter.steps, "summary": summarise(meter.steps)}
+            "step_kind": "rl", "setup": setup, "steps": meter.steps, "summary": summarise(meter.steps),
+            "rollout_engine": engine_report(module.rollout_backend)}
+
+
+def engine_report(backend) -> dict | None:
+    """The vLLM engine's plan and its phases with memory (`ktr.rollout.vllm_memory`); None for other backends."""
+    timeline = getattr(backend, "timeline", None)
+    if timeline is None:
+        return None
+    plan = getattr(backend, "plan", None)
+    return {"plan": None if plan is None else plan.as_dict(), "phases": list(timeline.phases)}
 
 
 def summarise(steps: list[dict]) -> dict:

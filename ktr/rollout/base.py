@@ -90,6 +90,14 @@ class RolloutBackend:
     def on_weights_updated(self, model: nn.Module) -> None:
         """Called after every optimizer step: a backend holding its own copy of the weights syncs them here."""
 
+    def release(self) -> None:
+        """Hand the backend's memory back until its next `generate` or sync (vLLM: the engine sleeps). Called by
+        the module after a step's rollouts and by evaluators after their last batch."""
+
+    def metrics(self) -> dict[str, float]:
+        """Figures of the backend since the last call (the vLLM engine's memory per phase), logged by the module."""
+        return {}
+
 
 # name -> backend class, or "module:Class" imported on first use
 ROLLOUT_BACKENDS: dict[str, type[RolloutBackend] | str] = {

@@ -6,6 +6,14 @@ every optimizer step `on_weights_updated` pushes the weights again (`reload_weig
 names; LoRA merged; under FSDP2 each parameter gathered in turn) and clears the engine's prefix, multimodal and
 encoder caches: without the encoder-cache reset the next request on the same media fails ("Encoder cache miss").
 
+Memory (`ktr.rollout.vllm_memory`, docs/vllm.md): the engine is sized from the step (`max_num_seqs` = G x
+prompts, `max_num_batched_tokens`, a KV cache for those sequences at full length; `sampling.vllm.memory:
+fraction` keeps the bare fraction), sleeps after a step's rollouts (`release`; `sampling.vllm.sleep`, default
+level 1; an evaluator releases it after its last batch), wakes
+its weights for the sync and its KV cache before the next rollout, and records its memory after each phase
+(`train/rollout/memory_gib/<phase>`). vLLM's CPU engine has no sleep mode: there the scheduler is paused instead,
+the same calls in the same order, nothing freed.
+
 What the engine sees is what the scoring passes see:
 - prompts are ktr's own token ids, each run of vision placeholders collapsed to one token that vLLM expands
   again; the expanded prompt is checked against ktr's (a mismatch raises, naming the sample);
@@ -28,9 +36,14 @@ Qwen2.5-VL code of transformers 4.x) at `max(t, h, w) + 1`. ktr's scoring passes
 on videos whose temporal extent exceeds the spatial one the engine samples from slightly different positions
 than the policy scores; `train/rollout/logp_diff` shows it and `loss.rollout_correction: tis` corrects for it.
 
-Supported families: Qwen2.5-VL and Qwen2-VL. 4-bit (`policy.quantization: nf4`) keeps the HF path (a
-ConfigError at construction). Tested on vLLM's CPU engine (`tests/vllm`); the CUDA engine, colocated GPU memory
-sharing (`gpu_memory_utilization`) and the FSDP2 gather are written but untested here.
+Supported families: Qwen2.5-VL, Qwen2-VL and Qwen3-VL. Qwen3-VL (`media: embeds`): the engine gets the main and
+deepstack features side by side and each video's per-patch timestamps; the timestamped blocks of ktr's prompt are
+collapsed to what vLLM's processor expands back (`collapse_video_blocks`), and the check above compares the
+result; vLLM's positions after a Qwen3-VL video equal transformers' (no gap). `media: frames` is refused on
+Qwen3-VL: on an image whose pixels the engine's processor reproduced to 6e-8, the engine's greedy tokens left
+transformers' after the first one (vLLM 0.32 CPU; not found why). 4-bit (`policy.quantization: nf4`)
+keeps the HF path (a ConfigError at construction). Tested on vLLM's CPU engine (`tests/vllm`); the CUDA engine,
+sleep mode (CUDA only), colocated GPU memory sharing and the FSDP2 gather are written but untested here.
 """
 
 from __future__ import annotations
@@ -39,19 +52,22 @@ import copy
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ktr.config import SamplingConfig, VLLMSettings
-from ktr.data.processor import VisionLanguageProcessor
+from ktr.data.processor import VisionLanguageProcessor, frame_times_of, patch_times
 from ktr.model.families import core, family_of
 from ktr.rollout.base import (RolloutBackend, assemble_rollout, check_prompt_lengths, end_of_sequence_ids,
                               suppressed_token_ids)
+from ktr.rollout.vllm_memory import (SLEEP_LEVELS, EnginePlan, EngineSleep, MemoryTimeline, engine_memory_kwargs,
+                                     plan_engine, sleep_mode_available)
 from ktr.types import PromptBatch, Rollout
 
-SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 SUPPRESS_BIAS = -100.0  # vLLM clamps logit biases to [-100, 100]
 
 
@@ -126,27 +142,47 @@ def _dtype(model: nn.Module, setting: str) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
 
-def build_engine(model: nn.Module, processor: VisionLanguageProcessor, cfg: SamplingConfig):
-    """A vLLM `LLM` for `model` on this rank, holding the policy's current weights."""
+def build_engine(model: nn.Module, processor: VisionLanguageProcessor, cfg: SamplingConfig, plan: EnginePlan):
+    """A vLLM `LLM` for `model` on this rank, sized by `plan` (`ktr.rollout.vllm_memory`), holding the policy's
+    current weights."""
     family = family_of(model).model_type
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"sampling.backend: vllm supports {list(SUPPORTED_FAMILIES)} policies, got {family!r}; "
                          "use sampling.backend: shared or hf")
     settings: VLLMSettings = cfg.vllm
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")  # read by the CPU engine only
     vllm = require_vllm()
     kwargs = {}
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank (untested here)
-    engine = vllm.LLM(
-        model=str(_engine_dir(model, processor)), load_format="dummy", dtype=_dtype(model, settings.dtype),
-        max_model_len=settings.max_model_len or cfg.max_prompt_length + cfg.max_new_tokens,
-        enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
-        enable_mm_embeds=True, limit_mm_per_prompt={"image": 1, "video": 1},
-        enable_prefix_caching=True, seed=settings.seed, **kwargs)
+    on_cuda = torch.cuda.is_available()
+    kwargs.update(engine_memory_kwargs(plan, cfg, on_cuda))
+    if settings.sleep != "never" and sleep_mode_available():
+        kwargs["enable_sleep_mode"] = True
+    with _cpu_kv_setting(settings):
+        engine = vllm.LLM(
+            model=str(_engine_dir(model, processor)), load_format="dummy", dtype=_dtype(model, settings.dtype),
+            max_model_len=plan.max_model_len, enforce_eager=settings.enforce_eager, enable_mm_embeds=True,
+            limit_mm_per_prompt={"image": 1, "video": 1}, enable_prefix_caching=True, seed=settings.seed, **kwargs)
     load_weights(engine, model)
     return engine
+
+
+@contextmanager
+def _cpu_kv_setting(settings: VLLMSettings):
+    """The CPU engine reads `VLLM_CPU_KVCACHE_SPACE` (GiB) over `kv_cache_memory_bytes`: `memory: fraction` sets
+    it to kv_cache_gib (unless set already), `memory: derived` hides it while the engine is built."""
+    key = "VLLM_CPU_KVCACHE_SPACE"
+    if settings.memory == "fraction":
+        os.environ.setdefault(key, f"{settings.kv_cache_gib:g}")
+        yield
+        return
+    old = os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[key] = old
 
 
 def load_weights(engine, model: nn.Module) -> None:
@@ -180,25 +216,66 @@ def engine_requests(model: nn.Module, processor: VisionLanguageProcessor, batch:
     if media == "embeds":
         from ktr.model.forward import encode_media
 
-        features = encode_media(model, batch.pixel_values, batch.grid_thw).per_prompt  # B x [n_b, H]
+        features = encode_media(model, batch.pixel_values, batch.grid_thw)  # B x [n_b, H] (+ deepstack)
     requests, expected = [], []
     for i, m in enumerate(batch.media):
         ids = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
         grid = batch.grid_thw[i: i + 1].cpu()  # [1, 3]
+        stamped = m.kind == "video" and processor.layout.timestamps  # Qwen3-VL: one block per temporal patch
         if features is not None:
             key = "video" if m.kind == "video" else "image"
-            data = {f"{key}_embeds": features[i].detach().cpu(), f"{key}_grid_thw": grid}
+            data = {f"{key}_embeds": _engine_features(features, i), f"{key}_grid_thw": grid}
             if key == "video" and scaled:
                 data["second_per_grid_ts"] = batch.second_per_grid_ts[i: i + 1].cpu()
+            if stamped:
+                data["timestamps"] = [patch_times(frame_times_of(m), processor.patch.temporal_patch_size)]  # [1][T]
             mm = {key: data}
+        elif family_of(model).model_type == "qwen3_vl":
+            raise ValueError("sampling.vllm.media: frames is refused on Qwen3-VL (vLLM's vision tower gave other "
+                             "features than the policy's on the same pixels, see docs/vllm.md); use media: embeds")
         elif m.kind == "video":
             raise ValueError("sampling.vllm.media: frames serves images only (on videos vLLM's vision tower disagrees "
                              "with the policy's, see ktr.rollout.vllm); use sampling.vllm.media: embeds")
         else:
             mm = {m.kind: _frames_input(m)}
-        requests.append({"prompt_token_ids": collapse_placeholders(ids, placeholders), "multi_modal_data": mm})
+        prompt = (collapse_video_blocks(ids, batch.media_block[i][batch.attention_mask[i].bool()].tolist(), config,
+                                        processor.layout.wrapper) if stamped
+                  else collapse_placeholders(ids, placeholders))
+        requests.append({"prompt_token_ids": prompt, "multi_modal_data": mm})
         expected.append(ids)
     return requests, expected
+
+
+def _engine_features(features, i: int) -> Tensor:
+    """Prompt i's features as the engine takes them: `[n, H]`, or with deepstack (Qwen3-VL) the main and each
+    deepstack layer's features side by side, `[n, H * (1 + L)]` (the vision tower's output layout in vLLM)."""
+    main = features.per_prompt[i]
+    if features.deepstack is None:
+        return main.detach().cpu()
+    return torch.cat([main, *features.deepstack[i]], dim=-1).detach().cpu()
+
+
+def engine_video_target(config) -> list[int]:
+    """The tokens the engine's Qwen3-VL processor replaces with the timestamped blocks: the bare video token with
+    transformers >= 5.10's processors (they override `replace_video_token`), else vision start, video, end
+    (the rule of vLLM's `Qwen3VLMultiModalProcessor._expands_only_video_token`)."""
+    from transformers import ProcessorMixin, Qwen3VLProcessor
+
+    own = getattr(Qwen3VLProcessor, "replace_video_token", None)
+    if own is not None and own is not getattr(ProcessorMixin, "replace_video_token", None):
+        return [config.video_token_id]
+    return [config.vision_start_token_id, config.video_token_id, config.vision_end_token_id]
+
+
+def collapse_video_blocks(ids: list[int], block: list[bool], config, wrapper: str) -> list[int]:
+    """A timestamped video prompt (Qwen3-VL) with its blocks `<t seconds><vs><video>*n<ve>...` replaced by what
+    the engine expands to those blocks (`engine_video_target`); `block` marks the media block (`PromptBatch.
+    media_block`: the blocks, or with `video_wrapper: keep` the outer start/end pair around them, kept)."""
+    first = block.index(True)
+    last = len(block) - 1 - block[::-1].index(True)
+    target = engine_video_target(config)
+    middle = [ids[first], *target, ids[last]] if wrapper == "keep" else target
+    return ids[:first] + middle + ids[last + 1:]
 
 
 def _frames_input(media):
@@ -249,10 +326,15 @@ def _completion_tensors(outputs, expected: list[list[int]], rows: list[dict], re
 
 
 class VLLMBackend(RolloutBackend):
-    """A colocated in-process vLLM engine (see the module docstring); built on the first `generate`."""
+    """A colocated in-process vLLM engine (see the module docstring); built on the first `generate`, asleep from
+    `release` (after a step's rollouts) to the next sync or `generate` (`sampling.vllm.sleep`); `timeline`
+    records its phases and memory."""
 
     def __init__(self) -> None:
         self.engine = None
+        self.plan: EnginePlan | None = None
+        self.sleeper: EngineSleep | None = None
+        self.timeline = MemoryTimeline()
 
     def generate(self, model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch,
                  cfg: SamplingConfig, group_size: int | None = None, greedy: bool = False) -> Rollout:
@@ -260,18 +342,46 @@ class VLLMBackend(RolloutBackend):
         g = group_size or cfg.group_size
         check_prompt_lengths(batch, cfg)
         if self.engine is None:
-            self.engine = build_engine(model, processor, cfg)
+            self._build(model, processor, cfg, prompts=batch.input_ids.shape[0])
         greedy = greedy or cfg.temperature == 0
         with torch.no_grad():
             requests, expected = engine_requests(model, processor, batch, cfg.vllm.media)
         params = sampling_params(model, processor, cfg, 1 if greedy else g, greedy)  # vLLM: greedy needs n = 1
+        self.wake(model)
         outputs = self.engine.generate(requests, params, use_tqdm=False)
+        self.timeline.record("generated", requests=len(requests), samples=len(requests) * (1 if greedy else g))
         ids, lps = _completion_tensors(outputs, expected, batch.rows, g if greedy else 1, processor.pad_token_id)
         device = batch.input_ids.device
         rollout = assemble_rollout(batch, ids.to(device), g, processor, end_of_sequence_ids(processor))
         rollout.logps = lps.to(device).masked_fill(~rollout.completion_mask, 0.0)  # [N, T]
         return rollout
 
+    def _build(self, model: nn.Module, processor: VisionLanguageProcessor, cfg: SamplingConfig, prompts: int) -> None:
+        dtype = {"float32": 4, "bfloat16": 2, "float16": 2}[_dtype(model, cfg.vllm.dtype)]
+        self.plan = plan_engine(model, cfg, prompts, dtype)
+        self.engine = build_engine(model, processor, cfg, self.plan)
+        self.timeline.record("built", **self.plan.as_dict())
+        self.sleeper = EngineSleep(self.engine, SLEEP_LEVELS[cfg.vllm.sleep], sleep_mode_available(), self.timeline)
+
+    def wake(self, model: nn.Module) -> None:
+        """Everything awake, the weights current (after a level-2 sleep without a sync since: they are pushed)."""
+        if "weights" in self.sleeper.asleep:
+            self.sleeper.wake_weights()
+            if self.sleeper.weights_lost:
+                load_weights(self.engine, model)
+        self.sleeper.wake_kv_cache()
+
+    def release(self) -> None:
+        """The engine sleeps (`sampling.vllm.sleep`): scoring, backward and the optimizer step get its memory."""
+        if self.sleeper is not None:
+            self.sleeper.sleep()
+
     def on_weights_updated(self, model: nn.Module) -> None:
+        """Wake the weights (not the KV cache), push the policy's, drop the caches computed with the old ones."""
         if self.engine is not None:
+            self.sleeper.wake_weights()
             load_weights(self.engine, model)
+            self.timeline.record("synced")
+
+    def metrics(self) -> dict[str, float]:
+        return self.timeline.metrics()

@@ -24,6 +24,6 @@ def tiny_vllm_policy_config():
 
 def release_engine(backend) -> None:
     """Drop the engine so that the next module's can start (one at a time on 2 cores)."""
-    backend.engine = None
+    backend.engine = backend.sleeper = None
     gc.collect()
     torch.set_num_threads(1)

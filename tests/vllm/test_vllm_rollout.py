@@ -88,6 +88,7 @@ def test_greedy_equals_hf_on_a_text_prompt(setup) -> None:
                         do_sample=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=policy.processor.pad_token_id,
                         suppress_tokens=suppressed_token_ids(model), temperature=None, top_p=None, top_k=None)
     hf_tokens = hf[0, len(ids):].tolist()
+    backend.wake(model)  # asleep since the last rollout; this test calls the engine itself
     out = backend.engine.generate([{"prompt_token_ids": ids}], sampling_params(model, policy.processor, cfg, 1, True),
                                   use_tqdm=False)
     assert len(set(hf_tokens)) > 1
@@ -166,3 +167,17 @@ def test_lora_weights_reach_the_engine_merged(setup) -> None:
         assert torch.equal(got.completion_ids, hf.completion_ids)
     finally:
         backend.on_weights_updated(policy.model)
+
+
+def test_the_engine_is_sized_from_the_step(setup) -> None:
+    """`memory: derived`: the engine runs the step's G x 2 sequences at once and its KV cache is the plan's (each
+    sequence at max_model_len; tiny fp32 model: 2 layers x K and V x 64 x 4 bytes = 1 KiB per token), not a
+    fraction of the machine."""
+    _, backend, _, _, _ = setup
+    plan = backend.plan
+    config = backend.engine.llm_engine.vllm_config
+    assert plan.max_num_seqs == config.scheduler_config.max_num_seqs == 2 * G
+    assert plan.max_num_batched_tokens == config.scheduler_config.max_num_batched_tokens == 1024
+    cache = config.cache_config
+    assert plan.kv_bytes_per_token == 1024 and plan.kv_cache_bytes == 2 * G * 1024 * 1024
+    assert cache.num_gpu_blocks * cache.block_size * plan.kv_bytes_per_token == plan.kv_cache_bytes
