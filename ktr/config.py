@@ -151,6 +151,10 @@ class SamplingConfig:
     `loss.rollout_correction`)."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     """Engine settings of `backend: vllm` (ignored by the other backends)."""
+    compile_decode: bool = False
+    """`backend: shared` on CUDA: run each decode step through `torch.compile` over a static key/value cache
+    (fixed shapes; the first rollout pays the compilation). Ignored, with a warning, on CPU, where the eager step
+    over the preallocated cache is used (`ktr.rollout.shared`; docs/bench_rollout.md)."""
 
     def __post_init__(self) -> None:
         _check_sampling(self, "sampling")

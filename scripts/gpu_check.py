@@ -32,6 +32,11 @@ try, so that one failure (an error, out of memory, the guard) is recorded and th
    suppressed until token 768 (`min_new_tokens`), so every completion is exactly 768 tokens long.
 7. `qlora_step_naive`: the same step (1 step) with `loss.chunk_size: null` (full `[N, T, V]` logits), for the
    memory ratio; an out-of-memory is reported as such.
+8. `decode`: the shared backend's decode loop (issue 27, `ktr.experiments.gpu_decode`) on the same reduced-depth
+   7B-width model (4 decoder layers, bf16, SDPA), G = 8, 128 and 768 new tokens: tokens/s and peak memory of
+   `hf` generate, the concatenating loop before issue 27, the preallocated loop eager, and compiled
+   (`sampling.compile_decode`, inductor; compilation timed apart). Last, so that it cannot take the QLoRA
+   parts' share of the budget (`--parts decode` runs it alone).
 
 Output: one JSON (`--json`, or
 `gpu_check.json` in `--out`) with every figure, and a markdown summary (`--md`, or `gpu_check.md`), also
@@ -71,7 +76,8 @@ woke_kv_cache) with the engine asleep between rollouts and without, and writes r
 Expected duration on one H100/H200: about 5 minutes (an estimate: it has not run on a GPU yet). The parts
 together cannot take more than `--budget-s` (420 s by default): each part's guard is cut to what is left of it
 (the guard interrupts between Python operations, e.g. between generated tokens), so with start-up (imports,
-CUDA context) the run stays under 8 minutes. `--parts` reruns a subset (e.g. `--parts qlora_step`).
+CUDA context) the run stays under 8 minutes; `decode`, last, gets what is left of the budget (up to 150 s) and
+may be cut: `--parts` reruns a subset (e.g. `--parts decode`, about 2 minutes with its compilation).
 """
 
 from __future__ import annotations

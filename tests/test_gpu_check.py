@@ -20,7 +20,8 @@ import pytest
 from tests import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["vision_processor", "parity", "prefix", "loss_bench", "fsdp_step", "qlora_step", "qlora_step_naive"]
+PARTS = ["vision_processor", "parity", "prefix", "loss_bench", "fsdp_step", "qlora_step", "qlora_step_naive",
+         "decode"]
 VIDEO = FIXTURES / "video1.mp4"
 
 
@@ -86,6 +87,17 @@ def test_prefix_figures(report) -> None:
     for impl in ("naive", "shared"):
         assert {"policy_backward_s", "reference_s", "visual_s", "temporal_s"} <= set(m["passes"][impl])
     assert m["logp_shared_vs_naive"]["max_abs"] < 5e-2  # the same maths in bf16 (rounding differs)
+
+
+def test_decode_figures(report) -> None:
+    """The decode part ran every loop (the compiled one through dynamo's eager backend on CPU) at its length."""
+    rec = report["parts"]["decode"]
+    m = rec["measured"]
+    assert m["compile_backend"] == "eager" and list(m["lengths"]) == ["6"]
+    runs = m["lengths"]["6"]
+    for loop in ("hf", "concat", "shared", "compiled"):
+        assert runs[loop]["tokens"] == m["group_size"] * 6 and runs[loop]["tokens_per_s"] > 0, loop
+    assert set(rec["x_hf_tokens_per_s"]["6"]) == {"concat", "shared", "compiled"}
 
 
 def test_loss_bench_records(report) -> None:

@@ -87,9 +87,10 @@ def test_greedy_equals_hf(which, request) -> None:
 
 @torch.no_grad()
 def _teacher_forced_scores(model, batch, cfg, tokens):
-    """The shared path's processed scores `[T, N, V]` and next positions `[T, 3, N]` when fed `tokens` `[N, T]`."""
+    """The shared path's processed scores `[T, N, V]` and next positions `[T, 3, N]` when fed `tokens` `[N, T]`
+    (over the preallocated cache, as `generate_shared` decodes)."""
     suppress = torch.tensor(suppressed_token_ids(model))
-    state = prefill(model, batch, cfg.group_size)
+    state = prefill(model, batch, cfg.group_size, new_tokens=tokens.shape[1])
     scores, positions = [], []
     for t in range(tokens.shape[1]):
         scores.append(process_logits(state.logits, suppress, True, cfg.temperature, cfg.top_k, cfg.top_p))

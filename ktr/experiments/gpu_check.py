@@ -41,8 +41,10 @@ class Sizes:
                                                     chunks=[512, 1024, 2048], seq_len=2048, repeats=2))
     parity_new_tokens: int = 32
     prefix_new_tokens: int = 128
-    guards: dict = field(default_factory=lambda: dict(vision_processor=60, parity=90, prefix=90, loss_bench=120,
-                                                      fsdp_step=120, qlora_step=240, qlora_step_naive=180))
+    decode_new_tokens: tuple[int, ...] = (128, 768)
+    guards: dict = field(default_factory=lambda: dict(vision_processor=60, parity=90, prefix=90, decode=150,
+                                                      loss_bench=120, fsdp_step=120, qlora_step=240,
+                                                      qlora_step_naive=180))
 
 
 REAL = Sizes(tiny=False)
@@ -51,9 +53,9 @@ TINY = Sizes(tiny=True, step_steps=1, video=_TINY_VIDEO,
              step_overrides={"sampling.group_size": 4, "sampling.max_new_tokens": 4},  # 2 micro-batches of 2
              fsdp_overrides={"sampling.group_size": 2, "sampling.max_new_tokens": 4},
              loss=dict(tokens=[256, 512], hidden=64, vocab=2048, chunks=[64, 128], seq_len=128, repeats=1),
-             parity_new_tokens=8, prefix_new_tokens=6,
-             guards=dict.fromkeys(("vision_processor", "parity", "prefix", "loss_bench", "fsdp_step",
-                                                        "qlora_step", "qlora_step_naive"), 150))
+             parity_new_tokens=8, prefix_new_tokens=6, decode_new_tokens=(6,),
+             guards=dict.fromkeys(("vision_processor", "parity", "prefix", "decode", "loss_bench", "fsdp_step",
+                                   "qlora_step", "qlora_step_naive"), 150))
 
 
 @dataclass
@@ -128,9 +130,15 @@ def part_prefix(check: Check, out: dict) -> dict:
     return parts.prefix(check.device, check.sizes.tiny, check.sizes.prefix_new_tokens, out)
 
 
+def part_decode(check: Check, out: dict) -> dict:
+    from ktr.experiments.gpu_decode import decode
+
+    return decode(check.device, check.sizes.tiny, check.sizes.decode_new_tokens, out)
+
+
 PARTS = {"vision_processor": part_vision_processor, "parity": part_parity, "prefix": part_prefix,
-         "loss_bench": part_loss_bench,
-         "fsdp_step": part_fsdp_step, "qlora_step": part_qlora_step, "qlora_step_naive": part_qlora_step_naive}
+         "loss_bench": part_loss_bench, "fsdp_step": part_fsdp_step, "qlora_step": part_qlora_step,
+         "qlora_step_naive": part_qlora_step_naive, "decode": part_decode}
 
 
 # ------------------------------------------------------------------------------------------------ runner

@@ -468,6 +468,9 @@ def _headline(name: str, rec: dict) -> str:
         return (f"rollout shared {rec['rollout_speedup']}x faster; scoring passes {rec['passes_time_ratio']}x naive "
                 f"time; max |d logp| shared vs naive {rec['max_abs_dlogp']:.3g}"
                 + (f"; attention layer (fwd+bwd) vs naive: {attn}" if attn else ""))
+    if name == "decode":
+        return "tokens/s vs hf: " + "; ".join(f"{t} new tokens " + ", ".join(f"{k} {v}x" for k, v in r.items())
+                                              for t, r in rec["x_hf_tokens_per_s"].items())
     if name == "parity":
         return "; ".join(f"{k}: max |d logp| {rec[k]:.3g}" for k in ("sdpa", "flash_attention_2") if k in rec)
     if name == "loss_bench":

@@ -8,6 +8,23 @@ samples the G continuations, applying the same logits processing as `generate`
 (`ktr.rollout.sampling.process_logits`; top-p through the exact candidate-set `nucleus_filter`) and the same
 multinomial draw, so it samples from the same distribution per step.
 
+Decode loop (issue 27): after the repeat, every full-attention layer's cache is swapped for preallocated
+`[N, kv_heads, L + max_new_tokens, head_dim]` buffers (`ktr.rollout.kv_cache.preallocate`): the prompt's keys
+and values are copied in once, each step writes one token's key/value at its index and attends to a view of the
+filled part, and the attention mask is a slice of one `[N, L + max_new_tokens]` buffer. transformers'
+`DynamicCache` instead concatenates every layer's whole cache on every token (allocation and copy growing with
+the position; `prefill` without `new_tokens` keeps that loop for the benchmark, `scripts/bench_rollout.py`).
+The views hold the same values at the same length under the same mask, so tokens and processed logits are
+`generate`'s (tests/test_rollout_shared.py). A hybrid decoder's DeltaNet layers keep their fixed-size states.
+`sampling.compile_decode` (CUDA only; ignored with a warning on CPU) compiles the step over transformers'
+`StaticLayer` (fixed shapes; the buffer length rounded up to `STATIC_BUCKET`).
+
+Not done: the G rows of a prompt still hold G copies of its keys/values (the repeat). Attending to one shared
+copy of the prompt plus each row's own completion (two attention calls merged by their log-sum-exp, as
+`ktr.model.attention` does for the scoring passes) would divide the prompt's cache by G (7/8 of a 1k-token
+prompt's K/V at G = 8) and its per-step reads likewise; it needs an attention function of its own in the
+decoder, which transformers' cache interface alone does not give.
+
 Positions: the prompt's 3D rotary positions come from `ktr.model.forward.rope_positions` (as every scoring pass);
 each generated token's position is the previous token's plus one, in all three sections. That is what
 transformers' `generate` does in this version (it extends explicit `position_ids` by one each step; the
@@ -21,6 +38,7 @@ transformers' `synced_gpus`); tokens produced after a rank's own rows have all e
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +54,20 @@ from ktr.rollout.base import (RolloutBackend, assemble_rollout, check_prompt_len
 from ktr.types import PromptBatch, Rollout
 
 
+STATIC_BUCKET = 256
+"""The static (compiled) cache's length is rounded up to a multiple of this."""
+
+
 @dataclass
 class DecodeState:
     """The N rows' decoding state after the shared prefill."""
 
-    cache: object  # transformers DynamicCache holding [N, kv_heads, L + t, head_dim] per layer
-    attention_mask: Tensor  # [N, L + t] long
+    cache: object  # transformers cache: [N, kv_heads, L + t, head_dim] keys/values per attention layer
+    attention_mask: Tensor  # [N, L + t] long (a view of `mask_buffer` when the cache is preallocated)
     next_positions: Tensor  # [3, N, 1] rotary positions of the next token
     logits: Tensor  # [N, V] float32 next-token logits
+    mask_buffer: Tensor | None = None  # [N, L + T] long, ones after the prompt: the mask of every later step
+    static: bool = False  # fixed-shape steps (transformers' StaticLayer; the compiled decode step)
 
 
 def _head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
@@ -51,8 +75,15 @@ def _head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
     return core(model).lm_head(hidden).float()
 
 
-def prefill(model: nn.Module, batch: PromptBatch, group_size: int) -> DecodeState:
-    """Run the B prompts through the decoder once and expand their cache to the N = B x G rows."""
+def prefill(model: nn.Module, batch: PromptBatch, group_size: int, new_tokens: int | None = None,
+            static: bool = False) -> DecodeState:
+    """Run the B prompts through the decoder once and expand their cache to the N = B x G rows.
+
+    With `new_tokens`, the attention layers' cache and the mask are then preallocated for that many more tokens
+    (`ktr.rollout.kv_cache.preallocate`; `static`: fixed shapes for a compiled step); without it the cache
+    stays transformers' `DynamicCache`, which concatenates on every token (the loop before issue 27, kept for
+    `scripts/bench_rollout.py`'s comparison).
+    """
     from transformers import DynamicCache
 
     lm = language_model(model)
@@ -69,22 +100,48 @@ def prefill(model: nn.Module, batch: PromptBatch, group_size: int) -> DecodeStat
     logits = _head_logits(model, out.last_hidden_state[:, -1])  # [B, V]; prompts are left-padded
     family_of(model).repeat_cache(cache, group_size)  # [N, kv_heads, L, head_dim] per layer (+ recurrent states)
     g = group_size
-    return DecodeState(cache=cache,
-                       attention_mask=batch.attention_mask.repeat_interleave(g, dim=0),  # [N, L]
-                       next_positions=(positions[:, :, -1:] + 1).repeat_interleave(g, dim=1),  # [3, N, 1]
-                       logits=logits.repeat_interleave(g, dim=0))  # [N, V]
+    mask = batch.attention_mask.repeat_interleave(g, dim=0)  # [N, L]
+    state = DecodeState(cache=cache, attention_mask=mask,
+                        next_positions=(positions[:, :, -1:] + 1).repeat_interleave(g, dim=1),  # [3, N, 1]
+                        logits=logits.repeat_interleave(g, dim=0))  # [N, V]
+    if new_tokens is not None:
+        from ktr.rollout.kv_cache import preallocate
+
+        room = new_tokens
+        if static:  # a capacity from a few sizes, so that a compiled step recompiles rarely across prompt lengths
+            room = -(-(mask.shape[1] + new_tokens) // STATIC_BUCKET) * STATIC_BUCKET - mask.shape[1]
+        preallocate(cache, room, static=static)
+        state.mask_buffer = torch.cat([mask, mask.new_ones((mask.shape[0], room))], dim=1)  # [N, L + room]
+        state.static = static
+    return state
 
 
-def decode_step(model: nn.Module, state: DecodeState, tokens: Tensor) -> None:
-    """Feed `tokens` `[N]` (one per row) and update `state` in place with the next logits."""
-    lm = language_model(model)
+def _next_mask(state: DecodeState) -> Tensor:
+    """The attention mask `[N, L + t + 1]` of the step feeding token t + 1 (the full buffer when static)."""
+    width = state.attention_mask.shape[1] + 1
+    if state.mask_buffer is None:
+        return torch.cat([state.attention_mask, state.attention_mask.new_ones((state.attention_mask.shape[0], 1))],
+                         dim=1)
+    return state.mask_buffer if state.static else state.mask_buffer[:, :width]
+
+
+def _step_logits(model: nn.Module, tokens: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
+    """`[N, V]` float32 next-token logits after feeding `tokens` `[N]` at `positions` `[3, N, 1]` with `mask`."""
     embeds = core(model).get_input_embeddings()(tokens[:, None])  # [N, 1, H]
-    mask = torch.cat([state.attention_mask, state.attention_mask.new_ones((tokens.shape[0], 1))], dim=1)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=state.next_positions, cache=state.cache,
-             use_cache=True)
-    state.attention_mask = mask  # [N, L + t + 1]
+    out = language_model(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                                use_cache=True)
+    return _head_logits(model, out.last_hidden_state[:, -1])
+
+
+def decode_step(model: nn.Module, state: DecodeState, tokens: Tensor, step_fn=None) -> None:
+    """Feed `tokens` `[N]` (one per row) and update `state` in place with the next logits.
+
+    `step_fn`: the function computing the logits (`_step_logits`, the default, or its compiled version)."""
+    mask = _next_mask(state)
+    state.logits = (step_fn or _step_logits)(model, tokens, mask, state.next_positions, state.cache)  # [N, V]
+    width = state.attention_mask.shape[1] + 1
+    state.attention_mask = mask[:, :width]  # [N, L + t + 1]
     state.next_positions = state.next_positions + 1
-    state.logits = _head_logits(model, out.last_hidden_state[:, -1])  # [N, V]
 
 
 def _synced(model: nn.Module) -> bool:
@@ -102,7 +159,7 @@ def _anyone_unfinished(unfinished: Tensor, synced: bool) -> bool:
 
 
 def sample_loop(model: nn.Module, state: DecodeState, cfg: SamplingConfig, suppress: Tensor, eos: Tensor,
-                pad_id: int, sample: bool) -> Tensor:
+                pad_id: int, sample: bool, step_fn=None) -> Tensor:
     """Completion tokens `[N, T]`, T <= max_new_tokens; rows that ended hold `pad_id` after their EOS."""
     n = state.logits.shape[0]
     unfinished = torch.ones(n, dtype=torch.bool, device=state.logits.device)  # [N]
@@ -119,16 +176,44 @@ def sample_loop(model: nn.Module, state: DecodeState, cfg: SamplingConfig, suppr
         unfinished = unfinished & ~torch.isin(nxt, eos)
         if step + 1 == cfg.max_new_tokens or not _anyone_unfinished(unfinished, synced):
             break
-        decode_step(model, state, nxt)
+        decode_step(model, state, nxt, step_fn)
     return torch.stack(tokens[:local_steps], dim=1)  # [N, T]
+
+
+_COMPILED: dict[str, object] = {}
+"""`torch.compile` backend -> the compiled `_step_logits` (dynamo guards on the model it is given and
+recompiles for another; the shapes are fixed over a rollout, so one model compiles once)."""
+
+
+def compiled_step(backend: str = "inductor"):
+    """`_step_logits` under `torch.compile` (fixed shapes: use with a static `prefill`)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_step_logits, backend=backend, dynamic=False)
+    return _COMPILED[backend]
+
+
+def use_compiled_step(cfg: SamplingConfig, device: torch.device) -> bool:
+    """Whether `cfg.compile_decode` applies on `device`: CUDA only (ignored with a warning elsewhere: inductor's
+    CPU code for one decode token is not faster than eager here and needs a C++ compiler)."""
+    if not cfg.compile_decode:
+        return False
+    if device.type != "cuda":
+        warnings.warn(f"sampling.compile_decode is ignored on {device.type} (CUDA only): decoding eagerly",
+                      stacklevel=3)
+        return False
+    return True
 
 
 @torch.no_grad()
 def generate_shared(model: nn.Module, processor: VisionLanguageProcessor, batch: PromptBatch, cfg: SamplingConfig,
-                    group_size: int | None = None, greedy: bool = False) -> Rollout:
+                    group_size: int | None = None, greedy: bool = False, *, _grow_by_concat: bool = False,
+                    _compile_backend: str | None = None) -> Rollout:
     """Sample `G` completions per prompt with one prefill per prompt; the `Rollout` of `ktr.rollout.hf.generate`.
 
     Rows `i*G .. i*G+G-1` belong to prompt `i`. Greedy decoding when `greedy` or `cfg.temperature == 0`.
+    `_grow_by_concat`: the loop before issue 27 (transformers' `DynamicCache` concatenated every token), for
+    `scripts/bench_rollout.py`. `_compile_backend`: compile the step with this `torch.compile` backend on any
+    device (tests use "eager" on CPU); otherwise `cfg.compile_decode` decides (CUDA, inductor).
     """
     g = group_size or cfg.group_size
     check_prompt_lengths(batch, cfg)
@@ -137,11 +222,13 @@ def generate_shared(model: nn.Module, processor: VisionLanguageProcessor, batch:
     suppress = torch.tensor(suppressed_token_ids(model), device=device)
     eos = torch.tensor(eos_ids, device=device)
     sample = not greedy and cfg.temperature > 0
+    compiled = _compile_backend is not None or use_compiled_step(cfg, device)
+    step_fn = compiled_step(_compile_backend or "inductor") if compiled else None
     was_training = model.training
     model.eval()  # no dropout; gradient checkpointing stays out of the way of the cache
     try:
-        state = prefill(model, batch, g)
-        completion = sample_loop(model, state, cfg, suppress, eos, processor.pad_token_id, sample)  # [N, T]
+        state = prefill(model, batch, g, None if _grow_by_concat else cfg.max_new_tokens, static=compiled)
+        completion = sample_loop(model, state, cfg, suppress, eos, processor.pad_token_id, sample, step_fn)  # [N, T]
     finally:
         model.train(was_training)
     return assemble_rollout(batch, completion, g, processor, eos_ids)
