@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ktr.rollout.base import RolloutBackend
+
 SCENARIOS = {
     # full fine-tuning, float32 compute (comparable to one process), reference model sharded too
     "full": dict(lora=False, param_dtype="float32", beta=0.04, steps=2),
@@ -82,14 +84,12 @@ def per_prompt_generate(model, processor, batch, cfg, **kwargs):
     return _merge(parts, batch, processor.pad_token_id)
 
 
-class PerPromptBackend:
-    """A rollout backend whose samples do not depend on how prompts are split over ranks."""
+class PerPromptBackend(RolloutBackend):
+    """A rollout backend whose samples do not depend on how prompts are split over ranks (the base class's
+    `on_weights_updated`, `release` and `metrics`: nothing to sync, hand back or report)."""
 
     def generate(self, model, processor, batch, cfg, **kwargs):
         return per_prompt_generate(model, processor, batch, cfg, **kwargs)
-
-    def on_weights_updated(self, model) -> None:
-        pass
 
 
 def datamodule(batch_size: int, side: int = 56):
