@@ -258,8 +258,9 @@ STEP_VARIANTS = {  # bench_step overrides of each whole-step variant
 }
 
 
-def step_worker(variant: str, new_tokens: int, group_size: int, steps: int) -> list[dict]:
-    """Whole KTRModule steps (`scripts/bench_step.py`) on the bench model and a ~1,000-token synthetic video."""
+def step_worker(variant: str, new_tokens: int, group_size: int, steps: int, head_scale: float = 1.0) -> list[dict]:
+    """Whole KTRModule steps (`scripts/bench_step.py`) on the bench model and a ~1,000-token synthetic video;
+    `head_scale` scales the output projection (peaked logits)."""
     from ktr.experiments import bench_step
 
     tiny = dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1408,
@@ -269,11 +270,13 @@ def step_worker(variant: str, new_tokens: int, group_size: int, steps: int) -> l
     side = 308  # 16 frames of 308 x 308: grid 8 x 22 x 22, 968 video tokens
     video = dict(fps=2.0, min_frames=16, max_frames=16, min_pixels=side * side, max_pixels=side * side)
     result = bench_step.measure([Path(__file__).parent.parent / "configs" / "demo.yaml"], steps=steps, arch=None,
-                                device="cpu", overrides=overrides, video=video)
+                                device="cpu", overrides=overrides, video=video,
+                                head_scale=head_scale)
     out = []
     for phase, rec in result["summary"].items():  # mean seconds after the warm-up step, max peaks (bench_step)
         out.append(dict(impl=variant, phase=phase if phase == "step" else f"step/{phase}", group_size=group_size,
-                        new_tokens=new_tokens, time_s=rec["seconds"], peak_mem_mb=rec["peak_gb"] * 1024))
+                        new_tokens=new_tokens, time_s=rec["seconds"], peak_mem_mb=rec["peak_gb"] * 1024,
+                        head_scale=head_scale))
     return out
 
 
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         t, g, h = args.new_tokens[0], args.group_size, args.head_scale[0]
         out = {"rollout": lambda: worker(args.worker, t, g, h),
                "passes": lambda: passes_worker(args.worker, t, g, h, args.model),
-               "step": lambda: step_worker(args.worker, t, g, args.steps)}[args.worker_part]()
+               "step": lambda: step_worker(args.worker, t, g, args.steps, h)}[args.worker_part]()
         print(json.dumps(out))
         return
     records = []
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         impls = (tuple(STEP_VARIANTS) if part == "step" else tuple(args.passes_impls) if part == "passes"
                  else ("naive", "shared"))
-        for scale in args.head_scale if part != "step" else [1.0]:
+        for scale in args.head_scale:
             for t in args.new_tokens:
                 runs: dict[str, list] = {i: [] for i in impls}
                 for r in range(args.repeats if part != "step" else 1):

@@ -283,14 +283,15 @@ def _device(name: str) -> torch.device:
 def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: str = "auto",
             frames: int | None = None, overrides: dict | None = None, video: dict | None = None, strategy=None,
             text_layers: int | None = None, vision_depth: int | None = None, full_length: bool = True,
-            progress: dict | None = None) -> dict:
+            progress: dict | None = None, head_scale: float = 1.0) -> dict:
     """Train `steps` steps of the merged configs and return memory and time per phase (see the module docstring).
 
     `arch`: "auto" (the 7B architecture on CUDA, the tiny model on CPU), a name in `ARCHS`, or None (tiny);
     `text_layers`/`vision_depth` cut its depth. `overrides`: module init args (`{"loss.chunk_size": None}`);
     `video`: VideoSettings fields of the synthetic data; `strategy`: a Lightning strategy (default: one device).
     `progress`: filled as the run goes (setup, then the steps' records), so a caller keeps what was measured
-    when a later phase fails (out of memory, time guard).
+    when a later phase fails (out of memory, time guard). `head_scale` multiplies the output projection's
+    weights before the first step (a random model's flat next-token distribution made peaked, as a trained model's).
     """
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -305,6 +306,9 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
     start = time.perf_counter()
     module = build_module(config, arch, dev, dict(overrides or {}), text_layers, vision_depth)
     n_params = sum(p.numel() for p in module.model.parameters())
+    if head_scale != 1.0:
+        with torch.no_grad():
+            module.model.lm_head.weight.mul_(head_scale)
     if full_length:
         force_full_length(module)
     setup = {"seconds": time.perf_counter() - start, **meter.at_rest()}
