@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from ktr.data.video import VideoSettings
-from ktr.experiments.gpu_parts import TRAIN_VIDEO, _processor, _prompts, _timed
+from ktr.experiments.gpu_parts import _bench_rollout_model, _timed
 
 LOOPS = ("hf", "concat", "shared", "compiled")
 
@@ -40,23 +39,15 @@ def decode(device: torch.device, tiny: bool, lengths: tuple[int, ...], out: dict
     ratios (tokens/s over `hf`'s)."""
     from dataclasses import replace
 
-    from ktr.config import SamplingConfig, TinyModelConfig
-    from ktr.experiments.bench_step import arch_config, build_random
-    from ktr.model.policy import tiny_config
+    from ktr.config import SamplingConfig
     from ktr.rollout.hf import generate
     from ktr.rollout.shared import generate_shared
 
-    config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 4, 2)
-    config._attn_implementation = "sdpa"
-    g = 4 if tiny else 8
-    processor = _processor(config)
-    batch = _prompts(processor, VideoSettings(max_frames=4, min_pixels=56 * 56, max_pixels=56 * 56) if tiny
-                     else TRAIN_VIDEO, n=1).to(device)
-    torch.manual_seed(0)
-    model = build_random(config, device, torch.bfloat16).eval()
+    model, processor, batch, g, what = _bench_rollout_model(device, tiny)
+    model.eval()
     backend = "eager" if device.type != "cuda" else "inductor"
-    out.update(model="tiny" if tiny else "qwen2.5-vl-7b widths, 4 decoder layers, 2 vision blocks, random, bf16",
-               group_size=g, prompt_tokens=int(batch.attention_mask.sum()), compile_backend=backend, lengths={})
+    out.update(model=what, group_size=g, prompt_tokens=int(batch.attention_mask.sum()), compile_backend=backend,
+               lengths={})
     runs = {
         "hf": lambda cfg: generate(model, processor, batch, cfg),
         "concat": lambda cfg: generate_shared(model, processor, batch, cfg, _grow_by_concat=True),

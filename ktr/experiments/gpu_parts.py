@@ -349,31 +349,40 @@ def attention_layouts(device: torch.device, dtype: torch.dtype, new_tokens: int,
     return rec
 
 
+def _bench_rollout_model(device: torch.device, tiny: bool):
+    """The rollout parts' model and prompt: a random bf16 Qwen2.5-VL at 7B widths (4 decoder layers, 2 vision
+    blocks; `tiny`: the built-in tiny shape), SDPA, one video prompt. Returns `(model, processor, batch, group
+    size, description)`."""
+    from ktr.config import TinyModelConfig
+    from ktr.experiments.bench_step import arch_config, build_random
+    from ktr.model.policy import tiny_config
+
+    config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 4, 2)
+    config._attn_implementation = "sdpa"
+    processor = _processor(config)
+    batch = _prompts(processor, VideoSettings(max_frames=4, min_pixels=56 * 56, max_pixels=56 * 56) if tiny
+                     else TRAIN_VIDEO, n=1).to(device)
+    torch.manual_seed(0)
+    model = build_random(config, device, torch.bfloat16)
+    what = "tiny" if tiny else "qwen2.5-vl-7b widths, 4 decoder layers, 2 vision blocks, random, bf16"
+    return model, processor, batch, (4 if tiny else 8), what
+
+
 def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict:
     """Shared prompt prefix vs naive (issues 11, 26) at 7B widths (4 decoder layers, 2 vision blocks, bf16): rollout
     (`hf` vs `shared`, G = 8, released sampling) and each scoring pass on its completions (`loss.shared_prefix`
     false vs true, i.e. split attention): seconds, peak allocated memory, and the log-prob difference between the
     two layouts; then one attention layer forward + backward at 7B head shapes, 128 and 768 new tokens, naive /
     dense mask / split (SDPA; and flash-attention 2 naive / split when importable): `attention_layouts`."""
-    from ktr.config import SamplingConfig, TinyModelConfig
-    from ktr.experiments.bench_step import arch_config, build_random
+    from ktr.config import SamplingConfig
     from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
-    from ktr.model.policy import tiny_config
     from ktr.probes.temporal import temporal_scores
     from ktr.probes.visual import visual_scores
     from ktr.rollout.hf import generate
     from ktr.rollout.shared import generate_shared
 
-    config = tiny_config(TinyModelConfig()) if tiny else arch_config("qwen2.5-vl-7b", 4, 2)
-    config._attn_implementation = "sdpa"
-    g = 4 if tiny else 8
-    processor = _processor(config)
-    batch = _prompts(processor, VideoSettings(max_frames=4, min_pixels=56 * 56, max_pixels=56 * 56) if tiny
-                     else TRAIN_VIDEO, n=1).to(device)
-    torch.manual_seed(0)
-    model = build_random(config, device, torch.bfloat16)
-    out.update(model="tiny" if tiny else "qwen2.5-vl-7b widths, 4 decoder layers, 2 vision blocks, random, bf16",
-               group_size=g, new_tokens=new_tokens, prompt_tokens=int(batch.attention_mask.sum()))
+    model, processor, batch, g, what = _bench_rollout_model(device, tiny)
+    out.update(model=what, group_size=g, new_tokens=new_tokens, prompt_tokens=int(batch.attention_mask.sum()))
     cfg = SamplingConfig(group_size=g, max_new_tokens=new_tokens, temperature=1.0, top_p=0.95)
     model.generation_config.min_new_tokens = new_tokens  # every completion full length (hf); shared: see below
     rollouts = {}

@@ -10,18 +10,18 @@ from dataclasses import replace
 
 import pytest
 
-from tests.vllm.conftest import SKIP_REASON, release_engine
+from tests.vllm.conftest import SKIP_REASON, tiny_vllm_policy_config
 
 pytest.importorskip("vllm", reason=SKIP_REASON)
 
 import torch  # noqa: E402
 
-from ktr.config import PolicyConfig, SamplingConfig, TinyModelConfig, VLLMSettings  # noqa: E402
+from ktr.config import VLLMSettings  # noqa: E402
 from ktr.model.policy import load_policy  # noqa: E402
 from ktr.rollout.hf import generate  # noqa: E402
-from ktr.rollout.vllm import VLLMBackend, engine_requests  # noqa: E402
+from ktr.rollout.vllm import engine_requests  # noqa: E402
 from tests.helpers import synthetic_samples  # noqa: E402
-from tests.vllm.test_vllm_rollout import _perturb, _policy_logps  # noqa: E402
+from tests.vllm.test_vllm_rollout import _policy_logps, synced_engine  # noqa: E402
 
 G = 4
 
@@ -30,18 +30,7 @@ G = 4
 def setup():
     torch.set_num_threads(1)
     # one 64-wide head (vLLM's CPU attention kernels), own output projection (see tiny_vllm_policy_config)
-    policy = load_policy(PolicyConfig(name_or_path="tiny-qwen3vl", attn_implementation="eager",
-                                      tiny=TinyModelConfig(num_heads=1, num_kv_heads=1, tie_word_embeddings=False)))
-    batch = policy.processor.collate(synthetic_samples(policy.processor, 2, image_every=2))  # [video, image]
-    assert batch.is_video.tolist() == [True, False]
-    cfg = SamplingConfig(group_size=G, max_new_tokens=8, temperature=1.0, top_p=1.0, max_prompt_length=1024,
-                         vllm=VLLMSettings(max_model_len=1024))
-    backend = VLLMBackend()
-    before = backend.generate(policy.model, policy.processor, batch, cfg, group_size=1, greedy=True)  # builds it
-    _perturb(policy.model)
-    backend.on_weights_updated(policy.model)
-    yield policy, backend, batch, cfg, before
-    release_engine(backend)
+    yield from synced_engine(load_policy(replace(tiny_vllm_policy_config(), name_or_path="tiny-qwen3vl")))
 
 
 def test_greedy_equals_hf_after_a_weight_update(setup) -> None:

@@ -35,10 +35,9 @@ def _perturb(model, seed: int = 1) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-@pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(1)
-    policy = load_policy(tiny_vllm_policy_config())
+def synced_engine(policy):
+    """Yield `(policy, backend, batch [video, image], cfg, greedy rollout before the update)` with the engine built,
+    the policy perturbed and the new weights pushed; the engine is dropped afterwards."""
     batch = policy.processor.collate(synthetic_samples(policy.processor, 2, image_every=2))  # [video, image]
     assert batch.is_video.tolist() == [True, False]
     cfg = SamplingConfig(group_size=G, max_new_tokens=8, temperature=1.0, top_p=1.0, max_prompt_length=1024,
@@ -49,6 +48,12 @@ def setup():
     backend.on_weights_updated(policy.model)
     yield policy, backend, batch, cfg, before
     release_engine(backend)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    yield from synced_engine(load_policy(tiny_vllm_policy_config()))
 
 
 def test_greedy_equals_hf_after_a_weight_update(setup) -> None:
