@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ktr.config import DEFAULT_CHUNK_SIZE
 from ktr.losses import policy_loss
+from ktr.ops import exp_shifted_, mul_rows_
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "GradStrategy", "call_with_head", "fused_policy_loss", "naive_policy_loss",
            "naive_token_logps_entropy", "token_logps_entropy"]
@@ -84,11 +85,11 @@ def _chunk_forward(
         dot = z.new_empty(z.shape[0])  # [c]
         for r in range(0, z.shape[0], _ROW_BLOCK):
             zb = z[r : r + _ROW_BLOCK]
-            eb = torch.exp(zb)
+            eb = exp_shifted_(zb.clone())
             dot[r : r + _ROW_BLOCK] = torch.bmm(eb.unsqueeze(1), zb.unsqueeze(2)).view(-1)
             zb.copy_(eb)
     else:
-        z.exp_()
+        exp_shifted_(z)
     s = z.sum(dim=-1)  # [c]
     log_s = s.log()
     entropy = None if dot is None else log_s - dot / s  # H = log s - sum_v p_v z_v
@@ -182,8 +183,8 @@ class _LogpsEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for sl in run.slices:
                 g = grad_logps[sl].to(lse.dtype) / temperature  # [c]
-                p = _logits(h[sl], run.w, run.b, temperature, run.buf).sub_(lse[sl, None]).exp_()  # [c, V]
-                dlogits = p.mul_(-g[:, None]).scatter_add_(1, y[sl, None], g[:, None])  # g * (onehot - p)
+                p = _logits(h[sl], run.w, run.b, temperature, run.buf).sub_(lse[sl, None])  # [c, V]
+                dlogits = mul_rows_(exp_shifted_(p), -g).scatter_add_(1, y[sl, None], g[:, None])  # g * (onehot - p)
                 _backprop_chunk(dlogits, h[sl], run.w, run.buf, run.grads, sl)
         return *run.result(), None, None
 
@@ -197,7 +198,7 @@ class _FusedLoss(torch.autograd.Function):
 
         def backprop(sl: slice, logp: Tensor, e: Tensor, s: Tensor) -> None:
             coef = loss_fn.grad(logp, sl) / cfg.temperature  # [c] dL/dlogp, chained through 1/temperature
-            dlogits = e.mul_((-coef / s)[:, None]).scatter_add_(1, y[sl, None], coef[:, None])  # in place of e
+            dlogits = mul_rows_(e, -coef / s).scatter_add_(1, y[sl, None], coef[:, None])  # in place of e
             _backprop_chunk(dlogits, h[sl], run.w, run.buf, run.grads, sl)
 
         with torch.autocast(h.device.type, enabled=False):

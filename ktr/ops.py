@@ -3,11 +3,18 @@
 Masked-out entries are removed with ``torch.where`` rather than multiplied by zero, so a NaN or inf
 sitting at a masked position (padding, a non-finite score) cannot leak into the result (``nan * 0``
 is ``nan``). An empty mask gives 0 for a sum and 0 for a mean, never ``0 / 0``.
+
+``exp_shifted_`` and ``mul_rows_`` are the exponential of shifted logits and its scaling into ``dL/dlogits`` that the
+chunked head (``ktr.fused``) computes over each ``[chunk, V]`` block: on CPU they keep the exp kernel and the
+matmuls after them off their slow paths for subnormal numbers, which a peaked (trained) distribution fills.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -22,6 +29,45 @@ def upcast(x: Tensor) -> Tensor:
     if x.dtype in _LOW_PRECISION or not x.dtype.is_floating_point:
         return x.float()
     return x
+
+
+def exp_shifted_(z: Tensor) -> Tensor:
+    """``z.exp_()`` for shifted logits (``z <= 0``, float32/64), except that on CPU an entry whose exponential is
+    within ~1% of the dtype's smallest normal number or below it (float32: ``z < -87.32``, values under ~1.19e-38)
+    reads 0, where the plain kernel gives subnormals or tiny normals.
+
+    Why: torch's CPU ``exp`` takes a slow path for every such entry (8-19x the normal per-entry cost on an
+    AVX-512 Xeon, with or without ``torch.set_flush_denormal``), and a trained model's next-token distribution
+    puts most of a 151,936-entry row there. Entries above the cut are the same kernel's values, bit for bit; the
+    dropped ones are each below 1.2e-38 next to a row sum of at least 1 (the row's maximum contributes
+    ``exp(0)``), so row sums and log-probs keep their bits, and an entropy moves by less than 1e-30 (only one that
+    small changes; tests/test_prefix.py shows the key-token masks unchanged on a head that puts many there).
+    On other devices this is exactly ``z.exp_()``. ``scripts/bench_exp.py`` measures it.
+    """
+    if z.device.type != "cpu":
+        return z.exp_()
+    floor = math.log(torch.finfo(z.dtype).tiny) + 0.01  # exp(floor) is a normal number: the fast path
+    z.clamp_(min=floor).exp_()
+    # Clamped entries hold exp(floor) (to the kernel's rounding); the cut sits just above it: they read 0.
+    return F.threshold_(z, math.exp(floor + 1e-3), 0.0)
+
+
+def mul_rows_(e: Tensor, scale: Tensor) -> Tensor:
+    """``e.mul_(scale[:, None])`` for ``e >= 0`` ``[c, V]`` and ``scale`` ``[c]``, except that on CPU a product below
+    the dtype's smallest normal number (float32: ~1.18e-38) reads 0 instead of a subnormal.
+
+    Why: the chunked head multiplies these ``dL/dlogits`` into the hidden states' and the head's gradients, and a
+    matmul with subnormal operands runs an order of magnitude slower on x86 CPUs (a 1,024-token fused loss on a
+    peaked head: 30 s instead of 2.4 s). ``e`` (``exp_shifted_``'s output) holds no subnormals, but a normal
+    ``e_v`` times a small per-token coefficient can be one. Kept products are bit for bit ``e.mul_``'s; each dropped
+    one is below 1.2e-38, so a gradient moves by at most ~1e-38 times the head's largest weight times V.
+    On other devices this is exactly ``e.mul_(scale[:, None])``.
+    """
+    if e.device.type == "cpu":
+        cuts = (torch.finfo(e.dtype).tiny / scale.abs()).tolist()  # [c]; inf where scale is 0: the row is 0 anyway
+        for row, cut in zip(e, cuts):
+            F.threshold_(row, cut, 0.0)  # e_v <= cut -> 0, i.e. |e_v * scale| below the smallest normal
+    return e.mul_(scale[:, None])
 
 
 def check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> None:

@@ -84,16 +84,24 @@ MODELS = {  # TinyModelConfig fields of the bench models
 }
 
 
-def build(head_scale: float, model: str = "small"):
-    """The bench model (random, seeded) and a one-prompt batch."""
+def model_key(model: str, vocab: int = 0) -> str:
+    """The records' model name: `--model`, and `/v<vocab>` when the head is narrowed."""
+    return f"{model}/v{vocab}" if vocab else model
+
+
+def build(head_scale: float, model: str = "small", vocab: int = 0):
+    """The bench model (random, seeded; head narrowed to `vocab` rows if given) and a one-prompt batch."""
     import torch
 
     from ktr.config import PolicyConfig, TinyModelConfig
+    from ktr.experiments.bench_step import narrowed_head
     from ktr.model.policy import load_policy
     from ktr.types import Media
 
     tiny = TinyModelConfig(**MODELS[model], tie_word_embeddings=False)
     policy = load_policy(PolicyConfig(attn_implementation="sdpa", tiny=tiny))
+    if vocab:
+        narrowed_head(policy.model, vocab).__enter__()  # for the rest of this (worker) process
     with torch.no_grad():
         policy.model.lm_head.weight.mul_(head_scale)
     gen = torch.Generator().manual_seed(0)
@@ -155,8 +163,8 @@ def _phase(fn) -> tuple[object, float, float, float]:
     return out, wall, cpu, (_rss_kb("VmHWM") - before) / 1024
 
 
-def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float, model_name: str = "small"
-                  ) -> list[dict]:
+def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float, model_name: str = "small",
+                  vocab: int = 0) -> list[dict]:
     """The scoring passes and the backward of one step on G random completions (run in its own process); `impl`:
     naive, dense or split (`shared`: split, the records of earlier runs)."""
     import torch
@@ -168,11 +176,11 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
     from ktr.types import Rollout
 
     torch.set_num_threads(1)
-    policy, batch = build(head_scale, model_name)
+    policy, batch = build(head_scale, model_name, vocab)
     model, proc = policy.model, policy.processor
     g, t = group_size, new_tokens
     gen = torch.Generator().manual_seed(0)
-    comp = torch.randint(0, 150000, (g, t), generator=gen)
+    comp = torch.randint(0, vocab or 150000, (g, t), generator=gen)
     valid = torch.ones(g, t, dtype=torch.bool)
     rollout = Rollout(g, torch.cat([batch.input_ids.repeat(g, 1), comp], 1),
                       torch.cat([batch.attention_mask.repeat(g, 1), valid.long()], 1),
@@ -207,7 +215,7 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
         tokens = g * (p + t) if impl == "naive" else (p + g * t)
         records.append(dict(impl=impl, phase=phase, group_size=g, prompt_tokens=p, new_tokens=t,
                             tokens_processed=tokens, time_s=wall, cpu_s=cpu, peak_mem_mb=mem, head_scale=head_scale,
-                            tokens_per_cpu_s=tokens / cpu, model=model_name))
+                            tokens_per_cpu_s=tokens / cpu, model=model_key(model_name, vocab)))
 
     out, *m = _phase(policy_pass)
     feats, hidden, logps = out
@@ -258,34 +266,40 @@ STEP_VARIANTS = {  # bench_step overrides of each whole-step variant
 }
 
 
-def step_worker(variant: str, new_tokens: int, group_size: int, steps: int, head_scale: float = 1.0) -> list[dict]:
+def step_worker(variant: str, new_tokens: int, group_size: int, steps: int, head_scale: float = 1.0,
+                model: str = "small", vocab: int = 0) -> list[dict]:
     """Whole KTRModule steps (`scripts/bench_step.py`) on the bench model and a ~1,000-token synthetic video;
-    `head_scale` scales the output projection (peaked logits)."""
+    `head_scale` scales the output projection (peaked logits), `vocab` narrows it."""
     from ktr.experiments import bench_step
 
-    tiny = dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1408,
-                tie_word_embeddings=False)
+    tiny = dict(MODELS[model], tie_word_embeddings=False)
     overrides = {"sampling.group_size": group_size, "sampling.max_new_tokens": new_tokens, "sampling.top_p": 0.95,
                  "loss.beta": 0.04, "policy.tiny": tiny, **STEP_VARIANTS[variant]}
     side = 308  # 16 frames of 308 x 308: grid 8 x 22 x 22, 968 video tokens
     video = dict(fps=2.0, min_frames=16, max_frames=16, min_pixels=side * side, max_pixels=side * side)
     result = bench_step.measure([Path(__file__).parent.parent / "configs" / "demo.yaml"], steps=steps, arch=None,
                                 device="cpu", overrides=overrides, video=video,
-                                head_scale=head_scale)
+                                head_scale=head_scale, head_vocab=vocab or None)
     out = []
+
+    def each_step(phase: str) -> list[float]:
+        return [round(s["step_seconds"] if phase == "step" else s.get(phase, {}).get("seconds", 0.0), 3)
+                for s in result["steps"]]
+
     for phase, rec in result["summary"].items():  # mean seconds after the warm-up step, max peaks (bench_step)
         out.append(dict(impl=variant, phase=phase if phase == "step" else f"step/{phase}", group_size=group_size,
                         new_tokens=new_tokens, time_s=rec["seconds"], peak_mem_mb=rec["peak_gb"] * 1024,
-                        head_scale=head_scale))
+                        head_scale=head_scale, model=model_key(model, vocab),
+                        time_s_steps=each_step(phase)))
     return out
 
 
 def measure(impl: str, new_tokens: int, group_size: int, head_scale: float, part: str = "rollout",
-            steps: int = 3, model: str = "small"):
+            steps: int = 3, model: str = "small", vocab: int = 0):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, __file__, "--worker", impl, "--worker-part", part, "--new-tokens", str(new_tokens),
            "--group-size", str(group_size), "--head-scale", str(head_scale), "--steps", str(steps),
-           "--model", model]
+           "--model", model, "--vocab", str(vocab)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -322,7 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-scale", type=float, nargs="+", default=[1.0],
                         help="multiply the output projection (1: flat random logits; 40: a peaked, trained-like "
                              "distribution whose nucleus is small)")
-    parser.add_argument("--model", choices=sorted(MODELS), default="small", help="the rollout and passes' model")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small",
+                        help="the passes' and the step's model")
+    parser.add_argument("--vocab", type=int, default=0,
+                        help="narrow the output projection to its first VOCAB rows (0: the full 151,936): a "
+                             "decoder-dominated model (passes and step)")
     parser.add_argument("--passes-impls", nargs="+", default=["naive", "dense", "split"],
                         choices=["naive", "dense", "split"])
     parser.add_argument("--json", type=Path, default=None)
@@ -334,8 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         t, g, h = args.new_tokens[0], args.group_size, args.head_scale[0]
         out = {"rollout": lambda: worker(args.worker, t, g, h),
-               "passes": lambda: passes_worker(args.worker, t, g, h, args.model),
-               "step": lambda: step_worker(args.worker, t, g, args.steps, h)}[args.worker_part]()
+               "passes": lambda: passes_worker(args.worker, t, g, h, args.model, args.vocab),
+               "step": lambda: step_worker(args.worker, t, g, args.steps, h, args.model, args.vocab)}[
+            args.worker_part]()
         print(json.dumps(out))
         return
     records = []
@@ -351,9 +370,9 @@ def main(argv: list[str] | None = None) -> None:
         for scale in args.head_scale:
             for t in args.new_tokens:
                 runs: dict[str, list] = {i: [] for i in impls}
-                for r in range(args.repeats if part != "step" else 1):
+                for r in range(args.repeats):
                     for impl in (impls if r % 2 == 0 else impls[::-1]):
-                        got = measure(impl, t, args.group_size, scale, part, args.steps, args.model)
+                        got = measure(impl, t, args.group_size, scale, part, args.steps, args.model, args.vocab)
                         runs[impl].append(got if isinstance(got, list) else [got])
                         print(f"  {part} {impl:11s} head x{scale:g} {t:4d} new tokens: "
                               + ", ".join(f"{x['phase']} {x['time_s']:.2f} s" for x in runs[impl][-1]),

@@ -332,3 +332,44 @@ def test_tied_contexts_select_alike_at_every_threshold(packed, monkeypatch) -> N
             untied_splits += int(not torch.equal(raw, a))
     if packed == "dense":
         assert untied_splits > 0  # the dense row's raw scores do split ties: this test would fail without tying
+
+
+@pytest.mark.slow
+def test_fast_exp_keeps_key_tokens_and_gradients_on_a_peaked_head(monkeypatch) -> None:
+    """The chunked head's exponential and gradient scaling (`ktr.ops.exp_shifted_`, `ktr.ops.mul_rows_`, which drop
+    what would be subnormal) against the plain `exp` and `mul_`, on a peaked head where most of each row
+    underflows: the policy pass's log-probs, the probes' scores and every key-token mask are bit-identical; the
+    entropies equal to 1e-30 (this head puts many at 1e-35 to 1e-20, and the dropped entries move the smallest);
+    the gradients equal to float32 rounding (what differs is each dropped entry's < 1.2e-38 in `dL/dlogits`)."""
+    import ktr.fused
+
+    module = _module()
+    batch, rollout = _shared_start_rollout(module)  # sampled before the head is peaked: unlikely tokens, real gradients
+    with torch.no_grad():
+        module.model.lm_head.weight.mul_(150.0)
+    runs = {}
+    for name in ("fast", "plain"):
+        if name == "plain":
+            monkeypatch.setattr(ktr.fused, "exp_shifted_", lambda z: z.exp_())
+            monkeypatch.setattr(ktr.fused, "mul_rows_", lambda e, scale: e.mul_(scale[:, None]))
+        key, grads = _key_and_grads(module, batch, rollout, shared=True, tie=True)
+        runs[name] = key, grads, module.score(batch, rollout)
+    (fast, g, s), (plain, g0, s0) = runs["fast"], runs["plain"]
+    assert "entropy" in plain.masks and fast.mask.any() and not fast.mask.all()
+    logits = module.model.lm_head(s0.base_hidden if s0.base_hidden is not None else s0.hidden.detach())
+    below = (logits - logits.amax(-1, keepdim=True)) < -87.4
+    assert below.float().mean() > 0.3, "the head is not peaked enough for the comparison to mean anything"
+    assert torch.equal(s.logps, s0.logps)
+    torch.testing.assert_close(s.entropy, s0.entropy, rtol=0, atol=1e-30)  # entropies of ~1e-35 here move a little
+    assert not torch.equal(s.entropy, s0.entropy) or s0.entropy.min() > 1e-25  # (the head is that peaked)
+    assert fast.masks.keys() == plain.masks.keys()
+    for name in plain.masks:
+        if name == "entropy":
+            torch.testing.assert_close(fast.scores[name], plain.scores[name], rtol=0, atol=1e-30)
+        else:
+            assert torch.equal(fast.scores[name], plain.scores[name]), name
+        assert torch.equal(fast.masks[name], plain.masks[name]), name
+    assert torch.equal(fast.mask, plain.mask)
+    scale = max(v.abs().max().item() for v in g0.values())  # some grads are ~1e-32 here: judge by the largest
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-6, atol=1e-6 * scale, msg=k)

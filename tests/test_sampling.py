@@ -79,3 +79,15 @@ def test_process_logits_equals_transformers_processors() -> None:
     ref = TopPLogitsWarper(0.9)(None, ref)
     mine = process_logits(logits, suppress, sample=True, temperature=0.7, top_k=50, top_p=0.9)
     assert torch.equal(mine, ref)
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0, 400.0])
+def test_logsumexp_equals_torch_on_peaked_rows(scale) -> None:
+    """The nucleus filter's log-sum-exp (through `ktr.ops.exp_shifted_`) has torch.logsumexp's bits, also on rows
+    where most entries underflow, with suppressed (-inf) entries, and for a row that is all -inf."""
+    from ktr.rollout.sampling import _logsumexp
+
+    scores = _peaked(6, scale, seed=int(scale))
+    scores[0, :500] = -float("inf")
+    scores[1] = -float("inf")
+    assert torch.equal(_logsumexp(scores), torch.logsumexp(scores, -1, keepdim=True))

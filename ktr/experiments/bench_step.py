@@ -274,6 +274,41 @@ def force_full_length(module) -> None:
     core(module.model).generation_config.min_new_tokens = module.sampling.max_new_tokens
 
 
+@contextlib.contextmanager
+def narrowed_head(model, vocab: int):
+    """The output projection cut to its first `vocab` rows while the context is open (restored on exit).
+
+    A bench model then spends its time in the decoder, as a 7B does (its 151,936-wide head is ~1/12 of a
+    token's cost), instead of in a random head that outweighs a small decoder. Completions are ids below
+    `vocab`; the end tokens lie beyond it, so every completion runs to `max_new_tokens`. The rollouts'
+    suppressed ids (vision placeholders) are mapped into range (`id % vocab`) for the same duration."""
+    import ktr.rollout.hf
+    import ktr.rollout.shared
+    from ktr.model.families import core
+
+    model = core(model)
+    full = model.lm_head
+    if vocab >= full.out_features:
+        yield model
+        return
+    head = torch.nn.Linear(full.in_features, vocab, bias=full.bias is not None, device=full.weight.device,
+                           dtype=full.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(full.weight[:vocab])
+        if full.bias is not None:
+            head.bias.copy_(full.bias[:vocab])
+    head.weight.requires_grad_(full.weight.requires_grad)
+    original = ktr.rollout.shared.suppressed_token_ids
+    narrowed = lambda m: [t % vocab for t in original(m)]  # noqa: E731
+    model.lm_head = head
+    ktr.rollout.hf.suppressed_token_ids = ktr.rollout.shared.suppressed_token_ids = narrowed
+    try:
+        yield model
+    finally:
+        model.lm_head = full
+        ktr.rollout.hf.suppressed_token_ids = ktr.rollout.shared.suppressed_token_ids = original
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,7 +318,7 @@ def _device(name: str) -> torch.device:
 def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: str = "auto",
             frames: int | None = None, overrides: dict | None = None, video: dict | None = None, strategy=None,
             text_layers: int | None = None, vision_depth: int | None = None, full_length: bool = True,
-            progress: dict | None = None, head_scale: float = 1.0) -> dict:
+            progress: dict | None = None, head_scale: float = 1.0, head_vocab: int | None = None) -> dict:
     """Train `steps` steps of the merged configs and return memory and time per phase (see the module docstring).
 
     `arch`: "auto" (the 7B architecture on CUDA, the tiny model on CPU), a name in `ARCHS`, or None (tiny);
@@ -291,7 +326,8 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
     `video`: VideoSettings fields of the synthetic data; `strategy`: a Lightning strategy (default: one device).
     `progress`: filled as the run goes (setup, then the steps' records), so a caller keeps what was measured
     when a later phase fails (out of memory, time guard). `head_scale` multiplies the output projection's
-    weights before the first step (a random model's flat next-token distribution made peaked, as a trained model's).
+    weights before the first step (a random model's flat next-token distribution made peaked, as a trained model's);
+    `head_vocab` narrows it to its first rows for the run (`narrowed_head`: a decoder-dominated bench model).
     """
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -306,6 +342,8 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
     start = time.perf_counter()
     module = build_module(config, arch, dev, dict(overrides or {}), text_layers, vision_depth)
     n_params = sum(p.numel() for p in module.model.parameters())
+    narrowing = narrowed_head(module.model, head_vocab) if head_vocab else contextlib.nullcontext()
+    narrowing.__enter__()
     if head_scale != 1.0:
         with torch.no_grad():
             module.model.lm_head.weight.mul_(head_scale)
@@ -334,8 +372,11 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
                         strategy=strategy or "auto", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Steps()])
-    with instrumented(module, meter):
-        trainer.fit(module, datamodule(config, frames, video))
+    try:
+        with instrumented(module, meter):
+            trainer.fit(module, datamodule(config, frames, video))
+    finally:
+        narrowing.__exit__(None, None, None)
     g, t = module.sampling.group_size, module.sampling.max_new_tokens
     return {"config": [str(c) for c in config_paths], "arch": arch or module.policy_cfg.name_or_path,
             "parameters": n_params,
@@ -345,7 +386,8 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
             "precision": precision,
             "memory": "cuda max_memory_allocated / max_memory_reserved per phase" if dev.type == "cuda"
             else "process peak RSS", "overrides": dict(overrides or {}),
-            "group_size": g, "max_new_tokens": t, "full_length": full_length,
+            "group_size": g, "max_new_tokens": t, "full_length": full_length, "head_vocab": head_vocab,
+            "head_scale": head_scale,
             "full_length_ok": all(s.get("completion_tokens") == g * t for s in meter.steps) if full_length else None,
             "step_kind": "rl", "setup": setup, "steps": meter.steps, "summary": summarise(meter.steps),
             "rollout_engine": engine_report(module.rollout_backend)}

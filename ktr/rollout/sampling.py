@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ktr.ops import exp_shifted_
+
 NUCLEUS_CANDIDATES = (64, 1024)
 """Candidate-set sizes tried in turn by `nucleus_filter` before the full sort."""
 NUCLEUS_MARGIN = 1e-5
@@ -58,6 +60,16 @@ def _nucleus_from_candidates(scores: Tensor, top_p: float, k: int, min_tokens_to
     return threshold, inside & (no_tie & removed_clear & kept_clear).squeeze(-1)
 
 
+def _logsumexp(scores: Tensor) -> Tensor:
+    """`[R, 1]` log-sum-exp of `scores` `[R, V]`, as `torch.logsumexp` computes it (row max, then the log of the
+    summed shifted exponentials) but through `ktr.ops.exp_shifted_`: on CPU a peaked row's underflowing entries
+    would otherwise take the exp kernel's slow path (a sixth of a 32-token decode's CPU time on the bench model).
+    An all `-inf` row gives `-inf`."""
+    top = scores.amax(dim=-1, keepdim=True)  # [R, 1]
+    top = top.masked_fill(top.isinf(), 0.0)
+    return exp_shifted_(scores - top).sum(dim=-1, keepdim=True).log_().add_(top)
+
+
 def nucleus_filter(scores: Tensor, top_p: float, min_tokens_to_keep: int = 1,
                    candidates: tuple[int, ...] = NUCLEUS_CANDIDATES) -> Tensor:
     """`top_p_full_sort` (the same kept set), sorting only candidate sets where they suffice. `scores` `[R, V]`.
@@ -68,7 +80,7 @@ def nucleus_filter(scores: Tensor, top_p: float, min_tokens_to_keep: int = 1,
         return top_p_full_sort(scores, top_p, min_tokens_to_keep)
     threshold = torch.full_like(scores[:, :1], -float("inf"))  # [R, 1]
     todo = torch.arange(scores.shape[0], device=scores.device)  # rows still undecided
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [R, 1]
+    lse = _logsumexp(scores)  # [R, 1]
     for k in candidates:
         k = min(k, scores.shape[-1])
         if todo.numel() == 0 or k <= min_tokens_to_keep:
