@@ -94,14 +94,14 @@ def build(head_scale: float, model: str = "small", vocab: int = 0):
     import torch
 
     from ktr.config import PolicyConfig, TinyModelConfig
-    from ktr.experiments.bench_step import narrowed_head
+    from ktr.experiments.bench_step import narrow_head
     from ktr.model.policy import load_policy
     from ktr.types import Media
 
     tiny = TinyModelConfig(**MODELS[model], tie_word_embeddings=False)
     policy = load_policy(PolicyConfig(attn_implementation="sdpa", tiny=tiny))
     if vocab:
-        narrowed_head(policy.model, vocab).__enter__()  # for the rest of this (worker) process
+        narrow_head(policy.model, vocab)  # for the rest of this (worker) process
     with torch.no_grad():
         policy.model.lm_head.weight.mul_(head_scale)
     gen = torch.Generator().manual_seed(0)

@@ -274,14 +274,13 @@ def force_full_length(module) -> None:
     core(module.model).generation_config.min_new_tokens = module.sampling.max_new_tokens
 
 
-@contextlib.contextmanager
-def narrowed_head(model, vocab: int):
-    """The output projection cut to its first `vocab` rows while the context is open (restored on exit).
+def narrow_head(model, vocab: int):
+    """Cut the output projection to its first `vocab` rows; returns a callable that puts the full one back.
 
     A bench model then spends its time in the decoder, as a 7B does (its 151,936-wide head is ~1/12 of a
     token's cost), instead of in a random head that outweighs a small decoder. Completions are ids below
     `vocab`; the end tokens lie beyond it, so every completion runs to `max_new_tokens`. The rollouts'
-    suppressed ids (vision placeholders) are mapped into range (`id % vocab`) for the same duration."""
+    suppressed ids (vision placeholders) are mapped into range (`id % vocab`) until the restore."""
     import ktr.rollout.hf
     import ktr.rollout.shared
     from ktr.model.families import core
@@ -289,24 +288,24 @@ def narrowed_head(model, vocab: int):
     model = core(model)
     full = model.lm_head
     if vocab >= full.out_features:
-        yield model
-        return
+        return lambda: None
     head = torch.nn.Linear(full.in_features, vocab, bias=full.bias is not None, device=full.weight.device,
                            dtype=full.weight.dtype)
     with torch.no_grad():
         head.weight.copy_(full.weight[:vocab])
         if full.bias is not None:
             head.bias.copy_(full.bias[:vocab])
-    head.weight.requires_grad_(full.weight.requires_grad)
+    head.requires_grad_(full.weight.requires_grad)
     original = ktr.rollout.shared.suppressed_token_ids
-    narrowed = lambda m: [t % vocab for t in original(m)]  # noqa: E731
     model.lm_head = head
-    ktr.rollout.hf.suppressed_token_ids = ktr.rollout.shared.suppressed_token_ids = narrowed
-    try:
-        yield model
-    finally:
+    ktr.rollout.hf.suppressed_token_ids = ktr.rollout.shared.suppressed_token_ids = (
+        lambda m: [t % vocab for t in original(m)])
+
+    def restore() -> None:
         model.lm_head = full
         ktr.rollout.hf.suppressed_token_ids = ktr.rollout.shared.suppressed_token_ids = original
+
+    return restore
 
 
 def _device(name: str) -> torch.device:
@@ -327,7 +326,7 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
     `progress`: filled as the run goes (setup, then the steps' records), so a caller keeps what was measured
     when a later phase fails (out of memory, time guard). `head_scale` multiplies the output projection's
     weights before the first step (a random model's flat next-token distribution made peaked, as a trained model's);
-    `head_vocab` narrows it to its first rows for the run (`narrowed_head`: a decoder-dominated bench model).
+    `head_vocab` narrows it to its first rows for the run (`narrow_head`: a decoder-dominated bench model).
     """
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -342,8 +341,7 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
     start = time.perf_counter()
     module = build_module(config, arch, dev, dict(overrides or {}), text_layers, vision_depth)
     n_params = sum(p.numel() for p in module.model.parameters())
-    narrowing = narrowed_head(module.model, head_vocab) if head_vocab else contextlib.nullcontext()
-    narrowing.__enter__()
+    restore_head = narrow_head(module.model, head_vocab) if head_vocab else (lambda: None)
     if head_scale != 1.0:
         with torch.no_grad():
             module.model.lm_head.weight.mul_(head_scale)
@@ -376,7 +374,7 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
         with instrumented(module, meter):
             trainer.fit(module, datamodule(config, frames, video))
     finally:
-        narrowing.__exit__(None, None, None)
+        restore_head()
     g, t = module.sampling.group_size, module.sampling.max_new_tokens
     return {"config": [str(c) for c in config_paths], "arch": arch or module.policy_cfg.name_or_path,
             "parameters": n_params,
