@@ -68,6 +68,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def _phase(fn) -> tuple[object, float, float, float]:
 def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float, model_name: str = "small",
                   vocab: int = 0) -> list[dict]:
     """The scoring passes and the backward of one step on G random completions (run in its own process); `impl`:
-    naive, dense or split (`shared`: split, the records of earlier runs)."""
+    naive, released (naive with the visual probe's media masked, not dropped), dense or split (`shared`: split, the
+    records of earlier runs)."""
     import torch
 
     from ktr import fused
@@ -186,8 +188,11 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
                       torch.cat([batch.attention_mask.repeat(g, 1), valid.long()], 1),
                       torch.cat([batch.mm_token_type_ids.repeat(g, 1), torch.zeros_like(comp, dtype=torch.int)], 1),
                       comp, valid)
-    view = SequenceView.of(model, rollout, batch, shared_prefix=impl != "naive",
+    naive = impl in ("naive", "released")
+    view = SequenceView.of(model, rollout, batch, shared_prefix=not naive,
                            prefix_attention="dense" if impl == "dense" else "split")
+    if impl == "released":  # the naive layout with the visual probe's media masked, not dropped (as released)
+        view = replace(view, drop_hidden=False)
     adv = torch.linspace(-1, 1, g)
     key = torch.rand(g, t, generator=gen) < 0.3
 
@@ -212,7 +217,7 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
 
     def record(phase, wall, cpu, mem):
         p = int(batch.attention_mask.sum())
-        tokens = g * (p + t) if impl == "naive" else (p + g * t)
+        tokens = g * (p + t) if naive else (p + g * t)
         records.append(dict(impl=impl, phase=phase, group_size=g, prompt_tokens=p, new_tokens=t,
                             tokens_processed=tokens, time_s=wall, cpu_s=cpu, peak_mem_mb=mem, head_scale=head_scale,
                             tokens_per_cpu_s=tokens / cpu, model=model_key(model_name, vocab)))
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="narrow the output projection to its first VOCAB rows (0: the full 151,936): a "
                              "decoder-dominated model (passes and step)")
     parser.add_argument("--passes-impls", nargs="+", default=["naive", "dense", "split"],
-                        choices=["naive", "dense", "split"])
+                        choices=["naive", "released", "dense", "split"])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--merge", action="store_true",
                         help="keep the records of --json's other parts (and of other models) and replace this run's")
