@@ -19,7 +19,8 @@ prefills each prompt G times. `shared` is `ktr.rollout.shared` (`sampling.backen
 prompt, its key/value cache repeated to the G rows, ktr's own sampling loop (exact candidate-set top-p).
 
 Scoring passes (`--parts passes`; `naive`: `loss.shared_prefix: false`; `split`: the default, `ktr.model.prefix` with
-split attention; `dense`: the packed row with a dense mask, `SequenceView.prefix_attention = "dense"`): on G random
+split attention; `dense`: the packed row with a dense mask, `SequenceView.prefix_attention = "dense"`;
+`released`: naive rows with the visual probe's media masked rather than dropped, the layout as released): on G random
 completions of `new_tokens` tokens, each measured in its own phase of one process: `policy` (vision features and the
 decoder with gradient, log-probs and entropy through the chunked projection), `backward` (the fused masked
 loss and its backward into the decoder and the vision tower), `reference` (a no-grad pass), `visual` (the
