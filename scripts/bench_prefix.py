@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
                              "decoder-dominated model (passes and step)")
     parser.add_argument("--passes-impls", nargs="+", default=["naive", "dense", "split"],
                         choices=["naive", "released", "dense", "split"])
+    parser.add_argument("--step-variants", nargs="+", default=list(STEP_VARIANTS), choices=list(STEP_VARIANTS),
+                        help="the whole-step variants to run (e.g. shared shared-grpo at 768 new tokens, where "
+                             "the naive step takes the longest)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--merge", action="store_true",
                         help="keep the records of --json's other parts (and of other models) and replace this run's")
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  attention {t:4d} new tokens: " + ", ".join(
                     f"{r['impl']} {r['cpu_s']:.2f} s" for r in records[-4:]), file=sys.stderr, flush=True)
             continue
-        impls = (tuple(STEP_VARIANTS) if part == "step" else tuple(args.passes_impls) if part == "passes"
+        impls = (tuple(args.step_variants) if part == "step" else tuple(args.passes_impls) if part == "passes"
                  else ("naive", "shared"))
         for scale in args.head_scale:
             for t in args.new_tokens:
