@@ -6,6 +6,8 @@ of each scoring pass and of the whole step (issues 11 and 26).
     python scripts/bench_prefix.py --parts passes --model decoder --new-tokens 128 768 --repeats 2 \
         --json docs/bench_prefix.json --merge
     python scripts/bench_prefix.py --parts passes step --new-tokens 128 --json bench_prefix_step.json
+    python scripts/bench_prefix.py --parts passes --model 7b-layer --vocab 5376 --new-tokens 768 --head-scale 40 \
+        --repeats 1 --passes-impls naive released split --no-decoder-phases --json bench_prefix_7b_layer.json
 
 Attention (`--parts attention`): one decoder layer's attention, forward + backward, fp32, 1 thread, at
 Qwen2.5-VL-7B's head shapes (28 query and 4 key/value heads of 128), a 1,200-token prompt and G = 8
@@ -20,7 +22,8 @@ prompt, its key/value cache repeated to the G rows, ktr's own sampling loop (exa
 
 Scoring passes (`--parts passes`; `naive`: `loss.shared_prefix: false`; `split`: the default, `ktr.model.prefix` with
 split attention; `dense`: the packed row with a dense mask, `SequenceView.prefix_attention = "dense"`;
-`released`: naive rows with the visual probe's media masked rather than dropped, the layout as released): on G random
+`released`: naive rows with the visual probe's media masked rather than dropped, the layout as released; it times its
+visual pass only, its other passes being naive's rows exactly): on G random
 completions of `new_tokens` tokens, each measured in its own phase of one process: `policy` (vision features and the
 decoder with gradient, log-probs and entropy through the chunked projection), `backward` (the fused masked
 loss and its backward into the decoder and the vision tower), `reference` (a no-grad pass), `visual` (the
@@ -43,7 +46,9 @@ the first (`ktr.experiments.bench_step.summarise`).
 Model (`--model small`, the default): the built-in random Qwen2.5-VL at hidden 512, 4 layers, 8 heads (2 key/value),
 MLP 1408, the full 151,936 vocabulary, untied output projection; `--model decoder`: hidden 1024, 8 layers,
 16 heads (2 key/value), MLP 2816 (the decoder's share of the passes larger: 180 MFLOP per token through the decoder
-against 311 MFLOP through the head, and each naive row 1,900 decoder tokens for 768 head tokens); one prompt of a
+against 311 MFLOP through the head, and each naive row 1,900 decoder tokens for 768 head tokens); `--model 7b-layer`:
+one decoder layer at Qwen2.5-VL-7B's widths (hidden 3,584, 28 heads, 4 key/value, MLP 18,944; with `--vocab 5376`
+the head is 1/12 of a token's work, as on the 28-layer 7B); one prompt of a
 16-frame 224x448 video (1,024 video tokens)
 plus ~100 text tokens, G = 8, the released sampling (temperature 1, top-p 0.95). A random model almost never
 emits an end token, so every completion runs to `new_tokens`. Its next-token distribution is nearly flat,
@@ -69,7 +74,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -83,6 +87,9 @@ QUESTION = ("Watch the video carefully. Several coloured shapes appear one after
 MODELS = {  # TinyModelConfig fields of the bench models
     "small": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1408),
     "decoder": dict(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=2, intermediate_size=2816),
+    # one decoder layer of Qwen2.5-VL-7B's widths (its attention heads, MLP and hidden size; with `--vocab 5376` the
+    # head is 1/12 of the layer's work per token, as the 151,936-wide head is of the 7B's 28 layers)
+    "7b-layer": dict(hidden_size=3584, num_layers=1, num_heads=28, num_kv_heads=4, intermediate_size=18944),
 }
 
 
@@ -166,36 +173,49 @@ def _phase(fn) -> tuple[object, float, float, float]:
 
 
 def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float, model_name: str = "small",
-                  vocab: int = 0) -> list[dict]:
+                  vocab: int = 0, decoder_phases: bool = True) -> list[dict]:
     """The scoring passes and the backward of one step on G random completions (run in its own process); `impl`:
-    naive, released (naive with the visual probe's media masked, not dropped), dense or split (`shared`: split, the
-    records of earlier runs)."""
+    naive, released (naive with the visual probe's media masked, not dropped: only its visual pass is run, the
+    other passes being naive's rows exactly), dense or split (`shared`: split, the records of earlier runs).
+    `decoder_phases`: also time the decoder alone (`<pass>/decoder`)."""
     import torch
 
     from ktr import fused
-    from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media, output_projection
+    from ktr.experiments.gpu_parts import FIRST_SPECIAL_ID, layout_view, random_rollout
+    from ktr.model.forward import completion_hidden, completion_logps, encode_media, output_projection
     from ktr.probes.temporal import temporal_scores
     from ktr.probes.visual import get_visual_perturbation, visual_scores
-    from ktr.types import Rollout
 
     torch.set_num_threads(1)
     policy, batch = build(head_scale, model_name, vocab)
     model, proc = policy.model, policy.processor
     g, t = group_size, new_tokens
-    gen = torch.Generator().manual_seed(0)
-    comp = torch.randint(0, vocab or 150000, (g, t), generator=gen)
-    valid = torch.ones(g, t, dtype=torch.bool)
-    rollout = Rollout(g, torch.cat([batch.input_ids.repeat(g, 1), comp], 1),
-                      torch.cat([batch.attention_mask.repeat(g, 1), valid.long()], 1),
-                      torch.cat([batch.mm_token_type_ids.repeat(g, 1), torch.zeros_like(comp, dtype=torch.int)], 1),
-                      comp, valid)
+    rollout = random_rollout(batch, g, t, vocab or FIRST_SPECIAL_ID)
+    comp, valid = rollout.completion_ids, rollout.completion_mask
     naive = impl in ("naive", "released")
-    view = SequenceView.of(model, rollout, batch, shared_prefix=not naive,
-                           prefix_attention="dense" if impl == "dense" else "split")
-    if impl == "released":  # the naive layout with the visual probe's media masked, not dropped (as released)
-        view = replace(view, drop_hidden=False)
+    view = layout_view(model, rollout, batch, "split" if impl == "shared" else impl)
     adv = torch.linspace(-1, 1, g)
-    key = torch.rand(g, t, generator=gen) < 0.3
+    key = torch.rand(g, t, generator=torch.Generator().manual_seed(1)) < 0.3
+    records = []
+
+    def record(phase, wall, cpu, mem):
+        p = int(batch.attention_mask.sum())
+        tokens = g * (p + t) if naive else (p + g * t)
+        records.append(dict(impl=impl, phase=phase, group_size=g, prompt_tokens=p, new_tokens=t,
+                            tokens_processed=tokens, time_s=wall, cpu_s=cpu, peak_mem_mb=mem, head_scale=head_scale,
+                            tokens_per_cpu_s=tokens / cpu, model=model_key(model_name, vocab)))
+
+    if impl == "released":  # only the pass that differs from naive's
+        with torch.no_grad():
+            detached = encode_media(model, batch.pixel_values, batch.grid_thw).detached(leaves=False)
+            logps, _ = completion_logps(model, completion_hidden(model, view, detached, t), comp, valid)
+            if decoder_phases:
+                perturbed, _ = get_visual_perturbation("attention_mask")(view, model, batch, None, 0)
+                _, *m = _phase(lambda: completion_hidden(model, perturbed, detached, t))
+                record("visual/decoder", *m)
+            _, *m = _phase(lambda: visual_scores(model, batch, view, detached, comp, valid, logps))
+            record("visual", *m)
+        return records
 
     def policy_pass():
         feats = encode_media(model, batch.pixel_values, batch.grid_thw)
@@ -214,14 +234,6 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
     backward(hidden, logps)
     model.zero_grad(set_to_none=False)
     del feats, hidden
-    records = []
-
-    def record(phase, wall, cpu, mem):
-        p = int(batch.attention_mask.sum())
-        tokens = g * (p + t) if naive else (p + g * t)
-        records.append(dict(impl=impl, phase=phase, group_size=g, prompt_tokens=p, new_tokens=t,
-                            tokens_processed=tokens, time_s=wall, cpu_s=cpu, peak_mem_mb=mem, head_scale=head_scale,
-                            tokens_per_cpu_s=tokens / cpu, model=model_key(model_name, vocab)))
 
     out, *m = _phase(policy_pass)
     feats, hidden, logps = out
@@ -230,14 +242,17 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
     record("backward", *m)
     hidden = None  # the activations go before the no-grad passes
     detached = feats.detached(leaves=False)
-    _, *m = _phase(lambda: completion_hidden(model, view, encode_media(model, batch.pixel_values, batch.grid_thw), t))
-    record("policy/decoder", *m)  # the policy pass's forward without the head (its graph dropped at once)
+    if decoder_phases:
+        _, *m = _phase(lambda: completion_hidden(model, view, encode_media(model, batch.pixel_values, batch.grid_thw),
+                                                 t))
+        record("policy/decoder", *m)  # the policy pass's forward without the head (its graph dropped at once)
     with torch.no_grad():
-        _, *m = _phase(lambda: completion_hidden(model, view, detached, t))
-        record("reference/decoder", *m)
-        perturbed, _ = get_visual_perturbation("attention_mask")(view, model, batch, None, 0)
-        _, *m = _phase(lambda: completion_hidden(model, perturbed, detached, t))
-        record("visual/decoder", *m)
+        if decoder_phases:
+            _, *m = _phase(lambda: completion_hidden(model, view, detached, t))
+            record("reference/decoder", *m)
+            perturbed, _ = get_visual_perturbation("attention_mask")(view, model, batch, None, 0)
+            _, *m = _phase(lambda: completion_hidden(model, perturbed, detached, t))
+            record("visual/decoder", *m)
         _, *m = _phase(lambda: completion_logps(model, completion_hidden(model, view, detached, t), comp, valid))
         record("reference", *m)
         _, *m = _phase(lambda: visual_scores(model, batch, view, detached, comp, valid, logps))
@@ -301,11 +316,11 @@ def step_worker(variant: str, new_tokens: int, group_size: int, steps: int, head
 
 
 def measure(impl: str, new_tokens: int, group_size: int, head_scale: float, part: str = "rollout",
-            steps: int = 3, model: str = "small", vocab: int = 0):
+            steps: int = 3, model: str = "small", vocab: int = 0, decoder_phases: bool = True):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, __file__, "--worker", impl, "--worker-part", part, "--new-tokens", str(new_tokens),
            "--group-size", str(group_size), "--head-scale", str(head_scale), "--steps", str(steps),
-           "--model", model, "--vocab", str(vocab)]
+           "--model", model, "--vocab", str(vocab), "--decoder-phases" if decoder_phases else "--no-decoder-phases"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -349,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
                              "decoder-dominated model (passes and step)")
     parser.add_argument("--passes-impls", nargs="+", default=["naive", "dense", "split"],
                         choices=["naive", "released", "dense", "split"])
+    parser.add_argument("--decoder-phases", action=argparse.BooleanOptionalAction, default=True,
+                        help="passes: also time each pass's decoder alone (`<pass>/decoder`; off saves a naive "
+                             "and two no-grad passes per run on a large model)")
     parser.add_argument("--step-variants", nargs="+", default=list(STEP_VARIANTS), choices=list(STEP_VARIANTS),
                         help="the whole-step variants to run (e.g. shared shared-grpo at 768 new tokens, where "
                              "the naive step takes the longest)")
@@ -361,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         t, g, h = args.new_tokens[0], args.group_size, args.head_scale[0]
         out = {"rollout": lambda: worker(args.worker, t, g, h),
-               "passes": lambda: passes_worker(args.worker, t, g, h, args.model, args.vocab),
+               "passes": lambda: passes_worker(args.worker, t, g, h, args.model, args.vocab, args.decoder_phases),
                "step": lambda: step_worker(args.worker, t, g, args.steps, h, args.model, args.vocab)}[
             args.worker_part]()
         print(json.dumps(out))
@@ -381,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs: dict[str, list] = {i: [] for i in impls}
                 for r in range(args.repeats):
                     for impl in (impls if r % 2 == 0 else impls[::-1]):
-                        got = measure(impl, t, args.group_size, scale, part, args.steps, args.model, args.vocab)
+                        got = measure(impl, t, args.group_size, scale, part, args.steps, args.model, args.vocab,
+                                      args.decoder_phases)
                         runs[impl].append(got if isinstance(got, list) else [got])
                         print(f"  {part} {impl:11s} head x{scale:g} {t:4d} new tokens: "
                               + ", ".join(f"{x['phase']} {x['time_s']:.2f} s" for x in runs[impl][-1]),
@@ -446,7 +465,33 @@ def table(records: list[dict], args) -> str:
         lines.append(f"{r['phase']:>17} {r['impl']:>11} {r['new_tokens']:>4} {r.get('tokens_processed', 0):>7} "
                      f"{r['time_s']:>7.2f} {r.get('cpu_s', float('nan')):>7.2f} {ratio:>7} "
                      f"{r['peak_mem_mb']:>8.0f} {mem:>7}")
+    lines += passes_totals(rest)
     return "\n".join(lines)
+
+
+SCORING = ("policy", "reference", "visual", "temporal")
+
+
+def passes_totals(records: list[dict]) -> list[str]:
+    """Lines "four scoring passes" (the policy forward and the reference, visual and temporal passes; CPU s), alone
+    and with the backward, per model, length and head scale, against naive's. `released` runs only its visual pass,
+    so its totals are naive's other phases plus that one."""
+    cells: dict[tuple, dict[str, dict[str, float]]] = {}
+    for r in records:
+        if part_of(r) == "passes" and r["phase"] in (*SCORING, "backward"):
+            k = (r.get("model", "small"), r["new_tokens"], r.get("head_scale", 1.0))
+            cells.setdefault(k, {}).setdefault(r["impl"], {})[r["phase"]] = r.get("cpu_s", r["time_s"])
+    out = []
+    for (model, new, scale), impls in cells.items():
+        full = {i: {**impls.get("naive", {}), **ph} if i == "released" else ph for i, ph in impls.items()}
+        for with_backward in (False, True):
+            names = (*SCORING, "backward") if with_backward else SCORING
+            totals = {i: sum(ph[n] for n in names) for i, ph in full.items() if all(n in ph for n in names)}
+            for impl, total in totals.items():
+                ratio = f"{total / totals['naive']:.2f}" if "naive" in totals else "-"
+                out.append(f"four scoring passes{' + backward' if with_backward else ''}, {model}, head x{scale:g}, "
+                           f"{new} new: {impl} {total:.2f} cpu s, x naive {ratio}")
+    return out
 
 
 if __name__ == "__main__":

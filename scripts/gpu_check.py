@@ -19,7 +19,10 @@ try, so that one failure (an error, out of memory, the guard) is recorded and th
    2 vision blocks, bf16, random): rollout `hf` vs `shared` (G = 8, 16 frames at the training pixels, 128 new
    tokens, temperature 1, top-p 0.95), then each scoring pass on those completions with `loss.shared_prefix`
    false vs true (policy pass with its backward, reference, visual and temporal probes): seconds, peak
-   allocated memory, and the largest log-prob difference between the two layouts (bf16 noise expected).
+   allocated memory, and the largest log-prob difference between the two layouts (bf16 noise expected); then
+   issue 26's target, the four scoring passes (and the backward) at the released 768 new tokens on random
+   completions, naive / released (the visual probe's media masked) / split, median of 3, with the output
+   projection cut to 4/28 of its rows so that head and decoder share a token's work as on the 28-layer 7B.
 4. `loss_bench`: `scripts/bench_loss.py --gpu` (H = 3,584, N*T from 2,048 to 8 x 2,048, bf16): naive vs
    chunked loss, peak memory, time, gradient error.
 5. `fsdp_step`: one KTR step of `configs/qwen7b.yaml` (full fine-tuning, float32 master weights, reference

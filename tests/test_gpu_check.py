@@ -87,6 +87,16 @@ def test_prefix_figures(report) -> None:
     for impl in ("naive", "shared"):
         assert {"policy_backward_s", "reference_s", "visual_s", "temporal_s"} <= set(m["passes"][impl])
     assert m["logp_shared_vs_naive"]["max_abs"] < 5e-2  # the same maths in bf16 (rounding differs)
+    # issue 26's four scoring passes on random completions: every layout timed, released only its visual pass
+    p = m["four_passes"]
+    assert set(p["seconds"]) == {"naive", "released", "split"} and set(p["seconds"]["released"]) == {"visual"}
+    assert set(p["seconds"]["split"]) == {"policy_forward", "backward", "reference", "visual", "temporal"}
+    for name in ("passes", "passes_backward"):
+        totals = p["totals"][name]
+        assert set(totals) == {"naive", "released", "split"} and totals["naive"]["x_naive"] == 1.0
+        assert rec["four_passes_x_naive"][name] == {k: v["x_naive"] for k, v in totals.items()}
+    assert p["new_tokens"] == rec["four_passes_x_naive"]["new_tokens"] == 6  # --tiny: the prefix part's length
+    assert "four scoring passes at 6 new tokens vs naive: released" in report["_markdown"]
 
 
 def test_decode_figures(report) -> None:

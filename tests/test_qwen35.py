@@ -292,9 +292,12 @@ def test_policy_and_reference_passes_and_gradients_whole_and_micro_batched() -> 
         loss, scores, g = module_grads(module, batch, rollout, LossConfig(beta=0.04, micro_batch_size=micro), adv)
         torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-6)
         assert g.keys() == g0.keys()
-        for k in g0:  # 1e-5 of the tensor's largest entry, floor 1e-8: the DeltaNet decay parameters' gradients
-            # (A_log, dt_bias, in_proj_a: ~1e-5) are sums of far larger terms that cancel; they agree to ~1e-9
-            atol = max(1e-5 * g0[k].abs().max().item(), 1e-8)
+        for k in g0:  # 5e-5 of the tensor's largest entry, floor 1e-8: the DeltaNet decay parameters' gradients
+            # (A_log, dt_bias, in_proj_a: ~1e-5) are sums of far larger terms that cancel; they agree to ~1e-9.
+            # float32 accumulation order: micro-batches of 3 agree to 4e-7 of the largest entry, of 1 to 1.9e-5 on a
+            # 2-core AMD EPYC (under 1e-5 on the Intel Xeon of earlier runs). Not compared in float64 as the tiny
+            # families are (tests/test_prefix.py): transformers' Qwen3.5 eager path gives NaN gradients in float64.
+            atol = max(5e-5 * g0[k].abs().max().item(), 1e-8)
             torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=atol, msg=k)
 
 

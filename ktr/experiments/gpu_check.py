@@ -42,7 +42,7 @@ class Sizes:
     parity_new_tokens: int = 32
     prefix_new_tokens: int = 128
     decode_new_tokens: tuple[int, ...] = (128, 768)
-    guards: dict = field(default_factory=lambda: dict(vision_processor=60, parity=90, prefix=90, decode=150,
+    guards: dict = field(default_factory=lambda: dict(vision_processor=60, parity=90, prefix=120, decode=150,
                                                       loss_bench=120, fsdp_step=120, qlora_step=240,
                                                       qlora_step_naive=180))
 

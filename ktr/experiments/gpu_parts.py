@@ -349,6 +349,97 @@ def attention_layouts(device: torch.device, dtype: torch.dtype, new_tokens: int,
     return rec
 
 
+def random_rollout(batch, group: int, new_tokens: int, vocab: int, seed: int = 0):
+    """`group` random completions of exactly `new_tokens` ids below `vocab` after `batch`'s one prompt, as the
+    scoring passes take a rollout (a random model's completions cost the same to score as a trained one's)."""
+    from ktr.types import Rollout
+
+    comp = torch.randint(0, vocab, (group, new_tokens), generator=torch.Generator().manual_seed(seed))
+    comp = comp.to(batch.input_ids.device)
+    valid = torch.ones_like(comp, dtype=torch.bool)
+    return Rollout(group, torch.cat([batch.input_ids.repeat(group, 1), comp], 1),
+                   torch.cat([batch.attention_mask.repeat(group, 1), valid.long()], 1),
+                   torch.cat([batch.mm_token_type_ids.repeat(group, 1), torch.zeros_like(comp, dtype=torch.int)], 1),
+                   comp, valid)
+
+
+def layout_view(model, rollout, batch, layout: str):
+    """The scoring passes' view of `rollout` in one layout: `naive` (G rows of prompt + completion), `released`
+    (naive rows, the visual probe's media masked rather than dropped, as the released code does), `dense` (one
+    packed row per group, dense mask) or `split` (packed, split attention: the default)."""
+    from dataclasses import replace
+
+    from ktr.model.forward import SequenceView
+
+    naive = layout in ("naive", "released")
+    view = SequenceView.of(model, rollout, batch, shared_prefix=not naive,
+                           prefix_attention="dense" if layout == "dense" else "split")
+    return replace(view, drop_hidden=False) if layout == "released" else view
+
+
+FIRST_SPECIAL_ID = 151643  # Qwen2/2.5-VL's <|endoftext|>; the vision placeholders come after it
+
+SCORING_PHASES = ("policy_forward", "backward", "reference", "visual", "temporal")
+
+
+def scoring_passes(device: torch.device, model, processor, batch, group: int, new_tokens: int, vocab: int,
+                   layouts=("naive", "released", "split"), repeats: int = 3) -> dict:
+    """Issue 26's "four scoring passes" on `group` random completions of `new_tokens` tokens, per layout: the policy
+    pass's forward (with gradient) and its backward, the reference pass and the visual and temporal probes, median
+    seconds of `repeats` after a warm-up round. `released` times its visual pass only: its other passes are the
+    naive rows exactly. Totals: the four passes, and with the backward, against naive's."""
+    from statistics import median
+
+    from ktr.model.forward import completion_hidden, completion_logps, encode_media
+    from ktr.probes.temporal import temporal_scores
+    from ktr.probes.visual import visual_scores
+
+    rollout = random_rollout(batch, group, new_tokens, vocab)
+    ids, valid, t = rollout.completion_ids, rollout.completion_mask, new_tokens
+    seconds = {}
+    for layout in layouts:
+        view = layout_view(model, rollout, batch, layout)
+        runs = {k: [] for k in SCORING_PHASES}
+
+        def forward():
+            feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+            return completion_logps(model, completion_hidden(model, view, feats, t), ids, valid,  # noqa: B023
+                                    with_entropy=True)[0], feats
+
+        for r in range(repeats + 1):
+            timed = {}
+            if layout == "released":
+                with torch.no_grad():
+                    lp, feats = forward()
+            else:
+                (lp, feats), timed["policy_forward"], _ = _timed(device, forward)
+                _, timed["backward"], _ = _timed(device, lambda: lp.sum().backward())  # noqa: B023
+                model.zero_grad(set_to_none=True)
+            feats, lp = feats.detached(leaves=False), lp.detach().float()
+            with torch.no_grad():
+                _, timed["visual"], _ = _timed(device, lambda: visual_scores(
+                    model, batch, view, feats, ids, valid, lp))  # noqa: B023
+                if layout != "released":
+                    _, timed["reference"], _ = _timed(device, lambda: completion_logps(
+                        model, completion_hidden(model, view, feats, t), ids, valid))  # noqa: B023
+                    _, timed["temporal"], _ = _timed(device, lambda: temporal_scores(
+                        model, processor, batch, view, feats, ids, valid, lp,  # noqa: B023
+                        generator=torch.Generator().manual_seed(2)))
+            for k, v in timed.items():
+                if r:  # the first round warms up
+                    runs[k].append(v)
+        seconds[layout] = {k: round(median(v), 4) for k, v in runs.items() if v}
+    out = {"group_size": group, "new_tokens": new_tokens, "prompt_tokens": int(batch.attention_mask.sum()),
+           "repeats": repeats, "seconds": seconds, "totals": {}}
+    full = {k: {**seconds.get("naive", {}), **v} if k == "released" else v for k, v in seconds.items()}
+    for name, phases in (("passes", ("policy_forward", "reference", "visual", "temporal")),
+                         ("passes_backward", SCORING_PHASES)):
+        totals = {k: round(sum(v[p] for p in phases), 4) for k, v in full.items() if all(p in v for p in phases)}
+        out["totals"][name] = {k: {"seconds": v, "x_naive": round(v / totals["naive"], 3) if "naive" in totals
+                                   else None} for k, v in totals.items()}
+    return out
+
+
 def _bench_rollout_model(device: torch.device, tiny: bool):
     """The rollout parts' model and prompt: a random bf16 Qwen2.5-VL at 7B widths (4 decoder layers, 2 vision
     blocks; `tiny`: the built-in tiny shape), SDPA, one video prompt. Returns `(model, processor, batch, group
@@ -372,8 +463,10 @@ def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     """Shared prompt prefix vs naive (issues 11, 26) at 7B widths (4 decoder layers, 2 vision blocks, bf16): rollout
     (`hf` vs `shared`, G = 8, released sampling) and each scoring pass on its completions (`loss.shared_prefix`
     false vs true, i.e. split attention): seconds, peak allocated memory, and the log-prob difference between the
-    two layouts; then one attention layer forward + backward at 7B head shapes, 128 and 768 new tokens, naive /
-    dense mask / split (SDPA; and flash-attention 2 naive / split when importable): `attention_layouts`."""
+    two layouts; the four scoring passes at 768 new tokens, naive / released / split (`scoring_passes`; the head cut
+    to the 7B's share of a token's work); then one attention layer forward + backward at 7B head shapes, 128 and
+    768 new tokens, naive / dense mask / split (SDPA; and flash-attention 2 naive / split when importable):
+    `attention_layouts`."""
     from ktr.config import SamplingConfig
     from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
     from ktr.probes.temporal import temporal_scores
@@ -420,6 +513,20 @@ def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     out["logp_shared_vs_naive"] = _diff(logps["shared"], logps["naive"], valid)
     n, sh = out["passes"]["naive"], out["passes"]["shared"]
     keys = [k for k in n if k.endswith("_s")]
+    # issue 26's target: the four scoring passes at the released 768 new tokens (random completions), naive / released
+    # (media masked) / split, with the head cut to the 7B's share of a token's work (layers / 28 of its rows)
+    from ktr.experiments.bench_step import ARCHS, narrow_head
+    from ktr.model.forward import output_projection
+
+    full = output_projection(model).out_features
+    layers = model.config.get_text_config().num_hidden_layers
+    restore = narrow_head(model, full if tiny else full * layers // ARCHS["qwen2.5-vl-7b"]["text"]["num_hidden_layers"])
+    try:
+        ids_below = min(output_projection(model).out_features, FIRST_SPECIAL_ID)  # no vision placeholder drawn
+        out["four_passes"] = scoring_passes(device, model, processor, batch, g, new_tokens if tiny else 768,
+                                            ids_below, repeats=1 if tiny else 3)
+    finally:
+        restore()
     # one attention layer at 7B head shapes (28 x 128, 4 kv heads, prompt 1,200, G = 8), bf16: naive / dense / split,
     # and flash-attention 2's naive and split calls when importable (`attention_layouts`)
     shapes = dict(prompt=40, group=4, heads=4, kv_heads=2, head_dim=16) if tiny else {}
@@ -433,6 +540,9 @@ def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     return {"rollout_speedup": round(out["rollout"]["naive"]["seconds"] / out["rollout"]["shared"]["seconds"], 2),
             "passes_time_ratio": round(sum(sh[k] for k in keys) / sum(n[k] for k in keys), 3),
             "max_abs_dlogp": out["logp_shared_vs_naive"]["max_abs"], "attention_split_x_naive": split,
+            "four_passes_x_naive": {"new_tokens": out["four_passes"]["new_tokens"],
+                                    **{k: {i: v["x_naive"] for i, v in t.items()}
+                                       for k, t in out["four_passes"]["totals"].items()}},
             "attention_max_rel_grad_diff": max(v["max_rel_grad_diff"] for rec in out["attention"].values()
                                                for k, v in rec["impls"].items() if k.startswith("split"))}
 
@@ -474,8 +584,14 @@ def _headline(name: str, rec: dict) -> str:
     if name == "prefix":
         attn = "; ".join(f"{t} new tokens " + ", ".join(f"{k} {v}x" for k, v in r.items())
                          for t, r in rec.get("attention_split_x_naive", {}).items())
+        four, fx = "", rec.get("four_passes_x_naive")
+        if fx:
+            def ratios(x):
+                return ", ".join(f"{k} {v}x" for k, v in x.items() if k != "naive")
+            four = (f"; four scoring passes at {fx['new_tokens']} new tokens vs naive: {ratios(fx['passes'])} (with "
+                    f"the backward: {ratios(fx['passes_backward'])})")
         return (f"rollout shared {rec['rollout_speedup']}x faster; scoring passes {rec['passes_time_ratio']}x naive "
-                f"time; max |d logp| shared vs naive {rec['max_abs_dlogp']:.3g}"
+                f"time; max |d logp| shared vs naive {rec['max_abs_dlogp']:.3g}" + four
                 + (f"; attention layer (fwd+bwd) vs naive: {attn}" if attn else ""))
     if name == "decode":
         return "tokens/s vs hf: " + "; ".join(f"{t} new tokens " + ", ".join(f"{k} {v}x" for k, v in r.items())
