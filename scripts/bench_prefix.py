@@ -181,8 +181,9 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
     import torch
 
     from ktr import fused
-    from ktr.experiments.gpu_parts import FIRST_SPECIAL_ID, layout_view, random_rollout
+    from ktr.experiments.gpu_parts import layout_view, random_rollout
     from ktr.model.forward import completion_hidden, completion_logps, encode_media, output_projection
+    from ktr.model.tokenizer import FIRST_SPECIAL_ID
     from ktr.probes.temporal import temporal_scores
     from ktr.probes.visual import get_visual_perturbation, visual_scores
 
@@ -205,16 +206,20 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
                             tokens_processed=tokens, time_s=wall, cpu_s=cpu, peak_mem_mb=mem, head_scale=head_scale,
                             tokens_per_cpu_s=tokens / cpu, model=model_key(model_name, vocab)))
 
+    @torch.no_grad()
+    def visual_phases(detached, logps):
+        if decoder_phases:
+            perturbed, _ = get_visual_perturbation("attention_mask")(view, model, batch, None, 0)
+            _, *m = _phase(lambda: completion_hidden(model, perturbed, detached, t))
+            record("visual/decoder", *m)
+        _, *m = _phase(lambda: visual_scores(model, batch, view, detached, comp, valid, logps))
+        record("visual", *m)
+
     if impl == "released":  # only the pass that differs from naive's
         with torch.no_grad():
             detached = encode_media(model, batch.pixel_values, batch.grid_thw).detached(leaves=False)
             logps, _ = completion_logps(model, completion_hidden(model, view, detached, t), comp, valid)
-            if decoder_phases:
-                perturbed, _ = get_visual_perturbation("attention_mask")(view, model, batch, None, 0)
-                _, *m = _phase(lambda: completion_hidden(model, perturbed, detached, t))
-                record("visual/decoder", *m)
-            _, *m = _phase(lambda: visual_scores(model, batch, view, detached, comp, valid, logps))
-            record("visual", *m)
+        visual_phases(detached, logps)
         return records
 
     def policy_pass():
@@ -250,13 +255,9 @@ def passes_worker(impl: str, new_tokens: int, group_size: int, head_scale: float
         if decoder_phases:
             _, *m = _phase(lambda: completion_hidden(model, view, detached, t))
             record("reference/decoder", *m)
-            perturbed, _ = get_visual_perturbation("attention_mask")(view, model, batch, None, 0)
-            _, *m = _phase(lambda: completion_hidden(model, perturbed, detached, t))
-            record("visual/decoder", *m)
         _, *m = _phase(lambda: completion_logps(model, completion_hidden(model, view, detached, t), comp, valid))
         record("reference", *m)
-        _, *m = _phase(lambda: visual_scores(model, batch, view, detached, comp, valid, logps))
-        record("visual", *m)
+        visual_phases(detached, logps)
         _, *m = _phase(lambda: temporal_scores(model, proc, batch, view, detached, comp, valid, logps,
                                                generator=torch.Generator().manual_seed(1)))
         record("temporal", *m)

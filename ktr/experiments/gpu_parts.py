@@ -377,8 +377,6 @@ def layout_view(model, rollout, batch, layout: str):
     return replace(view, drop_hidden=False) if layout == "released" else view
 
 
-FIRST_SPECIAL_ID = 151643  # Qwen2/2.5-VL's <|endoftext|>; the vision placeholders come after it
-
 SCORING_PHASES = ("policy_forward", "backward", "reference", "visual", "temporal")
 
 
@@ -517,12 +515,14 @@ def prefix(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
     # (media masked) / split, with the head cut to the 7B's share of a token's work (layers / 28 of its rows)
     from ktr.experiments.bench_step import ARCHS, narrow_head
     from ktr.model.forward import output_projection
+    from ktr.model.tokenizer import FIRST_SPECIAL_ID
 
     full = output_projection(model).out_features
     layers = model.config.get_text_config().num_hidden_layers
     restore = narrow_head(model, full if tiny else full * layers // ARCHS["qwen2.5-vl-7b"]["text"]["num_hidden_layers"])
     try:
-        ids_below = min(output_projection(model).out_features, FIRST_SPECIAL_ID)  # no vision placeholder drawn
+        # no special token (vision placeholders included) among the random completions
+        ids_below = min(output_projection(model).out_features, FIRST_SPECIAL_ID)
         out["four_passes"] = scoring_passes(device, model, processor, batch, g, new_tokens if tiny else 768,
                                             ids_below, repeats=1 if tiny else 3)
     finally:
