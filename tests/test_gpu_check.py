@@ -140,3 +140,22 @@ def test_qlora_steps(report) -> None:
     assert naive["result"]["overrides"]["loss.chunk_size"] is None
     assert "loss.chunk_size" not in chunked["result"]["overrides"]
     assert chunked["goal"]["fits"] is None  # CPU: RSS says nothing about the 22 GiB GPU goal
+
+
+# What travels to the lent GPU machine besides the tree: the six wheels and the fixture video in `.gpu/`
+# (scripts/gpu_check.py's docstring), under a 64 MiB cap for everything together.
+CARRIED_BYTES = 62_013_564
+CAP_BYTES = 64 * 2**20
+
+
+def test_tree_leaves_room_for_the_carried_wheels() -> None:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.skip(f"no git work tree to measure ({err})")
+    files = [ROOT / name for name in out.decode().split("\0") if name]
+    tree = sum(f.stat().st_size for f in files if f.is_file())
+    assert tree + CARRIED_BYTES <= CAP_BYTES, (
+        f"the repository's files are {tree / 2**20:.2f} MiB: with .gpu/ ({CARRIED_BYTES / 2**20:.2f} MiB) they no "
+        f"longer fit the 64 MiB carried to the GPU machine; move large figures out or drop a wheel")
