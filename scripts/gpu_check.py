@@ -67,8 +67,10 @@ folder):
 Rehearsed on a CPU on 2026-12-06 (`--tiny` added to that command), in fresh venvs holding only the image's
 packages and the six wheels installed as above: transformers 5.17.0, lightning 2.6.6, peft 0.21.2 with torch
 2.13.0 (CPU build, no torchvision: every part ok but `vision_processor`, skipped) and with torch 2.14.1 and
-torchvision 0.29.1 (all eight parts ok). The image's torch 2.11 was not rehearsed (only CUDA builds of it exist
-for this platform's Python, and none lies on this machine's disk).
+torchvision 0.29.1 (all eight parts ok), and with the image's own torch 2.11.0 and torchvision 0.26.0 (PyPI's
+CUDA 13.0 builds, run on the CPU: all eight parts ok, `.gpu/` built by `scripts/gpu_carry.sh`). A CPU rehearsal
+checks imports, APIs and shapes; the CUDA kernels (SDPA's flash path, FA2, NCCL, bitsandbytes' CUDA 4-bit) run
+only on the GPU.
 
 Not in this check: the vLLM engine's memory timeline (sleep after each rollout, wake for the sync; docs/vllm.md).
 This image has no vLLM and vLLM's CUDA wheels do not fit the 64 MiB that can be carried to it. On a CUDA machine
