@@ -1,12 +1,14 @@
 """Decode the same videos with every installed backend (decord, PyAV) and compare what `load_video` sees.
 
-Videos: the shared fixture clip, plus clips written here with PyAV in three codecs (H.264, MPEG-4 Part 2, VP9)
-and two MPEG-4 variants with B-frames (open GOPs, in mp4 and AVI). For each file and backend: frame count, fps,
-whether the sampled indices equal decord's, the largest and mean |difference| of the sampled frames (RGB uint8,
-before resizing) from the reference, and the median milliseconds of a `load_video` call (open, sample, decode,
-resize; one thread).
-The reference is decord reading every frame in order from the start (no seeking), or PyAV doing the same when
-decord is not installed.
+Videos: the shared fixture clip and the same clip re-encoded as 10-bit H.264 (4:2:0), plus clips written here
+with PyAV: H.264, MPEG-4 Part 2, VP9, two MPEG-4 variants with B-frames (open GOPs, in mp4 and AVI), HEVC, 10-bit
+H.264 in 4:2:0, 4:2:2 and 4:4:4, 10-bit HEVC tagged HDR (BT.2020, PQ), and AV1 in 8 and 10 bits (each where
+PyAV's FFmpeg has the encoder). For each file and backend: frame count, fps, whether the sampled indices equal
+the reference's, the largest and mean |difference| of the sampled frames (RGB uint8, before resizing) from the
+reference, and the median milliseconds of a `load_video` call (open, sample, decode, resize; one thread); a
+backend that cannot read a file gets its error instead.
+The reference is decord reading every frame in order from the start (no seeking), or PyAV doing the same where
+decord is not installed or cannot open the file.
 
     python scripts/decode_compare.py --json docs/video_decoding.json
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ktr.data.decoders import available_backends, open_video
+from ktr.data.decoders import MediaDecodeError, available_backends, open_video
 from ktr.data.synthetic import moving_pattern
 from ktr.data.video import VideoSettings, load_video, write_video
 
@@ -38,6 +41,16 @@ CLIPS = {
     "vp9": ("vp9.webm", "libvpx-vp9", "yuv420p", {"g": "25"}),
     "mpeg4+B": ("mpeg4_b.mp4", "mpeg4", "yuv420p", {"g": "12", "bf": "2"}),
     "mpeg4+B avi": ("mpeg4_b.avi", "mpeg4", "yuv420p", {"g": "12", "bf": "2"}),
+    "hevc": ("hevc.mp4", "libx265", "yuv420p", {"g": "25", "bf": "3", "x265-params": "log-level=error"}),
+    "h264 10-bit": ("h264_10.mp4", "libx264", "yuv420p10le", {"g": "25", "bf": "3", "crf": "18"}),
+    "h264 10-bit 4:2:2": ("h264_10_422.mp4", "libx264", "yuv422p10le", {"g": "25", "bf": "3", "crf": "18"}),
+    "h264 10-bit 4:4:4": ("h264_10_444.mp4", "libx264", "yuv444p10le", {"g": "25", "bf": "3", "crf": "18"}),
+    "hevc 10-bit HDR": ("hevc_hdr.mp4", "libx265", "yuv420p10le",
+                        {"g": "25", "x265-params": "log-level=error:colorprim=bt2020:transfer=smpte2084:"
+                                                   "colormatrix=bt2020nc", "color_primaries": "bt2020",
+                         "color_trc": "smpte2084", "colorspace": "bt2020nc"}),
+    "av1": ("av1.mp4", "libsvtav1", "yuv420p", {"g": "25"}),
+    "av1 10-bit": ("av1_10.mkv", "libsvtav1", "yuv420p10le", {"g": "25"}),
 }
 
 
@@ -52,6 +65,26 @@ def write_clips(root: Path) -> dict[str, Path]:
     frames = synthetic_frames(240)
     return {name: write_video(root / file, frames, Fraction(25), codec, pix_fmt=pix_fmt, options=options)
             for name, (file, codec, pix_fmt, options) in CLIPS.items() if codec in av.codecs_available}
+
+
+def ten_bit_copy(video: Path, out: Path) -> Path:
+    """The real clip re-encoded as 10-bit 4:2:0 H.264 at its own rate (what a 10-bit source looks like)."""
+    import av
+
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+    return write_video(out, torch.from_numpy(frames).permute(0, 3, 1, 2), rate, "libx264", pix_fmt="yuv420p10le",
+                       options={"crf": "16", "preset": "veryfast"})
+
+
+def opens(path: Path, backend: str) -> bool:
+    try:
+        open_video(str(path), backend)
+    except MediaDecodeError:
+        return False
+    return True
 
 
 def sequential_frames(path: Path, backend: str, indices: list[int]) -> np.ndarray:
@@ -74,7 +107,12 @@ def measure(path: Path, backend: str, settings: VideoSettings, reference: str, r
     import av
 
     with av.open(str(path)) as container:
-        codec = container.streams.video[0].codec_context.name
+        cc = container.streams.video[0].codec_context
+        codec = f"{cc.name} {cc.pix_fmt}"
+    try:
+        open_video(str(path), backend)
+    except MediaDecodeError as e:
+        return {"file": path.name, "codec": codec, "backend": backend, "reference": reference, "error": e.reason}
     settings = VideoSettings(**{**vars(settings), "backend": backend})
     clip = load_video(str(path), settings)  # warm-up (imports, page cache), and the sampled indices
     times = []
@@ -87,7 +125,8 @@ def measure(path: Path, backend: str, settings: VideoSettings, reference: str, r
     sampled = reader.get_batch(clip.indices).astype(np.int16)
     truth = sequential_frames(path, reference, clip.indices).astype(np.int16)
     diff = np.abs(sampled - truth)
-    return {"file": path.name, "codec": codec, "backend": backend, "frames": reader.total_frames,
+    return {"file": path.name, "codec": codec, "backend": backend, "reference": reference,
+            "frames": reader.total_frames,
             "fps": reader.fps, "indices": clip.indices, "max_abs_diff": int(diff.max()),
             "mean_abs_diff": float(diff.mean()), "frames_differing": int((diff > 0).any(axis=(1, 2, 3)).sum()),
             "ms_per_clip": ms}
@@ -99,6 +138,11 @@ def table(rows: list[dict]) -> str:
               "| frames differing | ms per clip |")
     lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:  # decord's own message ends "ERROR <what>)"; the JSON keeps it whole
+            found = re.search(r"ERROR (.*?)\)?$", r["error"])
+            lines.append(f"| {r['file']} | {r['codec']} | {r['backend']} | cannot open: "
+                         f"{found.group(1) if found else r['error'][:80]} | | | | | | |")
+            continue
         lines.append(f"| {r['file']} | {r['codec']} | {r['backend']} | {r['frames']} | {r['fps']:.4f} | "
                      f"{r['indices_equal']} | {r['max_abs_diff']} | {r['mean_abs_diff']:.4f} | "
                      f"{r['frames_differing']}/{len(r['indices'])} | {r['ms_per_clip']:.1f} |")
@@ -114,18 +158,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     backends = available_backends()
-    reference = "decord" if "decord" in backends else "pyav"
     settings = VideoSettings(max_frames=args.max_frames)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = ([args.video] if args.video.is_file() else []) + list(write_clips(Path(tmp)).values())
-        for path in files:
+        real = [args.video, ten_bit_copy(args.video, Path(tmp) / "video1_10bit.mp4")] if args.video.is_file() else []
+        for path in real + list(write_clips(Path(tmp)).values()):
+            reference = "decord" if "decord" in backends and opens(path, "decord") else "pyav"
             per_file = [measure(path, b, settings, reference, args.repeats) for b in backends]
+            ref_row = per_file[backends.index(reference)]
             for r in per_file:
-                r["indices_equal"] = ("ref" if r["backend"] == reference
-                                      else str(r["indices"] == per_file[backends.index(reference)]["indices"]))
+                if "error" not in r:
+                    r["indices_equal"] = "ref" if r["backend"] == reference else str(r["indices"] == ref_row["indices"])
             rows += per_file
-    print(f"reference: {reference} reading every frame in order; settings: fps={settings.fps} "
+    reference = "decord" if "decord" in backends else "pyav"
+    print(f"reference: {reference} reading every frame in order (PyAV where decord cannot open a file); "
+          f"settings: fps={settings.fps} "
           f"max_frames={settings.max_frames}; cpus={os.cpu_count()} {platform.machine()}")
     print(table(rows))
     if args.json:

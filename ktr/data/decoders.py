@@ -1,7 +1,8 @@
 """Video decoding backends behind one small interface (layer L2: numpy; decord or PyAV, imported when used).
 
 `VIDEO_BACKENDS` maps a name to an opener: `open(path) -> VideoReader` with `total_frames`, `fps` and
-`get_batch(indices) -> [F, H, W, 3]` uint8 RGB. `video.backend: auto` takes decord when it imports, else PyAV.
+`get_batch(indices) -> [F, H, W, 3]` uint8 RGB. `video.backend: auto` takes decord when it imports, else PyAV;
+a file decord cannot open (AV1) is then read with PyAV (`open_video`).
 
 The PyAV reader reproduces decord 0.6 (docs/video_decoding.md):
 - frame count: the packets of the best video stream, as decord's index (`len(decord.VideoReader)`); with no
@@ -12,6 +13,8 @@ The PyAV reader reproduces decord 0.6 (docs/video_decoding.md):
   of the stream the last one, as decord's sampled reads do;
 - colours: FFmpeg's swscale to rgb24 with the frame's colour matrix and range; frames of another size are
   scaled (bilinear) to the stream's size, and a 90/180/270 degree display rotation is applied, as decord does.
+  Bit-identical for 8-bit and 10-bit 4:4:4 video; 10-bit 4:2:0 / 4:2:2 differ slightly at colour edges (the
+  two FFmpeg versions upsample such chroma differently; docs/video_decoding.md).
 Frames are found by seeking to the keyframe before each wanted frame and decoding forward; when a seek does
 not land where the packet index says, the file is decoded from the start instead, so seeking never changes
 the result (tests/test_video_backends.py checks both against decord and against each other).
@@ -130,9 +133,39 @@ def resolve_backend(name: str) -> str:
 
 
 def open_video(path: str, backend: str) -> VideoReader:
-    """Open `path` with `backend` (`auto`, `decord`, `pyav`); MediaDecodeError if it cannot be read."""
+    """Open `path` with `backend` (`auto`, `decord`, `pyav`); MediaDecodeError if it cannot be read.
+
+    With `auto`, a file that decord cannot open (decord's FFmpeg 4.1 has no AV1 decoder, for one) is opened with
+    PyAV when PyAV is installed, and the switch is logged; files that decord opens are read by decord as before,
+    so the released pipeline's frames are unchanged wherever it had frames at all. A named backend never falls
+    back. When both fail, the error gives both reasons.
+    """
     name = resolve_backend(backend)
-    return VIDEO_BACKENDS[name](path)
+    try:
+        return VIDEO_BACKENDS[name](path)
+    except MediaDecodeError as first:
+        if backend != "auto" or name != "decord" or not _importable("pyav"):
+            raise
+        try:
+            reader = VIDEO_BACKENDS["pyav"](path)
+        except MediaDecodeError as second:
+            raise MediaDecodeError(path, f"{first.reason}; {second.reason}") from second
+        _log_fallback(path, first.reason)
+        return reader
+
+
+_fallbacks = 0  # files this process opened with PyAV because decord could not
+
+
+def _log_fallback(path: str, reason: str) -> None:
+    global _fallbacks
+    _fallbacks += 1
+    if _fallbacks == 1:
+        logger.warning("video.backend=auto: decord cannot open %s (%s); read with PyAV instead. Further files "
+                       "read this way are logged at INFO (docs/video_decoding.md: AV1)", path, reason)
+    else:
+        logger.info("video.backend=auto: %s read with PyAV (decord cannot open it; file %d so far)", path,
+                    _fallbacks)
 
 
 def _require_module(name: str):
