@@ -1,12 +1,14 @@
 """Decode the same videos with every installed backend (decord, PyAV) and compare what `load_video` sees.
 
 Videos: the shared fixture clip and the same clip re-encoded as 10-bit H.264 (4:2:0), plus clips written here
-with PyAV: H.264, MPEG-4 Part 2, VP9, two MPEG-4 variants with B-frames (open GOPs, in mp4 and AVI), HEVC, 10-bit
+with PyAV: H.264, MPEG-4 Part 2, VP9, two MPEG-4 variants with B-frames (open GOPs, in mp4 and AVI), HEVC (x265's
+default open GOPs), H.264 with x264's `open-gop`, 10-bit
 H.264 in 4:2:0, 4:2:2 and 4:4:4, 10-bit HEVC tagged HDR (BT.2020, PQ), and AV1 in 8 and 10 bits (each where
 PyAV's FFmpeg has the encoder). For each file and backend: frame count, fps, whether the sampled indices equal
 the reference's, the largest and mean |difference| of the sampled frames (RGB uint8, before resizing) from the
-reference, and the median milliseconds of a `load_video` call (open, sample, decode, resize; one thread); a
-backend that cannot read a file gets its error instead.
+reference, the median milliseconds of a `load_video` call (open, sample, decode, resize; one thread), whether
+the file has open GOPs (`has_open_gops`) and so which backend `video.backend: auto` reads it with where decord
+is installed; a backend that cannot read a file gets its error instead.
 The reference is decord reading every frame in order from the start (no seeking), or PyAV doing the same where
 decord is not installed or cannot open the file.
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ktr.data.decoders import MediaDecodeError, available_backends, open_video
+from ktr.data.decoders import MediaDecodeError, available_backends, has_open_gops, open_video
 from ktr.data.synthetic import moving_pattern
 from ktr.data.video import VideoSettings, load_video, write_video
 
@@ -42,6 +44,8 @@ CLIPS = {
     "mpeg4+B": ("mpeg4_b.mp4", "mpeg4", "yuv420p", {"g": "12", "bf": "2"}),
     "mpeg4+B avi": ("mpeg4_b.avi", "mpeg4", "yuv420p", {"g": "12", "bf": "2"}),
     "hevc": ("hevc.mp4", "libx265", "yuv420p", {"g": "25", "bf": "3", "x265-params": "log-level=error"}),
+    "h264 open-gop": ("h264_open.mp4", "libx264", "yuv420p", {"g": "25", "bf": "3", "crf": "18",
+                                                              "x264-params": "open-gop=1"}),
     "h264 10-bit": ("h264_10.mp4", "libx264", "yuv420p10le", {"g": "25", "bf": "3", "crf": "18"}),
     "h264 10-bit 4:2:2": ("h264_10_422.mp4", "libx264", "yuv422p10le", {"g": "25", "bf": "3", "crf": "18"}),
     "h264 10-bit 4:4:4": ("h264_10_444.mp4", "libx264", "yuv444p10le", {"g": "25", "bf": "3", "crf": "18"}),
@@ -109,10 +113,18 @@ def measure(path: Path, backend: str, settings: VideoSettings, reference: str, r
     with av.open(str(path)) as container:
         cc = container.streams.video[0].codec_context
         codec = f"{cc.name} {cc.pix_fmt}"
+    open_gops = has_open_gops(str(path))
+    check = []
+    for _ in range(repeats):  # what `auto` adds to every file it reads with decord
+        start = time.perf_counter()
+        has_open_gops(str(path))
+        check.append(time.perf_counter() - start)
+    base = {"file": path.name, "codec": codec, "backend": backend, "reference": reference, "open_gops": open_gops,
+            "open_gop_check_ms": statistics.median(check) * 1000}
     try:
         open_video(str(path), backend)
     except MediaDecodeError as e:
-        return {"file": path.name, "codec": codec, "backend": backend, "reference": reference, "error": e.reason}
+        return {**base, "error": e.reason}
     settings = VideoSettings(**{**vars(settings), "backend": backend})
     clip = load_video(str(path), settings)  # warm-up (imports, page cache), and the sampled indices
     times = []
@@ -125,8 +137,7 @@ def measure(path: Path, backend: str, settings: VideoSettings, reference: str, r
     sampled = reader.get_batch(clip.indices).astype(np.int16)
     truth = sequential_frames(path, reference, clip.indices).astype(np.int16)
     diff = np.abs(sampled - truth)
-    return {"file": path.name, "codec": codec, "backend": backend, "reference": reference,
-            "frames": reader.total_frames,
+    return {**base, "frames": reader.total_frames,
             "fps": reader.fps, "indices": clip.indices, "max_abs_diff": int(diff.max()),
             "mean_abs_diff": float(diff.mean()), "frames_differing": int((diff > 0).any(axis=(1, 2, 3)).sum()),
             "ms_per_clip": ms}
@@ -134,19 +145,24 @@ def measure(path: Path, backend: str, settings: VideoSettings, reference: str, r
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of the rows (what docs/video_decoding.md shows)."""
-    header = ("| file | codec | backend | frames | fps | indices equal | max abs diff | mean abs diff "
-              "| frames differing | ms per clip |")
-    lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    header = ("| file | codec | open GOPs (check ms) | backend | frames | fps | indices equal | max abs diff "
+              "| mean abs diff | frames differing | ms per clip |")
+    lines = [header, "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        head = (f"| {r['file']} | {r['codec']} | {_yes_no(r['open_gops'])} ({r['open_gop_check_ms']:.1f}) "
+                f"| {r['backend']}")
         if "error" in r:  # decord's own message ends "ERROR <what>)"; the JSON keeps it whole
             found = re.search(r"ERROR (.*?)\)?$", r["error"])
-            lines.append(f"| {r['file']} | {r['codec']} | {r['backend']} | cannot open: "
-                         f"{found.group(1) if found else r['error'][:80]} | | | | | | |")
+            lines.append(f"{head} | cannot open: {found.group(1) if found else r['error'][:80]} | | | | | | |")
             continue
-        lines.append(f"| {r['file']} | {r['codec']} | {r['backend']} | {r['frames']} | {r['fps']:.4f} | "
+        lines.append(f"{head} | {r['frames']} | {r['fps']:.4f} | "
                      f"{r['indices_equal']} | {r['max_abs_diff']} | {r['mean_abs_diff']:.4f} | "
                      f"{r['frames_differing']}/{len(r['indices'])} | {r['ms_per_clip']:.1f} |")
     return "\n".join(lines)
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "?" if flag is None else "yes" if flag else "no"
 
 
 def main(argv: list[str] | None = None) -> None:

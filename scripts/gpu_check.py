@@ -31,8 +31,10 @@ try, so that one failure (an error, out of memory, the guard) is recorded and th
 6. `qlora_step`: `scripts/bench_step.py` on `configs/qwen7b_qlora.yaml` at the real Qwen2.5-VL-7B
    architecture with random weights (NF4 base, LoRA r=64, gradient checkpointing, paged 8-bit AdamW, 16 frames
    at the training pixels, G = 8, one prompt, 768 new tokens): peak allocated and reserved memory and time per
-   phase, 2 steps (the first is warm-up). A random model rarely emits an end token; end tokens are also
-   suppressed until token 768 (`min_new_tokens`), so every completion is exactly 768 tokens long.
+   phase, 2 steps (the first is warm-up), and Video-KTR against GRPO estimated from those phases (GRPO: the step
+   less its probes phase, in time and in peak memory; `ktr_vs_grpo`). A random model rarely emits an end token;
+   end tokens are also suppressed until token 768 (`min_new_tokens`), so every completion is exactly 768 tokens
+   long.
 7. `qlora_step_naive`: the same step (1 step) with `loss.chunk_size: null` (full `[N, T, V]` logits), for the
    memory ratio; an out-of-memory is reported as such.
 8. `decode`: the shared backend's decode loop (issue 27, `ktr.experiments.gpu_decode`) on the same reduced-depth

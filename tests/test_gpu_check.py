@@ -140,6 +140,11 @@ def test_qlora_steps(report) -> None:
     assert naive["result"]["overrides"]["loss.chunk_size"] is None
     assert "loss.chunk_size" not in chunked["result"]["overrides"]
     assert chunked["goal"]["fits"] is None  # CPU: RSS says nothing about the 22 GiB GPU goal
+    summary, est = chunked["result"]["summary"], chunked["ktr_vs_grpo"]  # GRPO: the step less its probes
+    grpo_s = summary["step"]["seconds"] - summary["probes"]["seconds"]
+    assert 0 < grpo_s < summary["step"]["seconds"] and est["time_x"] == round(summary["step"]["seconds"] / grpo_s, 3)
+    assert est["memory_x"] >= 1.0
+    assert f"Video-KTR / GRPO ~ {est['time_x']:.2f} in time" in report["_markdown"]
 
 
 # What travels to the lent GPU machine besides the tree: the six wheels and the fixture video in `.gpu/`

@@ -69,6 +69,10 @@ CLIPS = {
     "h264-full-range": ("h264_full.mp4", "libx264", "yuvj420p", {"g": "12"}, Fraction(25)),
     "hevc": ("hevc.mp4", "libx265", "yuv420p", {"g": "12", "bf": "3", "x265-params": "log-level=error"},
              Fraction(25)),
+    "hevc-closed-gop": ("hevc_closed.mp4", "libx265", "yuv420p",
+                        {"g": "12", "bf": "3", "x265-params": "log-level=error:open-gop=0"}, Fraction(25)),
+    "h264-open-gop": ("h264_open.mp4", "libx264", "yuv420p", {"g": "12", "bf": "3", "x264-params": "open-gop=1"},
+                      Fraction(25)),
     # 10 bits without chroma subsampling convert alike; with it they do not (TEN_BIT_SUBSAMPLED, below)
     "h264-10bit-444": ("h264_10_444.mp4", "libx264", "yuv444p10le", {"g": "12", "bf": "3", "crf": "18"},
                        Fraction(25)),
@@ -82,6 +86,8 @@ TEN_BIT_SUBSAMPLED = {
                         "color_trc": "smpte2084", "colorspace": "bt2020nc"}, Fraction(25)),
 }
 N_FRAMES = 72
+# the clips with open GOPs (a keyframe after the first followed in decode order by frames shown before it)
+OPEN_GOPS = {"mpeg4-bframes", "mpeg4-avi", "hevc", "h264-open-gop", "hevc-10bit-hdr"}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +172,7 @@ def test_auto_reads_with_pyav_what_decord_cannot_open(tmp_path: Path, monkeypatc
     path = str(_av1_clip(tmp_path))
     with pytest.raises(MediaDecodeError, match="decord cannot open it"):
         load_video(path, VideoSettings(backend="decord"))  # a named backend never falls back
-    monkeypatch.setattr(decoders, "_fallbacks", 0)
+    monkeypatch.setattr(decoders, "_switched", 0)
     monkeypatch.setattr(decoders, "auto_backend", lambda: "decord")
     with caplog.at_level(logging.INFO, logger="ktr.data.decoders"):
         clip = load_video(path, VideoSettings())
@@ -187,9 +193,9 @@ def test_auto_fallback_when_decord_refuses_a_file(tmp_path: Path, monkeypatch) -
     bad.write_text("not a video")
     monkeypatch.setitem(decoders.VIDEO_BACKENDS, "decord", refuse)
     monkeypatch.setattr(decoders, "auto_backend", lambda: "decord")
-    monkeypatch.setattr(decoders, "_fallbacks", 0)
+    monkeypatch.setattr(decoders, "_switched", 0)
     reader = open_video(good, "auto")
-    assert reader.total_frames == 8 and decoders._fallbacks == 1
+    assert reader.total_frames == 8 and decoders._switched == 1
     with pytest.raises(MediaDecodeError) as info:
         open_video(str(bad), "auto")  # both fail: both reasons, the file named once
     assert info.value.reason.startswith("decord cannot open it (stand-in); pyav cannot open it")
@@ -201,7 +207,7 @@ def test_auto_fallback_when_decord_refuses_a_file(tmp_path: Path, monkeypatch) -
 
 
 @needs_decord
-@pytest.mark.parametrize("name", ["mpeg4-bframes", "mpeg4-avi", "hevc"])
+@pytest.mark.parametrize("name", ["mpeg4-bframes", "mpeg4-avi", "hevc", "h264-open-gop"])
 def test_open_gop_sparse_reads_give_decords_sequential_frames(clips, name: str) -> None:
     # decord's sparse reads here miss after a seek (measured: index 24 -> frame 26 in mp4, 14 -> 4 in AVI; with
     # x265's default open GOPs, index 48 -> frame 51): it counts frames from a keyframe but the decoder drops the
@@ -211,6 +217,44 @@ def test_open_gop_sparse_reads_give_decords_sequential_frames(clips, name: str) 
     truth = _decord_sequential(path)
     for indices in ([0, 24, 47, 71], list(range(0, N_FRAMES, 7)) + [N_FRAMES - 1]):
         assert np.array_equal(open_video(str(path), "pyav").get_batch(indices), truth[indices])
+
+
+@pytest.mark.parametrize("name", [*CLIPS, *TEN_BIT_SUBSAMPLED])
+def test_open_gops_are_found_where_decords_sampled_reads_miss(clips, name: str) -> None:
+    path = str(_clip(clips, name))
+    assert decoders.has_open_gops(path) is (name in OPEN_GOPS)
+    if HAS_DECORD:  # the reason to look for them: decord's sparse reads miss on exactly these clips
+        indices = [*range(0, N_FRAMES, 7), N_FRAMES - 1]
+        sparse = open_video(path, "decord").get_batch(indices)
+        misses = sum(not np.array_equal(a, b) for a, b in zip(sparse, _decord_sequential(Path(path))[indices]))
+        assert (misses > 0) is (name in OPEN_GOPS)
+
+
+def test_open_gop_check_reads_the_first_packets_only(clips, tmp_path: Path) -> None:
+    path = str(_clip(clips, "hevc"))  # a keyframe every 12 frames: the first leading frames follow packet 12
+    assert decoders.has_open_gops(path, max_packets=12) is False
+    assert decoders.has_open_gops(path, max_packets=16) is True
+    bad = tmp_path / "text.mp4"
+    bad.write_text("not a video")
+    assert decoders.has_open_gops(str(bad)) is None  # cannot tell: decord's frames, as before
+
+
+@needs_decord
+def test_auto_reads_open_gop_files_with_pyav(clips, monkeypatch, caplog) -> None:
+    path = str(_clip(clips, "hevc"))
+    settings = VideoSettings(fps=8.0, max_frames=32)
+    monkeypatch.setattr(decoders, "_switched", 0)
+    monkeypatch.setattr(decoders, "auto_backend", lambda: "decord")
+    with caplog.at_level(logging.INFO, logger="ktr.data.decoders"):
+        auto = load_video(path, settings)
+    released = load_video(path, VideoSettings(**{**vars(settings), "backend": "decord"}))  # decord alone
+    pyav = load_video(path, VideoSettings(**{**vars(settings), "backend": "pyav"}))
+    assert auto.indices == released.indices == pyav.indices
+    assert torch.equal(auto.frames, pyav.frames) and not torch.equal(auto.frames, released.frames)
+    assert [r.levelno for r in caplog.records if "open GOPs" in r.getMessage()] == [logging.WARNING]
+    closed = str(_clip(clips, "hevc-closed-gop"))
+    assert isinstance(open_video(closed, "auto"), type(open_video(closed, "decord")))  # closed GOPs: decord
+    assert decoders._switched == 1
 
 
 @needs_decord

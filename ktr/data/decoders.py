@@ -2,7 +2,7 @@
 
 `VIDEO_BACKENDS` maps a name to an opener: `open(path) -> VideoReader` with `total_frames`, `fps` and
 `get_batch(indices) -> [F, H, W, 3]` uint8 RGB. `video.backend: auto` takes decord when it imports, else PyAV;
-a file decord cannot open (AV1) is then read with PyAV (`open_video`).
+a file decord cannot open (AV1) or cannot read right (open GOPs) is then read with PyAV (`open_video`).
 
 The PyAV reader reproduces decord 0.6 (docs/video_decoding.md):
 - frame count: the packets of the best video stream, as decord's index (`len(decord.VideoReader)`); with no
@@ -135,37 +135,89 @@ def resolve_backend(name: str) -> str:
 def open_video(path: str, backend: str) -> VideoReader:
     """Open `path` with `backend` (`auto`, `decord`, `pyav`); MediaDecodeError if it cannot be read.
 
-    With `auto`, a file that decord cannot open (decord's FFmpeg 4.1 has no AV1 decoder, for one) is opened with
-    PyAV when PyAV is installed, and the switch is logged; files that decord opens are read by decord as before,
-    so the released pipeline's frames are unchanged wherever it had frames at all. A named backend never falls
-    back. When both fail, the error gives both reasons.
+    `auto` reads with decord where it imports, as the released pipeline does, except for the files on which decord
+    has no right frames to give; those are read with PyAV, and the switch is logged:
+    - a file decord cannot open (its FFmpeg 4.1 has no AV1 decoder, for one);
+    - a file with open GOPs (`has_open_gops`: MPEG-4 with B-frames, x265's defaults, x264's `open-gop`), where
+      decord's sampled reads return frames a few positions off after a seek (docs/video_decoding.md).
+    This departs from the released code, which read both kinds with decord (wrong frames or an error);
+    `video.backend: decord` reproduces it. A named backend never switches. When both fail, the error gives both
+    reasons.
     """
     name = resolve_backend(backend)
+    switch = backend == "auto" and name == "decord" and _importable("pyav")
+    if switch and has_open_gops(path):
+        try:
+            reader = VIDEO_BACKENDS["pyav"](path)
+        except MediaDecodeError:
+            pass  # PyAV cannot read it after all: decord's frames, as released
+        else:
+            _log_switch(path, "it has open GOPs, on which decord's sampled reads return wrong frames")
+            return reader
     try:
         return VIDEO_BACKENDS[name](path)
     except MediaDecodeError as first:
-        if backend != "auto" or name != "decord" or not _importable("pyav"):
+        if not switch:
             raise
         try:
             reader = VIDEO_BACKENDS["pyav"](path)
         except MediaDecodeError as second:
             raise MediaDecodeError(path, f"{first.reason}; {second.reason}") from second
-        _log_fallback(path, first.reason)
+        _log_switch(path, first.reason)
         return reader
 
 
-_fallbacks = 0  # files this process opened with PyAV because decord could not
+OPEN_GOP_PACKETS = 3000
+"""`has_open_gops` demuxes at most this many packets: 2 minutes at 25 fps; the fixture clip's 491 take 5 ms."""
 
 
-def _log_fallback(path: str, reason: str) -> None:
-    global _fallbacks
-    _fallbacks += 1
-    if _fallbacks == 1:
-        logger.warning("video.backend=auto: decord cannot open %s (%s); read with PyAV instead. Further files "
-                       "read this way are logged at INFO (docs/video_decoding.md: AV1)", path, reason)
+def has_open_gops(path: str, max_packets: int = OPEN_GOP_PACKETS) -> bool | None:
+    """Whether the best video stream of `path` has open GOPs: a keyframe after the first is followed, in decode
+    order, by a packet shown before it (leading pictures that reference the previous GOP). decord counts frames
+    from the keyframe it seeks to, but the decoder drops those leading pictures after the seek, so decord's
+    sampled reads land a few frames off (tests/test_video_backends.py: of 13 clips, decord misses on exactly the
+    5 this finds).
+
+    Demuxes (no decoding) up to the first such packet or `max_packets` packets. x264's `open-gop` leaves a GOP
+    closed where no B-frame precedes its keyframe, so the first open one can come late: a file whose first open GOP
+    lies past `max_packets` counts as closed (decord's frames, as released). None when PyAV cannot tell (it cannot
+    open the file, or the packets carry no pts).
+    """
+    av = _import("pyav")
+    try:
+        with av.open(path) as container:
+            stream = _best_video_stream(container)
+            if stream is None:
+                return None
+            keyframes, key_pts = 0, None
+            for n, packet in enumerate(container.demux(stream)):
+                if n >= max_packets:
+                    break
+                if packet.pts is None:
+                    if packet.size == 0:
+                        continue  # PyAV's trailing flush packet
+                    return None
+                if packet.is_keyframe:
+                    keyframes += 1
+                    key_pts = packet.pts
+                elif keyframes >= 2 and packet.pts < key_pts:
+                    return True
+    except (av.error.FFmpegError, OSError):
+        return None
+    return False
+
+
+_switched = 0  # files this process read with PyAV under `auto` although decord imports
+
+
+def _log_switch(path: str, why: str) -> None:
+    global _switched
+    _switched += 1
+    if _switched == 1:
+        logger.warning("video.backend=auto: %s is read with PyAV, not decord: %s (docs/video_decoding.md). Further "
+                       "files read this way are logged at INFO", path, why)
     else:
-        logger.info("video.backend=auto: %s read with PyAV (decord cannot open it; file %d so far)", path,
-                    _fallbacks)
+        logger.info("video.backend=auto: %s read with PyAV (%s; file %d so far)", path, why, _switched)
 
 
 def _require_module(name: str):

@@ -71,9 +71,10 @@ class VideoSettings:
     """Frame sides are multiples of this: the model's patch_size * merge_size (Qwen2/2.5-VL 28, Qwen3-VL 32).
     None: the policy's (data modules and evaluators fill it in; standalone use: 28)."""
     backend: VideoBackend = "auto"
-    """Video decoder. `auto`: decord when it imports, else PyAV (the choice is logged once per process). Both give
-    the same frame count, fps, sampled indices and frames (docs/video_decoding.md); decord has wheels for Linux
-    x86-64 only, PyAV (`av`) for every platform."""
+    """Video decoder. `auto`: decord when it imports, else PyAV (the choice is logged once per process), and PyAV
+    for the files decord cannot open (AV1) or reads wrong (open GOPs), each switch logged; `decord` is the released
+    pipeline exactly. Both give the same frame count, fps, sampled indices and frames elsewhere
+    (docs/video_decoding.md); decord has wheels for Linux x86-64 only, PyAV (`av`) for every platform."""
 
     def __post_init__(self) -> None:
         check_choice("video.rope_time", self.rope_time, ("sampled", "released"))

@@ -117,6 +117,7 @@ def part_fsdp_step(check: Check, out: dict) -> dict:
 def part_qlora_step(check: Check, out: dict) -> dict:
     rec = _step(check, out, "qwen7b_qlora.yaml", check.sizes.step_steps, check.sizes.step_overrides)
     rec["goal"] = parts.goal(rec["result"]["summary"], GOAL_GIB, check.device.type == "cuda")
+    rec["ktr_vs_grpo"] = parts.ktr_vs_grpo(rec["result"]["summary"])
     return rec
 
 
