@@ -298,6 +298,26 @@ def test_rotated_clip_is_turned_like_decord(tmp_path: Path) -> None:
     assert np.array_equal(ours, open_video(str(path), "decord").get_batch([0, 9]))
 
 
+@needs_decord
+@pytest.mark.parametrize("ext", ["mkv", "webm"])
+def test_rotated_matroska_is_turned_by_pyav_only(tmp_path: Path, ext: str) -> None:
+    # decord's FFmpeg 4.1 reads no display matrix from Matroska, PyAV's does (docs/video_decoding.md): the same
+    # decoded frames, turned a quarter counter-clockwise by PyAV alone.
+    path = tmp_path / f"rot.{ext}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9" if ext == "webm" else "libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        if not hasattr(stream, "set_display_rotation"):
+            pytest.skip("this PyAV cannot write a display rotation")
+        stream.set_display_rotation(90)
+        for frame in _frames(10).permute(0, 2, 3, 1).numpy():
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    ours, theirs = open_video(str(path), "pyav").get_batch([0, 9]), open_video(str(path), "decord").get_batch([0, 9])
+    assert ours.shape == (2, 160, 120, 3) and theirs.shape == (2, 120, 160, 3)
+    assert np.array_equal(ours, np.rot90(theirs, 1, axes=(1, 2)))
+
+
 # --------------------------------------------------------------------------------- seeking is exact
 
 
