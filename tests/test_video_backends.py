@@ -433,7 +433,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])  # auto: the open-GOP check and the switch see them too
 @pytest.mark.parametrize("kind", ["empty", "random", "text", "no_frames", "one_frame", "audio_only", "cut"])
 def test_bad_files_raise_decode_error(tmp_path: Path, backend: str, kind: str) -> None:
     path = _bad_files(tmp_path)[kind]
