@@ -318,6 +318,31 @@ def test_rotated_matroska_is_turned_by_pyav_only(tmp_path: Path, ext: str) -> No
     assert np.array_equal(ours, np.rot90(theirs, 1, axes=(1, 2)))
 
 
+@needs_decord
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_variable_frame_rate_same_on_both_backends(tmp_path: Path, ext: str) -> None:
+    # Phone recordings have irregular frame times: both count packets and report avg_frame_rate, so the sampled
+    # indices and frames agree (mp4: the mean rate; Matroska: the nominal one).
+    path = tmp_path / f"vfr.{ext}"
+    gaps = np.random.default_rng(0).choice([16, 33, 50, 100], size=60)  # ms
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"g": "12", "bf": "2"})
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for frame, pts in zip(_frames(60).permute(0, 2, 3, 1).numpy(), np.concatenate([[0], gaps.cumsum()[:-1]])):
+            frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            frame.pts, frame.time_base = int(pts), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    ours, theirs = open_video(str(path), "pyav"), open_video(str(path), "decord")
+    assert len(set(np.diff(ours._index.pts))) >= 3  # the frame times are irregular
+    assert ours.total_frames == theirs.total_frames == 60 and ours.fps == theirs.fps
+    assert np.array_equal(ours.get_batch(list(range(60))), _decord_sequential(path))
+    a = load_video(str(path), VideoSettings(backend="pyav"))
+    b = load_video(str(path), VideoSettings(backend="decord"))
+    assert a.indices == b.indices and torch.equal(a.frames, b.frames)
+
+
 # --------------------------------------------------------------------------------- seeking is exact
 
 
