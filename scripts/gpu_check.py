@@ -42,6 +42,9 @@ try, so that one failure (an error, out of memory, the guard) is recorded and th
    `hf` generate, the concatenating loop before issue 27, the preallocated loop eager, and compiled
    (`sampling.compile_decode`, inductor; compilation timed apart). Last, so that it cannot take the QLoRA
    parts' share of the budget (`--parts decode` runs it alone).
+9. `qlora_step_grpo`: the `qlora_step` step as vanilla GRPO (`key_tokens.enabled: false`), for Video-KTR / GRPO
+   measured in time and peak memory (issue 26's goals: <= 1.10, <= 1.05) beside `qlora_step`'s estimate. Last:
+   it runs when the budget leaves room, or alone with `--parts qlora_step qlora_step_grpo`.
 
 Output: one JSON (`--json`, or
 `gpu_check.json` in `--out`) with every figure, and a markdown summary (`--md`, or `gpu_check.md`), also

@@ -21,7 +21,7 @@ from tests import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["vision_processor", "parity", "prefix", "loss_bench", "fsdp_step", "qlora_step", "qlora_step_naive",
-         "decode"]
+         "decode", "qlora_step_grpo"]
 VIDEO = FIXTURES / "video1.mp4"
 
 
@@ -145,6 +145,14 @@ def test_qlora_steps(report) -> None:
     assert 0 < grpo_s < summary["step"]["seconds"] and est["time_x"] == round(summary["step"]["seconds"] / grpo_s, 3)
     assert est["memory_x"] >= 1.0
     assert f"Video-KTR / GRPO ~ {est['time_x']:.2f} in time" in report["_markdown"]
+
+
+def test_grpo_step_has_no_probes(report) -> None:
+    ktr, grpo = report["parts"]["qlora_step"]["result"], report["parts"]["qlora_step_grpo"]["result"]
+    _check_step(grpo, 1)
+    assert grpo["overrides"]["key_tokens.enabled"] is False
+    assert all(s["probes"]["seconds"] < 0.25 * k["probes"]["seconds"] for s, k in zip(grpo["steps"], ktr["steps"]))
+    assert "qlora_step vs qlora_step_grpo, measured: Video-KTR / GRPO" in report["_markdown"]
 
 
 # What travels to the lent GPU machine besides the tree: the six wheels and the fixture video in `.gpu/`

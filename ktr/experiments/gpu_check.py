@@ -44,7 +44,7 @@ class Sizes:
     decode_new_tokens: tuple[int, ...] = (128, 768)
     guards: dict = field(default_factory=lambda: dict(vision_processor=60, parity=90, prefix=120, decode=150,
                                                       loss_bench=120, fsdp_step=120, qlora_step=240,
-                                                      qlora_step_naive=180))
+                                                      qlora_step_naive=180, qlora_step_grpo=240))
 
 
 REAL = Sizes(tiny=False)
@@ -55,7 +55,7 @@ TINY = Sizes(tiny=True, step_steps=1, video=_TINY_VIDEO,
              loss=dict(tokens=[256, 512], hidden=64, vocab=2048, chunks=[64, 128], seq_len=128, repeats=1),
              parity_new_tokens=8, prefix_new_tokens=6, decode_new_tokens=(6,),
              guards=dict.fromkeys(("vision_processor", "parity", "prefix", "decode", "loss_bench", "fsdp_step",
-                                   "qlora_step", "qlora_step_naive"), 150))
+                                   "qlora_step", "qlora_step_naive", "qlora_step_grpo"), 150))
 
 
 @dataclass
@@ -127,6 +127,12 @@ def part_qlora_step_naive(check: Check, out: dict) -> dict:
     return rec
 
 
+def part_qlora_step_grpo(check: Check, out: dict) -> dict:
+    """GRPO's step on the same config (`key_tokens.enabled: false`): Video-KTR / GRPO measured, not estimated."""
+    return _step(check, out, "qwen7b_qlora.yaml", check.sizes.step_steps,
+                 {**check.sizes.step_overrides, "key_tokens.enabled": False})
+
+
 def part_prefix(check: Check, out: dict) -> dict:
     return parts.prefix(check.device, check.sizes.tiny, check.sizes.prefix_new_tokens, out)
 
@@ -139,7 +145,7 @@ def part_decode(check: Check, out: dict) -> dict:
 
 PARTS = {"vision_processor": part_vision_processor, "parity": part_parity, "prefix": part_prefix,
          "loss_bench": part_loss_bench, "fsdp_step": part_fsdp_step, "qlora_step": part_qlora_step,
-         "qlora_step_naive": part_qlora_step_naive, "decode": part_decode}
+         "qlora_step_naive": part_qlora_step_naive, "decode": part_decode, "qlora_step_grpo": part_qlora_step_grpo}
 
 
 # ------------------------------------------------------------------------------------------------ runner

@@ -667,7 +667,7 @@ def markdown(report: dict) -> str:
              "| part | status | seconds | headline |", "|---|---|---:|---|"]
     for name, rec in report["parts"].items():
         lines.append(f"| {name} | {rec['status']} | {rec['seconds']} | {_headline(name, rec)} |")
-    for name in ("qlora_step", "qlora_step_naive", "fsdp_step"):
+    for name in ("qlora_step", "qlora_step_naive", "qlora_step_grpo", "fsdp_step"):
         rec = report["parts"].get(name)
         if rec and rec["status"] == "ok":
             lines += ["", f"## {name}", "", *_phase_table(rec["result"])]
@@ -681,6 +681,13 @@ def markdown(report: dict) -> str:
         lines += ["", f"qlora_step: probes {summary['probes']['seconds']:.2f} s of a {summary['step']['seconds']:.2f} "
                       f"s step, so Video-KTR / GRPO ~ {est['time_x']:.2f} in time (goal <= 1.10){memory}; GRPO: the "
                       "step without its probes phase"]
+    grpo = report["parts"].get("qlora_step_grpo")
+    if grpo and chunked and grpo["status"] == chunked["status"] == "ok":
+        k, g = chunked["result"]["summary"]["step"], grpo["result"]["summary"]["step"]
+        lines += ["", f"qlora_step vs qlora_step_grpo, measured: Video-KTR / GRPO {k['seconds'] / g['seconds']:.2f} in "
+                      f"time ({k['seconds']:.2f} / {g['seconds']:.2f} s, goal <= 1.10), "
+                      f"{k['peak_gb'] / g['peak_gb']:.2f} in peak memory ({k['peak_gb']:.2f} / {g['peak_gb']:.2f} GiB, "
+                      "goal <= 1.05)"]
     if naive and chunked and naive["status"] == chunked["status"] == "ok":
         a, b = naive["result"]["summary"]["step"]["peak_gb"], chunked["result"]["summary"]["step"]["peak_gb"]
         lines += ["", f"naive / chunked step peak: {a:.2f} / {b:.2f} GiB = {a / b:.2f}"]
