@@ -107,20 +107,26 @@ def sequential_frames(path: Path, backend: str, indices: list[int]) -> np.ndarra
     return np.stack([by_index[i] for i in indices])
 
 
-def measure(path: Path, backend: str, settings: VideoSettings, reference: str, repeats: int) -> dict:
+def file_facts(path: Path, reference: str, repeats: int) -> dict:
+    """What a file's rows share: its codec, the reference, and `has_open_gops` with its median time (what `auto`
+    adds to every file it reads with decord)."""
     import av
 
     with av.open(str(path)) as container:
         cc = container.streams.video[0].codec_context
         codec = f"{cc.name} {cc.pix_fmt}"
-    open_gops = has_open_gops(str(path))
     check = []
-    for _ in range(repeats):  # what `auto` adds to every file it reads with decord
+    for _ in range(repeats):
         start = time.perf_counter()
-        has_open_gops(str(path))
+        open_gops = has_open_gops(str(path))
         check.append(time.perf_counter() - start)
-    base = {"file": path.name, "codec": codec, "backend": backend, "reference": reference, "open_gops": open_gops,
+    return {"file": path.name, "codec": codec, "reference": reference, "open_gops": open_gops,
             "open_gop_check_ms": statistics.median(check) * 1000}
+
+
+def measure(path: Path, backend: str, settings: VideoSettings, facts: dict, repeats: int) -> dict:
+    base = {**facts, "backend": backend}
+    reference = facts["reference"]
     try:
         open_video(str(path), backend)
     except MediaDecodeError as e:
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         real = [args.video, ten_bit_copy(args.video, Path(tmp) / "video1_10bit.mp4")] if args.video.is_file() else []
         for path in real + list(write_clips(Path(tmp)).values()):
             reference = "decord" if "decord" in backends and opens(path, "decord") else "pyav"
-            per_file = [measure(path, b, settings, reference, args.repeats) for b in backends]
+            facts = file_facts(path, reference, args.repeats)
+            per_file = [measure(path, b, settings, facts, args.repeats) for b in backends]
             ref_row = per_file[backends.index(reference)]
             for r in per_file:
                 if "error" not in r:

@@ -281,11 +281,10 @@ def test_real_clip_pyav_numbers() -> None:
     assert clip.indices == [0, 33, 65, 98, 131, 163, 196, 229, 261, 294, 327, 359, 392, 425, 457, 490]
 
 
-@needs_decord
-def test_rotated_clip_is_turned_like_decord(tmp_path: Path) -> None:
-    path = tmp_path / "rot.mp4"
+def _rotated_clip(path: Path, codec: str = "libx264") -> Path:
+    """10 landscape frames (160x120) tagged with a 90 degree display rotation."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
+        stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
         if not hasattr(stream, "set_display_rotation"):
             pytest.skip("this PyAV cannot write a display rotation")
@@ -293,6 +292,12 @@ def test_rotated_clip_is_turned_like_decord(tmp_path: Path) -> None:
         for frame in _frames(10).permute(0, 2, 3, 1).numpy():
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+    return path
+
+
+@needs_decord
+def test_rotated_clip_is_turned_like_decord(tmp_path: Path) -> None:
+    path = _rotated_clip(tmp_path / "rot.mp4")
     ours = open_video(str(path), "pyav").get_batch([0, 9])
     assert ours.shape == (2, 160, 120, 3)  # portrait, as decord turns it
     assert np.array_equal(ours, open_video(str(path), "decord").get_batch([0, 9]))
@@ -303,16 +308,7 @@ def test_rotated_clip_is_turned_like_decord(tmp_path: Path) -> None:
 def test_rotated_matroska_is_turned_by_pyav_only(tmp_path: Path, ext: str) -> None:
     # decord's FFmpeg 4.1 reads no display matrix from Matroska, PyAV's does (docs/video_decoding.md): the same
     # decoded frames, turned a quarter counter-clockwise by PyAV alone.
-    path = tmp_path / f"rot.{ext}"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libvpx-vp9" if ext == "webm" else "libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
-        if not hasattr(stream, "set_display_rotation"):
-            pytest.skip("this PyAV cannot write a display rotation")
-        stream.set_display_rotation(90)
-        for frame in _frames(10).permute(0, 2, 3, 1).numpy():
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    path = _rotated_clip(tmp_path / f"rot.{ext}", "libvpx-vp9" if ext == "webm" else "libx264")
     ours, theirs = open_video(str(path), "pyav").get_batch([0, 9]), open_video(str(path), "decord").get_batch([0, 9])
     assert ours.shape == (2, 160, 120, 3) and theirs.shape == (2, 120, 160, 3)
     assert np.array_equal(ours, np.rot90(theirs, 1, axes=(1, 2)))

@@ -168,7 +168,7 @@ def open_video(path: str, backend: str) -> VideoReader:
 
 
 OPEN_GOP_PACKETS = 3000
-"""`has_open_gops` demuxes at most this many packets: 2 minutes at 25 fps; the fixture clip's 491 take 5 ms."""
+"""`has_open_gops` demuxes at most this many packets: 2 minutes at 25 fps; the fixture clip's 491 take 3 to 5 ms."""
 
 
 def has_open_gops(path: str, max_packets: int = OPEN_GOP_PACKETS) -> bool | None:
