@@ -102,11 +102,11 @@ def test_videomme_official_both_denominators(fx):
                "002-1": "C. the flag"}  # gold C: right
     records = [bench.evaluate(out, items[qid]) for qid, out in outputs.items()]
     records.append(bench.skipped(items["002-2"], "video not found"))
-    s = summarize(records)
-    assert (s["overall"], s["overall_answered"]) == (2 / 4, 2 / 3)
-    assert (s["n_scored"], s["n_unparsable"], s["n_skipped"]) == (4, 1, 1)
+    s = summarize(records)  # the skipped question counts as wrong, as in the official scripts
+    assert (s["overall"], s["overall_answered"], s["overall_readable"]) == (2 / 5, 2 / 3, 2 / 4)
+    assert (s["n_questions"], s["n_scored"], s["n_unparsable"], s["n_skipped"]) == (5, 4, 1, 1)
     assert s["skipped"] == [{"qid": "002-2", "reason": "video not found"}]
-    assert s["breakdown"]["duration"]["short"] == {"acc": 0.5, "n": 4, "acc_answered": 2 / 3, "n_answered": 3}
+    assert s["breakdown"]["duration"]["short"] == {"acc": 0.4, "n": 5, "acc_answered": 2 / 3, "n_answered": 3}
     assert s["extraction_steps"] == {"letter": 3, "none": 1}
 
 
@@ -176,10 +176,11 @@ def test_summarize_hand_computed():
                _rec("4", 0.5, True, "y"), _rec("5", None, False, "y", skipped="unreadable video"),
                _rec("1", 0.0, True, "x")]  # a padded repeat of qid 1: the first one counts
     s = summarize(records, excluded={"open-ended": 2})
-    assert s["overall"] == pytest.approx(1.5 / 4) and s["overall_answered"] == pytest.approx(1.5 / 3)
+    assert s["overall"] == pytest.approx(1.5 / 5) and s["overall_answered"] == pytest.approx(1.5 / 3)
+    assert s["overall_readable"] == pytest.approx(1.5 / 4)
     assert (s["n_scored"], s["n_skipped"], s["n_unparsable"], s["n_duplicates"]) == (4, 1, 1, 1)
     assert s["breakdown"]["g"]["x"] == {"acc": 0.5, "n": 2, "acc_answered": 0.5, "n_answered": 2}
-    assert s["breakdown"]["g"]["y"] == {"acc": 0.25, "n": 2, "acc_answered": 0.5, "n_answered": 1}
+    assert s["breakdown"]["g"]["y"] == {"acc": 0.5 / 3, "n": 3, "acc_answered": 0.5, "n_answered": 1}
     assert s["extraction_steps"] == {"none": 1, "s": 3} and s["excluded"] == {"open-ended": 2}
     assert summarize([])["overall"] is None
 

@@ -256,6 +256,12 @@ class BenchmarkEvaluator(Callback):
         results = {"benchmark": self.benchmark.name, **results, "settings": settings}
         if rank == 0:
             _write_json(out / "results.json", results)
+            if results["n_skipped"]:
+                first = results["skipped"][0]
+                rank_zero_warn(f"{self.benchmark.name}: {results['n_skipped']} of {results['n_questions']} questions "
+                               f"were skipped (first: {first['qid']}: {first['reason']}) and count as wrong in acc, "
+                               f"as in the official scripts; acc over the readable ones: "
+                               f"{results['overall_readable']}. All reasons: {out / 'results.json'}")
         _barrier()
         return results
 
@@ -316,7 +322,7 @@ class BenchmarkEvaluator(Callback):
         total.update(torch.tensor(scores, dtype=torch.float64, device=device))
         count.update(torch.tensor(float(len(scores)), dtype=torch.float64, device=device))
         n, s = int(count.compute().item()), float(total.compute().item())
-        expected = results["overall"] * results["n_scored"] if results["n_scored"] else 0.0
+        expected = results["overall_readable"] * results["n_scored"] if results["n_scored"] else 0.0
         if n != results["n_scored"] or abs(s - expected) > 1e-6 * max(1, n):
             raise RuntimeError(f"{self.benchmark.name}: gathered records ({results['n_scored']} scored, sum "
                                f"{expected}) disagree with the all-reduced scores ({n}, sum {s})")
@@ -353,9 +359,11 @@ class BenchmarkEvaluator(Callback):
                              "delete that folder or evaluate into another one (output_dir, or the logger version)")
 
     def log_results(self, pl_module, results: dict[str, Any]) -> None:
-        """``eval/<benchmark>/acc`` (all scored questions), ``acc_answered``, counts, and one scalar per group."""
+        """``eval/<benchmark>/acc`` (every question, a skipped one wrong), ``acc_answered``, ``acc_readable``, counts,
+        and one scalar per group."""
         name = self.benchmark.name
         metrics = {f"eval/{name}/acc": results["overall"], f"eval/{name}/acc_answered": results["overall_answered"],
+                   f"eval/{name}/acc_readable": results["overall_readable"],
                    **{f"eval/{name}/{k}": results[k] for k in ("n_scored", "n_skipped", "n_unparsable")}}
         for field_name, groups in results["breakdown"].items():
             for group, cell in groups.items():

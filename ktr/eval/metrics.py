@@ -52,29 +52,35 @@ def dedupe(records: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]
 def summarize(records: Iterable[Mapping[str, Any]], excluded: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Overall accuracy, breakdowns and counts of a set of records (accuracies are fractions in [0, 1]).
 
-    Two denominators: ``overall`` divides the summed scores by every scored question (unparsable answers
-    score 0; lmms-eval's convention), ``overall_answered`` by the questions whose answer could be
-    extracted (the Video-MME official script's). Skipped questions (unreadable videos) are in neither and
-    are listed in ``skipped``. ``breakdown[field][group]`` has ``acc``, ``n``, ``acc_answered``,
-    ``n_answered``. ``extraction_steps`` counts the rule step that decided each answer; ``n_unparsable``
-    counts records the rule read no answer from (``Benchmark.parsed``: for Video-R1 multiple choice, no option
-    letter, even when its whole output was scored). ``excluded`` counts rows left out at loading, by reason
-    (e.g. an answer not among the options).
+    Two denominators: ``overall`` divides the summed scores by every question (unparsable answers score 0;
+    lmms-eval's convention), ``overall_answered`` by the questions whose answer could be extracted (the
+    Video-MME official script's). A skipped question (video missing or unreadable, prompt too long) counts as
+    wrong in ``overall`` and in each group's ``acc``, as the official scripts count a question that raised
+    (the released Video-R1 evaluation scores it ``<answer>error</answer>``, Video-Holmes' "Wrong"); it is
+    listed in ``skipped``, and ``overall_readable`` divides by the questions that were not skipped (what
+    ``overall`` was before 2026-12-06). ``breakdown[field][group]`` has ``acc``, ``n``, ``acc_answered``,
+    ``n_answered`` (``n`` counts skipped questions too). ``extraction_steps`` counts the rule step that decided
+    each answer; ``n_unparsable`` counts records the rule read no answer from (``Benchmark.parsed``: for Video-R1
+    multiple choice, no option letter, even when its whole output was scored). ``excluded`` counts rows left out
+    at loading, by reason (e.g. an answer not among the options).
 
     >>> recs = [{"qid": "1", "score": 1.0, "parsed": True, "keys": {"d": "short"}, "skipped": None},
     ...         {"qid": "2", "score": 0.0, "parsed": False, "keys": {"d": "long"}, "skipped": None}]
     >>> s = summarize(recs); s["overall"], s["overall_answered"], s["breakdown"]["d"]["long"]["acc"]
     (0.5, 1.0, 0.0)
+    >>> recs.append({"qid": "3", "score": None, "parsed": False, "keys": {"d": "long"}, "skipped": "no file"})
+    >>> s = summarize(recs); s["overall"], s["overall_readable"], s["breakdown"]["d"]["long"]["n"]
+    (0.3333333333333333, 0.5, 2)
     """
     unique, n_duplicates = dedupe(records)
     scored = [r for r in unique if not r.get("skipped")]
     skipped = [{"qid": r["qid"], "reason": r["skipped"]} for r in unique if r.get("skipped")]
     answered = [r for r in scored if r["parsed"]]
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0, 0.0, 0]))
-    for r in scored:
+    for r in unique:  # a skipped question counts in its groups' `n`, with score 0
         for name, group in r["keys"].items():
             cell = groups[name][group]  # [score sum, n, answered score sum, n answered]
-            cell[0] += r["score"]
+            cell[0] += r["score"] or 0.0
             cell[1] += 1
             if r["parsed"]:
                 cell[2] += r["score"]
@@ -85,9 +91,11 @@ def summarize(records: Iterable[Mapping[str, Any]], excluded: Mapping[str, int] 
         for name, cells in sorted(groups.items())
     }
     return {
-        "overall": _acc(sum(r["score"] for r in scored), len(scored)),
+        "overall": _acc(sum(r["score"] for r in scored), len(unique)),
         "overall_answered": _acc(sum(r["score"] for r in answered), len(answered)),
+        "overall_readable": _acc(sum(r["score"] for r in scored), len(scored)),
         "breakdown": breakdown,
+        "n_questions": len(unique),
         "n_scored": len(scored),
         "n_skipped": len(skipped),
         "n_unparsable": len(scored) - len(answered),
