@@ -73,9 +73,12 @@ def test_mmmu_rule_on_real_outputs(outputs):
     assert got[5].step == "period_or_colon" and got[8].step == "space"
 
 
-def test_mmvu_rule_falls_back_to_mmmu_on_real_outputs(outputs):
-    assert extract_mmvu(outputs[5], {x: "t" for x in "ABCDE"}) == Extraction("E", "period_or_colon")
-    assert extract_mmvu(outputs[8], {x: "t" for x in "ABCD"}) == Extraction("C", "space")
+def test_mmvu_rule_reads_answer_tags_then_falls_back_to_mmmu_on_real_outputs(outputs):
+    letters = {x: "t" for x in "ABCDE"}
+    # the 8 tagged outputs: the tag's letter (the MMMU parse alone read 1 of 8, and "E" from output 5's reasoning)
+    assert [extract_mmvu(o, letters) for o in outputs[:8]] == [Extraction(x, "answer_tag")
+                                                               for x in VIDEO_R1_EXPECTED[:8]]
+    assert extract_mmvu(outputs[8], {x: "t" for x in "ABCD"}) == Extraction("C", "space")  # no tag: MMMU parse
 
 
 # ------------------------------------------------------------------------------------------ edge cases
@@ -258,3 +261,7 @@ def test_option_texts_and_mmvu_final_answer():
     got = extract_mmvu("final answer is: C. Wait, the final answer is: **D**", choices)
     assert got == Extraction("D", "final_answer")
     assert extract_mmvu("Therefore, the final answer is: F", choices).step != "final_answer"  # F is not an option
+    assert extract_mmvu("<answer>B</answer> Therefore, the final answer is: C", choices) == Extraction("C",
+                                                                                                   "final_answer")
+    for text in ("<answer>Bob</answer>", "<answer>F</answer>", "<answer></answer>"):  # no option letter opens it
+        assert extract_mmvu(text, choices).step != "answer_tag"

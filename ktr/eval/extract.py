@@ -245,17 +245,28 @@ def _last_letter(response: str, candidates: list[str], step: str) -> str:
 _FINAL_ANSWER_RE = re.compile(r"(?i:final answer is):?\s*[\*\$\(\[\s]*([A-Z])\b")
 
 
+_TAG_LETTER_RE = re.compile(r"[\s\*\$\(\[]*([A-Z])(?:$|[\s\*\$\)\]\.:,])")
+
+
 def extract_mmvu(output: str, choices: Mapping[str, str]) -> Extraction:
     """ktr's rule for MMVU (the official scorer is a GPT-4o judge): the last "final answer is: X" with X
-    an option letter, else :func:`extract_mmmu`.
+    an option letter; else the last ``<answer>`` tag when it opens with an option letter ("B", "(B)", "B. text":
+    how R1-style models such as Video-KTR's answer, which a judge reads, step ``answer_tag``); else
+    :func:`extract_mmmu`.
 
     >>> extract_mmvu("... Therefore, the final answer is: $B$", {"A": "1", "B": "2"})
     Extraction(answer='B', step='final_answer')
+    >>> extract_mmvu("<think>A. is wrong, so</think><answer>(B) 2</answer>", {"A": "1", "B": "2"})
+    Extraction(answer='B', step='answer_tag')
     """
     hits = [m.group(1) for m in _FINAL_ANSWER_RE.finditer(output)]
     hits = [x for x in hits if x in choices]
     if hits:
         return Extraction(hits[-1], "final_answer")
+    tags = ANSWER_RE.findall(output)
+    tag = _TAG_LETTER_RE.match(tags[-1]) if tags else None
+    if tag is not None and tag.group(1) in choices:
+        return Extraction(tag.group(1), "answer_tag")
     return extract_mmmu(output, choices)
 
 
