@@ -94,6 +94,21 @@ def test_probe_scores_drop_equal_mask_on_attention_only_families(tiny_any) -> No
         visual_scores(model, batch, view, feats, ids, valid, base, hidden="remove")
 
 
+@torch.no_grad()
+def test_every_draw_runs_the_layout_asked_for(every_family) -> None:
+    """`draws` > 1 with `hidden="mask"`: every draw masks (the second draw once ran the drop layout, which on
+    Qwen3.5 scores differently), so two draws of the deterministic perturbation equal one."""
+    model = every_family.model
+    batch, rollout = rollout_for(every_family, n_prompts=2, group_size=2, max_new_tokens=6)
+    feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+    view = SequenceView.of(model, rollout, batch)
+    args = (model, batch, view, feats, rollout.completion_ids, rollout.completion_mask, _logps(model, view, feats,
+                                                                                              rollout))
+    for hidden in ("mask", "drop"):
+        one = visual_scores(*args, hidden=hidden)
+        torch.testing.assert_close(visual_scores(*args, hidden=hidden, draws=2), one, rtol=1e-6, atol=1e-7)
+
+
 def test_partial_hiding_and_padding_only_are_left_to_the_mask() -> None:
     """Nothing to remove (left padding only), a row hiding part of its media, or a hidden last prompt token: None
     (the pass masks); otherwise kept tokens keep their ids, positions and order, right-aligned."""

@@ -134,7 +134,7 @@ def visual_scores(model: nn.Module, batch: PromptBatch, view: SequenceView, feat
         perturbed, zero_vision = get_visual_perturbation(perturbation)(view, model, batch, generator, d)
         if hidden == "mask":
             perturbed = replace(perturbed, shared_prefix=False, drop_hidden=False)
-        hidden = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
-        s = compare_passes(model, score, base_logps, base_hidden, hidden, completion_ids, valid, chunk_size)
+        states = completion_hidden(model, perturbed, features, completion_ids.shape[1], zero_vision=zero_vision)
+        s = compare_passes(model, score, base_logps, base_hidden, states, completion_ids, valid, chunk_size)
         total = s if total is None else total + s
     return total / draws
