@@ -41,6 +41,7 @@ RolloutCorrection = Literal["none", "tis"]
 LengthReading = Literal["generated", "key"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Schedule = Literal["constant", "cosine"]
+NoDecay = Literal["bias_norm", "none"]
 ScoreName = Literal["logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger"]
 """`ktr.probes.scores.SCORE_FUNCTIONS`."""
 VisualPerturbation = Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
@@ -266,6 +267,11 @@ class OptimConfig:
     """Peak learning rate."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
+    no_decay: NoDecay = "bias_norm"
+    """Parameters exempt from weight decay: `bias_norm`, biases and normalisation weights, by the rule of Hugging
+    Face's `Trainer` (transformers >= 4.49), whose optimiser the released run used (`ktr.training.optim.
+    decay_groups`); `none`, every trainable parameter decays (ktr before 2026-12-06: resume its checkpoints with
+    `none`, whose optimiser state has one group)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     optimizer: OptimizerName = "adamw"
@@ -498,8 +504,9 @@ class LoraSettings:
     """Adapter rank."""
     alpha: int = 128
     """Scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
+    dropout: float = 0.0
+    """Dropout on the adapter input. Must be 0 with `key_tokens.enabled`: the probes compare separate passes of the
+    policy, and dropout would draw a different mask in each (GRPO without key tokens may use it)."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module name suffixes to adapt; matched inside the language model only."""

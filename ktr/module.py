@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from ktr.advantages import group_advantages
-from ktr.config import (BaselineConfig, KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig, RewardConfig,
-                        SamplingConfig, check_number, check_rollout_settings)
+from ktr.config import (BaselineConfig, ConfigError, KeyTokenConfig, LossConfig, OptimConfig, PolicyConfig,
+                        RewardConfig, SamplingConfig, check_number, check_rollout_settings)
 from ktr.data.base import StepBatch
 from ktr.losses import masked_kl_mean, released_kl_mean, truncated_is_weights
 from ktr.model.families import vision_tower
 from ktr.model.forward import PolicyPass, SequenceView, completion_hidden, completion_logps, encode_media
+from ktr.model.policy import active_dropout
 from ktr.probes.keytokens import KeyTokens, attribute, key_token_stats
 from ktr.report.record import StepRecord
 from ktr.rewards import compute_rewards, length_bonus, resolve_rewards
@@ -68,6 +69,8 @@ class KTRModule(PolicyModule):
         check_number("warm_start_lr", warm_start_lr, low=0, low_open=True, optional=True)
         check_rollout_settings(policy, sampling, loss)
         super().__init__(policy, optim, val_max_new_tokens, val_target_prob)
+        if key_tokens.enabled:
+            _check_no_dropout(self.model)
         self.sampling = sampling
         self.key_cfg = key_tokens
         self.loss_cfg = loss
@@ -267,6 +270,23 @@ class KTRModule(PolicyModule):
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         self.log_dict(metrics, batch_size=n)
         self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=n, logger=False)
+
+
+def _check_no_dropout(model) -> None:
+    """Video-KTR's probes compare the policy's log-probs with the video, without it and with shuffled frames, each
+    in its own pass; under dropout every pass draws its own mask, and the key tokens would follow the draws
+    (tests/test_module.py: the identity perturbation, whose scores must be 0, scores non-zero under a LoRA dropout
+    of 0.05 on trained adapters). So Video-KTR trains without dropout, as the released full fine-tuning of
+    Qwen2.5-VL does (its checkpoints have none)."""
+    found = active_dropout(model)
+    if found:
+        key = "policy.lora.dropout" if any("lora_dropout" in f for f in found) else "policy.name_or_path"
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(f"{key}: key_tokens.enabled needs a policy without dropout, but {len(found)} module(s) "
+                          f"drop out in training mode ({shown}). The probes compare the policy's log-probs with and "
+                          "without the video (and with shuffled frames) in separate passes, and dropout would draw a "
+                          "different mask in each, so the key tokens would follow the draws. Set "
+                          "policy.lora.dropout: 0, or use a checkpoint whose attention_dropout is 0")
 
 
 def _detached(features: VisionFeatures) -> VisionFeatures:

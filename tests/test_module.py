@@ -120,3 +120,122 @@ def test_validation_logs_target_prob_from_the_datamodules_targets() -> None:
     assert got["val/logp_target"] == pytest.approx(float(want.mean()), rel=1e-5) and want.max() < -1
     assert got["val/p_target"] == pytest.approx(float(want.exp().mean()), rel=1e-5, abs=1e-30)
     assert next(iter(dm.train_dataloader())).prompts.target_ids is None  # training rows: no targets without SFT
+
+
+class _Modes(L.Callback):
+    """Records, after each training step, whether the policy, its decoder layers and the reference were training."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, int, int, bool]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from ktr.model.families import language_model
+
+        layers = language_model(pl_module.model).layers
+        recomputing = sum(bool(getattr(m, "gradient_checkpointing", False)) and m.training for m in layers)
+        self.seen.append((pl_module.model.training, recomputing, len(layers), pl_module._ref[0].training))
+
+
+@pytest.mark.slow
+def test_a_loaded_checkpoint_trains_in_training_mode_with_gradient_checkpointing(tmp_path) -> None:
+    """`from_pretrained` returns a model in eval mode and Lightning does not switch it: the policy of a loaded
+    checkpoint used to train in eval mode, where transformers never runs gradient checkpointing (every layer's
+    activations kept). `on_fit_start` puts the policy in training mode, the reference stays in eval mode."""
+    from ktr.model.policy import load_policy
+    from ktr.model.saving import export_policy
+
+    torch.set_num_threads(1)
+    export_policy(load_policy(PolicyConfig(attn_implementation="eager")), tmp_path / "policy")
+    module = KTRModule(policy=PolicyConfig(name_or_path=str(tmp_path / "policy"), attn_implementation="eager",
+                                           gradient_checkpointing=True),
+                       sampling=SamplingConfig(group_size=2, max_new_tokens=4, top_p=1.0), loss=LossConfig(beta=0.04))
+    assert not module.model.training  # the premise: loaded in eval mode
+    modes = _Modes()
+    dm = SyntheticDataModule(batch_size=1, val_size=0, train_size=2, video=SMALL_VIDEO)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, callbacks=[modes],
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, dm)
+    ((training, recomputing, layers, ref_training),) = modes.seen
+    assert training and recomputing == layers > 0 and not ref_training
+
+
+def test_key_tokens_refuse_a_policy_with_dropout() -> None:
+    """The probes compare separate passes of the policy; dropout would draw a mask in each. LoRA dropout is
+    refused with key tokens (named by its key) and allowed for GRPO without them."""
+    from ktr.config import ConfigError, LoraSettings
+
+    torch.set_num_threads(1)
+    lora = PolicyConfig(attn_implementation="eager", lora=LoraSettings(r=2, alpha=4, dropout=0.05))
+    with pytest.raises(ConfigError, match=r"^policy\.lora\.dropout: .*lora_dropout"):
+        KTRModule(policy=lora, sampling=SamplingConfig(group_size=2, max_new_tokens=4))
+    KTRModule(policy=lora, sampling=SamplingConfig(group_size=2, max_new_tokens=4),
+              key_tokens=KeyTokenConfig(enabled=False))
+    assert LoraSettings().dropout == 0.0
+
+
+@torch.no_grad()
+def test_probes_are_exact_in_training_mode_without_dropout() -> None:
+    """The policy trains in training mode (LoRA, gradient checkpointing on): the identity perturbation still
+    scores exactly 0. With a LoRA dropout on trained adapters (what the guard above refuses) it does not."""
+    from ktr.config import LoraSettings
+    from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
+    from ktr.model.policy import load_policy
+    from ktr.probes.visual import visual_scores
+
+    torch.set_num_threads(1)
+    batch, rollout = rollout_for(load_policy(PolicyConfig(attn_implementation="eager")), n_prompts=2, group_size=2,
+                                 max_new_tokens=6)
+    ids, valid = rollout.completion_ids, rollout.completion_mask
+    spread = {}
+    for dropout in (0.0, 0.05):
+        torch.manual_seed(0)
+        model = load_policy(PolicyConfig(attn_implementation="eager", gradient_checkpointing=True,
+                                         lora=LoraSettings(r=4, alpha=8, dropout=dropout))).model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # trained adapters (B starts at 0, where dropout changes nothing)
+        model.train()
+        feats = encode_media(model, batch.pixel_values, batch.grid_thw)
+        view = SequenceView.of(model, rollout, batch)
+        base = completion_logps(model, completion_hidden(model, view, feats, ids.shape[1]), ids, valid, 8)[0]
+        scores = visual_scores(model, batch, view, feats, ids, valid, base, "identity")
+        spread[dropout] = scores.abs().max().item()
+    assert spread[0.0] == 0.0 and spread[0.05] > 1e-3, spread
+
+
+def test_weight_decay_spares_biases_and_norms_as_the_released_trainer() -> None:
+    """`optim.no_decay: bias_norm` (default): biases and normalisation weights get weight decay 0, by Hugging Face
+    Trainer's rule (nn.LayerNorm modules; names with bias / layernorm / rmsnorm / a norm component), the rest decays;
+    one step at lr 0.1 with zero gradients shrinks exactly the decaying weights by lr x decay."""
+    from torch import nn
+
+    from ktr.training.optim import decay_groups, make_optimizer
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(2, 2)  # weight decays, bias not
+            self.ln = nn.LayerNorm(2)  # by type
+            self.input_layernorm, self.q_norm = nn.Linear(2, 2), nn.Linear(2, 2, bias=False)  # by name
+            self.norm1 = nn.Linear(2, 2, bias=False)  # "norm1" is no norm component: decays (as the Trainer's rule)
+            self.frozen = nn.Linear(2, 2, bias=False).requires_grad_(False)
+
+    toy = Toy()
+    cfg = OptimConfig(lr=0.1, weight_decay=0.5, schedule="constant")
+    decay, exempt = decay_groups(toy, cfg)
+    names = {id(p): n for n, p in toy.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["norm1.weight", "proj.weight"]
+    assert sorted(names[id(p)] for p in exempt["params"]) == ["input_layernorm.bias", "input_layernorm.weight",
+                                                              "ln.bias", "ln.weight", "proj.bias", "q_norm.weight"]
+    assert exempt["weight_decay"] == 0.0
+    before = {n: p.detach().clone() for n, p in toy.named_parameters()}
+    opt = make_optimizer([decay, exempt], cfg)
+    for p in toy.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    for n, p in toy.named_parameters():
+        factor = 1 - 0.1 * 0.5 if n in ("norm1.weight", "proj.weight") else 1.0
+        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=0, atol=1e-7, msg=n)
+    everything = decay_groups(toy, OptimConfig(no_decay="none"))
+    assert len(everything) == 1 and len(everything[0]["params"]) == 8  # the frozen one in neither
+    assert len(decay_groups(toy, OptimConfig(weight_decay=0.0))) == 1  # nothing to exempt from: one group

@@ -114,3 +114,15 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=family_of(model).lora_target_regex(lora.target_modules))
     return get_peft_model(model, config)
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Names of the modules of `model` that drop out in training mode: `nn.Dropout` with p > 0 (LoRA's
+    `lora_dropout` among them) and attention modules whose `attention_dropout` is above 0 (transformers applies it
+    inside the attention call). The released Qwen checkpoints have none."""
+    found = []
+    for name, m in model.named_modules():
+        p = m.p if isinstance(m, nn.Dropout) else getattr(m, "attention_dropout", 0.0)
+        if isinstance(p, (int, float)) and p > 0:
+            found.append(f"{name} ({p:g})")
+    return found

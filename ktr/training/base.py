@@ -26,7 +26,7 @@ from ktr.rewards import compute_rewards
 from ktr.rollout.base import teacher_rollout
 from ktr.rollout.hf import generate
 from ktr.training.lightning_compat import attached_trainer, forget_step_metrics
-from ktr.training.optim import lr_lambda, make_optimizer
+from ktr.training.optim import decay_groups, lr_lambda, make_optimizer
 from ktr.training.resume import rng_state, set_rng_state
 from ktr.types import PromptBatch
 
@@ -146,6 +146,13 @@ class PolicyModule(L.LightningModule):
         return []
 
     def on_fit_start(self) -> None:
+        """The policy trains in training mode, frozen models stay in eval mode. `from_pretrained` returns a model in
+        eval mode and Lightning no longer switches modules to training mode at fit start (it warns), so without
+        this a loaded checkpoint never ran gradient checkpointing (transformers checkpoints a layer only while
+        `training`): every layer's activations were kept. A model built from a config starts in training mode."""
+        self.model.train()
+        for m in self._frozen_models():
+            m.eval()
         if self._sharded:
             from ktr.model.fsdp import ensure_root_initialized
 
@@ -197,11 +204,11 @@ class PolicyModule(L.LightningModule):
                         "resumed run will not replay the interrupted one exactly", len(states), world)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+        groups = decay_groups(self.model, self.optim_cfg)
+        if not groups:
             raise ValueError("the policy has no trainable parameters (a 4-bit `policy.quantization: nf4` base is "
                              "frozen: set `policy.lora` to train adapters)")
-        opt = make_optimizer(params, self.optim_cfg)
+        opt = make_optimizer(groups, self.optim_cfg)
         trainer = attached_trainer(self)
         total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1
         warm = self.warm_start_steps
