@@ -223,6 +223,8 @@ def test_open_gop_sparse_reads_give_decords_sequential_frames(clips, name: str) 
 def test_open_gops_are_found_where_decords_sampled_reads_miss(clips, name: str) -> None:
     path = str(_clip(clips, name))
     assert decoders.has_open_gops(path) is (name in OPEN_GOPS)
+    # past the first packets, from the keyframes the spots seek to: the same answer, no false positive
+    assert decoders.has_open_gops(path, max_packets=5) is (name in OPEN_GOPS)
     if HAS_DECORD:  # the reason to look for them: decord's sparse reads miss on exactly these clips
         indices = [*range(0, N_FRAMES, 7), N_FRAMES - 1]
         sparse = open_video(path, "decord").get_batch(indices)
@@ -230,10 +232,13 @@ def test_open_gops_are_found_where_decords_sampled_reads_miss(clips, name: str) 
         assert (misses > 0) is (name in OPEN_GOPS)
 
 
-def test_open_gop_check_reads_the_first_packets_only(clips, tmp_path: Path) -> None:
+def test_open_gop_check_reads_the_first_packets_then_spots(clips, tmp_path: Path) -> None:
     path = str(_clip(clips, "hevc"))  # a keyframe every 12 frames: the first leading frames follow packet 12
-    assert decoders.has_open_gops(path, max_packets=12) is False
-    assert decoders.has_open_gops(path, max_packets=16) is True
+    assert decoders.has_open_gops(path, max_packets=12, spots=()) is False
+    assert decoders.has_open_gops(path, max_packets=16, spots=()) is True
+    # an open GOP past the first packets is found from a spot (a quarter in: the keyframe of frame 12 or 24)
+    assert decoders.has_open_gops(path, max_packets=12, spots=(0.25,), spot_packets=6) is True
+    assert decoders.has_open_gops(path, max_packets=12, spots=(0.25,), spot_packets=1) is False  # the key alone
     bad = tmp_path / "text.mp4"
     bad.write_text("not a video")
     assert decoders.has_open_gops(str(bad)) is None  # cannot tell: decord's frames, as before

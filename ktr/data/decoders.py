@@ -168,20 +168,27 @@ def open_video(path: str, backend: str) -> VideoReader:
 
 
 OPEN_GOP_PACKETS = 3000
-"""`has_open_gops` demuxes at most this many packets: 2 minutes at 25 fps; the fixture clip's 491 take 3 to 5 ms."""
+"""`has_open_gops` demuxes at most this many packets from the start: 2 minutes at 25 fps; the fixture clip's 491
+take 3 to 5 ms."""
+OPEN_GOP_SPOTS = (0.25, 0.5, 0.75)
+"""Where in a longer file (fractions of its duration) `has_open_gops` also looks, from the keyframe before each."""
+OPEN_GOP_SPOT_PACKETS = 300
+"""Packets demuxed at each spot: at least one GOP after the keyframe sought to at x264's default `keyint` (250)."""
 
 
-def has_open_gops(path: str, max_packets: int = OPEN_GOP_PACKETS) -> bool | None:
+def has_open_gops(path: str, max_packets: int = OPEN_GOP_PACKETS, spots: tuple[float, ...] = OPEN_GOP_SPOTS,
+                  spot_packets: int = OPEN_GOP_SPOT_PACKETS) -> bool | None:
     """Whether the best video stream of `path` has open GOPs: a keyframe after the first is followed, in decode
     order, by a packet shown before it (leading pictures that reference the previous GOP). decord counts frames
     from the keyframe it seeks to, but the decoder drops those leading pictures after the seek, so decord's
     sampled reads land a few frames off (tests/test_video_backends.py: of 13 clips, decord misses on exactly the
     5 this finds).
 
-    Demuxes (no decoding) up to the first such packet or `max_packets` packets. x264's `open-gop` leaves a GOP
-    closed where no B-frame precedes its keyframe, so the first open one can come late: a file whose first open GOP
-    lies past `max_packets` counts as closed (decord's frames, as released). None when PyAV cannot tell (it cannot
-    open the file, or the packets carry no pts).
+    Demuxes (no decoding) the first `max_packets` packets, stopping at the first such packet. x264's `open-gop`
+    leaves a GOP closed where no B-frame precedes its keyframe, so the first open one can come late: in a file with
+    more packets than that, it also seeks to each of `spots` (fractions of the duration) and demuxes `spot_packets`
+    from the keyframe there. A file whose open GOPs all lie outside those windows counts as closed (decord's frames,
+    as released). None when PyAV cannot tell (it cannot open the file, or the packets carry no pts).
     """
     av = _import("pyav")
     try:
@@ -189,22 +196,38 @@ def has_open_gops(path: str, max_packets: int = OPEN_GOP_PACKETS) -> bool | None
             stream = _best_video_stream(container)
             if stream is None:
                 return None
-            keyframes, key_pts = 0, None
-            for n, packet in enumerate(container.demux(stream)):
-                if n >= max_packets:
-                    break
-                if packet.pts is None:
-                    if packet.size == 0:
-                        continue  # PyAV's trailing flush packet
-                    return None
-                if packet.is_keyframe:
-                    keyframes += 1
-                    key_pts = packet.pts
-                elif keyframes >= 2 and packet.pts < key_pts:
-                    return True
+            found, first_key, more = _leading_pictures(container.demux(stream), max_packets, None)
+            if found is not False or not more or first_key is None or not container.duration:
+                return found
+            start = container.start_time or 0
+            for spot in spots:  # container.seek: microseconds, back to the keyframe at or before
+                container.seek(start + int(spot * container.duration))
+                found, _, _ = _leading_pictures(container.demux(stream), spot_packets, first_key)
+                if found is not False:
+                    return found
     except (av.error.FFmpegError, OSError):
         return None
     return False
+
+
+def _leading_pictures(packets, limit: int, first_key: int | None) -> tuple[bool | None, int | None, bool]:
+    """Scans up to `limit` of `packets` (decode order) for one shown before the keyframe last seen, that keyframe not
+    being the file's first (pts `first_key`; None: the first keyframe met here is). Returns (found: None where a
+    packet has no pts, the file's first keyframe's pts, whether packets remained past `limit`)."""
+    key_pts = None
+    for n, packet in enumerate(packets):
+        if n >= limit:
+            return False, first_key, True
+        if packet.pts is None:
+            if packet.size == 0:
+                continue  # PyAV's trailing flush packet
+            return None, first_key, False
+        if packet.is_keyframe:
+            first_key = packet.pts if first_key is None else first_key
+            key_pts = packet.pts
+        elif key_pts is not None and key_pts > first_key and packet.pts < key_pts:
+            return True, first_key, False
+    return False, first_key, False
 
 
 _switched = 0  # files this process read with PyAV under `auto` although decord imports
