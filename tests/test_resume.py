@@ -101,16 +101,25 @@ class _Record(Callback):
             trainer.should_stop = True
 
 
+LORA_POLICIES = {  # PolicyConfig arguments of the adapter runs
+    "lora": dict(lora=dict(r=4, alpha=8, dropout=0.0)),
+    "qlora": dict(lora=dict(r=4, alpha=8, dropout=0.0), quantization="nf4", dtype="bfloat16"),
+}
+
+
 def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: Path | None = None, warm: int = 0,
-         name: str = "tiny"):
-    from ktr.config import LossConfig, OptimConfig, PolicyConfig, SamplingConfig
+         name: str = "tiny", adapters: str | None = None):
+    from ktr.config import LoraSettings, LossConfig, OptimConfig, PolicyConfig, SamplingConfig
     from ktr.data.base import SyntheticDataModule
     from ktr.data.video import VideoSettings
     from ktr.module import KTRModule
 
     torch.set_num_threads(1)
     L.seed_everything(42)
-    module = KTRModule(policy=PolicyConfig(name_or_path=name, attn_implementation="eager"),
+    extra = dict(LORA_POLICIES[adapters]) if adapters else {}
+    if extra:
+        extra["lora"] = LoraSettings(**extra["lora"])
+    module = KTRModule(policy=PolicyConfig(name_or_path=name, attn_implementation="eager", **extra),
                        sampling=SamplingConfig(group_size=2, max_new_tokens=6, temperature=1.0, top_p=0.95),
                        loss=LossConfig(beta=0.04), optim=OptimConfig(lr=1e-3, schedule="cosine", grad_clip=5.0),
                        warm_start_steps=warm)
@@ -129,8 +138,8 @@ def _fit(ckpt_dir: Path | None = None, stop_at: int | None = None, resume_from: 
 
 
 @functools.cache
-def _uninterrupted(warm: int = 0, name: str = "tiny"):
-    module, ids = _fit(warm=warm, name=name)
+def _uninterrupted(warm: int = 0, name: str = "tiny", adapters: str | None = None):
+    module, ids = _fit(warm=warm, name=name, adapters=adapters)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, ids
 
 
@@ -169,6 +178,27 @@ def test_resumed_qwen3vl_run_ends_with_the_uninterrupted_weights(tmp_path):
     resumed, resumed_ids = _fit(resume_from=ckpt, name="tiny-qwen3vl")
     assert first_ids + resumed_ids == want_ids
     assert any("deepstack_merger_list" in k for k in want)
+    differ = _equal_weights({k_: v.detach() for k_, v in resumed.state_dict().items()}, want)
+    assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapters", ["lora", "qlora"])
+def test_resumed_adapter_run_ends_with_the_uninterrupted_weights(tmp_path, adapters):
+    """LoRA and QLoRA on one device: the checkpoint holds the adapters (the trainable tensors) and nothing of the
+    frozen base, whose 4-bit quantisation state bitsandbytes cannot load back (a QLoRA run did not resume before
+    2026-12-06); the resumed run ends with the uninterrupted run's weights, 4-bit base included."""
+    if adapters == "qlora":
+        pytest.importorskip("bitsandbytes")
+    want, want_ids = _uninterrupted(0, "tiny", adapters)
+    first, first_ids = _fit(ckpt_dir=tmp_path, stop_at=2, adapters=adapters)
+    (ckpt,) = tmp_path.glob("*.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    trainable = {n for n, p in first.named_parameters() if p.requires_grad}
+    assert saved["ktr_trainable_only"] and set(saved["state_dict"]) == trainable
+    assert trainable and all("lora_" in k for k in trainable)
+    resumed, resumed_ids = _fit(resume_from=ckpt, adapters=adapters)
+    assert first_ids + resumed_ids == want_ids
     differ = _equal_weights({k_: v.detach() for k_, v in resumed.state_dict().items()}, want)
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
 

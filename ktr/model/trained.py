@@ -78,16 +78,16 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_trained_policy(cfg: PolicyConfig, weights: dict[str, torch.Tensor]) -> Policy:
     """Rebuild the policy in full precision and load the trained weights (`model.` keys of the module)."""
-    trained_4bit = cfg.quantization != "none"
     policy = load_policy(replace(cfg, quantization="none", gradient_checkpointing=False))
     state = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
     if not state:
         raise ValueError("the checkpoint holds no `model.*` weights: was it written by a ktr module?")
-    if trained_4bit:  # only the adapters trained; the 4-bit base is replaced by the full-precision one
+    if cfg.lora is not None:  # only the adapters trained (a one-device LoRA checkpoint holds nothing else); the
+        # base, 4-bit in training or not, is the full-precision one of `name_or_path`
         state = {k: v for k, v in state.items() if "lora_" in k}
         missing = {k for k, _ in policy.model.named_parameters() if "lora_" in k} - set(state)
         if not state or missing:
-            raise ValueError(f"QLoRA checkpoint lacks adapter weights (e.g. {sorted(missing)[:3]})")
+            raise ValueError(f"LoRA checkpoint lacks adapter weights (e.g. {sorted(missing)[:3]})")
         policy.model.load_state_dict(state, strict=False)
     else:
         policy.model.load_state_dict(state, strict=True)

@@ -8,6 +8,7 @@ checkpoints (exact resume) and greedy validation accuracy. The RL step itself is
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import nullcontext
 from functools import partial
 
@@ -31,6 +32,9 @@ from ktr.training.resume import rng_state, set_rng_state
 from ktr.types import PromptBatch
 
 log = logging.getLogger(__name__)
+
+_QUANT_STATE = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$")
+"""bitsandbytes' 4-bit quantisation state in a state dict: `Linear4bit` writes it and cannot load it back."""
 
 
 class PolicyModule(L.LightningModule):
@@ -177,13 +181,42 @@ class PolicyModule(L.LightningModule):
             states = [state]
         checkpoint["ktr_rng"] = states
         checkpoint["ktr_policy"] = flat_settings(self.policy_cfg, "policy")  # named when a resume does not fit
+        if self._trainable_only():
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["ktr_trainable_only"] = True
         if self._skips is not None:
             checkpoint["ktr_skips"] = _per_rank(self._skips.state_dict())
+
+    def _trainable_only(self) -> bool:
+        """A LoRA policy on one device saves its trainable tensors only (the adapters): the frozen base is rebuilt
+        from `policy.name_or_path` as it was, and a 4-bit base's quantisation state cannot be loaded back into
+        bitsandbytes' layers (a QLoRA checkpoint did not resume before 2026-12-06). Under FSDP2 the strategy
+        saves the whole sharded state."""
+        return self.policy_cfg.lora is not None and not self._sharded
+
+    def _fit_trainable_only(self, checkpoint: dict) -> None:
+        """Before Lightning loads the weights: a checkpoint of the trainable tensors must hold exactly those of
+        this policy, then loads non-strictly; an older whole QLoRA checkpoint loses its quantisation state (the
+        4-bit weights are recomputed from the same base)."""
+        state = checkpoint.get("state_dict", {})
+        if checkpoint.get("ktr_trainable_only"):
+            want = {n for n, p in self.named_parameters() if p.requires_grad}
+            missing, extra = sorted(want - state.keys()), sorted(state.keys() - want)
+            if missing or extra:
+                raise CheckpointError(f"the checkpoint holds the trainable tensors of another policy: {len(missing)} "
+                                      f"of this one's missing (e.g. {missing[:2]}), {len(extra)} not trainable here "
+                                      f"(e.g. {extra[:2]}); use the policy settings it was trained with")
+            self.strict_loading = False
+        elif self.policy_cfg.quantization != "none":
+            for key in [k for k in state if _QUANT_STATE.search(k)]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line naming the differing settings, a checkpoint whose tensors do not fit the policy
         (Lightning loads the weights after this hook); then restore skip counts and RNG states."""
         if not self._sharded:
+            self._fit_trainable_only(checkpoint)
             problem = shape_mismatch(checkpoint.get("state_dict", {}), self.state_dict(),
                                      checkpoint.get("ktr_policy"), flat_settings(self.policy_cfg, "policy"))
             if problem is not None:
