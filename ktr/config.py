@@ -42,6 +42,7 @@ LengthReading = Literal["generated", "key"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Schedule = Literal["constant", "cosine"]
 NoDecay = Literal["bias_norm", "none"]
+RopeAfterMedia = Literal["reference", "transformers"]
 ScoreName = Literal["logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger"]
 """`ktr.probes.scores.SCORE_FUNCTIONS`."""
 VisualPerturbation = Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
@@ -539,6 +540,11 @@ class PolicyConfig:
     reference processor and transformers 4.57, i.e. the format the released models were trained on); `keep`
     leaves that outer pair around the blocks, as transformers 5.10-5.24's `Qwen3VLProcessor` did (5.25 went back to
     `replace`; docs/qwen3vl.md)."""
+    rope_after_media: RopeAfterMedia = "reference"
+    """Qwen2-VL / Qwen2.5-VL only: where text resumes after a video in the 3D rotary positions. `reference`: one
+    past the video's largest position, as Qwen's reference code, transformers 4.x (the released run and the
+    Video-R1 SFT checkpoint) and vLLM place it; `transformers`: transformers >= 5.3's `start + max(h, w)`, which
+    leaves out the video's temporal extent (ktr before 2026-12-06; `ktr.model.rope`). Images: the same either way."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the `tiny` model (ignored for real checkpoints)."""
     gradient_checkpointing: bool = False

@@ -221,7 +221,8 @@ class VisionLanguageProcessor:
 
         `rope_time` (`VideoSettings.rope_time`): `sampled` gives videos `second_per_grid_ts = temporal_patch /
         sample_fps`; `released` gives 1.0, which is exactly transformers' value when the key is absent (its
-        `get_rope_index` then uses 1 per video), so every pass and `generate` behave as the released trainer.
+        `get_rope_index` then uses 1 per video), so every pass and `generate` behave as the released trainer (with
+        `policy.rope_after_media: reference`, the default, for the text after a video: `ktr.model.rope`).
         """
         if rope_time not in ("sampled", "released"):
             raise ValueError(f"rope_time must be 'sampled' or 'released', got {rope_time!r}")

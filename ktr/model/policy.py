@@ -84,6 +84,10 @@ def load_policy(cfg: PolicyConfig) -> Policy:
     is_tiny = tiny_family(cfg.name_or_path) is not None
     model, tokenizer, patch = _build_tiny(cfg) if is_tiny else _load_pretrained(cfg)
     model.config.use_cache = True
+    if cfg.rope_after_media == "reference" and family_of(model).media_rope_restart:
+        from ktr.model.rope import use_reference_positions
+
+        use_reference_positions(core(model).model)  # every caller, transformers' `generate` included
     if cfg.quantization == "nf4":
         from ktr.model.quant import prepare_nf4
 

@@ -30,11 +30,12 @@ What the engine sees is what the scoring passes see:
 The engine also returns the sampled tokens' log-probs (raw logits, before temperature / top-p: the quantity the
 policy pass computes); they ride on `Rollout.logps` for `train/rollout/logp_diff` and `loss.rollout_correction`.
 
-Known difference (measured with transformers 5.19 and 5.24, vLLM 0.32): after a *video*, transformers 5's
-Qwen2.5-VL `get_rope_index` continues the text at `start + max(h, w) / merge`, vLLM (like the released
-Qwen2.5-VL code of transformers 4.x) at `max(t, h, w) + 1`. ktr's scoring passes use transformers' positions, so
-on videos whose temporal extent exceeds the spatial one the engine samples from slightly different positions
-than the policy scores; `train/rollout/logp_diff` shows it and `loss.rollout_correction: tis` corrects for it.
+Positions after a video: transformers 5's Qwen2.5-VL `get_rope_index` continues the text at
+`start + max(h, w) / merge`, vLLM (like Qwen's reference code and transformers 4.x) at `max(t, h, w) + 1`
+(measured with transformers 5.19 and 5.24, vLLM 0.32). ktr's passes follow the reference rule by default
+(`policy.rope_after_media: reference`, `ktr.model.rope`), so the engine samples at the positions the policy scores;
+under `rope_after_media: transformers` they differ on videos whose temporal extent exceeds the spatial one, and
+`train/rollout/logp_diff` shows it (`loss.rollout_correction: tis` corrects for it).
 
 Supported families: Qwen2.5-VL, Qwen2-VL and Qwen3-VL. Qwen3-VL (`media: embeds`): the engine gets the main and
 deepstack features side by side and each video's per-patch timestamps; the timestamped blocks of ktr's prompt are

@@ -132,14 +132,14 @@ def test_sampled_logps_equal_the_policy_pass(setup, settings) -> None:
     assert rollout.logps is not None and rollout.logps.shape == valid.shape
     assert (rollout.logps[~valid] == 0).all() and (rollout.logps[valid] < 0).all()
     assert rollout.completion_ids[:G].unique(dim=0).shape[0] > 1  # G distinct samples of a prompt
-    image_rows = slice(G, 2 * G)  # raw log-probs (before temperature / top-p), as the policy pass computes
-    mine = _policy_logps(model, batch, rollout)
-    torch.testing.assert_close(rollout.logps[image_rows], mine[image_rows], rtol=0, atol=1e-4)
+    mine = _policy_logps(model, batch, rollout)  # raw log-probs (before temperature / top-p), as vLLM returns them
     view = SequenceView.of(model, rollout, batch)
-    shifted = vllm_positions(view, model.config.video_token_id)
-    assert not torch.equal(shifted, view.position_ids)  # the two position rules differ on this video
-    aligned = _policy_logps(model, batch, rollout, shifted)
-    torch.testing.assert_close(rollout.logps, aligned, rtol=0, atol=1e-4)
+    # ktr places text after a video as vLLM does (`policy.rope_after_media: reference`, ktr.model.rope): the same
+    # positions, so the video rows' log-probs agree too, not only the image rows'
+    assert torch.equal(vllm_positions(view, model.config.video_token_id), view.position_ids)
+    torch.testing.assert_close(rollout.logps, mine, rtol=0, atol=1e-4)
+    transformers5 = load_policy(replace(tiny_vllm_policy_config(), rope_after_media="transformers")).model
+    assert not torch.equal(SequenceView.of(transformers5, rollout, batch).position_ids, view.position_ids)
     torch.manual_seed(3)
     again = backend.generate(model, policy.processor, batch, replace(cfg, **settings))
     assert torch.equal(again.completion_ids, rollout.completion_ids)  # seeds from torch's generator

@@ -78,6 +78,10 @@ class ModelFamily:
     completion exactly as its own row does. True for pure-attention decoders; False where a layer carries a state
     along the row (Qwen3.5's Gated DeltaNet), which would run from one completion into the next: such a family's
     scoring passes always take the naive layout (`ktr.model.forward.prefix_layout`)."""
+    media_rope_restart: bool = False
+    """Whether transformers 5's positions after a video differ from Qwen's reference rule (`ktr.model.rope`):
+    Qwen2-VL and Qwen2.5-VL, whose videos span several temporal positions. Qwen3-VL's frames are one temporal
+    position each, where both rules agree."""
 
     def load_class(self):
         import transformers

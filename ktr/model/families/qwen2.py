@@ -46,6 +46,6 @@ class Qwen25VLFamily(ModelFamily):
 
 
 QWEN2_5_VL = Qwen25VLFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", video_time_scaling=True,
-                            tiny_name="tiny")
+                            tiny_name="tiny", media_rope_restart=True)
 QWEN2_VL = ModelFamily("qwen2_vl", "Qwen2VLForConditionalGeneration", video_time_scaling=False,
-                       processor_class="Qwen2VLProcessor")
+                       processor_class="Qwen2VLProcessor", media_rope_restart=True)
