@@ -17,6 +17,7 @@ from ktr.config import PolicyConfig
 from ktr.export import export, main
 from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.model.policy import load_policy
+from ktr.model.rope import use_reference_positions
 from ktr.model.trained import checkpoint_weights
 
 CONFIG = """
@@ -90,6 +91,7 @@ def test_export_reloads_with_from_pretrained_and_gives_the_same_logps(trained):
                 str(trained["tmp"] / "hf")])
     assert not (out / "adapter_config.json").exists()
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+    use_reference_positions(hf.model)  # plain transformers 5 places text after a video otherwise (ktr.model.rope)
     got = _logps(hf, trained["batch"], trained["rollout"])
     if trained["kind"] == "full":
         assert torch.equal(got, trained["want"])
@@ -159,3 +161,18 @@ def test_the_exported_run_really_trained(trained):
     start = load_policy(PolicyConfig(attn_implementation="eager")).model
     diff = (_logps(start, trained["batch"], trained["rollout"]) - trained["want"]).abs().max()
     assert diff > 1e-4
+
+
+@pytest.mark.slow
+def test_dtype_casts_the_written_weights(trained):
+    """`--dtype bfloat16`: the released checkpoints' 16-bit weights from fp32 master weights, after the merge: each
+    tensor is the fp32 export's, rounded."""
+    from safetensors.torch import load_file
+
+    full = export([trained["cfg"]], trained["ckpt"], trained["tmp"] / "hf_fp32")
+    half = main(["--config", str(trained["cfg"]), "--ckpt", str(trained["ckpt"]), "--out",
+                 str(trained["tmp"] / "hf_bf16"), "--dtype", "bfloat16"])
+    a, b = (load_file(next(d.glob("*.safetensors"))) for d in (full, half))
+    assert a.keys() == b.keys() and all(t.dtype == torch.float32 for t in a.values())
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].to(torch.bfloat16)) for k in a)
+    assert json.loads((half / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"

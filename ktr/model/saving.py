@@ -10,14 +10,17 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from ktr.data.video import ImageSettings, VideoSettings
 from ktr.model.families import core, family_of
 from ktr.model.policy import Policy
 
 
 def export_policy(policy: Policy, out: str | Path, adapter_only: bool = False, video: VideoSettings | None = None,
-                  image: ImageSettings | None = None) -> Path:
-    """Write `policy` (LoRA merged in place unless `adapter_only`) and its processor settings to `out`."""
+                  image: ImageSettings | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write `policy` (LoRA merged in place unless `adapter_only`) and its processor settings to `out`; `dtype`
+    casts the weights written (after merging), e.g. fp32 master weights to the bf16 the released checkpoints hold."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = policy.model.eval()
@@ -25,10 +28,10 @@ def export_policy(policy: Policy, out: str | Path, adapter_only: bool = False, v
     if adapter_only:
         if not is_peft:
             raise ValueError("--adapter-only needs a LoRA policy (policy.lora or policy.adapter_path)")
-        model.save_pretrained(out)
+        (model.to(dtype) if dtype is not None else model).save_pretrained(out)
     else:
         base = model.merge_and_unload() if is_peft else core(model)
-        base.save_pretrained(out)
+        (base.to(dtype) if dtype is not None else base).save_pretrained(out)
     policy.tokenizer.save_pretrained(out)
     write_processor_config(policy, out, video or VideoSettings(), image or ImageSettings())
     return out
