@@ -197,3 +197,23 @@ def test_vllm_memory_doctests() -> None:
     import ktr.rollout.vllm_memory
 
     assert doctest.testmod(ktr.rollout.vllm_memory).failed == 0
+
+
+def test_each_request_gets_its_own_seeds() -> None:
+    """vLLM seeds sample j of a request with seed + j: requests seeded seed + i * n never share a sample's seed
+    (one SamplingParams for all gave sample j of every prompt the same draws); greedy params keep no seed."""
+    from ktr.rollout.vllm import per_request_seeds
+
+    class Params:  # the two fields and the method of vLLM's SamplingParams that per_request_seeds uses
+        def __init__(self, n: int, seed: int | None) -> None:
+            self.n, self.seed = n, seed
+
+        def clone(self) -> "Params":
+            return copy.copy(self)
+
+    params = Params(n=8, seed=1000)
+    out = per_request_seeds(params, 3)
+    assert [p.seed for p in out] == [1000, 1008, 1016] and params.seed == 1000
+    sample_seeds = [p.seed + j for p in out for j in range(p.n)]  # what vLLM gives each sample
+    assert len(set(sample_seeds)) == 24
+    assert [p.seed for p in per_request_seeds(Params(n=1, seed=None), 2)] == [None, None]

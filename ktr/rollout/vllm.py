@@ -305,6 +305,19 @@ def sampling_params(model: nn.Module, processor: VisionLanguageProcessor, cfg: S
     return vllm.SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or -1, **common)
 
 
+def per_request_seeds(params, count: int) -> list:
+    """`count` copies of `params` (vLLM `SamplingParams`), request `i` seeded `seed + i * n`. vLLM seeds sample `j`
+    of a request with `seed + j`, so one `SamplingParams` for every request gave sample `j` of every prompt the same
+    random draws (correlated completions across the prompts of a rank); these seeds never overlap."""
+    out = []
+    for i in range(count):
+        one = params.clone()
+        if params.seed is not None:
+            one.seed = params.seed + i * params.n
+        out.append(one)
+    return out
+
+
 def _completion_tensors(outputs, expected: list[list[int]], rows: list[dict], repeat: int,
                         pad_id: int) -> tuple[Tensor, Tensor]:
     """Completion ids `[N, T]` (pad after the end) and their log-probs `[N, T]` (0 after the end)."""
@@ -349,7 +362,7 @@ class VLLMBackend(RolloutBackend):
             requests, expected = engine_requests(model, processor, batch, cfg.vllm.media)
         params = sampling_params(model, processor, cfg, 1 if greedy else g, greedy)  # vLLM: greedy needs n = 1
         self.wake(model)
-        outputs = self.engine.generate(requests, params, use_tqdm=False)
+        outputs = self.engine.generate(requests, per_request_seeds(params, len(requests)), use_tqdm=False)
         self.timeline.record("generated", requests=len(requests), samples=len(requests) * (1 if greedy else g))
         ids, lps = _completion_tensors(outputs, expected, batch.rows, g if greedy else 1, processor.pad_token_id)
         device = batch.input_ids.device
