@@ -58,6 +58,9 @@ def _reference_rope_index(self, input_ids: Tensor, *args, **kwargs) -> tuple[Ten
     positions, deltas = method(self, input_ids, *args, **kwargs)
     given = inspect.signature(method).bind(self, input_ids, *args, **kwargs).arguments
     types_, mask = given.get("mm_token_type_ids"), given.get("attention_mask")
+    if types_ is None and input_ids is not None:  # transformers versions that find media by token id
+        config = self.config
+        types_ = (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()
     if types_ is None or positions.dim() != 3 or not bool((types_ > 0).any()):
         return positions, deltas
     fixed = restart_after_media(positions, types_, mask)
