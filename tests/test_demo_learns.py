@@ -19,8 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
 P_TARGET_MARGIN = 0.10
-"""Smallest rise of `val/p_target` over the RL steps accepted on each seed: the seed table's smallest rise is +0.153
-(docs/demo_seeds.md), the code before the tie fix (untied scores, lr 3e-4, beta 0) rose by about +0.08."""
+"""Smallest rise of `val/p_target` over the RL steps accepted on each seed: the seed table's smallest rise is +0.201
+(docs/demo_seeds.md, 2026-12-06); under the old rotary positions it was +0.153, and the code before the tie fix
+(untied scores, lr 3e-4, beta 0) rose by about +0.08."""
 
 
 def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
