@@ -24,32 +24,35 @@ def test_shared_prefix_is_the_default() -> None:
     assert type(rollout_backend(SamplingConfig().backend)) is SharedPrefixBackend
 
 
-def test_hf_generate_ignores_the_checkpoints_generation_config(tiny_policy) -> None:
+def test_hf_generate_ignores_the_checkpoints_generation_config(tiny_policy, tmp_path) -> None:
     """A checkpoint's generation_config.json (Qwen2.5-VL-Instruct's sets repetition_penalty 1.05, top_k 1, ...)
-    reaches no rollout or evaluation: what ktr's settings leave out is transformers' global default, as under the
-    released trainer's fresh GenerationConfig. Greedy decoding (the evaluation's) gives the same tokens with and
-    without it. (Sampling from the tiny random model's flat distribution drew the same tokens even with the
-    checkpoint's penalties applied, so only greedy decoding tells them apart; both build their settings in
-    `hf_generate_kwargs`.)"""
+    reaches no rollout or evaluation: `load_policy` keeps only its special-token ids, as the released trainer's
+    fresh GenerationConfig did. Greedy decoding (the evaluation's) gives the same tokens from a checkpoint with and
+    without those settings. (Sampling from the tiny random model's flat distribution drew the same tokens even with
+    the checkpoint's penalties applied, so only greedy decoding tells them apart.)"""
+    import json
+
     import torch
 
+    from ktr.config import PolicyConfig
+    from ktr.model.policy import load_policy
+    from ktr.model.saving import export_policy
     from ktr.rollout.hf import generate
     from tests.helpers import synthetic_samples
 
-    model, processor = tiny_policy.model, tiny_policy.processor
+    clean_dir, polluted_dir = (export_policy(tiny_policy, tmp_path / name) for name in ("clean", "polluted"))
+    settings = polluted_dir / "generation_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "repetition_penalty": 50.0, "top_k": 1,
+                                    "no_repeat_ngram_size": 1, "temperature": 0.1, "top_p": 0.001,
+                                    "min_new_tokens": 8, "do_sample": True}))
+    processor = tiny_policy.processor
     batch = processor.collate(synthetic_samples(processor, 2))
     cfg = SamplingConfig(group_size=2, max_new_tokens=8, top_p=0.95, temperature=1.0)
 
-    def tokens():
+    def tokens(folder):
+        policy = load_policy(PolicyConfig(name_or_path=str(folder)))
+        assert policy.model.generation_config.eos_token_id == tiny_policy.model.generation_config.eos_token_id
         torch.manual_seed(0)
-        return generate(model, processor, batch, cfg, group_size=1, greedy=True).completion_ids
+        return generate(policy.model, policy.processor, batch, cfg, group_size=1, greedy=True).completion_ids
 
-    clean = tokens()
-    saved = model.generation_config
-    model.generation_config = type(saved).from_dict({**saved.to_dict(), "repetition_penalty": 50.0, "top_k": 1,
-                                                     "no_repeat_ngram_size": 1, "temperature": 0.1, "top_p": 0.001,
-                                                     "min_new_tokens": 8, "do_sample": True})
-    try:
-        assert torch.equal(tokens(), clean)
-    finally:
-        model.generation_config = saved
+    assert torch.equal(tokens(polluted_dir), tokens(clean_dir))

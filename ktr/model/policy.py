@@ -84,6 +84,7 @@ def load_policy(cfg: PolicyConfig) -> Policy:
     is_tiny = tiny_family(cfg.name_or_path) is not None
     model, tokenizer, patch = _build_tiny(cfg) if is_tiny else _load_pretrained(cfg)
     model.config.use_cache = True
+    model.generation_config = _fresh_generation_config(model.generation_config)
     if cfg.rope_after_media == "reference" and family_of(model).media_rope_restart:
         from ktr.model.rope import use_reference_positions
 
@@ -118,6 +119,22 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=family_of(model).lora_target_regex(lora.target_modules))
     return get_peft_model(model, config)
+
+
+_GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _fresh_generation_config(loaded):
+    """A `GenerationConfig` with only the special-token ids of the checkpoint's (`loaded`).
+
+    transformers' `generate` fills every setting a call leaves out from the model's generation config, and
+    Qwen2.5-VL-7B-Instruct's `generation_config.json` (which checkpoints fine-tuned from it, such as the released
+    SFT start, inherit) sets `repetition_penalty: 1.05`: ktr's `hf` rollouts and greedy evaluations applied a
+    penalty that no setting of ktr named. The released trainer built a fresh `GenerationConfig` (its rollouts
+    sampled with transformers 4.x's `top_k` 50, not the checkpoint's 1), and so does ktr, once, at load."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{k: getattr(loaded, k) for k in _GENERATION_IDS if getattr(loaded, k, None) is not None})
 
 
 def active_dropout(model: nn.Module) -> list[str]:

@@ -45,35 +45,10 @@ def hf_generate_kwargs(model: nn.Module, processor: VisionLanguageProcessor, bat
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    kwargs.update(checkpoint_generation_reset(model, kwargs))
     vision = batch.hf_vision_kwargs()
     if not family_of(model).video_time_scaling:  # Qwen2-VL has no temporal scaling of rotary positions
         vision.pop("second_per_grid_ts", None)
     return {**kwargs, **vision}
-
-
-_TOKEN_SETTINGS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
-                   "_from_model_config"}
-
-
-def checkpoint_generation_reset(model: nn.Module, kwargs: dict) -> dict:
-    """`generate` settings that undo what the checkpoint's `generation_config.json` sets beyond `kwargs`.
-
-    transformers fills every setting a `generate` call leaves out from the checkpoint's generation config:
-    Qwen2.5-VL-7B-Instruct's (which fine-tuned checkpoints such as the released SFT start inherit) sets
-    `repetition_penalty: 1.05`, so ktr's rollouts and greedy evaluations applied a repetition penalty that no
-    setting of ktr named. The released trainer built a fresh `GenerationConfig` (its rollouts sampled with
-    transformers 4.x's `top_k` 50, not the checkpoint's 1), so every such setting is reset here to transformers'
-    global default; the special-token ids are kept."""
-    from transformers import GenerationConfig
-
-    fresh = GenerationConfig()
-    defaults = fresh._get_default_generation_params() if hasattr(fresh, "_get_default_generation_params") else {}
-    config = getattr(model, "generation_config", None)
-    if config is None:
-        return {}
-    return {key: defaults.get(key, getattr(fresh, key, None)) for key in config.to_diff_dict()
-            if key not in kwargs and key not in _TOKEN_SETTINGS and hasattr(fresh, key)}
 
 
 class HFBackend(RolloutBackend):
