@@ -90,10 +90,11 @@ def summarize(records: Iterable[Mapping[str, Any]], excluded: Mapping[str, int] 
                    "n_answered": int(c[3])} for g, c in sorted(cells.items())}
         for name, cells in sorted(groups.items())
     }
+    right = sum(r["score"] for r in scored)
     return {
-        "overall": _acc(sum(r["score"] for r in scored), len(unique)),
+        "overall": _acc(right, len(unique)),
         "overall_answered": _acc(sum(r["score"] for r in answered), len(answered)),
-        "overall_readable": _acc(sum(r["score"] for r in scored), len(scored)),
+        "overall_readable": _acc(right, len(scored)),
         "breakdown": breakdown,
         "n_questions": len(unique),
         "n_scored": len(scored),

@@ -20,33 +20,28 @@ import torch
 from torch import Tensor, nn
 
 
-def restart_after_media(positions: Tensor, mm_token_type_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+def restart_after_media(positions: Tensor, mm_token_type_ids: Tensor, keep: Tensor) -> Tensor:
     """`positions` `[3, B, S]` with every segment after a media block moved to start one past the largest position
-    before it (the reference rule). `mm_token_type_ids` `[B, S]` (0 text, else media), `attention_mask` `[B, S]`
-    (padding keeps its position). Segments are runs of text or of one media type; Qwen prompts wrap each media
-    block in vision start/end text tokens, so two blocks never touch."""
+    before it (the reference rule). `mm_token_type_ids` `[B, S]` (0 text, else media), `keep` `[B, S]` bool: the
+    attended tokens (padding keeps its position). Segments are runs of text or of one media type; Qwen prompts wrap
+    each media block in vision start/end text tokens, so two blocks never touch."""
     out = positions.clone()
     for b in range(positions.shape[1]):
-        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(mm_token_type_ids[b],
-                                                                                         dtype=torch.bool)
-        idx = keep.nonzero().squeeze(-1)  # [L]
-        if idx.numel() == 0:
-            continue
+        idx = keep[b].nonzero().squeeze(-1)  # [L]
         kinds = mm_token_type_ids[b, idx]  # [L]
         if not bool((kinds > 0).any()):
             continue
         row = out[:, b, idx]  # [3, L]
         cuts = (kinds[1:] != kinds[:-1]).nonzero().squeeze(-1) + 1
         bounds = [0, *cuts.tolist(), idx.numel()]
-        shift, top, after_media = 0, None, False
+        shift, top = 0, -1  # positions are >= 0
         for s, e in zip(bounds[:-1], bounds[1:]):
             seg = row[:, s:e] + shift
-            if after_media and top is not None and int(seg.min()) < top + 1:
+            if s > 0 and kinds[s - 1] > 0 and int(seg.min()) <= top:  # the segment right after a media block
                 step = top + 1 - int(seg.min())
                 seg, shift = seg + step, shift + step
             row[:, s:e] = seg
-            top = int(seg.max()) if top is None else max(top, int(seg.max()))
-            after_media = bool(kinds[s] > 0)
+            top = max(top, int(seg.max()))
         out[:, b, idx] = row
     return out
 
@@ -63,11 +58,10 @@ def _reference_rope_index(self, input_ids: Tensor, *args, **kwargs) -> tuple[Ten
         types_ = (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()
     if types_ is None or positions.dim() != 3 or not bool((types_ > 0).any()):
         return positions, deltas
-    fixed = restart_after_media(positions, types_, mask)
-    keep = mask.bool() if mask is not None else torch.ones_like(types_, dtype=torch.bool)
+    keep = mask.bool() if mask is not None else torch.ones_like(types_, dtype=torch.bool)  # [B, S]
+    fixed = restart_after_media(positions, types_, keep)
     top = fixed.masked_fill(~keep.unsqueeze(0), -1).amax(dim=(0, 2))  # [B]
-    new_deltas = (top + 1 - keep.sum(-1)).unsqueeze(1).to(deltas.dtype if torch.is_tensor(deltas) else top.dtype)
-    return fixed, new_deltas.to(deltas.device) if torch.is_tensor(deltas) else new_deltas
+    return fixed, (top + 1 - keep.sum(-1)).unsqueeze(1).to(deltas)
 
 
 def use_reference_positions(model: nn.Module) -> None:

@@ -182,7 +182,7 @@ class PolicyModule(L.LightningModule):
         checkpoint["ktr_rng"] = states
         checkpoint["ktr_policy"] = flat_settings(self.policy_cfg, "policy")  # named when a resume does not fit
         if self._trainable_only():
-            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            trainable = self._trainable_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
             checkpoint["ktr_trainable_only"] = True
         if self._skips is not None:
@@ -195,13 +195,16 @@ class PolicyModule(L.LightningModule):
         saves the whole sharded state."""
         return self.policy_cfg.lora is not None and not self._sharded
 
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
     def _fit_trainable_only(self, checkpoint: dict) -> None:
         """Before Lightning loads the weights: a checkpoint of the trainable tensors must hold exactly those of
         this policy, then loads non-strictly; an older whole QLoRA checkpoint loses its quantisation state (the
         4-bit weights are recomputed from the same base)."""
         state = checkpoint.get("state_dict", {})
         if checkpoint.get("ktr_trainable_only"):
-            want = {n for n, p in self.named_parameters() if p.requires_grad}
+            want = self._trainable_names()
             missing, extra = sorted(want - state.keys()), sorted(state.keys() - want)
             if missing or extra:
                 raise CheckpointError(f"the checkpoint holds the trainable tensors of another policy: {len(missing)} "
