@@ -364,6 +364,7 @@ def measure(config_paths, *, steps: int = 3, arch: str | None = "auto", device: 
             meter.steps[-1]["completion_tokens"] = int(round(float(
                 m.get("train/completion_length", 0)) * module.sampling.group_size))
             meter.steps[-1].update({k: float(m[f"train/{k}"]) for k in ("loss", "grad_norm") if f"train/{k}" in m})
+            meter.steps[-1]["key_tokens"] = any(k.startswith("train/ktr/") for k in m)  # the probes ran and selected
 
     precision = (config.get("trainer") or {}).get("precision", "32-true") if dev.type == "cuda" else "32-true"
     trainer = L.Trainer(accelerator=dev.type, devices=1, precision=precision, max_steps=steps,
