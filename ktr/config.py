@@ -35,6 +35,8 @@ VLLMMemory = Literal["derived", "fraction"]
 KLTokens = Literal["key", "valid"]
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 """`ktr.losses.AGGREGATIONS`."""
+LossNormalize = Literal["rank", "global"]
+"""`ktr.training.update.LossTerms.across_ranks`."""
 AdvantageName = Literal["grpo", "drgrpo"]
 """`ktr.advantages.ADVANTAGES`."""
 RolloutCorrection = Literal["none", "tis"]
@@ -200,6 +202,12 @@ class LossConfig:
     """Tokens carrying the KL term: key tokens only (released) or every valid token."""
     aggregation: Aggregation = "seq-mean-token-mean"
     """Loss aggregation: released GRPO, DAPO token mean, or Dr. GRPO."""
+    normalize: LossNormalize = "rank"
+    """Denominators of the aggregation under several processes. `rank` (released, as its DeepSpeed run): each rank
+    divides by its own completion and token counts and the gradients are averaged over ranks. `global`: the counts
+    are summed over ranks first, so the loss is one mean over every rank's batch (docs/method.md section 3.3). The
+    two agree for `seq-mean-token-mean` with as many completions on every rank (the released layout); they differ
+    for `token-mean` and `seq-mean-token-sum-norm`, and when ranks hold different numbers of completions."""
     advantage: AdvantageName = "grpo"
     """Group advantage: (r - mean) / (std + eps), or r - mean (Dr. GRPO)."""
     clip_low: float = 0.2

@@ -280,3 +280,35 @@ def test_masked_ops_never_nan() -> None:
     torch.testing.assert_close(masked_sum(x, m, dim=-1), torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(masked_mean(x, m, dim=-1), torch.tensor([1.0, 0.0]))
     assert masked_mean(x, torch.zeros_like(m)).item() == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_global_normalisation_matches_one_process_on_uneven_ranks():
+    """`loss.normalize: global`: two ranks holding 3 and 2 completions of different lengths, gradients averaged
+    as DDP/FSDP do, give one process's loss and gradients on all 5 (every aggregation, KL on key or valid tokens,
+    soft weights); `rank` (released) does not (`tests/_loss_norm_worker.py`)."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import run_in_own_session
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("_loss_norm_worker.py")
+    rc, out, err = run_in_own_session([sys.executable, str(worker), str(port)], 120, "the 2-process loss worker")
+    assert rc == 0 and out.strip().endswith("OK"), err[-4000:]
+
+
+def test_across_ranks_without_a_process_group_changes_nothing():
+    from ktr.config import LossConfig
+    from ktr.training.update import LossInputs, LossTerms
+
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    inputs = LossInputs(torch.zeros(2, 3, dtype=torch.long), mask, torch.ones(2))
+    rank = LossTerms.of(LossConfig(aggregation="token-mean"), inputs)
+    assert LossTerms.of(LossConfig(aggregation="token-mean", normalize="global"), inputs) == rank
+    assert (rank.num_sequences, int(rank.num_tokens), rank.max_len) == (2, 3, 3)

@@ -8,7 +8,7 @@ micro-batch (settings and the whole batch's denominators), so a micro-batch's lo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import torch
@@ -43,7 +43,7 @@ class LossTerms:
     clip_low: float
     clip_high: float
     aggregation: str
-    num_sequences: int
+    num_sequences: int | Tensor  # the whole batch's rows ([] float under `across_ranks`)
     num_tokens: Tensor  # [] tokens (or summed weights) of the whole batch's `mask`
     max_len: int
     weight_norm: str | None = None  # with weights: "weights" (sums of weights) or "mask" (counts)
@@ -51,13 +51,41 @@ class LossTerms:
 
     @classmethod
     def of(cls, cfg: LossConfig, inputs: LossInputs, weight_norm: str = "weights") -> LossTerms:
+        """The terms of `inputs`, this rank's batch; over the whole process group under `loss.normalize: global`."""
         weighted = inputs.weights is not None and weight_norm == "weights"
         n, t = inputs.tokens.shape
-        return cls(beta=cfg.beta if inputs.ref_logps is not None else 0.0, clip_low=cfg.clip_low,
-                   clip_high=cfg.clip_high, aggregation=cfg.aggregation, num_sequences=n,
-                   num_tokens=inputs.weights.masked_fill(~inputs.mask, 0.0).sum() if weighted else inputs.mask.sum(),
-                   max_len=t, weight_norm=weight_norm if inputs.weights is not None else None,
-                   num_kl_tokens=inputs.kl_mask.sum() if inputs.kl_mask is not None else None)
+        terms = cls(beta=cfg.beta if inputs.ref_logps is not None else 0.0, clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high, aggregation=cfg.aggregation, num_sequences=n,
+                    num_tokens=inputs.weights.masked_fill(~inputs.mask, 0.0).sum() if weighted else inputs.mask.sum(),
+                    max_len=t, weight_norm=weight_norm if inputs.weights is not None else None,
+                    num_kl_tokens=inputs.kl_mask.sum() if inputs.kl_mask is not None else None)
+        return terms.across_ranks() if cfg.normalize == "global" else terms
+
+    def across_ranks(self) -> LossTerms:
+        """These terms with the whole process group's denominators: every count summed over the ranks and divided
+        by their number, the longest `max_len`. DDP and FSDP average the ranks' gradients, so each rank's loss then
+        contributes its share of one loss over all ranks' completions, as if one process held them all (TRL
+        normalises its DAPO loss the same way). Every rank must call it, as every rank reaches the update
+        (`ktr.training.base`: a step runs on all ranks or on none). Unchanged without a process group of 2+."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        world = dist.get_world_size()
+        device = torch.device("cpu") if dist.get_backend() == "gloo" else self.num_tokens.device
+        kl = self.num_kl_tokens
+        counts = torch.stack([torch.as_tensor(self.num_sequences, dtype=torch.float64, device=device),
+                              self.num_tokens.to(device, torch.float64),
+                              (kl if kl is not None else self.num_tokens).to(device, torch.float64)])  # [3]
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        longest = torch.tensor([self.max_len], dtype=torch.int64, device=device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        share = (counts / world).to(self.num_tokens.device)  # [3]
+        return replace(self, num_sequences=share[0], num_tokens=share[1], max_len=int(longest.item()),
+                       num_kl_tokens=share[2] if kl is not None else None)
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of `ktr.losses.policy_loss` these terms set (unset ones left to its defaults)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 def loss_inputs(rollout: Rollout, scored: PolicyPass, mask: Tensor, advantages: Tensor, cfg: LossConfig,
@@ -70,7 +98,7 @@ def loss_inputs(rollout: Rollout, scored: PolicyPass, mask: Tensor, advantages: 
 def loss_backward(model: nn.Module, hidden: Tensor, inputs: LossInputs, terms: LossTerms, chunk_size: int | None,
                   backward: Callable[[Tensor], None]) -> Tensor:
     """Loss of one micro-batch from its hidden states `[n, T, H]`, backpropagated; returns it detached."""
-    kw = {f.name: getattr(terms, f.name) for f in fields(terms) if getattr(terms, f.name) is not None}
+    kw = terms.kwargs()
     kw.update(ref_logps=inputs.ref_logps)
     kw.update({k: v for k, v in (("weights", inputs.weights), ("kl_mask", inputs.kl_mask)) if v is not None})
     if chunk_size is None:
