@@ -37,7 +37,7 @@ import torch
 from ktr.answers import PROBLEM_TYPES
 from ktr.config import DEFAULT_CHUNK_SIZE, KeyTokenConfig, PolicyConfig
 from ktr.model.policy import Policy, load_policy
-from ktr.model.trained import checkpoint_weights, load_trained_policy, read_configs, settings_from_config, typed_section
+from ktr.model.trained import read_configs, settings_from_config, trained_policy, typed_section
 from ktr.report.floor import MIN_SCORE, NOISE_MADS
 
 
@@ -53,7 +53,7 @@ def load_explain_policy(cfg: PolicyConfig, ckpt: str | None) -> Policy:
     if path.is_dir() and (path / "config.json").is_file():
         return load_policy(replace(cfg, name_or_path=str(path), adapter_path=None, lora=None,
                                    quantization="none", gradient_checkpointing=False))
-    return load_trained_policy(cfg, checkpoint_weights(path))
+    return trained_policy(cfg, path)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,7 +21,8 @@ What is written:
 The policy is rebuilt from the config (`model.init_args.policy`, overlays merged in order like `ktr fit`) and
 the checkpoint's weights loaded into it; the LightningModule and the Trainer are never built, so a config for
 8 GPUs exports on a laptop. A checkpoint is a Lightning `.ckpt` file or the directory that
-`ModelParallelStrategy` writes (only its weights are read, not the optimizer state).
+`ModelParallelStrategy` writes (only its weights are read, not the optimizer state), read into the rebuilt policy's
+own tensors (`ktr.model.trained.trained_policy`: memory in docs/export.md).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from ktr.model.checkpoint import CheckpointError
 from ktr.model.saving import export_policy
-from ktr.model.trained import checkpoint_weights, load_trained_policy, read_configs, settings_from_config
+from ktr.model.trained import read_configs, settings_from_config, trained_policy
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +45,7 @@ def export(configs: Sequence[str | Path], ckpt: str | Path, out: str | Path, ada
            dtype: str | None = None) -> Path:
     """Config(s) + checkpoint -> Hugging Face directory. See the module docstring."""
     cfg, video, image = settings_from_config(read_configs(configs))
-    policy = load_trained_policy(cfg, checkpoint_weights(ckpt))
+    policy = trained_policy(cfg, ckpt)
     return export_policy(policy, out, adapter_only=adapter_only, video=video, image=image,
                          dtype=DTYPES[dtype] if dtype is not None else None)
 

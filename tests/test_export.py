@@ -18,6 +18,7 @@ from ktr.export import export, main
 from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.model.policy import load_policy
 from ktr.model.rope import use_reference_positions
+from ktr.model.checkpoint import CheckpointError
 from ktr.model.trained import checkpoint_weights
 
 CONFIG = """
@@ -136,16 +137,39 @@ def test_adapter_only_export_reloads_exactly(trained):
 
 
 def test_distributed_checkpoint_directory_exports_like_the_file(trained, tmp_path):
-    """`ModelParallelStrategy` writes a directory (torch.distributed.checkpoint) plus `meta.pt`."""
+    """`ModelParallelStrategy` writes a directory (torch.distributed.checkpoint) plus `meta.pt`: read whole, it holds
+    the file's weights; read into the policy in place (`trained_policy`, what export and explain use), it gives
+    the policy the file gives, cast to the config's dtype, and a directory whose weights do not fit is refused."""
+    import dataclasses
+
     import torch.distributed.checkpoint as dcp
 
-    if trained["kind"] != "full":
-        pytest.skip("one checkpoint layout check is enough")
+    from ktr.model.trained import read_configs, settings_from_config, trained_policy
+
     weights = checkpoint_weights(trained["ckpt"])
-    dcp.save({"state_dict": weights}, checkpoint_id=str(tmp_path / "ckpt"))
-    torch.save({"global_step": 1}, tmp_path / "ckpt" / "meta.pt")
-    loaded = checkpoint_weights(tmp_path / "ckpt")
+    full = trained["tmp"] / "dcp_full"  # FSDP2 saves every weight, the frozen base of a LoRA run included
+    if not full.exists():
+        dcp.save({"state_dict": weights}, checkpoint_id=str(full))
+        torch.save({"global_step": 1}, full / "meta.pt")
+    loaded = checkpoint_weights(full)
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+    cfg = settings_from_config(read_configs([trained["cfg"]]))[0]
+    want = trained_policy(cfg, trained["ckpt"]).model.state_dict()
+    got = trained_policy(cfg, full).model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(want[k], v) for k, v in load_policy(dataclasses.replace(
+        cfg, gradient_checkpointing=False)).model.state_dict().items())  # the trained weights, not the init's
+    half = trained_policy(dataclasses.replace(cfg, dtype="bfloat16"), full).model.state_dict()
+    assert torch.bfloat16 in {v.dtype for v in half.values()}  # (peft keeps LoRA adapters in float32)
+    assert all(torch.equal(half[k], want[k].to(half[k].dtype)) for k in want)
+
+    key = next(k for k in weights if k.startswith("model.") and (trained["kind"] == "full" or "lora_" in k))
+    short = tmp_path / "short"
+    dcp.save({"state_dict": {k: v for k, v in weights.items() if k != key}}, checkpoint_id=str(short))
+    error = ValueError if trained["kind"] == "lora" else CheckpointError
+    with pytest.raises(error, match="lacks adapter weights" if trained["kind"] == "lora" else "1 missing"):
+        trained_policy(cfg, short)
 
 
 def test_bad_checkpoint_paths_fail_clearly(tmp_path):

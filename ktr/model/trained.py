@@ -78,17 +78,58 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_trained_policy(cfg: PolicyConfig, weights: dict[str, torch.Tensor]) -> Policy:
     """Rebuild the policy in full precision and load the trained weights (`model.` keys of the module)."""
-    policy = load_policy(replace(cfg, quantization="none", gradient_checkpointing=False))
+    policy = _rebuilt(cfg)
     state = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
     if not state:
         raise ValueError("the checkpoint holds no `model.*` weights: was it written by a ktr module?")
     if cfg.lora is not None:  # only the adapters trained (a one-device LoRA checkpoint holds nothing else); the
         # base, 4-bit in training or not, is the full-precision one of `name_or_path`
         state = {k: v for k, v in state.items() if "lora_" in k}
-        missing = {k for k, _ in policy.model.named_parameters() if "lora_" in k} - set(state)
-        if not state or missing:
-            raise ValueError(f"LoRA checkpoint lacks adapter weights (e.g. {sorted(missing)[:3]})")
+        _check_adapters(policy, state.keys())
         policy.model.load_state_dict(state, strict=False)
     else:
         policy.model.load_state_dict(state, strict=True)
     return policy
+
+
+def trained_policy(cfg: PolicyConfig, path: str | Path) -> Policy:
+    """The policy of `cfg` with the weights of the checkpoint at `path` (a `.ckpt` file or a `ModelParallelStrategy`
+    directory), holding one copy of them in memory besides the policy: a file's tensors are memory-mapped and copied
+    into the policy one by one, a directory is read straight into the policy's own tensors (`torch.distributed.
+    checkpoint.load`, cast to their dtype). `checkpoint_weights` + `load_trained_policy` read a directory whole
+    first, in its saved float32: for a 7B that was 30 GB more than the export needs."""
+    path = Path(path)
+    if not path.is_dir():
+        return load_trained_policy(cfg, read_checkpoint(path, key="--ckpt", mmap=True)["state_dict"])
+    check_checkpoint(path, key="--ckpt")
+    import torch.distributed.checkpoint as dcp
+
+    saved = {k[len("state_dict.model."):] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+             if k.startswith("state_dict.model.")}
+    if not saved:
+        raise CheckpointError(f"--ckpt {str(path)!r}: the checkpoint holds no `model.*` weights under 'state_dict': "
+                              "was it written by a ktr module?")
+    policy = _rebuilt(cfg)
+    own = policy.model.state_dict()  # tensors sharing the parameters' storage: loading into them loads the model
+    if cfg.lora is not None:
+        wanted = {k for k in own if "lora_" in k and k in saved}
+        _check_adapters(policy, wanted)
+    else:
+        missing, unexpected = sorted(own.keys() - saved), sorted(saved - own.keys())
+        if missing or unexpected:
+            raise CheckpointError(f"--ckpt {str(path)!r}: its weights do not fit the policy of the config: "
+                                  f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                                  f"(e.g. {unexpected[:3]})")
+        wanted = set(own)
+    dcp.load({"state_dict": {"model." + k: own[k] for k in sorted(wanted)}}, checkpoint_id=str(path), no_dist=True)
+    return policy
+
+
+def _rebuilt(cfg: PolicyConfig) -> Policy:
+    return load_policy(replace(cfg, quantization="none", gradient_checkpointing=False))
+
+
+def _check_adapters(policy: Policy, found) -> None:
+    missing = {k for k, _ in policy.model.named_parameters() if "lora_" in k} - set(found)
+    if not found or missing:
+        raise ValueError(f"LoRA checkpoint lacks adapter weights (e.g. {sorted(missing)[:3]})")
