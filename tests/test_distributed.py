@@ -141,6 +141,11 @@ def test_fsdp2_full_finetune_video_and_image_ranks_match_one_process(tmp_path):
     assert ckpt.is_dir() and len(torch.load(ckpt / "meta.pt", weights_only=True)["ktr_rng"]) == 2
     saved = checkpoint_weights(ckpt)
     assert all(torch.equal(saved["model." + k].float(), w[k]) for k in w)
+    from ktr.config import PolicyConfig
+    from ktr.model.trained import trained_policy
+
+    got = trained_policy(PolicyConfig(attn_implementation="eager"), ckpt).model.state_dict()  # read in place
+    assert got.keys() == w.keys() and all(torch.equal(got[k], w[k]) for k in w)
     # resuming from it for one more step ends exactly where 3 uninterrupted steps end (the worker compares)
     assert fsdp["resume_changed"] and fsdp["resume_differs"] == []
 
