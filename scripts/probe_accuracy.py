@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -222,13 +223,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draws", type=int, nargs="+", default=[1],
                    help="score each random perturbation (swap_media, random_half, the temporal shuffles) averaged "
                         "over this many draws, once per value (released: 1; key_tokens.SIGNAL.draws)")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the tiny model's random initialisation (policy.tiny.seed): another trained model "
+                        "(SFT is deterministic given it)")
+    p.add_argument("--rope-after-media", default="reference", choices=["reference", "transformers"],
+                   help="policy.rope_after_media (docs/method.md section 5.4): `transformers` measures as ktr did "
+                        "before 2026-12-06")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
     perts = dict(visual=tuple(args.visual_perturbations), temporal=tuple(args.temporal_perturbations),
                  draws=tuple(args.draws))
     torch.manual_seed(args.seed)
-    cfg = PolicyConfig(name_or_path="tiny", attn_implementation="sdpa", tiny=TINY)
+    cfg = PolicyConfig(name_or_path="tiny", attn_implementation="sdpa", tiny=replace(TINY, seed=args.init_seed),
+                       rope_after_media=args.rope_after_media)
     records, acc, t0 = [], {}, time.time()
     print(f"planted example: {planted_target(('red', 'blue', 'green'))}")
     seeds = args.score_seeds or [args.seed]
