@@ -94,10 +94,11 @@ def load_trained_policy(cfg: PolicyConfig, weights: dict[str, torch.Tensor]) -> 
 
 def trained_policy(cfg: PolicyConfig, path: str | Path) -> Policy:
     """The policy of `cfg` with the weights of the checkpoint at `path` (a `.ckpt` file or a `ModelParallelStrategy`
-    directory), holding one copy of them in memory besides the policy: a file's tensors are memory-mapped and copied
-    into the policy one by one, a directory is read straight into the policy's own tensors (`torch.distributed.
-    checkpoint.load`, cast to their dtype). `checkpoint_weights` + `load_trained_policy` read a directory whole
-    first, in its saved float32: for a 7B that was 30 GB more than the export needs."""
+    directory), without a second full copy of them in memory: a file's tensors are memory-mapped (page cache) and
+    copied into the policy one by one; a directory is read straight into the policy's own tensors
+    (`torch.distributed.checkpoint.load`, cast to their dtype), which holds about twice its largest tensor beside
+    the policy. `checkpoint_weights` + `load_trained_policy` read a directory whole first, in its saved float32: for
+    a 7B about 31 GiB more (docs/export.md)."""
     path = Path(path)
     if not path.is_dir():
         return load_trained_policy(cfg, read_checkpoint(path, key="--ckpt", mmap=True)["state_dict"])
