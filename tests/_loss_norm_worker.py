@@ -4,10 +4,11 @@
 
 One batch of 5 completions is split unevenly: rank 0 holds rows 0-2 padded to 7 tokens, rank 1 rows 3-4 padded
 to 4 (their tokens past 4 are padding). Each rank takes `LossTerms.of` of its rows and backpropagates the chunked
-loss (`ktr.fused.fused_policy_loss`) from hidden states through a shared head; the gradients are then averaged over
-the ranks, as DDP and FSDP do. Under `global` the averaged gradients (of the hidden states and of the head) and
-the summed loss must equal one process's on all 5 rows, for every aggregation, with the KL term on the key tokens
-or on every valid token, and with soft token weights. Under `rank` they must differ (the check can fail).
+loss from hidden states through a shared head (`ktr.training.update.loss_backward`, as the RL step does); the
+gradients are then averaged over the ranks, as DDP and FSDP do. Under `global` the averaged gradients (of the
+hidden states and of the head) and the ranks' mean loss must equal one process's on all 5 rows, for every
+aggregation, with the KL term on the key tokens or on every valid token, and with soft token weights. Under `rank`
+they must differ (the check can fail).
 Prints ``OK`` on success.
 """
 
@@ -19,10 +20,10 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from ktr.config import LossConfig
-from ktr.fused import fused_policy_loss
-from ktr.training.update import LossInputs, LossTerms
+from ktr.training.update import LossInputs, LossTerms, loss_backward
 
 WORLD = 2
 N, T, H, V = 5, 7, 6, 11
@@ -43,21 +44,20 @@ def batch() -> dict:
 
 
 def loss_and_grads(b: dict, rows: slice, length: int, cfg: LossConfig, kl_on: str, weighted: bool):
-    """This rank's loss and its gradients w.r.t. the hidden states `[N, T, H]` (zero off its rows) and the head."""
+    """This rank's loss (`ktr.training.update.loss_backward`, chunked) and its gradients w.r.t. the hidden states
+    `[N, T, H]` (zero off its rows) and the head."""
+    head = nn.Module()
+    head.lm_head = nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.lm_head.weight.copy_(b["weight"])
     hidden = b["hidden"][rows, :length].clone().requires_grad_(True)
-    weight = b["weight"].clone().requires_grad_(True)
     cut = {k: b[k][rows, :length] for k in ("tokens", "ref_logps", "mask", "valid", "weights")}
     inputs = LossInputs(cut["tokens"], cut["mask"], b["advantages"][rows], cut["ref_logps"],
                         cut["weights"] if weighted else None, cut["valid"] if kl_on == "valid" else None)
-    terms = LossTerms.of(cfg, inputs)
-    kw = terms.kwargs()
-    kw.update(ref_logps=inputs.ref_logps)
-    kw.update({k: v for k, v in (("weights", inputs.weights), ("kl_mask", inputs.kl_mask)) if v is not None})
-    loss, _, _ = fused_policy_loss(hidden, weight, inputs.tokens, inputs.advantages, inputs.mask, chunk_size=3, **kw)
-    loss.backward()
+    loss = loss_backward(head, hidden, inputs, LossTerms.of(cfg, inputs), 3, lambda t: t.backward())
     full = torch.zeros(N, T, H, dtype=torch.float64)
     full[rows, :length] = hidden.grad.double()
-    return loss.detach().double(), full, weight.grad.double()
+    return loss.double(), full, head.lm_head.weight.grad.double()
 
 
 def worker(rank: int, port: int) -> None:

@@ -76,6 +76,15 @@ def tiny_qwen2_vl_config():
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a test's process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_in_own_session(cmd, timeout: float, what: str, **kwargs):
     """Run `cmd` (a worker that spawns processes) in a session of its own; `(returncode, stdout, stderr)`. On a
     timeout the whole session (the worker and what it spawned) is killed and the test fails, naming `what`."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -35,7 +30,7 @@ def one_process_group():
     """A world of one (gloo) so that `fully_shard` can run in this process; torn down afterwards."""
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -89,7 +84,7 @@ def test_tied_gradients_clip_once_and_update_both_copies(one_process_group):
 
 
 def _run_worker(tmp_path: Path, scenario: str) -> dict:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONPATH=str(ROOT),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT),
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     try:
         proc = subprocess.run([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], cwd=ROOT, env=env,
@@ -184,7 +179,7 @@ def test_fsdp2_shared_rollout_keeps_ranks_stepping_until_all_end():
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    rc, out, err = run_in_own_session([sys.executable, "tests/_fsdp_rollout_worker.py", str(_free_port())], 240,
+    rc, out, err = run_in_own_session([sys.executable, "tests/_fsdp_rollout_worker.py", str(free_port())], 240,
                                       "the 2-process shared rollout (a rank stopped stepping: hang)", cwd=ROOT,
                                       env=env)
     assert rc == 0 and out.strip().endswith("OK"), err[-4000:]

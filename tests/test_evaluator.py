@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from ktr.data.video import write_video
 from ktr.eval import prompt_hash, summarize
 from ktr.model.policy import load_policy
 from tests import FIXTURES as FIXTURES_ROOT
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = FIXTURES_ROOT / "benchmarks"
@@ -279,15 +279,9 @@ def test_ktr_test_from_checkpoint_hf_dir_and_lora(policy, tmp_path, source):
     assert ckpt["adapter_path"] == (str(tmp_path / "adapter") if source == "lora" else None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_evaluation_gathers_every_question_once(tmp_path):
-    port, env = _free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_eval_worker.py"), str(r), "2", str(port),
                                str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(2)]

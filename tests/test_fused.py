@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import sys
 from functools import partial
 from pathlib import Path
@@ -20,7 +19,7 @@ from ktr.fused import (
     token_logps_entropy,
 )
 from ktr.losses import AGGREGATIONS
-from tests.helpers import run_in_own_session
+from tests.helpers import free_port, run_in_own_session
 
 N, T, H, V = 3, 7, 16, 1000
 STRATEGIES = ["grad-in-forward", "recompute"]
@@ -236,9 +235,7 @@ def test_call_with_head_plain_module_and_restores_forward():
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
 def test_fsdp2_sharded_head_two_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).with_name("_fsdp_fused_worker.py")
     rc, out, err = run_in_own_session([sys.executable, str(worker), str(port)], 240, "the 2-process FSDP2 worker")
     assert rc == 0 and out.strip().endswith("OK"), err[-4000:]

@@ -289,15 +289,12 @@ def test_global_normalisation_matches_one_process_on_uneven_ranks():
     """`loss.normalize: global`: two ranks holding 3 and 2 completions of different lengths, gradients averaged
     as DDP/FSDP do, give one process's loss and gradients on all 5 (every aggregation, KL on key or valid tokens,
     soft weights); `rank` (released) does not (`tests/_loss_norm_worker.py`)."""
-    import socket
     import sys
     from pathlib import Path
 
-    from tests.helpers import run_in_own_session
+    from tests.helpers import free_port, run_in_own_session
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).with_name("_loss_norm_worker.py")
     rc, out, err = run_in_own_session([sys.executable, str(worker), str(port)], 120, "the 2-process loss worker")
     assert rc == 0 and out.strip().endswith("OK"), err[-4000:]

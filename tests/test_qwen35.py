@@ -599,10 +599,10 @@ def test_fsdp2_video_and_image_ranks_match_one_process(tmp_path) -> None:
     import sys
     from pathlib import Path
 
-    from tests.test_distributed import _free_port
+    from tests.helpers import free_port
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONPATH=str(root),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(root),
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     try:
         proc = subprocess.run([sys.executable, "tests/test_qwen35.py", str(tmp_path)], cwd=root, env=env,

@@ -28,7 +28,7 @@ from ktr.data.base import PromptDataset, SyntheticDataModule
 from ktr.data.skips import SkipCounter
 from ktr.data.video import ImageSettings, VideoSettings
 from ktr.data.videor1 import DataFileError, VideoR1DataModule, load_rows, read_records
-from tests.helpers import SMALL_VIDEO
+from tests.helpers import SMALL_VIDEO, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -383,13 +383,9 @@ def _agree_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow  # two spawned processes importing Lightning: ~10-80 s depending on the machine's load
 def test_ranks_skip_a_step_together_when_one_has_no_prompt(tmp_path) -> None:
     """A rank left without prompts used to return early while the others waited in their collectives (hang)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_agree_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert r0["first"] == [True, ["MediaDecodeError"]]

@@ -25,13 +25,10 @@ def export_policy(policy: Policy, out: str | Path, adapter_only: bool = False, v
     out.mkdir(parents=True, exist_ok=True)
     model = policy.model.eval()
     is_peft = hasattr(model, "peft_config")
-    if adapter_only:
-        if not is_peft:
-            raise ValueError("--adapter-only needs a LoRA policy (policy.lora or policy.adapter_path)")
-        (model.to(dtype) if dtype is not None else model).save_pretrained(out)
-    else:
-        base = model.merge_and_unload() if is_peft else core(model)
-        (base.to(dtype) if dtype is not None else base).save_pretrained(out)
+    if adapter_only and not is_peft:
+        raise ValueError("--adapter-only needs a LoRA policy (policy.lora or policy.adapter_path)")
+    written = model if adapter_only else model.merge_and_unload() if is_peft else core(model)
+    (written.to(dtype) if dtype is not None else written).save_pretrained(out)
     policy.tokenizer.save_pretrained(out)
     write_processor_config(policy, out, video or VideoSettings(), image or ImageSettings())
     return out
