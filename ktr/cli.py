@@ -463,6 +463,20 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def end_process_group() -> None:
+    """After a run that ended well on every rank: wait for all ranks, then take the process group down together.
+
+    Lightning destroys an NCCL group at exit but leaves a gloo group (CPU runs) to the interpreter's teardown,
+    where a rank that exits first takes the TCP store with it while another is still closing its connections.
+    Only called on success: a rank that failed never reaches the barrier, and the others must not wait on it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def console() -> None:
     """The `ktr` console script (returns nothing, so the exit status is 0 on success)."""
     if sys.argv[1:2] == ["explain"]:  # its own small parser (ktr.explain), not a LightningCLI subcommand
@@ -471,6 +485,7 @@ def console() -> None:
         explain(sys.argv[2:])
         return
     main()
+    end_process_group()
 
 
 if __name__ == "__main__":

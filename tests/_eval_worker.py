@@ -19,7 +19,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     from ktr.callbacks import SyntheticBenchmark
-    from ktr.cli import main
+    from ktr.cli import end_process_group, main
 
     # default_root_dir: with no logger, LightningCLI saves config.yaml there (not in the repository)
     cli = main(["test", "--config", "configs/demo_eval.yaml", "--trainer.devices", str(world),
@@ -32,6 +32,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "generated": evaluator.last_generated, "metrics": metrics,
                    "world": torch.distributed.get_world_size()}, f)
+    end_process_group()  # as the `ktr` console script does after a run
 
 
 if __name__ == "__main__":

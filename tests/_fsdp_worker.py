@@ -177,6 +177,11 @@ def text_length(completion: str, solution: str, problem_type: str) -> float:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    from ktr.cli import end_process_group
+
+    faulthandler.dump_traceback_later(280, exit=True)  # a hang shows where each rank waits (the test allows 300 s)
     out_dir, name = Path(sys.argv[1]), sys.argv[2]
     result = run(name, devices=2, save=out_dir / f"{name}.ckpt")
     summary = {"losses": result["losses"]}
@@ -189,3 +194,4 @@ if __name__ == "__main__":
     if result["rank"] == 0:
         torch.save(result["weights"], out_dir / f"{name}.pt")
         (out_dir / f"{name}.json").write_text(json.dumps(summary))
+    end_process_group()

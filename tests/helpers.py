@@ -100,8 +100,8 @@ def run_in_own_session(cmd, timeout: float, what: str, **kwargs):
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{what} timed out after {timeout:.0f} s")
+        _, err = proc.communicate()
+        pytest.fail(f"{what} timed out after {timeout:.0f} s; the end of its stderr:\n{err[-3000:]}")
     return proc.returncode, out, err
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers import free_port
+from tests.helpers import free_port, run_in_own_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,13 +85,9 @@ def test_tied_gradients_clip_once_and_update_both_copies(one_process_group):
 def _run_worker(tmp_path: Path, scenario: str) -> dict:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT),
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    try:
-        proc = subprocess.run([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"2-process FSDP run {scenario!r} did not finish (hang?):\n{(err.stderr or '')[-3000:]}") \
-            from err
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], 300,
+                                    f"2-process FSDP run {scenario!r} (hang?)", cwd=ROOT, env=env)
+    assert rc == 0, err[-4000:]
     out = json.loads((tmp_path / f"{scenario}.json").read_text())
     out["weights"] = torch.load(tmp_path / f"{scenario}.pt")
     return out
@@ -175,8 +170,6 @@ def test_fsdp2_lora_bf16_trains_adapters_only(tmp_path):
 def test_fsdp2_shared_rollout_keeps_ranks_stepping_until_all_end():
     """`sampling.backend: shared` under FSDP2: a rank whose rows all ended keeps stepping with the others (each
     decoder step all-gathers), and each rank's greedy tokens equal an unsharded copy's (tests/_fsdp_rollout_worker)."""
-    from tests.helpers import run_in_own_session
-
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     rc, out, err = run_in_own_session([sys.executable, "tests/_fsdp_rollout_worker.py", str(free_port())], 240,

@@ -595,21 +595,17 @@ def test_fsdp2_video_and_image_ranks_match_one_process(tmp_path) -> None:
     checks of tests/test_distributed.py). This file is its own worker script (below)."""
     import json
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
-    from tests.helpers import free_port
+    from tests.helpers import free_port, run_in_own_session
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(root),
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    try:
-        proc = subprocess.run([sys.executable, "tests/test_qwen35.py", str(tmp_path)], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"2-process FSDP run did not finish (hang?):\n{(err.stderr or '')[-3000:]}") from err
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    rc, _, err = run_in_own_session([sys.executable, "tests/test_qwen35.py", str(tmp_path)], 600,
+                                    "the 2-process FSDP run (hang?)", cwd=root, env=env)
+    assert rc == 0, err[-4000:]
     fsdp = json.loads((tmp_path / f"{_FSDP_SCENARIO}.json").read_text())
     fsdp["weights"] = torch.load(tmp_path / f"{_FSDP_SCENARIO}.pt")
     single = _register_fsdp_scenario().run(_FSDP_SCENARIO, devices=1, shared_prefix=False)
@@ -631,8 +627,14 @@ if __name__ == "__main__":  # the 2-rank run of test_fsdp2_video_and_image_ranks
     import sys
     from pathlib import Path
 
+    import faulthandler
+
+    from ktr.cli import end_process_group
+
+    faulthandler.dump_traceback_later(580, exit=True)  # a hang shows where each rank waits (the test allows 600 s)
     out = Path(sys.argv[1])
     result = _register_fsdp_scenario().run(_FSDP_SCENARIO, devices=2)
     if result["rank"] == 0:
         torch.save(result["weights"], out / f"{_FSDP_SCENARIO}.pt")
         (out / f"{_FSDP_SCENARIO}.json").write_text(json.dumps({"losses": result["losses"]}))
+    end_process_group()
