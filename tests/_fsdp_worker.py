@@ -36,6 +36,12 @@ SCENARIOS = {
     "full_sdpa": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, attn="sdpa"),
     # ... with micro-batches of one completion: the prompt's keys and values shared across them (MicroBatches)
     "full_sdpa_micro": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, attn="sdpa", micro=1),
+    # "full" with one token mean over all completions, the ranks holding different numbers of tokens: the counts
+    # all-reduced (`loss.normalize: global`), and as released (`rank`: each rank's own, for comparison)
+    "token_mean_global": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, aggregation="token-mean",
+                              normalize="global"),
+    "token_mean_rank": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, aggregation="token-mean",
+                            normalize="rank"),
 }
 
 
@@ -146,7 +152,9 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
                           sharding=ShardingConfig(param_dtype=s["param_dtype"]))
     module = KTRModule(policy=policy, sampling=SamplingConfig(group_size=2, max_new_tokens=6, top_p=1.0),
                        key_tokens=KeyTokenConfig(temporal_perturbation="reverse"),
-                       loss=LossConfig(beta=s["beta"], shared_prefix=shared_prefix, micro_batch_size=s.get("micro")),
+                       loss=LossConfig(beta=s["beta"], shared_prefix=shared_prefix, micro_batch_size=s.get("micro"),
+                                       aggregation=s.get("aggregation", "seq-mean-token-mean"),
+                                       normalize=s.get("normalize", "rank")),
                        optim=OptimConfig(lr=1e-3, schedule="constant"),
                        rewards=RewardConfig(names=["tests._fsdp_worker:text_length"]))
     module.rollout_backend = PerPromptBackend()
@@ -191,6 +199,8 @@ if __name__ == "__main__":
         w, r = straight["weights"], resumed["weights"]
         summary["resume_differs"] = sorted(k for k in w if not torch.equal(w[k], r[k])) if result["rank"] == 0 else []
         summary["resume_changed"] = any(not torch.equal(w[k], result["weights"][k]) for k in w)
+    if name == "token_mean_global":  # the same run with each rank's own counts
+        summary["rank_losses"] = run("token_mean_rank", devices=2)["losses"]
     if result["rank"] == 0:
         torch.save(result["weights"], out_dir / f"{name}.pt")
         (out_dir / f"{name}.json").write_text(json.dumps(summary))

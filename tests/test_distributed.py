@@ -148,6 +148,17 @@ def test_fsdp2_qwen3vl_video_and_image_ranks_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_global_token_mean_matches_one_process(tmp_path):
+    """`loss.aggregation: token-mean` over ranks holding different token counts (a video prompt and an image
+    prompt): with `loss.normalize: global` the 2-rank run trains exactly as one process on both prompts; with
+    `rank` (released) each rank divides by its own count and the first step's loss and gradient differ."""
+    fsdp = _run_worker(tmp_path, "token_mean_global")
+    _matches_one_process(fsdp, _single("token_mean_global"))
+    (l1, g1, _), (rl1, rg1, _) = fsdp["losses"][0], fsdp["rank_losses"][0]
+    assert rl1 != pytest.approx(l1, rel=1e-3) and rg1 != pytest.approx(g1, rel=1e-3)
+
+
+@pytest.mark.slow
 def test_fsdp2_lora_bf16_trains_adapters_only(tmp_path):
     """LoRA under FSDP2 with bf16 compute (float32 master weights); its sampled completions differ from a float32
     run's, so it is checked on its own: it finishes, the adapters train and the base weights do not move."""
