@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from ktr.config import SIGNALS, KeyTokenConfig
 from ktr.probes.keytokens import KeyTokens, select_key_tokens
-from ktr.report.html import markdown_summary, render_figure, render_index, render_page
+from ktr.report.html import excerpt, markdown_summary, render_figure, render_index, render_page
 from ktr.report.record import StepRecord, report_data, thumbnails
 from ktr.report.stats import REGIONS, completion_words, token_statistics, venn_png, write_statistics
 from ktr.report.tokens import readable_pieces
@@ -187,6 +188,24 @@ def test_no_key_token_and_all_three_overlapping(tok) -> None:
     overlap = [(c, text) for c, _, text, _ in parsed.rows[1] if {"s-visual", "s-temporal", "s-entropy"} <= c]
     assert [text for _, text in overlap] == [" three"]
     assert any("<|im_end|>" in n and "entropy" in n for n in parsed.notes[1])  # hidden, but said
+
+
+def test_excerpt_keeps_one_prompt_its_first_completions_and_shows_one_tooltip(tok) -> None:
+    record = _record(tok, TEXTS[:4] + TEXTS[:2], group_size=3)  # 2 prompts of 3 completions
+    page = render_page(report_data(record, tok, KeyTokenConfig()), [thumbnails(m) for m in record.prompts.media])
+    short = excerpt(page, prompt=1, completions=2, tip=(4, 1))
+    assert short.count('<section class="prompt"') == 1 and 'aria-label="Prompt 2"' in short
+    assert [int(r) for r in re.findall(r'class="completion" data-row="(\d+)"', short)] == [3, 4]
+    assert short.count("<img ") == page.count("<img ") // 2 and "Legend" in short
+    shown = re.findall(r'<span class="([^"]*\bshown\b[^"]*)"[^>]*data-pos="([\d ]+)"', short)
+    assert len(shown) == 1 and "1" in shown[0][1].split()
+    assert ".tok.shown::after{" in short and short.endswith("</html>\n")
+    assert _parse(short).rows.keys() == {3, 4}  # still a well-formed page
+    assert "shown" not in excerpt(page, prompt=1, completions=2)
+    with pytest.raises(ValueError, match="row 0"):
+        excerpt(page, prompt=1, completions=2, tip=(0, 1))  # row 0 is prompt 1's
+    with pytest.raises(ValueError, match="2 prompt"):
+        excerpt(page, prompt=2)
 
 
 def test_pages_are_self_contained(tok, tmp_path) -> None:

@@ -248,6 +248,35 @@ def _when(data: dict) -> str:
     return f"{data['kind']} page" + (f" · checkpoint: {source}" if source else "")
 
 
+_HOVER_TIP = ".tok:hover::after,.tok:focus::after{"
+
+
+def excerpt(page: str, prompt: int = 0, completions: int = 4, tip: tuple[int, int] | None = None) -> str:
+    """A shorter copy of a report page, for a picture of it: the header and legend, prompt `prompt` (0-based) with
+    its first `completions` completions; `tip` = (row, position) also shows that token's tooltip as hovering it
+    does (the row is the completion's `data-row`, the position one of the token's `data-pos`)."""
+    import re
+
+    sections = re.findall(r'<section class="prompt".*?</section>\n', page, re.S)
+    if not 0 <= prompt < len(sections):
+        raise ValueError(f"the page has {len(sections)} prompt(s); prompt {prompt} asked for")
+    section = sections[prompt]
+    articles = re.findall(r'<article class="completion".*?</article>\n', section, re.S)[:completions]
+    if tip is not None:
+        row, pos = tip
+        found = [i for i, a in enumerate(articles) if f'data-row="{row}"' in a]
+        span = re.compile(r'<span class="([^"]*)"(?= tabindex="0" role="note" data-pos="(?:\d+ )*' + str(pos) +
+                          r'(?: \d+)*")')
+        if not found or not span.search(articles[found[0]]):
+            raise ValueError(f"no token at row {row}, position {pos} among the completions kept")
+        articles[found[0]] = span.sub(lambda m: f'<span class="{m.group(1)} shown"', articles[found[0]], count=1)
+        if _HOVER_TIP not in page:
+            raise ValueError("the page's style has no tooltip rule: not a ktr report page")
+        page = page.replace(_HOVER_TIP, _HOVER_TIP[:-1] + ",.tok.shown::after{", 1)
+    head = page[:page.index('<section class="prompt"')]
+    return head + section[:section.index("<article")] + "".join(articles) + "</section>\n" + _TAIL
+
+
 def render_index(entries: list[dict], title: str = "Key-token reports", extra: str = "") -> str:
     """Index of every report: `entries` of {href, step, kind, key_fraction, reward, fractions: {signal: f}}."""
     signals = [s for s in SIGNAL_STYLE if any(s in e.get("fractions", {}) for e in entries)]
