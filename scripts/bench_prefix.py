@@ -77,6 +77,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+from ktr.experiments.machine import cpu_name
+
 QUESTION = ("Watch the video carefully. Several coloured shapes appear one after another and move across the "
             "scene. Count how many distinct shapes appear, note the colour of each and the order in which they "
             "enter, then decide which of the four options describes the sequence best. Think step by step and "
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
-                "cpu": _cpu_name(), "threads": 1,
+                "cpu": cpu_name(), "threads": 1,
                 "models": {k: f"random Qwen2.5-VL, {v['num_layers']} layers, hidden {v['hidden_size']}, "
                               f"{v['num_heads']} heads ({v['num_kv_heads']} kv), MLP {v['intermediate_size']}, "
                               "vocab 151936, untied" for k, v in MODELS.items()},
@@ -428,17 +430,10 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({"settings": meta, "results": records}, indent=2) + "\n")
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def table(records: list[dict], args) -> str:
     """Each record beside its naive counterpart (same part, model, phase, lengths, head scale): times and memory as
     ratios. Attention records: CPU seconds, ratio, pairs computed and the difference to naive."""
-    lines = [f"G={args.group_size}, 1 thread, {os.cpu_count()} cpus ({platform.machine()}, {_cpu_name()}), medians "
+    lines = [f"G={args.group_size}, 1 thread, {os.cpu_count()} cpus ({platform.machine()}, {cpu_name()}), medians "
              f"of interleaved runs (shared machine: noisy; cpu s is the steadier measure)"]
     attn = [r for r in records if r["phase"] == "attention"]
     if attn:

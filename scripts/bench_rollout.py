@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from ktr.experiments.machine import cpu_name
+
 QUESTION = ("Watch the video carefully. Several coloured shapes appear one after another and move across the "
             "scene. Count how many distinct shapes appear, note the colour of each and the order in which they "
             "enter, then decide which of the four options describes the sequence best. Think step by step and "
@@ -54,16 +56,6 @@ SHAPE = dict(hidden_size=1024, num_layers=8, num_heads=8, num_kv_heads=4, interm
              tie_word_embeddings=False)
 TINY_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                   tie_word_embeddings=False)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(args):
@@ -298,7 +290,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         records = json.loads(args.json.read_text())["records"] + records
     rows = summarise(records)
 
-    meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
+    meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
             "threads": args.threads, "rounds": args.rounds, "group_size": args.group_size,
             "model": {**(TINY_SHAPE if args.tiny else SHAPE), "vision": "2 blocks, width 32", "attn": "sdpa",
                       "dtype": "float32", "head": (f"narrowed to {args.vocab} outputs (of 151,936)" if args.vocab

@@ -31,6 +31,7 @@ from ktr.data.planted import LABELS, planted_target, token_labels
 from ktr.data.prompts import build_messages
 from ktr.data.synthetic import SyntheticSpec, make_item
 from ktr.data.video import VideoSettings, frames_from_array
+from ktr.experiments.machine import describe
 from ktr.model.forward import SequenceView, completion_hidden, completion_logps, encode_media
 from ktr.model.policy import load_policy
 from ktr.probes.select import select_top_ratio
@@ -253,9 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     print(f"wall {time.time() - t0:.0f} s")
     if args.json:
+        machine = describe()
         for r in records:  # context for each record: how well that model knows the planted completions
             r.update({f"model_{k}": v for k, v in acc[r["model"]].items()}, sft_steps=args.steps,
-                     final_sft_loss=history[-1]["loss"] if r["model"] == "trained" else None)
+                     final_sft_loss=history[-1]["loss"] if r["model"] == "trained" else None, machine=machine)
         Path(args.json).write_text(json.dumps(records, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")
