@@ -86,6 +86,7 @@ def worker(rank: int, port: int) -> None:
                             failures.append(f"global != one process: {name} ({what}): {(a - r).abs().max():.3g}")
                     if all(torch.allclose(a, r, rtol=1e-5, atol=1e-7) for a, r in zip(got["rank"][1:], one[1:])):
                         failures.append(f"rank == one process ({what}): the split does not test anything")
+        dist.barrier()  # both ranks done talking before either tears gloo down (tests/_fsdp_fused_worker.py)
         if failures:
             raise AssertionError("\n".join(failures))
     finally:
