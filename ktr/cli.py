@@ -466,8 +466,8 @@ def _fail(message: str) -> None:
 def end_process_group() -> None:
     """After a run that ended well on every rank: wait for all ranks, then take the process group down together.
 
-    Lightning destroys an NCCL group at exit but leaves a gloo group (CPU runs) to the interpreter's teardown,
-    where a rank that exits first takes the TCP store with it while another is still closing its connections.
+    Lightning destroys an NCCL group at exit but leaves a gloo group (CPU runs) to each interpreter's teardown, in
+    whatever order the ranks happen to exit; torch asks for an explicit `destroy_process_group` on every rank.
     Only called on success: a rank that failed never reaches the barrier, and the others must not wait on it.
     """
     import torch.distributed as dist

@@ -185,11 +185,10 @@ def text_length(completion: str, solution: str, problem_type: str) -> float:
 
 
 if __name__ == "__main__":
-    import faulthandler
-
     from ktr.cli import end_process_group
+    from tests.helpers import stacks_on_sigusr1
 
-    faulthandler.dump_traceback_later(280, exit=True)  # a hang shows where each rank waits (the test allows 300 s)
+    stacks_on_sigusr1()  # both ranks (Lightning runs this script again for rank 1): a hang shows where each waits
     out_dir, name = Path(sys.argv[1]), sys.argv[2]
     result = run(name, devices=2, save=out_dir / f"{name}.ckpt")
     summary = {"losses": result["losses"]}

@@ -594,17 +594,15 @@ def test_fsdp2_video_and_image_ranks_match_one_process(tmp_path) -> None:
     train two steps to the losses, gradient norms, KL and weights of one process training on both prompts (the
     checks of tests/test_distributed.py). This file is its own worker script (below)."""
     import json
-    import os
     import sys
     from pathlib import Path
 
-    from tests.helpers import free_port, run_in_own_session
+    from tests.helpers import lightning_worker_env, run_in_own_session
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(root),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     rc, _, err = run_in_own_session([sys.executable, "tests/test_qwen35.py", str(tmp_path)], 600,
-                                    "the 2-process FSDP run (hang?)", cwd=root, env=env)
+                                    "the 2-process FSDP run (hang?)", retries=1, cwd=root,
+                                    env=lightning_worker_env(root))  # one retry: see tests/test_distributed.py
     assert rc == 0, err[-4000:]
     fsdp = json.loads((tmp_path / f"{_FSDP_SCENARIO}.json").read_text())
     fsdp["weights"] = torch.load(tmp_path / f"{_FSDP_SCENARIO}.pt")
@@ -627,11 +625,10 @@ if __name__ == "__main__":  # the 2-rank run of test_fsdp2_video_and_image_ranks
     import sys
     from pathlib import Path
 
-    import faulthandler
-
     from ktr.cli import end_process_group
+    from tests.helpers import stacks_on_sigusr1
 
-    faulthandler.dump_traceback_later(580, exit=True)  # a hang shows where each rank waits (the test allows 600 s)
+    stacks_on_sigusr1()  # both ranks: a hang shows where each waits
     out = Path(sys.argv[1])
     result = _register_fsdp_scenario().run(_FSDP_SCENARIO, devices=2)
     if result["rank"] == 0:

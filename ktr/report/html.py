@@ -15,6 +15,7 @@ its pools hold too few tokens for steady statistics.
 
 from __future__ import annotations
 
+import re
 from html import escape
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -255,8 +256,6 @@ def excerpt(page: str, prompt: int = 0, completions: int = 4, tip: tuple[int, in
     """A shorter copy of a report page, for a picture of it: the header and legend, prompt `prompt` (0-based) with
     its first `completions` completions; `tip` = (row, position) also shows that token's tooltip as hovering it
     does (the row is the completion's `data-row`, the position one of the token's `data-pos`)."""
-    import re
-
     sections = re.findall(r'<section class="prompt".*?</section>\n', page, re.S)
     if not 0 <= prompt < len(sections):
         raise ValueError(f"the page has {len(sections)} prompt(s); prompt {prompt} asked for")
