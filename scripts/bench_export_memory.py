@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from ktr.experiments.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 WAYS = ("policy only", "read whole", "in place")
@@ -151,10 +152,8 @@ def main() -> None:
     print("(MiB. Anonymous memory cannot be dropped; file-backed pages of a memory-mapped checkpoint are the page "
           "cache's, dropped under pressure. Both peaks sampled every 5 ms once the policy is built.)")
     if args.json:
-        machine = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                   "torch": torch.__version__, "python": platform.python_version()}
         Path(args.json).write_text(json.dumps({"checkpoint_mib": size_mib, "hidden": args.hidden,
-                                               "layers": args.layers, "machine": machine, "rows": rows}, indent=1))
+                                               "layers": args.layers, "machine": describe(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

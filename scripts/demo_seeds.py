@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from ktr.experiments.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ktr": "configs/demo.yaml", "grpo": "configs/demo_grpo.yaml"}
@@ -168,8 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(records)
     print(table(records, summary))
     if args.json:
-        machine = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                   "python": platform.python_version(), "jobs": args.jobs, "threads_per_run": 1}
+        machine = describe() | {"jobs": args.jobs, "threads_per_run": 1}
         Path(args.json).write_text(json.dumps({"machine": machine, "wall_s": time.time() - t, "overrides": extra,
                                                "summary": summary, "runs": records}, indent=1) + "\n")
 

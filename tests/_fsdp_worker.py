@@ -32,6 +32,8 @@ SCENARIOS = {
     "lora_bf16": dict(lora=True, param_dtype="bfloat16", beta=0.04, steps=2, tied=False),
     # "full" on the tiny Qwen3-VL (deepstack features, timestamped video prompt; 64 x 64 media)
     "full_qwen3vl": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, name="tiny-qwen3vl", side=64),
+    # ... on the tiny Qwen3.5 (DeltaNet and attention layers, each its own FSDP unit; tests/test_qwen35.py)
+    "full_qwen35": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, name="tiny-qwen35", side=64),
     # "full" with SDPA: the ranks score with split attention in the packed row (`ktr.model.attention`)
     "full_sdpa": dict(lora=False, param_dtype="float32", beta=0.04, steps=2, attn="sdpa"),
     # ... with micro-batches of one completion: the prompt's keys and values shared across them (MicroBatches)

@@ -85,17 +85,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def lightning_worker_env(root) -> dict:
-    """The environment of a worker script whose Trainer launches its other ranks itself (`devices=2`): one torch
-    thread per process, offline, the repository importable. No MASTER_PORT: rank 0's Lightning picks a free port
-    just before binding it, for each attempt anew."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-    return env | dict(MASTER_ADDR="127.0.0.1", PYTHONPATH=str(root), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-                      TOKENIZERS_PARALLELISM="false")
-
-
 def run_in_own_session(cmd, timeout: float, what: str, retries: int = 0, **kwargs):
     """Run `cmd` (a worker that spawns processes) in a session of its own; `(returncode, stdout, stderr)`.
 

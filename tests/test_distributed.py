@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers import free_port, lightning_worker_env, run_in_own_session
+from tests.helpers import free_port, run_in_own_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,11 +82,14 @@ def test_tied_gradients_clip_once_and_update_both_copies(one_process_group):
     assert h.grad is not e.grad
 
 
-def _run_worker(tmp_path: Path, scenario: str) -> dict:
-    env = lightning_worker_env(ROOT)
+def _run_worker(tmp_path: Path, scenario: str, timeout: float = 300) -> dict:
+    # no MASTER_PORT: rank 0's Lightning picks a free port just before binding it, anew for each attempt
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"} | dict(
+        MASTER_ADDR="127.0.0.1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false")
     # One retry on a hang: in CI a 2-rank gloo run has, rarely, never returned after its training (both ranks
     # stuck; the retry's warning prints their stacks); the same workers did not hang in 70 runs on their own.
-    rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], 300,
+    rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], timeout,
                                     f"2-process FSDP run {scenario!r} (hang?)", retries=1, cwd=ROOT, env=env)
     assert rc == 0, err[-4000:]
     out = json.loads((tmp_path / f"{scenario}.json").read_text())

@@ -576,37 +576,15 @@ QWEN35_9B_PARAMETERS = 9_409_813_744  # + the 0.24B MTP head = the 19.31 GB bf16
 
 # ------------------------------------------------------------------------------------------ FSDP2, 2 ranks
 
-_FSDP_SCENARIO = "full_qwen35"
-
-
-def _register_fsdp_scenario():
-    """`tests/_fsdp_worker.py`'s full fine-tuning scenario on the tiny Qwen3.5 (64 x 64 media)."""
-    from tests import _fsdp_worker
-
-    _fsdp_worker.SCENARIOS.setdefault(_FSDP_SCENARIO, dict(lora=False, param_dtype="float32", beta=0.04, steps=2,
-                                                           name="tiny-qwen35", side=64))
-    return _fsdp_worker
-
-
 @pytest.mark.slow
 def test_fsdp2_video_and_image_ranks_match_one_process(tmp_path) -> None:
     """Two gloo ranks (a video on rank 0, an image on rank 1; every DeltaNet and attention layer its own unit)
     train two steps to the losses, gradient norms, KL and weights of one process training on both prompts (the
-    checks of tests/test_distributed.py). This file is its own worker script (below)."""
-    import json
-    import sys
-    from pathlib import Path
+    checks of tests/test_distributed.py, scenario `full_qwen35` of tests/_fsdp_worker.py)."""
+    from tests.test_distributed import _run_worker, _single
 
-    from tests.helpers import lightning_worker_env, run_in_own_session
-
-    root = Path(__file__).resolve().parents[1]
-    rc, _, err = run_in_own_session([sys.executable, "tests/test_qwen35.py", str(tmp_path)], 600,
-                                    "the 2-process FSDP run (hang?)", retries=1, cwd=root,
-                                    env=lightning_worker_env(root))  # one retry: see tests/test_distributed.py
-    assert rc == 0, err[-4000:]
-    fsdp = json.loads((tmp_path / f"{_FSDP_SCENARIO}.json").read_text())
-    fsdp["weights"] = torch.load(tmp_path / f"{_FSDP_SCENARIO}.pt")
-    single = _register_fsdp_scenario().run(_FSDP_SCENARIO, devices=1, shared_prefix=False)
+    fsdp = _run_worker(tmp_path, "full_qwen35", timeout=600)
+    single = _single("full_qwen35")
     (l1, g1, _), (l2, g2, kl2) = fsdp["losses"]
     (s1, h1, _), (s2, h2, skl2) = single["losses"]
     # step 1 as in test_distributed.py; step 2 starts from weights that differ by float summation order, and its
@@ -618,20 +596,3 @@ def test_fsdp2_video_and_image_ranks_match_one_process(tmp_path) -> None:
     assert w.keys() == sw.keys() and any("linear_attn.A_log" in k for k in w)
     for k in w:
         torch.testing.assert_close(w[k], sw[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-
-
-if __name__ == "__main__":  # the 2-rank run of test_fsdp2_video_and_image_ranks_match_one_process
-    import json
-    import sys
-    from pathlib import Path
-
-    from ktr.cli import end_process_group
-    from tests.helpers import stacks_on_sigusr1
-
-    stacks_on_sigusr1()  # both ranks: a hang shows where each waits
-    out = Path(sys.argv[1])
-    result = _register_fsdp_scenario().run(_FSDP_SCENARIO, devices=2)
-    if result["rank"] == 0:
-        torch.save(result["weights"], out / f"{_FSDP_SCENARIO}.pt")
-        (out / f"{_FSDP_SCENARIO}.json").write_text(json.dumps({"losses": result["losses"]}))
-    end_process_group()
