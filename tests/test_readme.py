@@ -31,6 +31,29 @@ def test_readme_and_ci_install_the_tested_set() -> None:
     assert f"pip install torch=={torch_pin}" in first and f"pip install -q torch=={torch_pin}" in ci
 
 
+def test_readme_and_ci_pin_pip_and_the_build_backend() -> None:
+    """pip's isolated build environments (ktr's editable build, rouge-score's sdist) ignore `-c`: the set reaches them
+    only through `--build-constraint`, which needs pip >= 25.3, so pip itself is installed from the set first."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = README.parent
+    first = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)[0]
+    ci, ci_vllm = ((root / ".ci" / name).read_text() for name in ("run", "run_vllm"))
+    assert first.index("pip install -U pip -c constraints.txt") < first.index("pip install -e")
+    assert '-c constraints.txt --build-constraint constraints.txt' in first
+    assert ci.index("pip install -q -U pip -c constraints.txt") < ci.index("pip install -q -e")
+    assert '-e ".[test,quant]" -c constraints.txt --build-constraint constraints.txt' in ci
+    assert "pip install -q -U pip -c constraints.txt" in ci_vllm and "--build-constraint constraints.txt" in ci_vllm
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (root / "constraints.txt").read_text(), re.M))
+    assert Version(pins["pip"]) >= Version("25.3")
+    for line in tomllib.loads((root / "pyproject.toml").read_text())["build-system"]["requires"]:
+        req = Requirement(line)
+        assert req.name in pins and req.specifier.contains(pins[req.name]), f"build requirement {req} is not pinned"
+
+
 def test_constraints_pin_every_dependency_inside_its_range() -> None:
     import tomllib
 
