@@ -73,7 +73,9 @@ Rehearsed on a CPU on 2026-12-06 (`--tiny` added to that command), in fresh venv
 packages and the six wheels installed as above: transformers 5.17.0, lightning 2.6.6, peft 0.21.2 with torch
 2.13.0 (CPU build, no torchvision: every part ok but `vision_processor`, skipped) and with torch 2.14.1 and
 torchvision 0.29.1 (all eight parts ok), and with the image's own torch 2.11.0 and torchvision 0.26.0 (PyPI's
-CUDA 13.0 builds, run on the CPU: all eight parts ok, `.gpu/` built by `scripts/gpu_carry.sh`). A CPU rehearsal
+CUDA 13.0 builds, run on the CPU: all eight parts ok, `.gpu/` built by `scripts/gpu_carry.sh`). Again on
+2026-12-07 on that day's tree (transformers 5.17.0, lightning 2.6.6, peft 0.21.2, torch 2.13.0 CPU build, the six
+packages at their pins, Python 3.11): all nine parts ok but `vision_processor` (no torchvision). A CPU rehearsal
 checks imports, APIs and shapes; the CUDA kernels (SDPA's flash path, FA2, NCCL, bitsandbytes' CUDA 4-bit) run
 only on the GPU.
 
