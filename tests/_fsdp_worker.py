@@ -16,6 +16,12 @@ rollout (scoring passes, probes, loss, backward, optimizer) is the module's own 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the slow imports: a hang or a slow start shows where each rank is
+    from tests.hangs import progress, stacks_on_timeout
+
+    stacks_on_timeout()  # both ranks (Lightning runs this script again for rank 1)
+    progress("started")
+
 import json
 import sys
 from dataclasses import replace
@@ -144,6 +150,9 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
                             SamplingConfig, ShardingConfig, TinyModelConfig)
     from ktr.module import KTRModule
 
+    from tests.hangs import progress
+
+    mark = progress if devices > 1 else (lambda what: None)
     s = SCENARIOS[scenario]
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -160,6 +169,7 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
                        optim=OptimConfig(lr=1e-3, schedule="constant"),
                        rewards=RewardConfig(names=["tests._fsdp_worker:text_length"]))
     module.rollout_backend = PerPromptBackend()
+    mark(f"{scenario}: module built")
     losses: list[float] = []
 
     class Losses(Callback):
@@ -174,9 +184,12 @@ def run(scenario: str, devices: int, save: Path | None = None, resume: Path | No
                         logger=False, callbacks=[Losses()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule(batch_size=1 if devices > 1 else 2, side=s.get("side", 56)), ckpt_path=resume)
+    mark(f"{scenario}: fit returned")
     if save is not None:
         trainer.save_checkpoint(save)
+        mark(f"{scenario}: checkpoint saved")
     full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    mark(f"{scenario}: full state dict gathered")
     return {"losses": losses, "rank": trainer.global_rank,
             "weights": {k: v.float() for k, v in full.items()}}
 
@@ -188,11 +201,11 @@ def text_length(completion: str, solution: str, problem_type: str) -> float:
 
 if __name__ == "__main__":
     from ktr.cli import end_process_group
-    from tests.helpers import stacks_on_sigusr1
 
-    stacks_on_sigusr1()  # both ranks (Lightning runs this script again for rank 1): a hang shows where each waits
+    progress("imported")
     out_dir, name = Path(sys.argv[1]), sys.argv[2]
     result = run(name, devices=2, save=out_dir / f"{name}.ckpt")
+    progress("first run done")
     summary = {"losses": result["losses"]}
     if name == "full":  # exact resume under FSDP: 2 steps + 1 resumed step == 3 uninterrupted steps
         resumed = run(name, devices=2, resume=out_dir / f"{name}.ckpt", max_steps=3)
@@ -205,4 +218,5 @@ if __name__ == "__main__":
     if result["rank"] == 0:
         torch.save(result["weights"], out_dir / f"{name}.pt")
         (out_dir / f"{name}.json").write_text(json.dumps(summary))
+    progress("all runs done")
     end_process_group()

@@ -85,47 +85,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_in_own_session(cmd, timeout: float, what: str, retries: int = 0, **kwargs):
-    """Run `cmd` (a worker that spawns processes) in a session of its own; `(returncode, stdout, stderr)`.
-
-    On a timeout every process of the session is sent SIGUSR1 (a worker that called `stacks_on_sigusr1` prints
-    every thread's stack to stderr), then killed. With `retries` left the run is repeated and the hung attempt's
-    stderr becomes a warning (the suite's summary shows it); otherwise the test fails with it, naming `what`."""
-    import os
-    import signal
-    import subprocess
-    import warnings
-
-    import pytest
-
-    for attempt in range(retries + 1):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, **kwargs)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-            return proc.returncode, out, err
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGUSR1)
-            try:
-                proc.wait(timeout=5)  # the dumps are written; a worker that registered nothing is gone already
-            except subprocess.TimeoutExpired:
-                pass
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-        message = f"{what} timed out after {timeout:.0f} s (attempt {attempt + 1}); its stderr ends:\n{err[-8000:]}"
-        if attempt < retries:
-            warnings.warn(message, stacklevel=2)
-    pytest.fail(message)
-
-
-def stacks_on_sigusr1() -> None:
-    """In a worker run by `run_in_own_session`: print every thread's Python stack to stderr on SIGUSR1."""
-    import faulthandler
-    import signal
-
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-
-
 def metric_recorder():
     """A Lightning logger that records which metric names each logged step carried: `rows` of (step, names)."""
     from lightning.pytorch.loggers.logger import DummyLogger

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers import free_port, run_in_own_session
+from tests.hangs import run_in_own_session
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +88,10 @@ def _run_worker(tmp_path: Path, scenario: str, timeout: float = 300) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"} | dict(
         MASTER_ADDR="127.0.0.1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false")
-    # One retry on a hang: in CI a 2-rank gloo run has, rarely, never returned after its training (both ranks
-    # stuck; the retry's warning prints their stacks); the same workers did not hang in 70 runs on their own.
+    # One retry on a hang: a 2-rank gloo run has, rarely, stopped making progress after a fit had returned (twice
+    # in CI; once on 2026-12-07 in a local suite on Python 3.12 while two demo runs held both cores, there in the
+    # second run's setup, before its Trainer printed anything). The retry's warning carries every process's stacks
+    # (`tests.hangs.stacks_on_timeout`). On their own the workers did not hang in about 130 runs.
     rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], timeout,
                                     f"2-process FSDP run {scenario!r} (hang?)", retries=1, cwd=ROOT, env=env)
     assert rc == 0, err[-4000:]

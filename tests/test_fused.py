@@ -19,7 +19,8 @@ from ktr.fused import (
     token_logps_entropy,
 )
 from ktr.losses import AGGREGATIONS
-from tests.helpers import free_port, run_in_own_session
+from tests.hangs import run_in_own_session
+from tests.helpers import free_port
 
 N, T, H, V = 3, 7, 16, 1000
 STRATEGIES = ["grad-in-forward", "recompute"]

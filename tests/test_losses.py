@@ -292,7 +292,8 @@ def test_global_normalisation_matches_one_process_on_uneven_ranks():
     import sys
     from pathlib import Path
 
-    from tests.helpers import free_port, run_in_own_session
+    from tests.hangs import run_in_own_session
+    from tests.helpers import free_port
 
     port = free_port()
     worker = Path(__file__).with_name("_loss_norm_worker.py")
