@@ -88,10 +88,13 @@ def _run_worker(tmp_path: Path, scenario: str, timeout: float = 300) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"} | dict(
         MASTER_ADDR="127.0.0.1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false")
-    # One retry on a hang: a 2-rank gloo run has, rarely, stopped making progress after a fit had returned (twice
-    # in CI; once on 2026-12-07 in a local suite on Python 3.12 while two demo runs held both cores, there in the
-    # second run's setup, before its Trainer printed anything). The retry's warning carries every process's stacks
-    # (`tests.hangs.stacks_on_timeout`). On their own the workers did not hang in about 130 runs.
+    # One retry on a hang. A 2-rank run has, rarely, not finished in time: twice in CI after a fit had returned, and
+    # twice on 2026-12-07 in local suites on Python 3.12 (PyPI's CUDA torch build) while test_demo_learns' two demo
+    # runs held both cores. The first printed no stacks (see `tests.hangs.stacks_on_timeout`). The second's stacks
+    # showed no deadlock: rank 1 had started about 217 s into the attempt, and it was still computing, moving from
+    # the rollout to the reference pass between the two dumps. Rank 0 waited for it in an FSDP all-gather. So rank 0
+    # had been slow to get as far as launching rank 1. The `progress` lines now time each rank's phases. The same
+    # workers never hung in about 150 runs on their own, including runs beside two demo runs.
     rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], timeout,
                                     f"2-process FSDP run {scenario!r} (hang?)", retries=1, cwd=ROOT, env=env)
     assert rc == 0, err[-4000:]
