@@ -26,8 +26,9 @@ def run_in_own_session(cmd, timeout: float, what: str, retries: int = 0, **kwarg
 
     env = dict(kwargs.pop("env", None) or os.environ)
     for attempt in range(retries + 1):
-        env[STARTED_ENV] = str(time.time())
-        env[STACKS_AT_ENV] = str(time.time() + timeout - min(15.0, timeout / 4))
+        start = time.time()
+        env[STARTED_ENV] = str(start)
+        env[STACKS_AT_ENV] = str(start + timeout - min(15.0, timeout / 4))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, env=env, **kwargs)
         try:

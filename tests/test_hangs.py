@@ -2,6 +2,7 @@
 re-installed every signal's Python-level handler, which drops faulthandler's SIGUSR1 handler."""
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_lightnings_teardown_drops_faulthandlers_sigusr1_handler(tmp_path):
     stale)."""
     script = tmp_path / "worker.py"
     script.write_text(
-        "import faulthandler, os, signal, sys, time\n"
+        "import faulthandler, os, signal, time\n"
         "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
         "from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector\n"
         "connector = _SignalConnector(None)\n"
@@ -55,7 +56,5 @@ def test_lightnings_teardown_drops_faulthandlers_sigusr1_handler(tmp_path):
         "connector.teardown()  # as at its end\n"
         "def hang_here():\n    time.sleep(600)\n"
         "os.kill(os.getpid(), signal.SIGUSR1)\nhang_here()\n")
-    import subprocess
-
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGUSR1 and "hang_here" not in proc.stderr
