@@ -5,7 +5,8 @@ platform with pip, wheels only, without such a machine (`pip install --dry-run -
     python scripts/check_platforms.py --json docs/platforms.json
 
 rouge-score is an sdist only (pure Python, builds anywhere); its own requirements are resolved in its place.
-Prints a table (platform, Python, packages resolved, all wheels found, what failed) and writes JSON. torch is
+Prints a table (platform, Python, packages resolved, all wheels found, what failed) and writes JSON. It also
+checks that `requires-python` is tight: the set does not resolve on the Python below its floor. torch is
 resolved from the package index as a user on that platform would get it (pinned to constraints.txt's version).
 """
 
@@ -23,13 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 _LINUX = [f"manylinux_2_{v}" for v in range(39, 16, -1)] + ["manylinux2014", "manylinux2010", "manylinux1"]
 _MAC = [f"macosx_{v}_0" for v in range(15, 10, -1)]
-TARGETS = [  # (name, pip --platform tags, python version): glibc 2.39 / macOS 15 and every older tag
-    ("macOS arm64", [f"{t}_arm64" for t in _MAC], "3.11"),
-    ("macOS arm64", [f"{t}_arm64" for t in _MAC], "3.12"),
-    ("Linux aarch64", [f"{t}_aarch64" for t in _LINUX], "3.11"),
-    ("Linux aarch64", [f"{t}_aarch64" for t in _LINUX], "3.12"),
-    ("Linux x86-64", [f"{t}_x86_64" for t in _LINUX], "3.11"),
-]
+_TAGS = {"macOS arm64": [f"{t}_arm64" for t in _MAC], "Linux aarch64": [f"{t}_aarch64" for t in _LINUX],
+         "Linux x86-64": [f"{t}_x86_64" for t in _LINUX]}
+PYTHONS = ("3.11", "3.12", "3.13", "3.14")
+TARGETS = [(name, tags, py) for name, tags in _TAGS.items() for py in PYTHONS]
+"""(name, pip --platform tags, python version): glibc 2.39 / macOS 15 and every older tag, each Python from
+pyproject.toml's `requires-python` floor up."""
 # torch is installed first, pinned, as a build that suits the machine (README); the accelerator libraries its
 # platform build brings (CUDA wheels on Linux aarch64) are that build's, not part of ktr's tested set.
 OWN_CLOSURE = {"torch"}
@@ -136,14 +136,33 @@ def main(argv: list[str] | None = None) -> int:
     pins = {_canon(k): v for k, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "constraints.txt").read_text(),
                                                 re.M)}
     results = [resolve(name, tags, py, pins) for name, tags, py in TARGETS]
+    floor, below = python_floor()
+    below_floor = resolve("Linux x86-64", _TAGS["Linux x86-64"], below, pins)
     print(f"{'platform':<15} {'python':<7} {'packages':>8} {'all wheels':>10}  torch wheel / problems")
-    for r in results:
+    for r in results + [below_floor]:
         torch = r["packages"].get("torch", {}).get("wheel", "-")
         print(f"{r['platform']:<15} {r['python']:<7} {r['n_packages']:>8} {str(r['ok']):>10}  "
-              f"{'; '.join(r['problems']) or torch}")
+              f"{'; '.join(p[:160] for p in r['problems'][:3]) or torch}")
+    tight = not below_floor["ok"] and min(PYTHONS, key=_version) == floor
+    print(f"requires-python floor {floor}: the set {'does not resolve' if not below_floor['ok'] else 'RESOLVES'} "
+          f"on {below} (the floor is {'tight' if tight else 'NOT tight'})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"constraints": pins, "results": results}, indent=1) + "\n")
-    return 0 if all(r["ok"] for r in results) else 1
+        Path(args.json).write_text(json.dumps({"constraints": pins, "results": results, "requires_python_floor": {
+            "floor": floor, "below": below, "below_resolves": below_floor["ok"],
+            "below_problems": below_floor["problems"]}}, indent=1) + "\n")
+    return 0 if all(r["ok"] for r in results) and tight else 1
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def python_floor() -> tuple[str, str]:
+    """`requires-python`'s lower bound in pyproject.toml (`>=3.X`) and the minor version below it. The set must
+    install on the floor and not below, so that pip names the Python as the reason instead of failing to resolve."""
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    major, minor = _version(re.fullmatch(r">=\s*(\d+\.\d+)", spec.strip()).group(1))
+    return f"{major}.{minor}", f"{major}.{minor - 1}"
 
 
 if __name__ == "__main__":

@@ -72,6 +72,22 @@ def test_constraints_pin_every_dependency_inside_its_range() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), f"pin {req.name}=={pins[name]} is outside {req}"
 
 
+def test_requires_python_is_the_lowest_python_the_set_installs_on() -> None:
+    """A floor below the tested set's makes pip fail with "ResolutionImpossible" instead of naming the Python:
+    `scripts/check_platforms.py` resolved the set on the floor (every platform) and failed on the version below it."""
+    import json
+    import tomllib
+
+    root = README.parent
+    floor = tomllib.loads((root / "pyproject.toml").read_text())["project"]["requires-python"]
+    checked = json.loads((root / "docs" / "platforms.json").read_text())
+    assert floor == f">={checked['requires_python_floor']['floor']}", "rerun scripts/check_platforms.py --json"
+    assert not checked["requires_python_floor"]["below_resolves"]
+    lowest = min(checked["results"], key=lambda r: tuple(map(int, r["python"].split("."))))["python"]
+    assert floor == f">={lowest}" and all(r["ok"] for r in checked["results"])
+    assert f"Python {lowest}" in README.read_text().split("```")[0]
+
+
 def test_readme_help_commands_show_ktrs_options(monkeypatch, capsys) -> None:
     """(issue 29) Every `ktr <command> ... help` the README gives prints ktr's own options (its former
     `ktr fit --model ktr.module.KTRModule --help` printed Lightning's Trainer options only)."""
