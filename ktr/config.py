@@ -25,6 +25,10 @@ RolloutBackendName = Literal["shared", "hf", "vllm"]
 """Registered rollout backends (`ktr.rollout.base.ROLLOUT_BACKENDS`)."""
 EvalBackendName = Literal["hf", "vllm"]
 """Backends evaluation can generate with."""
+SampleDraw = Literal["multinomial", "inverse_cdf"]
+"""How the shared backend draws a token from the processed distribution (`ktr.rollout.sampling.choose_tokens`)."""
+EvalDraw = Literal["multinomial"]
+"""How evaluation's backends draw: their own samplers (`generate`'s, vLLM's)."""
 DType = Literal["float32", "bfloat16", "float16"]
 VLLMDType = Literal["auto", DType]
 VLLMMedia = Literal["embeds", "frames"]
@@ -159,6 +163,12 @@ class SamplingConfig:
     """`backend: shared` on CUDA: run each decode step through `torch.compile` over a static key/value cache
     (fixed shapes; the first rollout pays the compilation). Ignored, with a warning, on CPU, where the eager step
     over the preallocated cache is used (`ktr.rollout.shared`; docs/bench_rollout.md)."""
+    draw: SampleDraw = "multinomial"
+    """`backend: shared`: how a token is drawn from the processed distribution. `multinomial` = `generate`'s draw
+    (`torch.multinomial`; with one seed the same tokens as `backend: hf`); `inverse_cdf` = one uniform number per
+    row placed on the row's cumulative weights: the same distribution, other tokens for a seed, and on CPU far
+    cheaper (`torch.multinomial` draws a random variate per vocabulary entry: the laptop demo takes 248 s with it,
+    129 s without; docs/bench_draw.md). The other backends draw their own way and refuse `inverse_cdf`."""
 
     def __post_init__(self) -> None:
         _check_sampling(self, "sampling")
@@ -184,6 +194,8 @@ class DecodingConfig(SamplingConfig):
     during `fit` it shares the training module's engine when that is vLLM too)."""
     batch_size: int = 8
     """Questions per `generate` call on each rank."""
+    draw: EvalDraw = "multinomial"  # type: ignore[assignment]
+    """Evaluation's backends (`hf`, `vllm`) draw with their own samplers: `multinomial` only."""
 
     def __post_init__(self) -> None:
         _check_sampling(self, "decoding")  # (`backend` against EvalBackendName, this class's annotation)
@@ -682,3 +694,6 @@ def _check_sampling(cfg: SamplingConfig, key: str) -> None:
     check_number(f"{key}.max_new_tokens", cfg.max_new_tokens, integer=True, low=1)
     check_number(f"{key}.max_prompt_length", cfg.max_prompt_length, integer=True, low=1)
     check_choices(cfg, key)
+    if cfg.draw != "multinomial" and cfg.backend != "shared":
+        raise ConfigError(f"{key}.draw: {cfg.draw!r} is drawn by the shared backend's own loop; backend "
+                          f"{cfg.backend!r} samples its own way (set {key}.draw: multinomial, or backend: shared)")

@@ -2,9 +2,13 @@
 
 Guards the RL stage itself, not only the code paths: after the warm start, 60 Video-KTR steps must raise the
 held-out `val/p_target` (teacher-forced probability of the right answer text, continuous) by a margin taken from
-the seed table in `docs/demo_seeds.md` (scripts/demo_seeds.py), and must not lower greedy accuracy. Greedy accuracy
-moves in steps of whole answer mappings, so it is not required to rise on every seed. The two seeds run at once
-in subprocesses with one torch thread each (about 4-8 minutes on 2 cores).
+the seed table in `docs/demo_seeds.md` (scripts/demo_seeds.py), must not lower greedy accuracy, and must bring it to
+at least `ACC_FLOOR`. The two seeds run at once in subprocesses with one torch thread each (about 4 minutes on
+2 cores).
+
+Seeds 0 and 1 are the guard's seeds since it was written. The `p_target` margin does not hold on every seed: on
+some (1 in 10 with either `sampling.draw`) the unrewarded `<think>` text drifts late in RL, since Video-KTR's KL
+term covers key tokens only, and `p_target` falls while accuracy reaches 1.000 (docs/demo_seeds.md).
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
 P_TARGET_MARGIN = 0.10
-"""Smallest rise of `val/p_target` over the RL steps accepted on each seed: the seed table's smallest rise is +0.201
-(docs/demo_seeds.md, 2026-12-06); under the old rotary positions it was +0.153, and the code before the tie fix
-(untied scores, lr 3e-4, beta 0) rose by about +0.08."""
+"""Smallest rise of `val/p_target` over the RL steps accepted on each seed. Seeds 0 and 1 rose by +0.239 and +0.254
+(docs/demo_seeds.md, 2026-12-07, `draw: inverse_cdf`; +0.281 on both with the earlier multinomial draw); the code
+before the tie fix (untied scores, lr 3e-4, beta 0) rose by about +0.08."""
+ACC_FLOOR = 0.9
+"""Held-out greedy accuracy each seed must reach after RL: 1.000 in all 32 seed runs of docs/demo_seeds.md (both
+draws, Video-KTR and GRPO, 2026-12-06/07; 0.734 after the warm start), where the code before the tie fix stayed
+at 0.516."""
 
 
 def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -60,3 +68,4 @@ def test_demo_rl_stage_raises_p_target_on_every_seed(tmp_path) -> None:
         assert f["p_target"][1] - f["p_target"][0] >= P_TARGET_MARGIN, f"RL did not raise p_target by " \
             f"{P_TARGET_MARGIN} on seed {seed}: {message}"
         assert f["acc"][1] >= f["acc"][0], f"RL lowered held-out accuracy on seed {seed}: {message}"
+        assert f["acc"][1] >= ACC_FLOOR, f"held-out accuracy below {ACC_FLOOR} after RL on seed {seed}: {message}"

@@ -150,6 +150,30 @@ def test_rows_ending_at_different_steps(untied_policy, monkeypatch) -> None:
     _assert_same_rollout(shared, hf)
 
 
+def test_inverse_cdf_draw_is_seeded_and_keeps_the_processed_set(untied_policy) -> None:
+    """`sampling.draw: inverse_cdf`: one seed gives one rollout, other tokens than `generate`'s multinomial draw
+    (another random stream), and every drawn token lies in the processed (top-k) set of its step."""
+    from ktr.config import ConfigError
+
+    model, batch = untied_policy.model, _batch(untied_policy)
+    cfg = SamplingConfig(group_size=G, max_new_tokens=5, temperature=1.0, top_k=20, draw="inverse_cdf")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(generate_shared(model, untied_policy.processor, batch, cfg))
+    _assert_same_rollout(*runs)
+    torch.manual_seed(3)
+    multinomial = generate_shared(model, untied_policy.processor, batch,
+                                  SamplingConfig(group_size=G, max_new_tokens=5, temperature=1.0, top_k=20))
+    assert not torch.equal(runs[0].completion_ids, multinomial.completion_ids)
+    tokens = runs[0].completion_ids  # [N, T]
+    scores, _ = _teacher_forced_scores(model, batch, cfg, tokens)  # [T, N, V]
+    drawn = scores.gather(-1, tokens.T.unsqueeze(-1)).squeeze(-1)  # [T, N]
+    assert torch.isfinite(drawn[runs[0].completion_mask.T]).all()
+    with pytest.raises(ConfigError, match="sampling.draw: 'inverse_cdf' is drawn by the shared backend"):
+        SamplingConfig(backend="hf", draw="inverse_cdf")
+
+
 def test_registered_and_restores_train_mode(untied_policy) -> None:
     assert ROLLOUT_BACKENDS["shared"] == "ktr.rollout.shared:SharedPrefixBackend"
     backend = rollout_backend("shared")

@@ -6,7 +6,8 @@ import torch
 from transformers.generation.logits_process import (SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from ktr.rollout.sampling import _nucleus_from_candidates, nucleus_filter, process_logits, top_p_full_sort
+from ktr.rollout.sampling import (_nucleus_from_candidates, choose_tokens, draw_inverse_cdf, inverse_cdf_index,
+                                  nucleus_filter, process_logits, top_p_full_sort)
 
 V = 151936
 
@@ -91,3 +92,64 @@ def test_logsumexp_equals_torch_on_peaked_rows(scale) -> None:
     scores[0, :500] = -float("inf")
     scores[1] = -float("inf")
     assert torch.equal(_logsumexp(scores), torch.logsumexp(scores, -1, keepdim=True))
+
+
+# Pearson's chi-square at p = 1e-6 (upper tail): a correct draw fails one of these once in a million runs.
+CHI2_CRITICAL = {3: 30.66, 6: 35.89}
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("block", [1024, 4, 2, 1])  # one block; blocks with a shorter last one; one per token
+def test_inverse_cdf_draws_the_softmax_distribution(block) -> None:
+    """200,000 draws from one row of 9 logits (two filtered, one token at ~0.4%) match softmax's chances, and no
+    filtered token is ever drawn. A shifted index, a block mapped back wrongly, or weights not those of softmax
+    fail the chi-square."""
+    row = torch.tensor([0.0, -float("inf"), 1.5, -2.0, 0.7, -float("inf"), 2.2, -0.5, -3.5])
+    scores = row.expand(200_000, -1)
+    tokens = draw_inverse_cdf(scores, generator=torch.Generator().manual_seed(0), block=block)  # [R]
+    counts = torch.bincount(tokens, minlength=row.numel()).double()
+    probs = row.double().softmax(-1)
+    assert counts[probs == 0].sum() == 0
+    kept = probs > 0
+    assert _chi_square(counts[kept], probs[kept]) < CHI2_CRITICAL[int(kept.sum()) - 1]
+
+
+def test_inverse_cdf_on_the_full_vocabulary() -> None:
+    """At 151,936 entries, with the likely tokens near the end of the vocabulary and the last entries filtered:
+    three tokens at 0.5 / 0.2 / 0.1 (one in the first block, one in the middle, one in the shorter last block)
+    and a flat tail of ~152k tokens holding 0.2, from 4,000 draws."""
+    heads, head_p = torch.tensor([V - 10, 100_000, 7]), torch.tensor([0.5, 0.2, 0.1], dtype=torch.float64)
+    row = torch.full((V,), 0.0, dtype=torch.float64)
+    tail = torch.ones(V, dtype=torch.bool)
+    tail[heads] = False
+    tail[V - 5:] = False
+    row[tail] = 0.2 / int(tail.sum())
+    row[heads] = head_p
+    scores = row.log().float()  # -inf where filtered
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.cat([draw_inverse_cdf(scores.expand(40, -1), generator=gen) for _ in range(100)])
+    assert not ((tokens >= V - 5).any() or (scores[tokens] == -float("inf")).any())
+    counts = torch.stack([(tokens == h).sum() for h in heads] + [tail[tokens].sum()]).double()
+    assert _chi_square(counts, torch.cat([head_p, torch.tensor([0.2], dtype=torch.float64)])) < CHI2_CRITICAL[3]
+
+
+def test_inverse_cdf_index_never_lands_on_a_zero_weight_token() -> None:
+    """A uniform number that rounds up to the row total (or beyond) still picks the last token of positive
+    weight, not the filtered entries after it; zero-weight entries inside the row are skipped too."""
+    cdf = torch.tensor([[0.0, 0.25, 0.25, 1.0, 1.0, 1.0]], dtype=torch.float64)  # weights 0, .25, 0, .75, 0, 0
+    picks = [int(inverse_cdf_index(cdf, torch.tensor([[u]], dtype=torch.float64))) for u in
+             (0.0, 0.1, 0.25, 0.5, 1.0 - 1e-16, 1.0, 2.0)]
+    assert picks == [1, 1, 3, 3, 3, 3, 3]
+
+
+def test_choose_tokens_draws_and_refuses_an_unknown_draw() -> None:
+    scores = torch.tensor([[0.0, 5.0, -float("inf")], [3.0, 0.0, 0.0]])
+    assert choose_tokens(scores, sample=False, draw="inverse_cdf").tolist() == [1, 0]
+    for draw in ("multinomial", "inverse_cdf"):
+        assert choose_tokens(scores, sample=True, draw=draw).shape == (2,)
+    with pytest.raises(ValueError, match="unknown draw 'gumbel'"):
+        choose_tokens(scores, sample=True, draw="gumbel")

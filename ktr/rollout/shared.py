@@ -5,8 +5,10 @@ so the decoder processes every prompt G times. Here the vision tower runs once o
 (`ktr.model.forward.encode_media`), the decoder prefills the B prompts once, the cache is repeated to the
 N rows (`ModelFamily.repeat_cache`: keys/values, and a hybrid decoder's recurrent states), and a small loop
 samples the G continuations, applying the same logits processing as `generate`
-(`ktr.rollout.sampling.process_logits`; top-p through the exact candidate-set `nucleus_filter`) and the same
-multinomial draw, so it samples from the same distribution per step.
+(`ktr.rollout.sampling.process_logits`; top-p through the exact candidate-set `nucleus_filter`) and, by
+default, the same multinomial draw, so it samples from the same distribution per step and, with one seed, the
+same tokens. `sampling.draw: inverse_cdf` keeps the distribution but draws one uniform number per row instead of
+an exponential variate per vocabulary entry (`ktr.rollout.sampling.draw_inverse_cdf`; the laptop demo's choice).
 
 Decode loop (issue 27): after the repeat, every full-attention layer's cache is swapped for preallocated
 `[N, kv_heads, L + max_new_tokens, head_dim]` buffers (`ktr.rollout.kv_cache.preallocate`): the prompt's keys
@@ -168,7 +170,7 @@ def sample_loop(model: nn.Module, state: DecodeState, cfg: SamplingConfig, suppr
     local_steps = 0  # steps until this rank's own rows all ended
     for step in range(cfg.max_new_tokens):
         scores = sampling.process_logits(state.logits, suppress, sample, cfg.temperature, cfg.top_k, cfg.top_p)
-        nxt = sampling.choose_tokens(scores, sample)  # [N]
+        nxt = sampling.choose_tokens(scores, sample, cfg.draw)  # [N]
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_id))
         tokens.append(nxt)
         if unfinished.any():
