@@ -138,12 +138,12 @@ def test_inverse_cdf_on_the_full_vocabulary() -> None:
 
 
 def test_inverse_cdf_index_never_lands_on_a_zero_weight_token() -> None:
-    """A uniform number that rounds up to the row total (or beyond) still picks the last token of positive
-    weight, not the filtered entries after it; zero-weight entries inside the row are skipped too."""
+    """A uniform number that rounds up to the row total (or beyond), or a rounding below 0, still picks a token of
+    positive weight, not the filtered entries before or after it; zero-weight entries inside the row are skipped."""
     cdf = torch.tensor([[0.0, 0.25, 0.25, 1.0, 1.0, 1.0]], dtype=torch.float64)  # weights 0, .25, 0, .75, 0, 0
     picks = [int(inverse_cdf_index(cdf, torch.tensor([[u]], dtype=torch.float64))) for u in
-             (0.0, 0.1, 0.25, 0.5, 1.0 - 1e-16, 1.0, 2.0)]
-    assert picks == [1, 1, 3, 3, 3, 3, 3]
+             (-1e-17, 0.0, 0.1, 0.25, 0.5, 1.0 - 1e-16, 1.0, 2.0)]
+    assert picks == [1, 1, 1, 3, 3, 3, 3, 3]
 
 
 def test_choose_tokens_draws_and_refuses_an_unknown_draw() -> None:

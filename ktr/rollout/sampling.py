@@ -140,10 +140,11 @@ def inverse_cdf_index(cdf: Tensor, u: Tensor) -> Tensor:
     `u` `[R, 1]` (in `[0, cdf[:, -1])`): the token whose cumulative-weight interval holds `u`.
 
     An entry of zero weight has the same cumulative value as the entry before it, so it can never be the first
-    one above `u`. `u` is kept strictly below the row total (a rounding of `U * total` can reach it), so the index
-    is always a token of positive weight."""
+    one above `u`. `u` is kept in `[0, total)` (a rounding of `U * total` can reach the total, and a position
+    inside a block computed as a difference can fall a rounding below 0), so the index is always a token of
+    positive weight."""
     total = cdf[:, -1:]  # [R, 1]
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    u = torch.minimum(u.clamp(min=0.0), torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u.contiguous(), right=True).squeeze(1)
 
 
