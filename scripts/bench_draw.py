@@ -4,9 +4,10 @@
     python scripts/bench_draw.py --parts draw demo --json docs/bench_draw.json
 
 For one sample per row `torch.multinomial` runs the exponential race (`argmax(p / E)`, an exponential variate for
-every vocabulary entry); `inverse_cdf` accumulates `exp(scores - max)` in float64 and draws one uniform number per
-row. Both draw from `softmax(scores)` (tests/test_sampling.py checks `inverse_cdf`'s frequencies); they use the
-random stream differently, so one seed gives different tokens.
+every vocabulary entry); `inverse_cdf` draws one uniform number per row and places it on the row's cumulative
+weights `exp(scores - max)` (block sums, then one block scanned in float64). Both draw from `softmax(scores)`
+(tests/test_sampling.py checks `inverse_cdf`'s frequencies); they use the random stream differently, so one seed
+gives different tokens.
 
 - `draw`: one call on `[R, 151936]` scores (R = 8: one prompt's G completions; R = 32: the demo's 4 prompts x 8),
   flat (a random head) and peaked (the same head x40, as `bench_prefix.py --head-scale 40`), interleaved (order
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from demo_identical import val_scalars  # scripts/, on the path when this script runs
 
 from ktr.experiments.machine import describe
 from ktr.rollout.sampling import choose_tokens
@@ -61,15 +64,6 @@ def bench_draw(rows: list[int], repeats: int) -> list[dict]:
     return out
 
 
-def _final_acc(run_dir: Path) -> float:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = sorted(run_dir.rglob("events.out.tfevents*"))
-    acc = EventAccumulator(str(events[-1]), size_guidance={"scalars": 0})
-    acc.Reload()
-    return acc.Scalars("val/acc")[-1].value
-
-
 def bench_demo(rounds: int) -> list[dict]:
     out = []
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -85,7 +79,7 @@ def bench_demo(rounds: int) -> list[dict]:
                 wall = time.perf_counter() - start
                 if proc.returncode:
                     raise SystemExit(f"demo with draw={draw} failed:\n{proc.stderr[-3000:]}")
-                row = dict(round=i, draw=draw, wall_s=wall, final_val_acc=_final_acc(save))
+                row = dict(round=i, draw=draw, wall_s=wall, final_val_acc=val_scalars(save)["val/acc"][-1][1])
                 out.append(row)
                 print(f"demo round {i} {draw:12s} {wall:7.1f} s  final val/acc {row['final_val_acc']:.3f}",
                       flush=True)

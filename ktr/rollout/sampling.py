@@ -173,8 +173,9 @@ def draw_inverse_cdf(scores: Tensor, generator: torch.Generator | None = None, b
     outer = sums.cumsum(-1)  # [R, nb]
     u = torch.rand((r, 1), dtype=torch.float64, device=scores.device, generator=generator) * outer[:, -1:]
     chosen = inverse_cdf_index(outer, u)  # [R] block of each row
-    before = (outer - sums).gather(1, chosen[:, None])  # [R, 1] weight of the blocks before it
-    frac = (u - before) / sums.gather(1, chosen[:, None])  # [R, 1] position inside the block's sum, in [0, 1)
+    block_sum = sums.gather(1, chosen[:, None])  # [R, 1]
+    before = outer.gather(1, chosen[:, None]) - block_sum  # [R, 1] weight of the blocks before it
+    frac = (u - before) / block_sum  # [R, 1] position inside the block's sum, in [0, 1)
     cols = chosen[:, None] * block + torch.arange(block, device=scores.device)  # [R, block]
     inner = weights.gather(1, cols.clamp(max=v - 1)).masked_fill(cols >= v, 0.0)  # [R, block]
     inner = inner.to(torch.float64).cumsum_(-1)  # [R, block]
