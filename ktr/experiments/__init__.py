@@ -8,7 +8,7 @@ and anything below; nothing in ktr imports them.
 - `paper_ablations`: the paper's ablation figures as YAML overlays (`scripts/paper_ablations.py`);
 - `bench_step`: memory and time of KTR training steps by phase (`scripts/bench_step.py`);
 - `bench_loss`: naive vs chunked policy loss (`scripts/bench_loss.py`);
-- `gpu_check`, `gpu_parts`: the one prepared GPU check (`scripts/gpu_check.py`).
+- `gpu_check`, `gpu_parts`, `gpu_decode`, `gpu_draw`: the one prepared GPU check (`scripts/gpu_check.py`);
 - `machine`: what a measurement ran on, for the JSON beside each figure.
 
 The statistics and tables of the ablations are `ktr.report.ablation` (layer L2).

@@ -42,8 +42,8 @@ class Sizes:
     parity_new_tokens: int = 32
     prefix_new_tokens: int = 128
     decode_new_tokens: tuple[int, ...] = (128, 768)
-    guards: dict = field(default_factory=lambda: dict(vision_processor=60, parity=90, prefix=120, decode=150,
-                                                      loss_bench=120, fsdp_step=120, qlora_step=240,
+    guards: dict = field(default_factory=lambda: dict(draw=30, vision_processor=60, parity=90, prefix=120,
+                                                      decode=150, loss_bench=120, fsdp_step=120, qlora_step=240,
                                                       qlora_step_naive=180, qlora_step_grpo=240))
 
 
@@ -54,8 +54,8 @@ TINY = Sizes(tiny=True, step_steps=1, video=_TINY_VIDEO,
              fsdp_overrides={"sampling.group_size": 2, "sampling.max_new_tokens": 4},
              loss=dict(tokens=[256, 512], hidden=64, vocab=2048, chunks=[64, 128], seq_len=128, repeats=1),
              parity_new_tokens=8, prefix_new_tokens=6, decode_new_tokens=(6,),
-             guards=dict.fromkeys(("vision_processor", "parity", "prefix", "decode", "loss_bench", "fsdp_step",
-                                   "qlora_step", "qlora_step_naive", "qlora_step_grpo"), 150))
+             guards=dict.fromkeys(("draw", "vision_processor", "parity", "prefix", "decode", "loss_bench",
+                                   "fsdp_step", "qlora_step", "qlora_step_naive", "qlora_step_grpo"), 150))
 
 
 @dataclass
@@ -71,6 +71,12 @@ class Check:
 
 
 # ------------------------------------------------------------------------------------------------ parts
+
+
+def part_draw(check: Check, out: dict) -> dict:
+    from ktr.experiments.gpu_draw import draw
+
+    return draw(check.device, check.sizes.tiny, out)
 
 
 def part_vision_processor(check: Check, out: dict) -> dict:
@@ -143,7 +149,7 @@ def part_decode(check: Check, out: dict) -> dict:
     return decode(check.device, check.sizes.tiny, check.sizes.decode_new_tokens, out)
 
 
-PARTS = {"vision_processor": part_vision_processor, "parity": part_parity, "prefix": part_prefix,
+PARTS = {"draw": part_draw, "vision_processor": part_vision_processor, "parity": part_parity, "prefix": part_prefix,
          "loss_bench": part_loss_bench, "fsdp_step": part_fsdp_step, "qlora_step": part_qlora_step,
          "qlora_step_naive": part_qlora_step_naive, "decode": part_decode, "qlora_step_grpo": part_qlora_step_grpo}
 

@@ -611,6 +611,11 @@ def _headline(name: str, rec: dict) -> str:
     if name == "decode":
         return "tokens/s vs hf: " + "; ".join(f"{t} new tokens " + ", ".join(f"{k} {v}x" for k, v in r.items())
                                               for t, r in rec["x_hf_tokens_per_s"].items())
+    if name == "draw":
+        return ("inverse_cdf / multinomial per call: " + ", ".join(f"{k} {v}x" for k, v in
+                                                                   rec["inverse_cdf_x_multinomial"].items())
+                + "; largest frequency deviation (standard errors): "
+                + ", ".join(f"{k} {v}" for k, v in rec["max_z"].items()))
     if name == "parity":
         return "; ".join(f"{k}: max |d logp| {rec[k]:.3g}" for k in ("sdpa", "flash_attention_2") if k in rec)
     if name == "loss_bench":
