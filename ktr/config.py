@@ -49,6 +49,7 @@ OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Schedule = Literal["constant", "cosine"]
 NoDecay = Literal["bias_norm", "none"]
 RopeAfterMedia = Literal["reference", "transformers"]
+HeadLogits = Literal["float32", "compute"]
 ScoreName = Literal["logp_diff", "kl", "js", "l1", "l2", "cosine", "hellinger"]
 """`ktr.probes.scores.SCORE_FUNCTIONS`."""
 VisualPerturbation = Literal["attention_mask", "attention_mask_block", "zero_embeddings", "random_half",
@@ -565,6 +566,13 @@ class PolicyConfig:
     past the video's largest position, as Qwen's reference code, transformers 4.x (the released run and the
     Video-R1 SFT checkpoint) and vLLM place it; `transformers`: transformers >= 5.3's `start + max(h, w)`, which
     leaves out the video's temporal extent (ktr before 2026-12-06; `ktr.model.rope`). Images: the same either way."""
+    head_logits: HeadLogits = "float32"
+    """How ktr's log-prob and score passes (policy, reference, probes, loss) round the output projection's logits
+    when it computes in bf16 / fp16 (mixed precision, a bf16 model, QLoRA): `float32` rounds the bf16 product to
+    float32 only (cuBLAS's float32-output GEMM on CUDA, at the bf16 GEMM's speed; `ktr.fused.mm_float32`);
+    `compute` rounds it to bf16 first, as transformers' `lm_head` and the released code do (a logit of 20 to a
+    multiple of 1/8), which is noise in the probes' log-prob differences and so in the selection (docs/fidelity.md,
+    "Logit precision"). A float32 projection is the same either way. Sampling is unaffected."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the `tiny` model (ignored for real checkpoints)."""
     gradient_checkpointing: bool = False

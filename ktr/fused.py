@@ -33,8 +33,8 @@ from ktr.config import DEFAULT_CHUNK_SIZE
 from ktr.losses import policy_loss
 from ktr.ops import exp_shifted_, mul_rows_
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "GradStrategy", "call_with_head", "fused_policy_loss", "naive_policy_loss",
-           "naive_token_logps_entropy", "token_logps_entropy"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "GradStrategy", "call_with_head", "fused_policy_loss", "mm_float32",
+           "naive_policy_loss", "naive_token_logps_entropy", "project", "token_logps_entropy"]
 
 # DEFAULT_CHUNK_SIZE (ktr.config): 512 x 151,936 x 4 B = 0.3 GB of float32 scratch. Large enough for full-speed
 # matmuls; 1024 is as fast but misses the 1/8-of-naive memory goal at 4,096 tokens (scripts/bench_loss.py).
@@ -53,28 +53,99 @@ class _Buffers:
     def __init__(self, rows: int, vocab: int, cdtype: torch.dtype, device: torch.device):
         fdtype = torch.promote_types(cdtype, torch.float32)  # softmax maths: float32 (float64 kept)
         self.z = torch.empty(rows, vocab, dtype=fdtype, device=device)  # logits, then exp, then dlogits
-        # Matmul output / low-precision dlogits; aliases z when the compute dtype is already fdtype.
-        self.low = self.z if cdtype == fdtype else torch.empty(rows, vocab, dtype=cdtype, device=device)
+        self._low = self.z if cdtype == fdtype else None
+        self._cdtype = cdtype
+
+    @property
+    def low(self) -> Tensor:
+        """Matmul output / low-precision dlogits; aliases z when the compute dtype is already z's. Allocated on
+        first use: with float32 logits a pass without gradients never needs it."""
+        if self._low is None:
+            self._low = torch.empty(self.z.shape, dtype=self._cdtype, device=self.z.device)
+        return self._low
 
 
-def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, buf: _Buffers) -> Tensor:
-    """Float32 ``[c, V]`` logits of ``h [c, H]`` in ``buf.z`` (``w [V, H]``, ``b [V]`` in compute dtype)."""
-    out = buf.low[: h.shape[0]]
-    # addmm rounds once, like F.linear, instead of once for the product and once for the bias
-    low = torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)  # [c, V]
-    z = low if low.data_ptr() == buf.z.data_ptr() else buf.z[: h.shape[0]].copy_(low)
+def low_precision(dtype: torch.dtype) -> bool:
+    """A projection in ``dtype`` rounds its output coarser than float32 (bf16, fp16)."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+_CUDA_FLOAT32_OUT: list[bool] = []  # [] untried; [True] cuBLAS's float32-output GEMM works here; [False] it failed
+
+
+def mm_float32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` in float32 for low-precision ``a [m, k]``, ``b [k, n]``, rounded once, to float32.
+
+    A bf16 / fp16 GEMM multiplies and accumulates in float32, then rounds its output to the input dtype (a logit
+    of 20 to a multiple of 1/8 in bf16). Here that last rounding is to float32 instead. On CUDA this is one
+    cuBLAS GEMM with float32 output (``torch.mm(a, b, torch.float32)``, PyTorch >= 2.8), as fast as the
+    low-precision one; elsewhere, or if that call fails (warned once), the inputs are upcast, which is exact
+    (a product of two bf16 or fp16 numbers fits a float32), and multiplied in float32. The two differ only in
+    the order of the float32 sums. Not differentiable through the CUDA call: the chunked paths form their own
+    gradients."""
+    if a.is_cuda and _CUDA_FLOAT32_OUT != [False]:
+        try:
+            res = torch.mm(a, b, torch.float32) if out is None else torch.mm(a, b, torch.float32, out=out)
+            _CUDA_FLOAT32_OUT[:] = [True]
+            return res
+        except torch.cuda.OutOfMemoryError:
+            raise  # a RuntimeError too, but not a missing kernel: the fallback would need more memory
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # an older torch, or no such kernel here
+            import warnings
+
+            _CUDA_FLOAT32_OUT[:] = [False]
+            warnings.warn(f"float32-output GEMM unavailable ({type(e).__name__}: {str(e)[:200]}); head logits are "
+                          "computed from float32 copies of the inputs instead (same values, slower)", stacklevel=2)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def project(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, float32_logits: bool = False) -> Tensor:
+    """Float32 logits ``[..., V]`` of ``hidden [..., H]`` through ``weight [V, H]`` (and ``bias``), differentiable.
+
+    ``float32_logits=False``: ``F.linear(...).float()``, the logits rounded to the projection's compute dtype first
+    (autocast's, else the weight's), as transformers' ``lm_head`` computes them. ``True``: with a low-precision
+    compute dtype the inputs are cast to it and then upcast (exact) so that the product is rounded to float32 only
+    (the values of :func:`mm_float32`); a float32 or float64 projection is the same either way."""
+    dev = hidden.device.type
+    cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    if not (float32_logits and low_precision(cdtype)):
+        return F.linear(hidden, weight, bias).float()
+    with torch.autocast(dev, enabled=False):
+        up = [None if t is None else t.to(cdtype).float() for t in (hidden, weight, bias)]
+        return F.linear(*up)
+
+
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, buf: _Buffers,
+            w32: Tensor | None = None, float32_logits: bool = False) -> Tensor:
+    """Float32 ``[c, V]`` logits of ``h [c, H]`` in ``buf.z`` (``w [V, H]``, ``b [V]`` in compute dtype).
+
+    ``float32_logits`` with a low-precision compute dtype: the product is rounded to float32 only
+    (:func:`mm_float32`; ``w32``, a float32 copy of ``w``, where the CUDA call is not used)."""
+    if float32_logits and low_precision(h.dtype):
+        z = buf.z[: h.shape[0]]
+        if w32 is not None:
+            torch.mm(h.float(), w32.t(), out=z)
+        else:
+            mm_float32(h, w.t(), out=z)
+        if b is not None:
+            z.add_(b.float())
+    else:
+        out = buf.low[: h.shape[0]]
+        # addmm rounds once, like F.linear, instead of once for the product and once for the bias
+        low = torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)  # [c, V]
+        z = low if low.data_ptr() == buf.z.data_ptr() else buf.z[: h.shape[0]].copy_(low)
     if temperature != 1.0:
         z.div_(temperature)
     return z
 
 
 def _chunk_forward(
-    h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, temperature: float, buf: _Buffers, with_entropy: bool
+    h: Tensor, run: _Chunked, y: Tensor, with_entropy: bool
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """For ``h [c, H]`` and sampled ids ``y [c]``: log-prob ``[c]``, entropy ``[c]`` (or None),
-    ``e = exp(z - max) [c, V]`` (in place of the logits in ``buf.z``), its row sums ``s [c]`` and the
+    ``e = exp(z - max) [c, V]`` (in place of the logits in ``run.buf.z``), its row sums ``s [c]`` and the
     log-sum-exp ``[c]``."""
-    z = _logits(h, w, b, temperature, buf)  # [c, V]
+    z = run.logits(h)  # [c, V]
     row_max = z.amax(dim=-1, keepdim=True)  # [c, 1]
     z.sub_(row_max)  # shifted so that exp() cannot overflow
     z_y = z.gather(1, y[:, None]).squeeze(1)  # [c] shifted logit of the sampled token
@@ -121,6 +192,7 @@ class _Cfg(NamedTuple):
     with_entropy: bool
     cdtype: torch.dtype  # dtype of the projection matmuls
     needs: tuple[bool, bool, bool]  # grads wanted for (hidden, weight, bias)
+    float32_logits: bool = False  # low-precision projection: round its output to float32 only (`_logits`)
 
 
 class _Chunked:
@@ -129,6 +201,9 @@ class _Chunked:
     def __init__(self, h: Tensor, w: Tensor, b: Tensor | None, cfg: _Cfg, with_grads: bool):
         self.cfg, self.dtypes = cfg, (h.dtype, w.dtype, None if b is None else b.dtype)
         self.w, self.b = w.detach().to(cfg.cdtype), None if b is None else b.detach().to(cfg.cdtype)
+        # float32 logits off CUDA: the weight upcast once (exact) rather than per chunk
+        up = cfg.float32_logits and low_precision(cfg.cdtype) and not h.is_cuda
+        self.w32 = self.w.float() if up else None
         self.buf = _Buffers(min(cfg.chunk_size, h.shape[0]), w.shape[0], cfg.cdtype, h.device)
         self.slices = [slice(i, min(i + cfg.chunk_size, h.shape[0])) for i in range(0, h.shape[0], cfg.chunk_size)]
         acc = torch.promote_types(w.dtype, torch.float32)
@@ -137,6 +212,12 @@ class _Chunked:
         self.grads = {k: torch.zeros(like[k][0], dtype=like[k][1], device=h.device)
                       for k, on in zip("hwb", wanted) if on}
 
+    def logits(self, h: Tensor) -> Tensor:
+        """Float32 ``[c, V]`` logits of the chunk ``h [c, H]``, in the reused buffer."""
+        if self.w32 is None and self.cfg.float32_logits and _CUDA_FLOAT32_OUT == [False] and low_precision(h.dtype):
+            self.w32 = self.w.float()  # the CUDA float32-output GEMM failed: upcast once, not per chunk
+        return _logits(h, self.w, self.b, self.cfg.temperature, self.buf, self.w32, self.cfg.float32_logits)
+
     def forward(self, h: Tensor, y: Tensor, on_chunk: Callable | None = None):
         """Log-probs, entropy and log-sum-exp, each ``[M]``; ``on_chunk(sl, logp, e, s)`` sees each softmax."""
         cfg = self.cfg
@@ -144,8 +225,7 @@ class _Chunked:
         entropy = torch.empty_like(logps) if cfg.with_entropy else logps.new_empty(0)  # [M]
         lse = torch.empty_like(logps)  # [M]
         for sl in self.slices:
-            logps[sl], ent, e, s, lse[sl] = _chunk_forward(h[sl], self.w, self.b, y[sl], cfg.temperature, self.buf,
-                                                           cfg.with_entropy)
+            logps[sl], ent, e, s, lse[sl] = _chunk_forward(h[sl], self, y[sl], cfg.with_entropy)
             if ent is not None:
                 entropy[sl] = ent
             if on_chunk is not None:
@@ -183,7 +263,7 @@ class _LogpsEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for sl in run.slices:
                 g = grad_logps[sl].to(lse.dtype) / temperature  # [c]
-                p = _logits(h[sl], run.w, run.b, temperature, run.buf).sub_(lse[sl, None])  # [c, V]
+                p = run.logits(h[sl]).sub_(lse[sl, None])  # [c, V]
                 dlogits = mul_rows_(exp_shifted_(p), -g).scatter_add_(1, y[sl, None], g[:, None])  # g * (onehot - p)
                 _backprop_chunk(dlogits, h[sl], run.w, run.buf, run.grads, sl)
         return *run.result(), None, None
@@ -204,7 +284,7 @@ class _FusedLoss(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             logps, entropy, _ = run.forward(h, y, backprop if run.grads else None)
             loss = loss_fn.value(logps)
-        run.buf = run.w = run.b = None  # free scratch and casts; only the finished grads wait for backward
+        run.buf = run.w = run.b = run.w32 = None  # free scratch and casts; only the finished grads wait for backward
         ctx.run = run
         ctx.mark_non_differentiable(logps, entropy)
         return loss, logps, entropy
@@ -254,7 +334,7 @@ def _scatter(values: Tensor, pos: Tensor | None, shape: tuple[int, int]) -> Tens
     return values.new_zeros(shape[0] * shape[1]).index_put((pos,), values).view(shape)
 
 
-def _prepare(hidden, weight, bias, tokens, mask, chunk_size, temperature, with_entropy):
+def _prepare(hidden, weight, bias, tokens, mask, chunk_size, temperature, with_entropy, float32_logits=False):
     """Checks; selected rows ``h [M, H]`` (compute dtype, differentiable), ids ``y [M]``, flat positions
     of the selected tokens (None: all), and the chunk config."""
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
@@ -276,7 +356,7 @@ def _prepare(hidden, weight, bias, tokens, mask, chunk_size, temperature, with_e
     dev = hidden.device.type  # project in the dtype F.linear would use: autocast's if on, else the weight's
     h = h.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype)
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (h, weight, bias))
-    return h, y, pos, _Cfg(chunk_size, float(temperature), with_entropy, h.dtype, needs)
+    return h, y, pos, _Cfg(chunk_size, float(temperature), with_entropy, h.dtype, needs, float32_logits)
 
 
 def token_logps_entropy(
@@ -289,6 +369,7 @@ def token_logps_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = True,
     temperature: float = 1.0,
+    float32_logits: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the sampled tokens and full-vocabulary entropy, projecting ``chunk_size`` tokens at a time.
 
@@ -300,6 +381,8 @@ def token_logps_entropy(
         mask: ``[N, T]`` bool, tokens to compute (e.g. ``valid``); others are skipped and read 0.
         bias: ``[V]`` optional projection bias.
         temperature: logits are divided by it (the rollout samples at 1.0).
+        float32_logits: with a low-precision projection (bf16, fp16), round its output to float32 only, not to
+            the compute dtype first (:func:`mm_float32`; ``policy.head_logits``). False: as ``F.linear``.
     Returns:
         ``logps [N, T]`` float32, differentiable w.r.t. ``hidden``/``weight``/``bias`` (recompute strategy:
         the backward re-projects each chunk), and ``entropy [N, T]`` float32 without grad (None when
@@ -311,7 +394,8 @@ def token_logps_entropy(
         >>> torch.allclose(logps, torch.log_softmax(h @ w.T, -1).gather(-1, y[..., None])[..., 0])
         True
     """
-    h, y, pos, cfg = _prepare(hidden, weight, bias, tokens, mask, chunk_size, temperature, with_entropy)
+    h, y, pos, cfg = _prepare(hidden, weight, bias, tokens, mask, chunk_size, temperature, with_entropy,
+                              float32_logits)
     logps, entropy = _LogpsEntropy.apply(h, weight, bias, y, cfg)  # [M], [M]
     shape = tuple(tokens.shape)
     return _scatter(logps, pos, shape), _scatter(entropy, pos, shape) if with_entropy else None
@@ -333,9 +417,10 @@ def _loss_grad_in_forward(hidden, weight, tokens, advantages, mask, bias, opts, 
 
 
 def _loss_recompute(hidden, weight, tokens, advantages, mask, bias, opts, loss_kwargs):
-    chunk_size, temperature, with_entropy = opts
+    chunk_size, temperature, with_entropy, float32_logits = opts
     logps, entropy = token_logps_entropy(hidden, weight, tokens, mask=_used_mask(mask, loss_kwargs), bias=bias,
-                                         chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature)
+                                         chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,
+                                         float32_logits=float32_logits)
     return policy_loss(logps, advantages, mask, **loss_kwargs), logps.detach(), entropy
 
 
@@ -357,6 +442,7 @@ def fused_policy_loss(
     temperature: float = 1.0,
     with_entropy: bool = False,
     strategy: GradStrategy = "grad-in-forward",
+    float32_logits: bool = False,
     **loss_kwargs: Any,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`ktr.losses.policy_loss` from hidden states, never materialising ``[N, T, V]`` logits.
@@ -373,6 +459,7 @@ def fused_policy_loss(
         with_entropy: also return the entropy (it comes from the same softmax).
         strategy: ``"grad-in-forward"`` (3 matmuls per chunk; the backward only rescales the gradients
             made in forward, and can run once) or ``"recompute"`` (4 matmuls; keeps ``[M]`` floats).
+        float32_logits: as in :func:`token_logps_entropy`.
         **loss_kwargs: for :func:`ktr.losses.policy_loss` (``ref_logps``, ``beta``, ``old_logps``,
             ``clip_low``, ``clip_high``, ``aggregation``, ``kl_mask``, ``num_sequences``, ``num_tokens``,
             ``max_len``, ``num_kl_tokens``, ``weights``, ``weight_norm``: float token weights on ``mask``).
@@ -382,16 +469,16 @@ def fused_policy_loss(
     """
     if strategy not in _STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid: {sorted(_STRATEGIES)}")
-    opts = (chunk_size, temperature, with_entropy)
+    opts = (chunk_size, temperature, with_entropy, float32_logits)
     return _STRATEGIES[strategy](hidden, weight, tokens, advantages, mask, bias, opts, loss_kwargs)
 
 
 def naive_token_logps_entropy(
     hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Tensor | None = None, with_entropy: bool = True,
-    temperature: float = 1.0,
+    temperature: float = 1.0, float32_logits: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Reference for :func:`token_logps_entropy` that materialises ``[N, T, V]`` logits (tests, benchmarks)."""
-    logits = F.linear(hidden, weight, bias).float()  # [N, T, V]
+    logits = project(hidden, weight, bias, float32_logits)  # [N, T, V]
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)  # [N, T, V]
@@ -404,10 +491,10 @@ def naive_token_logps_entropy(
 
 
 def naive_policy_loss(hidden, weight, tokens, advantages, mask, *, bias=None, temperature=1.0,
-                      with_entropy=False, **loss_kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
+                      with_entropy=False, float32_logits=False, **loss_kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
     """Reference for :func:`fused_policy_loss` (same arguments, no chunking)."""
     logps, entropy = naive_token_logps_entropy(hidden, weight, tokens, bias=bias, with_entropy=with_entropy,
-                                               temperature=temperature)
+                                               temperature=temperature, float32_logits=float32_logits)
     return policy_loss(logps, advantages, mask, **loss_kwargs), logps.detach(), entropy
 
 

@@ -18,7 +18,10 @@ try, so that one failure (an error, out of memory, the guard) is recorded and th
 3. `parity`: log-probs of ktr's forward path (`ktr.model.forward`: vision once, 3D positions, chunked head) vs
    transformers' own `Qwen2_5_VLForConditionalGeneration` forward, bf16, on a reduced-depth 7B-width model
    (2 decoder layers, 2 vision blocks, random weights), with `sdpa` and `flash_attention_2` when importable;
-   both are also compared with a float32 forward of the same weights (the bf16 noise floor).
+   both are also compared with a float32 forward of the same weights (the bf16 noise floor). ktr's side runs
+   with `policy.head_logits: compute` (the head's product rounded to bf16, as transformers') against
+   transformers, and again with `float32` (the default: cuBLAS's float32-output GEMM) against the float32
+   forward; the report says whether that GEMM ran or its fallback did (`float32_output_gemm`).
 4. `prefix`: the shared prompt prefix vs naive (issue 11) on a reduced-depth 7B-width model (4 decoder layers,
    2 vision blocks, bf16, random): rollout `hf` vs `shared` (G = 8, 16 frames at the training pixels, 128 new
    tokens, temperature 1, top-p 0.95), then each scoring pass on those completions with `loss.shared_prefix`

@@ -124,3 +124,39 @@ def test_qwen2_vl_checkpoint_directory_loads_and_matches_hf(tiny_policy, tmp_pat
     ref = ref.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
     valid = rollout.completion_mask
     torch.testing.assert_close(mine[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_head_logits_setting_on_a_bf16_model(tiny_policy) -> None:
+    """`policy.head_logits` on a bf16 policy: `float32` (the default, carried by a copy such as the reference) gives
+    the log-probs of the exact float32 product of the bf16 hidden states and head; `compute` those of the logits
+    rounded to bf16 first, as transformers' `lm_head` gives them; the two differ by far more than float32 noise."""
+    import copy
+
+    from ktr.model.forward import float32_logits, output_projection, set_head_logits
+
+    model = copy.deepcopy(tiny_policy.model).to(torch.bfloat16)
+    output_projection(model).weight.mul_(40.0)  # logits of a trained model's size, where bf16 rounding shows
+    assert float32_logits(model)
+    batch, rollout = rollout_for(tiny_policy, n_prompts=2, group_size=2)
+    ids, valid = rollout.completion_ids, rollout.completion_mask
+    view = SequenceView.of(model, rollout, batch)
+    hidden = completion_hidden(model, view, encode_media(model, batch.pixel_values, batch.grid_thw), ids.shape[1])
+    assert hidden.dtype == torch.bfloat16
+    w = output_projection(model).weight
+
+    def picked(logits):
+        return logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)[valid]
+
+    exact, rounded = picked(hidden.float() @ w.float().T), picked(torch.nn.functional.linear(hidden, w))
+    assert (exact - rounded).abs().max() > 1e-2
+    for chunk in (7, None):
+        torch.testing.assert_close(completion_logps(model, hidden, ids, valid, chunk)[0][valid], exact,
+                                   rtol=0, atol=2e-5)
+    set_head_logits(model, "compute")
+    assert not float32_logits(model)
+    for chunk in (7, None):
+        torch.testing.assert_close(completion_logps(model, hidden, ids, valid, chunk)[0][valid], rounded,
+                                   rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="head_logits"):
+        set_head_logits(model, "bf16")

@@ -162,6 +162,73 @@ def test_bf16_parameters_give_bf16_grads():
         assert g.dtype == torch.bfloat16 and rel_err(g, w) <= 1e-2
 
 
+def _logits_scale(d: dict, scale: float = 6.0) -> dict:
+    """Logits of a trained model's size (|z| up to ~30), where bf16 rounds them to multiples of 1/8 to 1/4."""
+    with torch.no_grad():
+        d["weight"].mul_(scale)
+    return d
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_logits_round_the_bf16_product_to_float32_only(bias):
+    """With bf16 hidden states and weight, `float32_logits` gives the log-probs and entropy of the exact float32
+    product of those bf16 numbers (summation order aside), chunked and naive alike; without it the logits are
+    rounded to bf16 first, as `F.linear` does, and the log-probs move by far more than float32 rounding."""
+    d = _logits_scale(make(seed=11, bias=bias, dtype=torch.bfloat16))
+    args = (d["hidden"], d["weight"], d["tokens"])
+    with torch.no_grad():
+        exact = naive_token_logps_entropy(d["hidden"].float(), d["weight"].float(), d["tokens"],
+                                          bias=None if d["bias"] is None else d["bias"].float())
+        f32 = token_logps_entropy(*args, bias=d["bias"], chunk_size=5, float32_logits=True)
+        naive32 = naive_token_logps_entropy(*args, bias=d["bias"], float32_logits=True)
+        rounded = token_logps_entropy(*args, bias=d["bias"], chunk_size=5)
+    for got in (f32, naive32):
+        torch.testing.assert_close(got[0], exact[0], rtol=0, atol=2e-5)
+        torch.testing.assert_close(got[1], exact[1], rtol=0, atol=2e-5)
+    assert (rounded[0] - exact[0]).abs().max() > 1e-2  # bf16-rounded logits: the difference the option removes
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_float32_logits_loss_and_grads_match_naive(strategy):
+    """The fused loss with `float32_logits` equals the naive loss with it, in value and in every gradient (bf16
+    parameters, bf16 gradients), and its log-probs are the exact product's."""
+    d = _logits_scale(make(seed=12, bias=True, dtype=torch.bfloat16))
+    naive, want, fused = loss_pair(d, ref_logps=d["ref_logps"], beta=0.04, float32_logits=True)
+    loss, got, logps, _ = fused(chunk_size=6, strategy=strategy)
+    assert rel_err(loss, naive) <= 1e-5
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and rel_err(g, w) <= 1e-2
+    with torch.no_grad():
+        exact, _ = naive_token_logps_entropy(d["hidden"].float(), d["weight"].float(), d["tokens"],
+                                             bias=d["bias"].float(), with_entropy=False)
+    used = d["mask"]  # the loss's tokens (no kl_mask given)
+    torch.testing.assert_close(logps[used], exact[used], rtol=0, atol=2e-5)
+
+
+def test_float32_logits_under_autocast_use_the_autocast_products():
+    """Under bf16 autocast with float32 parameters, `float32_logits` keeps the product of the bf16-cast inputs in
+    float32: equal to the exact product of those casts, not to the float32 inputs' product."""
+    d = _logits_scale(make(seed=13))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = token_logps_entropy(d["hidden"], d["weight"], d["tokens"], chunk_size=4, float32_logits=True,
+                                     with_entropy=False)
+    with torch.no_grad():
+        casts = [t.to(torch.bfloat16).float() for t in (d["hidden"], d["weight"])]
+        want, _ = naive_token_logps_entropy(*casts, d["tokens"], with_entropy=False)
+        full, _ = naive_token_logps_entropy(d["hidden"], d["weight"], d["tokens"], with_entropy=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert (got - full).abs().max() > 1e-3
+
+
+def test_float32_logits_change_nothing_in_float32():
+    d = make(seed=14, bias=True)
+    with torch.no_grad():
+        a = token_logps_entropy(d["hidden"], d["weight"], d["tokens"], bias=d["bias"], chunk_size=4)
+        b = token_logps_entropy(d["hidden"], d["weight"], d["tokens"], bias=d["bias"], chunk_size=4,
+                                float32_logits=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_padding_is_skipped(strategy):
     # Padding positions hold NaN hidden states: projecting them would poison the loss and the grads.

@@ -70,6 +70,25 @@ def test_chunked_equals_naive_and_has_no_grad(name) -> None:
     assert not chunked.requires_grad and (chunked[~mask] == 0).all() and (chunked[mask] > 0).all()
 
 
+@pytest.mark.parametrize("name", ["kl", "js"])
+def test_float32_logits_distribution_scores_on_bf16_inputs(name) -> None:
+    """bf16 hidden states and head: with `float32_logits` the distances are those of the exact float32 product of
+    the bf16 numbers (chunked and naive alike); bf16-rounded logits (the default, as `F.linear`) are measurably
+    different."""
+    g = torch.Generator().manual_seed(1)
+    hp = torch.randn(3, 5, 16, generator=g)
+    hq = hp + 0.3 * torch.randn(3, 5, 16, generator=g)
+    w = torch.randn(400, 16, generator=g) * 2.0  # logits of tens: bf16 rounds them to steps of 1/8 and more
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    bf = [t.to(torch.bfloat16) for t in (hp, hq, w)]
+    exact = naive_distribution_scores(*[t.float() for t in bf], mask, name)
+    for got in (distribution_scores(*bf, mask, name, chunk_size=4, float32_logits=True),
+                naive_distribution_scores(*bf, mask, name, float32_logits=True)):
+        torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-6)
+    rounded = distribution_scores(*bf, mask, name, chunk_size=4)
+    assert (rounded - exact).abs().max() > 1e-3
+
+
 def test_unknown_score_fails_at_config_time() -> None:
     with pytest.raises(ValueError, match="score"):
         SignalConfig(score="emd")  # type: ignore[arg-type]

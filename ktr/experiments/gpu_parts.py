@@ -183,6 +183,7 @@ def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
 
     from ktr.config import SamplingConfig, TinyModelConfig
     from ktr.experiments.bench_step import arch_config, build_random
+    from ktr.model.forward import set_head_logits
     from ktr.model.policy import tiny_config
     from ktr.rollout.hf import generate
 
@@ -212,10 +213,29 @@ def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
             del model
             model = build_random(cfg, device, torch.bfloat16).eval()
             model.load_state_dict(state)
+        set_head_logits(model, "compute")  # bf16-rounded logits, as transformers' lm_head: comparable to `theirs`
         mine, theirs = _ktr_logps(model, batch, rollout, 1024), _hf_logps(model, batch, rollout)
+        set_head_logits(model, "float32")  # ktr's default (`policy.head_logits`): the bf16 product kept in float32
+        mine32 = _ktr_logps(model, batch, rollout, 1024)
         out[impl] = {"ktr_vs_hf": _diff(mine, theirs, valid), "ktr_vs_hf_float32": _diff(mine, hf32, valid),
-                     "hf_vs_hf_float32": _diff(theirs, hf32, valid)}
-    return {impl: out[impl]["ktr_vs_hf"]["max_abs"] for impl in ("sdpa", "flash_attention_2") if impl in out}
+                     "hf_vs_hf_float32": _diff(theirs, hf32, valid),
+                     "ktr_float32_logits_vs_hf_float32": _diff(mine32, hf32, valid)}
+    out["float32_output_gemm"] = fused_float32_output_state()
+    ret = {impl: out[impl]["ktr_vs_hf"]["max_abs"] for impl in ("sdpa", "flash_attention_2") if impl in out}
+    ret["float32_logits_vs_float32_forward"] = {impl: out[impl]["ktr_float32_logits_vs_hf_float32"]["mean_abs"]
+                                                for impl in ret}
+    ret["bf16_logits_vs_float32_forward"] = {impl: out[impl]["ktr_vs_hf_float32"]["mean_abs"] for impl in ret
+                                             if impl in out}
+    return ret
+
+
+def fused_float32_output_state() -> str:
+    """Which way `ktr.fused.mm_float32` took in this process: cuBLAS's float32-output GEMM, the upcast fallback
+    after that failed, or neither (not called on CUDA)."""
+    from ktr import fused
+
+    return {(): "not called on CUDA", (True,): "cuBLAS float32-output GEMM",
+            (False,): "upcast fallback (float32-output GEMM failed)"}[tuple(fused._CUDA_FLOAT32_OUT)]
 
 
 def _timed(device: torch.device, fn):
@@ -617,7 +637,10 @@ def _headline(name: str, rec: dict) -> str:
                 + "; largest frequency deviation (standard errors): "
                 + ", ".join(f"{k} {v}" for k, v in rec["max_z"].items()))
     if name == "parity":
-        return "; ".join(f"{k}: max |d logp| {rec[k]:.3g}" for k in ("sdpa", "flash_attention_2") if k in rec)
+        f32, b16 = rec.get("float32_logits_vs_float32_forward", {}), rec.get("bf16_logits_vs_float32_forward", {})
+        return "; ".join(f"{k}: max |d logp| vs transformers {rec[k]:.3g}, mean |d logp| vs a float32 forward "
+                         f"{f32.get(k, float('nan')):.3g} with float32 logits ({b16.get(k, float('nan')):.3g} "
+                         "bf16-rounded)" for k in ("sdpa", "flash_attention_2") if k in rec)
     if name == "loss_bench":
         top = rec["summary"][max(rec["summary"], key=int)]
         best = top["best_chunked"] or {}
@@ -667,7 +690,8 @@ def markdown(report: dict) -> str:
     machine = (f"{env.get('gpu') or env['cpu']} ({env.get('gpu_memory_gib', '-')} GiB); torch {v['torch']} "
                f"(CUDA {env['cuda']}), transformers {v['transformers']}, lightning {v['lightning']}, "
                f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}, flash-attn {v['flash-attn']}; "
-               f"{report['seconds']} s in all (budget {report['budget_s']:.0f} s)")
+               f"{report['seconds']} s in all (budget {report['budget_s']:.0f} s); float32 head logits: "
+               f"{report.get('float32_output_gemm', '-')}")
     lines = [f"# ktr GPU check ({report['mode']})", "", machine, "",
              "| part | status | seconds | headline |", "|---|---|---:|---|"]
     for name, rec in report["parts"].items():

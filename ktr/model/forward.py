@@ -303,6 +303,24 @@ def output_projection(model: nn.Module) -> nn.Module:
     return core(model).lm_head
 
 
+_FLOAT32_LOGITS = "ktr_float32_logits"  # attribute of the output projection module (`policy.head_logits`)
+
+
+def set_head_logits(model: nn.Module, mode: str) -> None:
+    """`policy.head_logits` on `model`: `float32` rounds the output projection's low-precision (bf16) product to
+    float32 only, `compute` to the compute dtype first, as transformers' `lm_head` (and the released code) does.
+    Kept on the projection module, so that the reference copy, LoRA wrapping and FSDP2 sharding carry it."""
+    if mode not in ("float32", "compute"):
+        raise ValueError(f"policy.head_logits must be float32 or compute, got {mode!r}")
+    setattr(output_projection(model), _FLOAT32_LOGITS, mode == "float32")
+
+
+def float32_logits(model: nn.Module) -> bool:
+    """Whether ktr's log-prob and score projections of `model` round to float32 only (`set_head_logits`); a model
+    ktr did not load computes them as `F.linear` does."""
+    return bool(getattr(output_projection(model), _FLOAT32_LOGITS, False))
+
+
 def completion_logps(model: nn.Module, hidden: Tensor, completion_ids: Tensor, valid: Tensor,
                      chunk_size: int | None = DEFAULT_CHUNK_SIZE,
                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -310,16 +328,17 @@ def completion_logps(model: nn.Module, hidden: Tensor, completion_ids: Tensor, v
 
     `chunk_size=None` is the naive path (full logits), kept for comparison and tests; otherwise the output
     projection runs in token chunks (`ktr.fused`), only on `valid` tokens, never materialising `[N, T, V]`.
+    The logits' rounding follows `policy.head_logits` (`float32_logits`).
     Positions outside `valid` hold 0.
     """
     from ktr import fused
 
-    head = output_projection(model)
+    head, f32 = output_projection(model), float32_logits(model)
     if chunk_size is None:
         logps, ent = fused.naive_token_logps_entropy(hidden, head.weight, completion_ids, bias=head.bias,
-                                                     with_entropy=with_entropy)
+                                                     with_entropy=with_entropy, float32_logits=f32)
         zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
         return logps.where(valid, zero), (ent.where(valid, zero) if ent is not None else None)
     fn = partial(fused.token_logps_entropy, tokens=completion_ids, mask=valid, chunk_size=chunk_size,
-                 with_entropy=with_entropy)
+                 with_entropy=with_entropy, float32_logits=f32)
     return fused.call_with_head(head, hidden, fn)

@@ -17,6 +17,7 @@ from torch import nn
 from ktr.config import LoraSettings, PolicyConfig, TinyModelConfig
 from ktr.data.processor import PatchSettings, VisionLanguageProcessor
 from ktr.model.families import FAMILIES, core, family_of, get_family, tiny_family, vision_tower
+from ktr.model.forward import set_head_logits
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def load_policy(cfg: PolicyConfig) -> Policy:
         from ktr.model.rope import use_reference_positions
 
         use_reference_positions(core(model).model)  # every caller, transformers' `generate` included
+    set_head_logits(model, cfg.head_logits)
     if cfg.quantization == "nf4":
         from ktr.model.quant import prepare_nf4
 

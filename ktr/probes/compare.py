@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ktr.model.forward import completion_logps, output_projection
+from ktr.model.forward import completion_logps, float32_logits, output_projection
 from ktr.probes.scores import SCORE_FUNCTIONS, distribution_scores, naive_distribution_scores
 
 
@@ -30,11 +30,13 @@ def compare_passes(model: nn.Module, score: str, base_logps: Tensor, base_hidden
     if base_hidden is None:
         raise ValueError(f"score {score!r} compares full distributions and needs the policy pass's hidden states "
                          "(`base_hidden`)")
-    head = output_projection(model)
+    head, f32 = output_projection(model), float32_logits(model)
     if chunk_size is None:
-        return naive_distribution_scores(base_hidden, hidden, head.weight, valid, score, bias=head.bias)
+        return naive_distribution_scores(base_hidden, hidden, head.weight, valid, score, bias=head.bias,
+                                         float32_logits=f32)
 
     def fn(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        return distribution_scores(h, hidden, weight, valid, score, bias=bias, chunk_size=chunk_size)
+        return distribution_scores(h, hidden, weight, valid, score, bias=bias, chunk_size=chunk_size,
+                                   float32_logits=f32)
 
     return fused.call_with_head(head, base_hidden, fn)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ktr.config import DEFAULT_CHUNK_SIZE
+from ktr.fused import project
 
 __all__ = ["DISTRIBUTION_SCORES", "SCORE_FUNCTIONS", "distribution_distance", "distribution_scores",
            "naive_distribution_scores"]
@@ -85,14 +86,16 @@ def distribution_distance(name: str) -> Distance:
     return DISTRIBUTION_SCORES[name]
 
 
-def _log_softmax(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Float32 ``[c, V]`` log-softmax of ``h [c, H]`` through the projection ``weight [V, H]``."""
-    return F.linear(h.to(weight.dtype), weight, bias).float().log_softmax(-1)
+def _log_softmax(h: Tensor, weight: Tensor, bias: Tensor | None, float32_logits: bool = False) -> Tensor:
+    """Float32 ``[c, V]`` log-softmax of ``h [c, H]`` through the projection ``weight [V, H]`` (its rounding:
+    :func:`ktr.fused.project`)."""
+    return project(h.to(weight.dtype), weight, bias, float32_logits).log_softmax(-1)
 
 
 @torch.no_grad()
 def distribution_scores(base_hidden: Tensor, perturbed_hidden: Tensor, weight: Tensor, mask: Tensor, name: str,
-                        *, bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+                        *, bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        float32_logits: bool = False) -> Tensor:
     """Distance ``name`` between ``P`` (from ``base_hidden``) and ``Q`` (from ``perturbed_hidden``) per token.
 
     Args:
@@ -102,6 +105,7 @@ def distribution_scores(base_hidden: Tensor, perturbed_hidden: Tensor, weight: T
         mask: ``[N, T]`` bool tokens to score (others read 0 and cost nothing).
         name: a key of ``DISTRIBUTION_SCORES``.
         chunk_size: tokens projected at a time (two ``[chunk_size, V]`` float32 buffers and temporaries).
+        float32_logits: round a low-precision projection to float32 only (``policy.head_logits``).
     Returns:
         ``[N, T]`` float32 distances, 0 outside ``mask``, without grad.
     """
@@ -120,17 +124,18 @@ def distribution_scores(base_hidden: Tensor, perturbed_hidden: Tensor, weight: T
     out = torch.zeros(pos.shape[0], dtype=torch.float32, device=base_hidden.device)  # [M]
     for start in range(0, pos.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        out[sl] = dist(_log_softmax(hp[sl], weight, bias), _log_softmax(hq[sl], weight, bias))
+        out[sl] = dist(_log_softmax(hp[sl], weight, bias, float32_logits),
+                       _log_softmax(hq[sl], weight, bias, float32_logits))
     flat = torch.zeros(mask.numel(), dtype=torch.float32, device=base_hidden.device)
     return flat.index_put_((pos,), out).view(mask.shape)
 
 
 @torch.no_grad()
 def naive_distribution_scores(base_hidden: Tensor, perturbed_hidden: Tensor, weight: Tensor, mask: Tensor,
-                              name: str, *, bias: Tensor | None = None) -> Tensor:
+                              name: str, *, bias: Tensor | None = None, float32_logits: bool = False) -> Tensor:
     """Reference for :func:`distribution_scores` that materialises ``[N, T, V]`` (tests only)."""
-    logp = F.linear(base_hidden.to(weight.dtype), weight, bias).float().log_softmax(-1)  # [N, T, V]
-    logq = F.linear(perturbed_hidden.to(weight.dtype), weight, bias).float().log_softmax(-1)  # [N, T, V]
+    logp = _log_softmax(base_hidden, weight, bias, float32_logits)  # [N, T, V]
+    logq = _log_softmax(perturbed_hidden, weight, bias, float32_logits)  # [N, T, V]
     n, t, v = logp.shape
     d = distribution_distance(name)(logp.reshape(n * t, v), logq.reshape(n * t, v)).view(n, t)
     return d.masked_fill(~mask, 0.0)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ktr import fused
 from ktr.baselines import temporal_bonus, tw_grpo_weights
 from ktr.config import DEFAULT_CHUNK_SIZE, BaselineConfig, KeyTokenConfig, SamplingConfig
-from ktr.model.forward import output_projection
+from ktr.model.forward import float32_logits, output_projection
 from ktr.rollout.shuffled import shuffled_accuracy
 from ktr.types import PromptBatch, Rollout
 
@@ -105,9 +105,11 @@ def get_algorithm(name: str, baseline: BaselineConfig, key_tokens: KeyTokenConfi
 def tw_weights(model: nn.Module, hidden: Tensor, valid: Tensor, group_size: int, alpha: float,
                chunk_size: int | None) -> Tensor:
     """TW-GRPO weights `[N, T]` from the policy pass's detached hidden states `[N, T, H]`."""
-    fn = partial(_tw, valid=valid, group_size=group_size, alpha=alpha, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+    fn = partial(_tw, valid=valid, group_size=group_size, alpha=alpha, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+                 float32_logits=float32_logits(model))
     return fused.call_with_head(output_projection(model), hidden, fn)
 
 
-def _tw(h, weight, bias=None, *, valid, group_size, alpha, chunk_size):
-    return tw_grpo_weights(h, weight, valid, group_size, alpha, bias=bias, chunk_size=chunk_size)
+def _tw(h, weight, bias=None, *, valid, group_size, alpha, chunk_size, float32_logits):
+    return tw_grpo_weights(h, weight, valid, group_size, alpha, bias=bias, chunk_size=chunk_size,
+                           float32_logits=float32_logits)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ktr import fused
 from ktr.config import LossConfig
-from ktr.model.forward import MicroBatches, PolicyPass, output_projection
+from ktr.model.forward import MicroBatches, PolicyPass, float32_logits, output_projection
 from ktr.types import Rollout
 
 
@@ -101,6 +101,7 @@ def loss_backward(model: nn.Module, hidden: Tensor, inputs: LossInputs, terms: L
     kw = terms.kwargs()
     kw.update(ref_logps=inputs.ref_logps)
     kw.update({k: v for k, v in (("weights", inputs.weights), ("kl_mask", inputs.kl_mask)) if v is not None})
+    kw.update(float32_logits=float32_logits(model))  # as the scoring passes (`policy.head_logits`)
     if chunk_size is None:
         fn = partial(fused.naive_policy_loss, tokens=inputs.tokens, advantages=inputs.advantages, mask=inputs.mask,
                      **kw)
