@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ktr.config import DEFAULT_CHUNK_SIZE
-from ktr.fused import project
+from ktr.ops import project_logits
 
 __all__ = ["divergence_weights", "group_divergence", "temporal_bonus", "tw_grpo_weights"]
 
@@ -88,7 +88,7 @@ def tw_grpo_weights(hidden: Tensor, weight: Tensor, valid: Tensor, group_size: i
                     float32_logits: bool = False) -> Tensor:
     """TW-GRPO weights ``[N, T]`` from the policy pass's hidden states ``[N, T, H]`` (no grad), projecting one
     group's ``chunk_size // G`` positions at a time: ``[G, c, V]`` float32, never ``[N, T, V]``. ``float32_logits``:
-    the logits' rounding, as in ``ktr.fused.project`` (``policy.head_logits``)."""
+    the logits' rounding, as in ``ktr.ops.project_logits`` (``policy.head_logits``)."""
     n, t, _ = hidden.shape
     if n % group_size:
         raise ValueError(f"group_size {group_size} does not divide N={n}")
@@ -100,7 +100,7 @@ def tw_grpo_weights(hidden: Tensor, weight: Tensor, valid: Tensor, group_size: i
     for p in range(b):
         for s in range(0, t, step):
             h = hid[p, :, s:s + step]  # [G, c, H]
-            logps = project(h.to(weight.dtype), weight, bias, float32_logits).log_softmax(-1)  # [G, c, V]
+            logps = project_logits(h.to(weight.dtype), weight, bias, float32_logits).log_softmax(-1)  # [G, c, V]
             div[p, s:s + step] = group_divergence(logps.unsqueeze(0), ok[p:p + 1, :, s:s + step])[0]
     return divergence_weights(div, ok, alpha)
 

@@ -569,7 +569,7 @@ class PolicyConfig:
     head_logits: HeadLogits = "float32"
     """How ktr's log-prob and score passes (policy, reference, probes, loss) round the output projection's logits
     when it computes in bf16 / fp16 (mixed precision, a bf16 model, QLoRA): `float32` rounds the bf16 product to
-    float32 only (cuBLAS's float32-output GEMM on CUDA, at the bf16 GEMM's speed; `ktr.fused.mm_float32`);
+    float32 only (on CUDA the same bf16 GEMM with a float32 output, `ktr.ops.mm_float32`);
     `compute` rounds it to bf16 first, as transformers' `lm_head` and the released code do (a logit of 20 to a
     multiple of 1/8), which is noise in the probes' log-prob differences and so in the selection (docs/fidelity.md,
     "Logit precision"). A float32 projection is the same either way. Sampling is unaffected."""

@@ -26,15 +26,15 @@ from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ktr.config import DEFAULT_CHUNK_SIZE
+from ktr import ops
 from ktr.losses import policy_loss
-from ktr.ops import exp_shifted_, mul_rows_
+from ktr.ops import exp_shifted_, low_precision, mm_float32, mul_rows_, project_logits
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "GradStrategy", "call_with_head", "fused_policy_loss", "mm_float32",
-           "naive_policy_loss", "naive_token_logps_entropy", "project", "token_logps_entropy"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "GradStrategy", "call_with_head", "fused_policy_loss", "naive_policy_loss",
+           "naive_token_logps_entropy", "token_logps_entropy"]
 
 # DEFAULT_CHUNK_SIZE (ktr.config): 512 x 151,936 x 4 B = 0.3 GB of float32 scratch. Large enough for full-speed
 # matmuls; 1024 is as fast but misses the 1/8-of-naive memory goal at 4,096 tokens (scripts/bench_loss.py).
@@ -65,62 +65,12 @@ class _Buffers:
         return self._low
 
 
-def low_precision(dtype: torch.dtype) -> bool:
-    """A projection in ``dtype`` rounds its output coarser than float32 (bf16, fp16)."""
-    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
-
-
-_CUDA_FLOAT32_OUT: list[bool] = []  # [] untried; [True] cuBLAS's float32-output GEMM works here; [False] it failed
-
-
-def mm_float32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """``a @ b`` in float32 for low-precision ``a [m, k]``, ``b [k, n]``, rounded once, to float32.
-
-    A bf16 / fp16 GEMM multiplies and accumulates in float32, then rounds its output to the input dtype (a logit
-    of 20 to a multiple of 1/8 in bf16). Here that last rounding is to float32 instead. On CUDA this is one
-    cuBLAS GEMM with float32 output (``torch.mm(a, b, torch.float32)``, PyTorch >= 2.8), as fast as the
-    low-precision one; elsewhere, or if that call fails (warned once), the inputs are upcast, which is exact
-    (a product of two bf16 or fp16 numbers fits a float32), and multiplied in float32. The two differ only in
-    the order of the float32 sums. Not differentiable through the CUDA call: the chunked paths form their own
-    gradients."""
-    if a.is_cuda and _CUDA_FLOAT32_OUT != [False]:
-        try:
-            res = torch.mm(a, b, torch.float32) if out is None else torch.mm(a, b, torch.float32, out=out)
-            _CUDA_FLOAT32_OUT[:] = [True]
-            return res
-        except torch.cuda.OutOfMemoryError:
-            raise  # a RuntimeError too, but not a missing kernel: the fallback would need more memory
-        except (RuntimeError, TypeError, NotImplementedError) as e:  # an older torch, or no such kernel here
-            import warnings
-
-            _CUDA_FLOAT32_OUT[:] = [False]
-            warnings.warn(f"float32-output GEMM unavailable ({type(e).__name__}: {str(e)[:200]}); head logits are "
-                          "computed from float32 copies of the inputs instead (same values, slower)", stacklevel=2)
-    return torch.mm(a.float(), b.float(), out=out)
-
-
-def project(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, float32_logits: bool = False) -> Tensor:
-    """Float32 logits ``[..., V]`` of ``hidden [..., H]`` through ``weight [V, H]`` (and ``bias``), differentiable.
-
-    ``float32_logits=False``: ``F.linear(...).float()``, the logits rounded to the projection's compute dtype first
-    (autocast's, else the weight's), as transformers' ``lm_head`` computes them. ``True``: with a low-precision
-    compute dtype the inputs are cast to it and then upcast (exact) so that the product is rounded to float32 only
-    (the values of :func:`mm_float32`); a float32 or float64 projection is the same either way."""
-    dev = hidden.device.type
-    cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    if not (float32_logits and low_precision(cdtype)):
-        return F.linear(hidden, weight, bias).float()
-    with torch.autocast(dev, enabled=False):
-        up = [None if t is None else t.to(cdtype).float() for t in (hidden, weight, bias)]
-        return F.linear(*up)
-
-
 def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, buf: _Buffers,
             w32: Tensor | None = None, float32_logits: bool = False) -> Tensor:
     """Float32 ``[c, V]`` logits of ``h [c, H]`` in ``buf.z`` (``w [V, H]``, ``b [V]`` in compute dtype).
 
     ``float32_logits`` with a low-precision compute dtype: the product is rounded to float32 only
-    (:func:`mm_float32`; ``w32``, a float32 copy of ``w``, where the CUDA call is not used)."""
+    (:func:`ktr.ops.mm_float32`; ``w32``, a float32 copy of ``w``, where the CUDA call is not used)."""
     if float32_logits and low_precision(h.dtype):
         z = buf.z[: h.shape[0]]
         if w32 is not None:
@@ -214,7 +164,7 @@ class _Chunked:
 
     def logits(self, h: Tensor) -> Tensor:
         """Float32 ``[c, V]`` logits of the chunk ``h [c, H]``, in the reused buffer."""
-        if self.w32 is None and self.cfg.float32_logits and _CUDA_FLOAT32_OUT == [False] and low_precision(h.dtype):
+        if self.w32 is None and self.cfg.float32_logits and ops.CUDA_FLOAT32_OUT == [False] and low_precision(h.dtype):
             self.w32 = self.w.float()  # the CUDA float32-output GEMM failed: upcast once, not per chunk
         return _logits(h, self.w, self.b, self.cfg.temperature, self.buf, self.w32, self.cfg.float32_logits)
 
@@ -382,7 +332,7 @@ def token_logps_entropy(
         bias: ``[V]`` optional projection bias.
         temperature: logits are divided by it (the rollout samples at 1.0).
         float32_logits: with a low-precision projection (bf16, fp16), round its output to float32 only, not to
-            the compute dtype first (:func:`mm_float32`; ``policy.head_logits``). False: as ``F.linear``.
+            the compute dtype first (:func:`ktr.ops.mm_float32`; ``policy.head_logits``). False: as ``F.linear``.
     Returns:
         ``logps [N, T]`` float32, differentiable w.r.t. ``hidden``/``weight``/``bias`` (recompute strategy:
         the backward re-projects each chunk), and ``entropy [N, T]`` float32 without grad (None when
@@ -478,7 +428,7 @@ def naive_token_logps_entropy(
     temperature: float = 1.0, float32_logits: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Reference for :func:`token_logps_entropy` that materialises ``[N, T, V]`` logits (tests, benchmarks)."""
-    logits = project(hidden, weight, bias, float32_logits)  # [N, T, V]
+    logits = project_logits(hidden, weight, bias, float32_logits)  # [N, T, V]
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)  # [N, T, V]

@@ -7,6 +7,7 @@ is ``nan``). An empty mask gives 0 for a sum and 0 for a mean, never ``0 / 0``.
 ``exp_shifted_`` and ``mul_rows_`` are the exponential of shifted logits and its scaling into ``dL/dlogits`` that the
 chunked head (``ktr.fused``) computes over each ``[chunk, V]`` block: on CPU they keep the exp kernel and the
 matmuls after them off their slow paths for subnormal numbers, which a peaked (trained) distribution fills.
+``mm_float32`` and ``project_logits`` keep a bf16 / fp16 head's product in float32 (``policy.head_logits``).
 """
 
 from __future__ import annotations
@@ -127,3 +128,53 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
 def safe_denominator(n: int | float | Tensor, like: Tensor) -> Tensor:
     """``max(n, 1)`` as a tensor of ``like``'s dtype/device (``n`` may be a global, all-reduced count)."""
     return torch.as_tensor(n, dtype=like.dtype, device=like.device).clamp_min(1)
+
+
+def low_precision(dtype: torch.dtype) -> bool:
+    """A matmul in ``dtype`` rounds its output coarser than float32 (bf16, fp16)."""
+    return dtype in _LOW_PRECISION
+
+
+CUDA_FLOAT32_OUT: list[bool] = []  # [] untried; [True] cuBLAS's float32-output GEMM works here; [False] it failed
+
+
+def mm_float32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` in float32 for low-precision ``a [m, k]``, ``b [k, n]``, rounded once, to float32.
+
+    A bf16 / fp16 GEMM multiplies and accumulates in float32, then rounds its output to the input dtype (a logit
+    of 20 to a multiple of 1/8 in bf16). Here that last rounding is to float32 instead. On CUDA this is one
+    cuBLAS GEMM with float32 output (``torch.mm(a, b, torch.float32)``, PyTorch >= 2.8): the same bf16 matmul with
+    a wider output (its speed on a GPU is not measured yet). Elsewhere, or if that call fails (warned once), the
+    inputs are upcast, which is exact (a product of two bf16 or fp16 numbers fits a float32), and multiplied in
+    float32. The two differ only in the order of the float32 sums. Not differentiable through the CUDA call: the
+    chunked paths form their own gradients."""
+    if a.is_cuda and CUDA_FLOAT32_OUT != [False]:
+        try:
+            res = torch.mm(a, b, torch.float32) if out is None else torch.mm(a, b, torch.float32, out=out)
+            CUDA_FLOAT32_OUT[:] = [True]
+            return res
+        except torch.cuda.OutOfMemoryError:
+            raise  # a RuntimeError too, but not a missing kernel: the fallback would need more memory
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # an older torch, or no such kernel here
+            import warnings
+
+            CUDA_FLOAT32_OUT[:] = [False]
+            warnings.warn(f"float32-output GEMM unavailable ({type(e).__name__}: {str(e)[:200]}); head logits are "
+                          "computed from float32 copies of the inputs instead (same values, slower)", stacklevel=2)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def project_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, float32_logits: bool = False) -> Tensor:
+    """Float32 logits ``[..., V]`` of ``hidden [..., H]`` through ``weight [V, H]`` (and ``bias``), differentiable.
+
+    ``float32_logits=False``: ``F.linear(...).float()``, the logits rounded to the projection's compute dtype first
+    (autocast's, else the weight's), as transformers' ``lm_head`` computes them. ``True``: with a low-precision
+    compute dtype the inputs are cast to it and then upcast (exact) so that the product is rounded to float32 only
+    (the values of :func:`mm_float32`); a float32 or float64 projection is the same either way."""
+    dev = hidden.device.type
+    cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    if not (float32_logits and low_precision(cdtype)):
+        return F.linear(hidden, weight, bias).float()
+    with torch.autocast(dev, enabled=False):
+        up = [None if t is None else t.to(cdtype).float() for t in (hidden, weight, bias)]
+        return F.linear(*up)

@@ -230,12 +230,12 @@ def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
 
 
 def fused_float32_output_state() -> str:
-    """Which way `ktr.fused.mm_float32` took in this process: cuBLAS's float32-output GEMM, the upcast fallback
+    """Which way `ktr.ops.mm_float32` took in this process: cuBLAS's float32-output GEMM, the upcast fallback
     after that failed, or neither (not called on CUDA)."""
-    from ktr import fused
+    from ktr import ops
 
     return {(): "not called on CUDA", (True,): "cuBLAS float32-output GEMM",
-            (False,): "upcast fallback (float32-output GEMM failed)"}[tuple(fused._CUDA_FLOAT32_OUT)]
+            (False,): "upcast fallback (float32-output GEMM failed)"}[tuple(ops.CUDA_FLOAT32_OUT)]
 
 
 def _timed(device: torch.device, fn):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ktr.config import DEFAULT_CHUNK_SIZE
-from ktr.fused import project
+from ktr.ops import project_logits
 
 __all__ = ["DISTRIBUTION_SCORES", "SCORE_FUNCTIONS", "distribution_distance", "distribution_scores",
            "naive_distribution_scores"]
@@ -88,8 +88,8 @@ def distribution_distance(name: str) -> Distance:
 
 def _log_softmax(h: Tensor, weight: Tensor, bias: Tensor | None, float32_logits: bool = False) -> Tensor:
     """Float32 ``[c, V]`` log-softmax of ``h [c, H]`` through the projection ``weight [V, H]`` (its rounding:
-    :func:`ktr.fused.project`)."""
-    return project(h.to(weight.dtype), weight, bias, float32_logits).log_softmax(-1)
+    :func:`ktr.ops.project_logits`)."""
+    return project_logits(h.to(weight.dtype), weight, bias, float32_logits).log_softmax(-1)
 
 
 @torch.no_grad()
