@@ -29,9 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ktr.config import DEFAULT_CHUNK_SIZE
-from ktr import ops
 from ktr.losses import policy_loss
-from ktr.ops import exp_shifted_, low_precision, mm_float32, mul_rows_, project_logits
+from ktr.ops import CUDA_FLOAT32_OUT, exp_shifted_, low_precision, mm_float32, mul_rows_, project_logits
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "GradStrategy", "call_with_head", "fused_policy_loss", "naive_policy_loss",
            "naive_token_logps_entropy", "token_logps_entropy"]
@@ -70,13 +69,10 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, buf: _Bu
     """Float32 ``[c, V]`` logits of ``h [c, H]`` in ``buf.z`` (``w [V, H]``, ``b [V]`` in compute dtype).
 
     ``float32_logits`` with a low-precision compute dtype: the product is rounded to float32 only
-    (:func:`ktr.ops.mm_float32`; ``w32``, a float32 copy of ``w``, where the CUDA call is not used)."""
+    (:func:`ktr.ops.mm_float32`, given ``w32``, a float32 copy of ``w``, where it would upcast ``w``)."""
     if float32_logits and low_precision(h.dtype):
         z = buf.z[: h.shape[0]]
-        if w32 is not None:
-            torch.mm(h.float(), w32.t(), out=z)
-        else:
-            mm_float32(h, w.t(), out=z)
+        mm_float32(h, (w if w32 is None else w32).t(), out=z)
         if b is not None:
             z.add_(b.float())
     else:
@@ -151,9 +147,10 @@ class _Chunked:
     def __init__(self, h: Tensor, w: Tensor, b: Tensor | None, cfg: _Cfg, with_grads: bool):
         self.cfg, self.dtypes = cfg, (h.dtype, w.dtype, None if b is None else b.dtype)
         self.w, self.b = w.detach().to(cfg.cdtype), None if b is None else b.detach().to(cfg.cdtype)
-        # float32 logits off CUDA: the weight upcast once (exact) rather than per chunk
-        up = cfg.float32_logits and low_precision(cfg.cdtype) and not h.is_cuda
-        self.w32 = self.w.float() if up else None
+        # float32 logits where mm_float32 upcasts (off CUDA, or after its CUDA call failed): the weight upcast once
+        # (exact) rather than per chunk
+        upcasts = not h.is_cuda or CUDA_FLOAT32_OUT == [False]
+        self.w32 = self.w.float() if cfg.float32_logits and low_precision(cfg.cdtype) and upcasts else None
         self.buf = _Buffers(min(cfg.chunk_size, h.shape[0]), w.shape[0], cfg.cdtype, h.device)
         self.slices = [slice(i, min(i + cfg.chunk_size, h.shape[0])) for i in range(0, h.shape[0], cfg.chunk_size)]
         acc = torch.promote_types(w.dtype, torch.float32)
@@ -164,8 +161,6 @@ class _Chunked:
 
     def logits(self, h: Tensor) -> Tensor:
         """Float32 ``[c, V]`` logits of the chunk ``h [c, H]``, in the reused buffer."""
-        if self.w32 is None and self.cfg.float32_logits and ops.CUDA_FLOAT32_OUT == [False] and low_precision(h.dtype):
-            self.w32 = self.w.float()  # the CUDA float32-output GEMM failed: upcast once, not per chunk
         return _logits(h, self.w, self.b, self.cfg.temperature, self.buf, self.w32, self.cfg.float32_logits)
 
     def forward(self, h: Tensor, y: Tensor, on_chunk: Callable | None = None):

@@ -34,10 +34,11 @@ import torch
 from demo_identical import val_scalars  # scripts/, on the path when this script runs
 
 from ktr.experiments.machine import describe
+from ktr.rollout import sampling
 from ktr.rollout.sampling import choose_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-DRAWS = ("multinomial", "inverse_cdf")
+DRAWS = tuple(sampling.DRAWS)  # multinomial, inverse_cdf
 V = 151936
 
 

@@ -246,7 +246,7 @@ def run(check: Check, names: list[str], budget_s: float) -> dict:
         print(f"[gpu_check] {name}: {report['parts'][name]['status']} in {report['parts'][name]['seconds']} s",
               file=sys.stderr, flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    report["float32_output_gemm"] = parts.fused_float32_output_state()  # `policy.head_logits: float32` on CUDA
+    report["float32_output_gemm"] = parts.float32_output_gemm_state()  # `policy.head_logits: float32` on CUDA
     return report
 
 

@@ -20,10 +20,14 @@ import time
 
 import torch
 
-DRAWS = ("multinomial", "inverse_cdf")
+from ktr.rollout import sampling
+from ktr.rollout.sampling import choose_tokens, process_logits
+
+DRAWS = tuple(sampling.DRAWS)  # multinomial, inverse_cdf
 
 
 def _time_ms(device: torch.device, fn) -> float:
+    """Milliseconds of `fn()`, unrounded (`gpu_parts._timed` rounds to 0.1 ms, coarser than a GPU draw)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -35,8 +39,6 @@ def _time_ms(device: torch.device, fn) -> float:
 
 def frequencies(device: torch.device, n: int, seed: int = 0) -> dict:
     """Largest |frequency - p| / standard error over a 16-token distribution, each draw, `n` rows."""
-    from ktr.rollout.sampling import choose_tokens
-
     g = torch.Generator().manual_seed(seed)
     scores = (torch.randn(16, generator=g) * 2).to(device)
     p = scores.softmax(-1).double()
@@ -53,8 +55,6 @@ def frequencies(device: torch.device, n: int, seed: int = 0) -> dict:
 def draw(device: torch.device, tiny: bool, out: dict, repeats: int = 20) -> dict:
     """Fill `out` with per-setting median milliseconds (top-p filter, each draw) and the frequency check; return
     the headline ratios (inverse_cdf / multinomial per setting) and the largest z of each draw."""
-    from ktr.rollout.sampling import choose_tokens, process_logits
-
     vocabs, rows_list, n_freq = ((2048,), (4,), 1 << 14) if tiny else ((151936, 248320), (8, 64), 1 << 20)
     repeats = 3 if tiny else repeats
     suppress = torch.zeros(0, dtype=torch.long, device=device)

@@ -220,16 +220,15 @@ def parity(device: torch.device, tiny: bool, new_tokens: int, out: dict) -> dict
         out[impl] = {"ktr_vs_hf": _diff(mine, theirs, valid), "ktr_vs_hf_float32": _diff(mine, hf32, valid),
                      "hf_vs_hf_float32": _diff(theirs, hf32, valid),
                      "ktr_float32_logits_vs_hf_float32": _diff(mine32, hf32, valid)}
-    out["float32_output_gemm"] = fused_float32_output_state()
-    ret = {impl: out[impl]["ktr_vs_hf"]["max_abs"] for impl in ("sdpa", "flash_attention_2") if impl in out}
-    ret["float32_logits_vs_float32_forward"] = {impl: out[impl]["ktr_float32_logits_vs_hf_float32"]["mean_abs"]
-                                                for impl in ret}
-    ret["bf16_logits_vs_float32_forward"] = {impl: out[impl]["ktr_vs_hf_float32"]["mean_abs"] for impl in ret
-                                             if impl in out}
-    return ret
+    out["float32_output_gemm"] = float32_output_gemm_state()
+    impls = [impl for impl in ("sdpa", "flash_attention_2") if impl in out]
+    return {**{impl: out[impl]["ktr_vs_hf"]["max_abs"] for impl in impls},
+            "float32_logits_vs_float32_forward": {i: out[i]["ktr_float32_logits_vs_hf_float32"]["mean_abs"]
+                                                  for i in impls},
+            "bf16_logits_vs_float32_forward": {i: out[i]["ktr_vs_hf_float32"]["mean_abs"] for i in impls}}
 
 
-def fused_float32_output_state() -> str:
+def float32_output_gemm_state() -> str:
     """Which way `ktr.ops.mm_float32` took in this process: cuBLAS's float32-output GEMM, the upcast fallback
     after that failed, or neither (not called on CUDA)."""
     from ktr import ops

@@ -19,9 +19,13 @@ laptop demo takes 248 s with it and 129 s with `inverse_cdf` (`scripts/bench_dra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import get_args
+
 import torch
 from torch import Tensor
 
+from ktr.config import SampleDraw
 from ktr.ops import exp_shifted_
 
 NUCLEUS_CANDIDATES = (64, 1024)
@@ -182,14 +186,20 @@ def draw_inverse_cdf(scores: Tensor, generator: torch.Generator | None = None, b
     return chosen * block + inverse_cdf_index(inner, frac * inner[:, -1:])
 
 
-def choose_tokens(scores: Tensor, sample: bool, draw: str = "multinomial") -> Tensor:
-    """`[R]` next tokens from `softmax(scores)`, or the argmax when not `sample`.
+def draw_multinomial(scores: Tensor) -> Tensor:
+    """`[R]` one token per row of `scores` `[R, V]` drawn by `torch.multinomial`, as `generate` draws."""
+    return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
 
-    `draw`: `multinomial` (`torch.multinomial`, as `generate` draws) or `inverse_cdf` (`draw_inverse_cdf`)."""
+
+DRAWS: dict[str, Callable[[Tensor], Tensor]] = {"multinomial": draw_multinomial, "inverse_cdf": draw_inverse_cdf}
+"""`sampling.draw` -> the function drawing one token per row from `softmax(scores)`."""
+assert set(DRAWS) == set(get_args(SampleDraw)), "SampleDraw and DRAWS must name the same draws"
+
+
+def choose_tokens(scores: Tensor, sample: bool, draw: str = "multinomial") -> Tensor:
+    """`[R]` next tokens from `softmax(scores)` by the draw `DRAWS[draw]`, or the argmax when not `sample`."""
     if not sample:
         return scores.argmax(-1)
-    if draw == "inverse_cdf":
-        return draw_inverse_cdf(scores)
-    if draw != "multinomial":
-        raise ValueError(f"unknown draw {draw!r}: multinomial or inverse_cdf")
-    return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+    if draw not in DRAWS:
+        raise ValueError(f"unknown draw {draw!r}; valid: {sorted(DRAWS)}")
+    return DRAWS[draw](scores)
