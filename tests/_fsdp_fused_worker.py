@@ -1,6 +1,6 @@
 """Two-process FSDP2 check of ``ktr.fused`` on CPU (gloo); run by ``tests/test_fused.py``.
 
-    python tests/_fsdp_fused_worker.py PORT
+    python tests/_fsdp_fused_worker.py STORE_FILE
 
 Each rank holds a tiny model whose lm_head is sharded with ``fully_shard`` (a DTensor outside forward),
 computes the fused policy loss on its own data through ``call_with_head``, and checks against a plain
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import sys
 from functools import partial
 
@@ -108,10 +107,9 @@ def check(rank: int) -> None:
                     close(f"{tag} {name} grad", p.grad.full_tensor(), param_grads[name])
 
 
-def run(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def run(rank: int, store: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)  # tests/helpers.py
     check(rank)
     # Both ranks finish their collectives before either tears gloo down: destroying the group while the peer
     # still talks aborts the process natively ("terminate called without an active exception").
@@ -120,5 +118,5 @@ def run(rank: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(int(sys.argv[1]),), nprocs=WORLD, join=True)
+    mp.spawn(run, args=(sys.argv[1],), nprocs=WORLD, join=True)
     print("OK")

@@ -1,6 +1,6 @@
 """Two-process FSDP2 check of the shared-prefix rollout's synchronised stop (gloo, CPU); run by test_distributed.py.
 
-    python tests/_fsdp_rollout_worker.py PORT
+    python tests/_fsdp_rollout_worker.py STORE_FILE
 
 Both ranks shard the same tiny policy with `ktr.model.fsdp.shard_policy` and roll out greedily on a prompt of
 their own (rank 0 a video, rank 1 an image). On rank 0 the first greedy token is declared an end token, so its
@@ -12,7 +12,6 @@ unsharded copy of the policy decoding the same prompt alone. Prints ``OK`` on su
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 import torch
@@ -50,15 +49,14 @@ def check(rank: int) -> None:
     assert torch.equal(got, expected), (rank, got, expected)
 
 
-def run(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def run(rank: int, store: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)  # tests/helpers.py
     check(rank)
     dist.barrier()  # both ranks done before gloo is torn down
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(int(sys.argv[1]),), nprocs=WORLD, join=True)
+    mp.spawn(run, args=(sys.argv[1],), nprocs=WORLD, join=True)
     print("OK")

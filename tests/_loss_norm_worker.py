@@ -1,6 +1,6 @@
 """Two-process check of `loss.normalize` on CPU (gloo); run by ``tests/test_losses.py``.
 
-    python tests/_loss_norm_worker.py PORT
+    python tests/_loss_norm_worker.py STORE_FILE
 
 One batch of 5 completions is split unevenly: rank 0 holds rows 0-2 padded to 7 tokens, rank 1 rows 3-4 padded
 to 4 (their tokens past 4 are padding). Each rank takes `LossTerms.of` of its rows and backpropagates the chunked
@@ -14,7 +14,6 @@ Prints ``OK`` on success.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -60,10 +59,9 @@ def loss_and_grads(b: dict, rows: slice, length: int, cfg: LossConfig, kl_on: st
     return loss.double(), full, head.lm_head.weight.grad.double()
 
 
-def worker(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank: int, store: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)  # tests/helpers.py
     try:
         b = batch()
         failures = []
@@ -94,5 +92,5 @@ def worker(rank: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(int(sys.argv[1]),), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(sys.argv[1],), nprocs=WORLD, join=True)
     print("OK")

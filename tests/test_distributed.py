@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tests.hangs import run_in_own_session
-from tests.helpers import free_port
+from tests.helpers import free_port, store_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,12 +188,12 @@ def test_fsdp2_lora_bf16_trains_adapters_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_shared_rollout_keeps_ranks_stepping_until_all_end():
+def test_fsdp2_shared_rollout_keeps_ranks_stepping_until_all_end(tmp_path):
     """`sampling.backend: shared` under FSDP2: a rank whose rows all ended keeps stepping with the others (each
     decoder step all-gathers), and each rank's greedy tokens equal an unsharded copy's (tests/_fsdp_rollout_worker)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    rc, out, err = run_in_own_session([sys.executable, "tests/_fsdp_rollout_worker.py", str(free_port())], 240,
+    rc, out, err = run_in_own_session([sys.executable, "tests/_fsdp_rollout_worker.py", store_file(tmp_path)], 240,
                                       "the 2-process shared rollout (a rank stopped stepping: hang)", cwd=ROOT,
                                       env=env)
-    assert rc == 0 and out.strip().endswith("OK"), err[-4000:]
+    assert rc == 0 and out.strip().endswith("OK"), err[-12000:]

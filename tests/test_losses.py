@@ -285,7 +285,7 @@ def test_masked_ops_never_nan() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
-def test_global_normalisation_matches_one_process_on_uneven_ranks():
+def test_global_normalisation_matches_one_process_on_uneven_ranks(tmp_path):
     """`loss.normalize: global`: two ranks holding 3 and 2 completions of different lengths, gradients averaged
     as DDP/FSDP do, give one process's loss and gradients on all 5 (every aggregation, KL on key or valid tokens,
     soft weights); `rank` (released) does not (`tests/_loss_norm_worker.py`)."""
@@ -293,12 +293,12 @@ def test_global_normalisation_matches_one_process_on_uneven_ranks():
     from pathlib import Path
 
     from tests.hangs import run_in_own_session
-    from tests.helpers import free_port
+    from tests.helpers import store_file
 
-    port = free_port()
     worker = Path(__file__).with_name("_loss_norm_worker.py")
-    rc, out, err = run_in_own_session([sys.executable, str(worker), str(port)], 120, "the 2-process loss worker")
-    assert rc == 0 and out.strip().endswith("OK"), err[-4000:]
+    rc, out, err = run_in_own_session([sys.executable, str(worker), store_file(tmp_path)], 120,
+                                      "the 2-process loss worker")
+    assert rc == 0 and out.strip().endswith("OK"), err[-12000:]
 
 
 def test_across_ranks_without_a_process_group_changes_nothing():
