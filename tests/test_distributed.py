@@ -94,7 +94,9 @@ def _run_worker(tmp_path: Path, scenario: str, timeout: float = 300) -> dict:
     # showed no deadlock: rank 1 had started about 217 s into the attempt, and it was still computing, moving from
     # the rollout to the reference pass between the two dumps. Rank 0 waited for it in an FSDP all-gather. So rank 0
     # had been slow to get as far as launching rank 1. The `progress` lines now time each rank's phases. The same
-    # workers never hung in about 150 runs on their own, including runs beside two demo runs.
+    # workers never hung in about 150 runs on their own, including runs beside two demo runs. On 2026-12-07 a suite's
+    # `full_sdpa` run took 233 s (usually 15-25 s) beside the demo guard, yet 7 runs of it back to back beside the two
+    # demo runs outside pytest took 25-26 s each.
     rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], timeout,
                                     f"2-process FSDP run {scenario!r} (hang?)", retries=1, cwd=ROOT, env=env)
     assert rc == 0, err[-4000:]

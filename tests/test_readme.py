@@ -22,15 +22,6 @@ def test_readme_starts_with_install_demo_and_test_commands() -> None:
     assert cmds[1].strip() == f"HF_HUB_OFFLINE=1 {ci}" or ci in cmds[1]
 
 
-def test_the_suites_run_first_files_exist() -> None:
-    """`tests/conftest.py` queues these files first under `--dist loadfile`; a renamed one would silently lose its
-    place (the demo guard then runs last, alone, again)."""
-    from tests.conftest import RUN_FIRST
-
-    names = {p.name for p in Path(__file__).parent.glob("test_*.py")}
-    assert len(set(RUN_FIRST)) == len(RUN_FIRST) and set(RUN_FIRST) <= names, set(RUN_FIRST) - names
-
-
 def test_readme_and_ci_install_the_tested_set() -> None:
     first = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)[0]
     ci = (README.parent / ".ci" / "run").read_text()
