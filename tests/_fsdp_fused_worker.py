@@ -1,6 +1,6 @@
 """Two-process FSDP2 check of ``ktr.fused`` on CPU (gloo); run by ``tests/test_fused.py``.
 
-    python tests/_fsdp_fused_worker.py STORE_FILE
+    python tests/_fsdp_fused_worker.py INIT_METHOD
 
 Each rank holds a tiny model whose lm_head is sharded with ``fully_shard`` (a DTensor outside forward),
 computes the fused policy loss on its own data through ``call_with_head``, and checks against a plain
@@ -107,9 +107,9 @@ def check(rank: int) -> None:
                     close(f"{tag} {name} grad", p.grad.full_tensor(), param_grads[name])
 
 
-def run(rank: int, store: str) -> None:
+def run(rank: int, init_method: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)  # tests/helpers.py
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)  # tests/helpers.py
     check(rank)
     # Both ranks finish their collectives before either tears gloo down: destroying the group while the peer
     # still talks aborts the process natively ("terminate called without an active exception").

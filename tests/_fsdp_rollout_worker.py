@@ -1,6 +1,6 @@
 """Two-process FSDP2 check of the shared-prefix rollout's synchronised stop (gloo, CPU); run by test_distributed.py.
 
-    python tests/_fsdp_rollout_worker.py STORE_FILE
+    python tests/_fsdp_rollout_worker.py INIT_METHOD
 
 Both ranks shard the same tiny policy with `ktr.model.fsdp.shard_policy` and roll out greedily on a prompt of
 their own (rank 0 a video, rank 1 an image). On rank 0 the first greedy token is declared an end token, so its
@@ -49,9 +49,9 @@ def check(rank: int) -> None:
     assert torch.equal(got, expected), (rank, got, expected)
 
 
-def run(rank: int, store: str) -> None:
+def run(rank: int, init_method: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)  # tests/helpers.py
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)  # tests/helpers.py
     check(rank)
     dist.barrier()  # both ranks done before gloo is torn down
     dist.destroy_process_group()

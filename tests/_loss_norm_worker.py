@@ -1,6 +1,6 @@
 """Two-process check of `loss.normalize` on CPU (gloo); run by ``tests/test_losses.py``.
 
-    python tests/_loss_norm_worker.py STORE_FILE
+    python tests/_loss_norm_worker.py INIT_METHOD
 
 One batch of 5 completions is split unevenly: rank 0 holds rows 0-2 padded to 7 tokens, rank 1 rows 3-4 padded
 to 4 (their tokens past 4 are padding). Each rank takes `LossTerms.of` of its rows and backpropagates the chunked
@@ -59,9 +59,9 @@ def loss_and_grads(b: dict, rows: slice, length: int, cfg: LossConfig, kl_on: st
     return loss.double(), full, head.lm_head.weight.grad.double()
 
 
-def worker(rank: int, store: str) -> None:
+def worker(rank: int, init_method: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)  # tests/helpers.py
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)  # tests/helpers.py
     try:
         b = batch()
         failures = []

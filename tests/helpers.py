@@ -87,13 +87,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def store_file(tmp_path: Path) -> str:
-    """A path for a 2-process test's `init_method="file://..."` rendezvous (a FileStore, as PyTorch's own
-    multi-process tests use). Unlike `env://` with a `free_port()`, there is no port for another process to take
+def file_rendezvous(tmp_path: Path) -> str:
+    """`init_method` for a 2-process test's process group: a FileStore in `tmp_path`, as PyTorch's own
+    multi-process tests use. Unlike `env://` with a `free_port()`, there is no port for another process to take
     first, and rank 0 runs no TCPStore server thread: a joinable C++ thread destroyed at exit aborts the process
     with "terminate called without an active exception", which the FSDP2 head worker did once at the start of a
     local suite (2026-12-07; not reproduced in 30 runs under load, so a likely cause removed, not a proven one)."""
-    return str(tmp_path / "store")
+    return f"file://{tmp_path / 'store'}"
 
 
 def metric_recorder():

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tests.hangs import run_in_own_session
-from tests.helpers import free_port, store_file
+from tests.helpers import file_rendezvous, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def test_fsdp2_shared_rollout_keeps_ranks_stepping_until_all_end(tmp_path):
     decoder step all-gathers), and each rank's greedy tokens equal an unsharded copy's (tests/_fsdp_rollout_worker)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    rc, out, err = run_in_own_session([sys.executable, "tests/_fsdp_rollout_worker.py", store_file(tmp_path)], 240,
+    rc, out, err = run_in_own_session([sys.executable, "tests/_fsdp_rollout_worker.py", file_rendezvous(tmp_path)], 240,
                                       "the 2-process shared rollout (a rank stopped stepping: hang)", cwd=ROOT,
                                       env=env)
     assert rc == 0 and out.strip().endswith("OK"), err[-12000:]

@@ -20,7 +20,7 @@ from ktr.fused import (
 )
 from ktr.losses import AGGREGATIONS
 from tests.hangs import run_in_own_session
-from tests.helpers import store_file
+from tests.helpers import file_rendezvous
 
 N, T, H, V = 3, 7, 16, 1000
 STRATEGIES = ["grad-in-forward", "recompute"]
@@ -304,6 +304,6 @@ def test_call_with_head_plain_module_and_restores_forward():
                     reason="torch.distributed with gloo is not available")
 def test_fsdp2_sharded_head_two_processes(tmp_path):
     worker = Path(__file__).with_name("_fsdp_fused_worker.py")
-    rc, out, err = run_in_own_session([sys.executable, str(worker), store_file(tmp_path)], 240,
+    rc, out, err = run_in_own_session([sys.executable, str(worker), file_rendezvous(tmp_path)], 240,
                                       "the 2-process FSDP2 worker")
     assert rc == 0 and out.strip().endswith("OK"), err[-12000:]

@@ -293,10 +293,10 @@ def test_global_normalisation_matches_one_process_on_uneven_ranks(tmp_path):
     from pathlib import Path
 
     from tests.hangs import run_in_own_session
-    from tests.helpers import store_file
+    from tests.helpers import file_rendezvous
 
     worker = Path(__file__).with_name("_loss_norm_worker.py")
-    rc, out, err = run_in_own_session([sys.executable, str(worker), store_file(tmp_path)], 120,
+    rc, out, err = run_in_own_session([sys.executable, str(worker), file_rendezvous(tmp_path)], 120,
                                       "the 2-process loss worker")
     assert rc == 0 and out.strip().endswith("OK"), err[-12000:]
 
