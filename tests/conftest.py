@@ -1,10 +1,15 @@
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# As the `ktr` command does (ktr/__main__.py): torch's large CPU tensors on huge pages, set before its first allocation,
+# so that the in-process tests allocate as the command does; the processes the tests start inherit it.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from tests import FIXTURES
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests import FIXTURES  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
