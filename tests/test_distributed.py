@@ -99,7 +99,9 @@ def _run_worker(tmp_path: Path, scenario: str, timeout: float = 300) -> dict:
     # demo runs outside pytest took 25-26 s each. In three more local suites that day, one run each took about 10x its
     # time beside the demo guard (lora_bf16 214 s and 192 s, full_sdpa 256 s). Every phase was slow alike, and rank 1
     # took 35 s to import where it takes 3 s. One of those runs ended within a second of the guard's end. The CPU was
-    # fully busy, with 16 GB free and no major faults; the cause is not known (docs/hugepages.md, section 1).
+    # fully busy, with 16 GB free and no major faults. With huge pages on (b0b360a) lora_bf16 took 237.5 s beside the
+    # guard: its ranks said "all runs done" at +198.5 s, and it exited 39 s later, with the guard. The cause is not
+    # known (docs/hugepages.md, section 1).
     rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], timeout,
                                     f"2-process FSDP run {scenario!r} (hang?)", retries=1, cwd=ROOT, env=env)
     assert rc == 0, err[-4000:]
