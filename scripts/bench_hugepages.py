@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from demo_identical import main as identical  # scripts/, on the path when this script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("0", "1")  # THP_MEM_ALLOC_ENABLE: 4 KB pages, huge pages
 
@@ -81,13 +83,6 @@ def bench_head(rounds: int, passes: int) -> list[dict]:
     return out
 
 
-def _identical(a: Path, b: Path) -> bool:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_identical.py"), str(a), str(b)], cwd=ROOT,
-                          capture_output=True, text=True)
-    print(proc.stdout.splitlines()[-1] if proc.stdout else proc.stderr[-2000:], flush=True)
-    return proc.returncode == 0
-
-
 def bench_demo(rounds: int, threads: int) -> list[dict]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +108,7 @@ def bench_demo(rounds: int, threads: int) -> list[dict]:
                 print(f"demo round {i} huge pages {row['huge_pages']!s:5}  wall {wall:6.1f} s  "
                       f"user {row['user_s']:6.1f}  sys {row['sys_s']:5.1f}  faults {row['minor_faults']:>10,}",
                       flush=True)
-            same = _identical(runs["0"], runs["1"])
+            same = identical([str(runs["0"]), str(runs["1"])]) == 0  # prints its table
             for row in out[-2:]:
                 row["identical_to_other_setting"] = same
     return out

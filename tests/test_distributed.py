@@ -94,14 +94,9 @@ def _run_worker(tmp_path: Path, scenario: str, timeout: float = 300) -> dict:
     # showed no deadlock: rank 1 had started about 217 s into the attempt, and it was still computing, moving from
     # the rollout to the reference pass between the two dumps. Rank 0 waited for it in an FSDP all-gather. So rank 0
     # had been slow to get as far as launching rank 1. The `progress` lines now time each rank's phases. The same
-    # workers never hung in about 150 runs on their own, including runs beside two demo runs. On 2026-12-07 a suite's
-    # `full_sdpa` run took 233 s (usually 15-25 s) beside the demo guard, yet 7 runs of it back to back beside the two
-    # demo runs outside pytest took 25-26 s each. In three more local suites that day, one run each took about 10x its
-    # time beside the demo guard (lora_bf16 214 s and 192 s, full_sdpa 256 s). Every phase was slow alike, and rank 1
-    # took 35 s to import where it takes 3 s. One of those runs ended within a second of the guard's end. The CPU was
-    # fully busy, with 16 GB free and no major faults. With huge pages on (b0b360a) lora_bf16 took 237.5 s beside the
-    # guard: its ranks said "all runs done" at +198.5 s, and it exited 39 s later, with the guard. The cause is not
-    # known (docs/hugepages.md, section 1).
+    # workers never hung in about 150 runs on their own, including runs beside two demo runs. Beside the demo guard in
+    # a full suite, though, a run has often taken about 10x its 15-25 s, every phase slow alike, with or without huge
+    # pages; the cause is not known (docs/hugepages.md, section 1).
     rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], timeout,
                                     f"2-process FSDP run {scenario!r} (hang?)", retries=1, cwd=ROOT, env=env)
     assert rc == 0, err[-4000:]

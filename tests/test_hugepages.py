@@ -33,9 +33,9 @@ else:
 """
 
 
-def _faults(probe: str, how: str, **env: str) -> int:
+def _faults(how: str, **env: str) -> int:
     clean = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
-    out = subprocess.run([sys.executable, "-c", probe, how], capture_output=True, text=True, cwd=ROOT, env=clean,
+    out = subprocess.run([sys.executable, "-c", _ENTRY_PROBE, how], capture_output=True, text=True, cwd=ROOT, env=clean,
                          check=True).stdout
     return int(out.split()[-1])
 
@@ -45,6 +45,6 @@ def _faults(probe: str, how: str, **env: str) -> int:
 def test_the_ktr_command_puts_large_tensors_on_huge_pages() -> None:
     """`ktr` (ktr/__main__.py) turns torch's huge pages on before Lightning's import has allocated: a 64 MB tensor
     then costs a page fault per 2 MB, against one per 4 KB in a plain process. A user's explicit 0 is kept."""
-    assert _faults(_ENTRY_PROBE, "plain") > 15000
-    assert _faults(_ENTRY_PROBE, "entry") < 2000
-    assert _faults(_ENTRY_PROBE, "entry", THP_MEM_ALLOC_ENABLE="0") > 15000
+    assert _faults("plain") > 15000
+    assert _faults("entry") < 2000
+    assert _faults("entry", THP_MEM_ALLOC_ENABLE="0") > 15000
