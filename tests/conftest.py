@@ -15,6 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_SCHEDULING = (os.sched_getscheduler(0), os.sched_getparam(0)) if hasattr(os, "sched_getscheduler") else None
+
+
+@pytest.fixture(autouse=True)
+def _scheduling_unchanged():
+    """No test leaves its worker with another scheduling policy: the processes a worker starts later inherit it.
+    (SVT-AV1 made a root worker real-time, and the demo guard's runs then starved a 2-process FSDP test ~10x.)"""
+    yield
+    if _SCHEDULING is not None and (os.sched_getscheduler(0), os.sched_getparam(0)) != _SCHEDULING:
+        now = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+        os.sched_setscheduler(0, *_SCHEDULING)
+        pytest.fail(f"the test left this process with scheduling policy {now[0]}, priority {now[1]} (was "
+                    f"{_SCHEDULING[0]}, {_SCHEDULING[1].sched_priority}); restored")
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

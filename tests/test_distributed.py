@@ -89,14 +89,10 @@ def _run_worker(tmp_path: Path, scenario: str, timeout: float = 300) -> dict:
         MASTER_ADDR="127.0.0.1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false")
     # One retry on a hang. A 2-rank run has, rarely, not finished in time: twice in CI after a fit had returned, and
-    # twice on 2026-12-07 in local suites on Python 3.12 (PyPI's CUDA torch build) while test_demo_learns' two demo
-    # runs held both cores. The first printed no stacks (see `tests.hangs.stacks_on_timeout`). The second's stacks
-    # showed no deadlock: rank 1 had started about 217 s into the attempt, and it was still computing, moving from
-    # the rollout to the reference pass between the two dumps. Rank 0 waited for it in an FSDP all-gather. So rank 0
-    # had been slow to get as far as launching rank 1. The `progress` lines now time each rank's phases. The same
-    # workers never hung in about 150 runs on their own, including runs beside two demo runs. Beside the demo guard in
-    # a full suite, though, a run has often taken about 10x its 15-25 s, every phase slow alike, with or without huge
-    # pages; the cause is not known (docs/hugepages.md, section 1).
+    # twice on 2026-12-07 in local suites while test_demo_learns' demo runs held both cores. The slow runs beside the
+    # demo guard (about 10x, every phase alike) had a known cause: an AV1 test had left the pytest worker real-time,
+    # and the demo runs it started inherited that (docs/hugepages.md, section 1; fixed in ktr.data.video.write_video).
+    # The `progress` lines time each rank's phases.
     rc, _, err = run_in_own_session([sys.executable, "tests/_fsdp_worker.py", str(tmp_path), scenario], timeout,
                                     f"2-process FSDP run {scenario!r} (hang?)", retries=1, cwd=ROOT, env=env)
     assert rc == 0, err[-4000:]

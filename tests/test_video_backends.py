@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -165,6 +166,14 @@ def _av1_clip(tmp_path: Path) -> Path:
     if "libsvtav1" not in av.codecs_available:
         pytest.skip("this PyAV build has no AV1 encoder (libsvtav1)")
     return write_video(tmp_path / "av1.mkv", _frames(24, 64, 64), 25, "libsvtav1", options={"g": "12"})
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="SVT-AV1 raises the scheduling priority of root's processes only")
+def test_writing_av1_as_root_leaves_the_scheduling_policy(tmp_path: Path) -> None:
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    _av1_clip(tmp_path)  # SVT-AV1 sets the calling thread to SCHED_FIFO 99; write_video puts it back
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
 
 
 @needs_decord

@@ -17,9 +17,11 @@ uint8, hence keeping uint8 gives bit-identical ``pixel_values`` at a quarter of 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -373,6 +375,21 @@ def image_from_array(image, settings: ImageSettings) -> Tensor:
     return _resize_pil(pil, settings)
 
 
+@contextlib.contextmanager
+def _same_scheduling() -> Iterator[None]:
+    """Put the calling thread's scheduling policy and priority back as they were on leaving (Linux; elsewhere a
+    no-op)."""
+    if not hasattr(os, "sched_getscheduler"):
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            os.sched_setscheduler(0, policy, param)
+
+
 def write_video(path: str | os.PathLike, frames: Tensor, fps: float | Fraction, codec: str = "libx264",
                 pix_fmt: str | None = None, options: dict[str, str] | None = None) -> Path:
     """Encode ``frames`` [F, 3, H, W] uint8 (H, W even) at ``fps``; written atomically, the container taken from
@@ -381,6 +398,10 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float | Fraction, 
     Needs PyAV. By default H.264 4:4:4 at constant quality 10 keeps every pixel within a few levels of the
     input (no chroma subsampling to smear small coloured squares); decord reads it like any benchmark video.
     ``pix_fmt`` (default yuv444p for libx264, else yuv420p) and encoder ``options`` override that.
+
+    The calling thread's scheduling policy is restored afterwards: the SVT-AV1 encoder bundled with PyAV
+    (``libsvtav1``) makes a root process's calling thread real-time (``SCHED_FIFO``, priority 99), which every
+    process it starts later inherits, starving the machine's other work (docs/video_decoding.md).
     """
     from ktr._imports import AV_AVAILABLE, require
 
@@ -395,7 +416,7 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float | Fraction, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix or '.mp4'}")
-    with av.open(str(tmp), "w") as container:
+    with _same_scheduling(), av.open(str(tmp), "w") as container:
         rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1000)  # 30000/1001 as given
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
