@@ -15,8 +15,9 @@ Before anything allocates, :func:`allocator_defaults` sets how CPU memory is tak
   kernel, where without it only the first was. `M_MMAP_THRESHOLD` 64 MB and `M_TRIM_THRESHOLD` 128 MB keep
   allocations below 64 MB on the heap and up to 128 MB of freed heap in the process (glibc's own limits, reached by
   its dynamic threshold, are 32 and 64 MB); larger tensors are still mapped and returned on free. The demo took
-  0.76x the time (149.0 -> 112.8 s, peak RSS 1.17 -> 1.26 GB). `KTR_MALLOPT=0`, or glibc's own
-  `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` / `GLIBC_TUNABLES` malloc settings, leave glibc as it is.
+  0.81x the time of huge pages alone with 2 threads (147.7 -> 119.9 s, peak RSS 1.14 -> 1.23 GB) and 0.90x with one.
+  `KTR_MALLOPT=0`, or glibc's own `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` / `GLIBC_TUNABLES` malloc
+  settings, leave glibc as it is.
 
 Code that imports ktr as a library is left as it is; it can call :func:`allocator_defaults` first thing.
 """
