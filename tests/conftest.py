@@ -3,7 +3,7 @@ import os
 # As the `ktr` command does (ktr/__main__.py): torch's large CPU tensors on huge pages, set before its first allocation,
 # and glibc's thresholds, so that the in-process tests allocate as the command does; the processes the tests start
 # inherit the huge pages (and set the thresholds themselves where they run `ktr`).
-from ktr.__main__ import allocator_defaults  # noqa: E402
+from ktr.__main__ import allocator_defaults
 
 allocator_defaults()
 

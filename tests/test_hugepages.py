@@ -18,11 +18,11 @@ _THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _ENTRY_PROBE = """
 import resource, sys, types
 
-def measure():  # stands in for ktr.cli: Lightning's import allocates, then a 64 MB tensor is touched
+def measure():  # stands in for ktr.cli: Lightning's import allocates, then the tensors are made
     import lightning  # noqa: F401
     import torch
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    if sys.argv[2] == "once":
+    if sys.argv[2] == "once":  # page faults of a 64 MB tensor touched once
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.empty(16 * 2**20).fill_(1.0)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     else:  # bytes glibc maps afresh for a 37 MB tensor (the demo's [V, 64] gradients), the most of 3 in turn
