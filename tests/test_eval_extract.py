@@ -10,6 +10,7 @@ import pytest
 
 from ktr.eval.extract import (
     Extraction,
+    NONE,
     extract_mmmu,
     extract_mmvu,
     extract_tempcompass_caption_matching,
@@ -231,6 +232,16 @@ def test_tempcompass_caption_matching(output, pred, score):
     assert score_tempcompass_caption_matching(got.answer, CAPTION_ANSWER) == score
 
 
+def test_tempcompass_caption_with_a_colon_is_split_the_same_way_for_extraction_and_scoring():
+    """The official script cuts a line at every ": " in both steps, so such a caption's sentence never matches."""
+    lines = ["Sentence A: Note: he runs.", "Sentence B: he walks."]
+    assert extract_tempcompass_caption_matching("Note: he runs.", lines) == Extraction(None, NONE)
+    assert extract_tempcompass_caption_matching("Sentence A: Note: he runs.", lines).answer == lines[0]
+    got = extract_tempcompass_caption_matching("Sentence A", lines)
+    assert got == Extraction("Sentence A", "option_index")
+    assert score_tempcompass_caption_matching(got.answer, lines[0]) == 1.0
+
+
 def test_tempcompass_caption_matching_sentence_letters():
     lines = ["Sentence A: A man is dunking a basketball.", "Sentence B: A person passing a basketball."]
     got = extract_tempcompass_caption_matching("A", lines)
@@ -265,3 +276,15 @@ def test_option_texts_and_mmvu_final_answer():
                                                                                                    "final_answer")
     for text in ("<answer>Bob</answer>", "<answer>F</answer>", "<answer></answer>"):  # no option letter opens it
         assert extract_mmvu(text, choices).step != "answer_tag"
+
+
+def test_mmvu_answer_tag_tells_an_option_letter_from_a_word():
+    choices = {"A": "10 g", "B": "2", "C": "a gas", "D": "none", "E": "5 m"}
+    for text, letter in [("<answer>B 2</answer>", "B"), ("<answer>C A gas</answer>", "C"),
+                         ("<answer>D </answer>", "D"), ("<answer>(A) 10 g</answer>", "A"),
+                         ("<answer>E. 5 m</answer>", "E"), ("<answer>B</answer>", "B")]:
+        assert extract_mmvu(text, choices) == Extraction(letter, "answer_tag"), text
+    # a sentence or an equation that opens with a capital letter is not that option
+    for text in ("<answer>A precipitate of 10 g forms, option C</answer>", "<answer>E = 10 g</answer>",
+                 "<answer>B 3</answer>"):
+        assert extract_mmvu(text, choices).step != "answer_tag", text

@@ -48,10 +48,13 @@ def test_ratio_one_keeps_all_valid_finite() -> None:
     assert select_top_ratio(s, valid, 1.0).tolist() == [[T_, F_, T_, F_, F_]]
 
 
-def test_non_finite_scores_are_excluded_and_never_selected() -> None:
+def test_non_finite_scores_stay_out_of_the_quantile_and_plus_inf_is_selected() -> None:
     s = _row([float("nan"), float("inf"), float("-inf"), 1.0, 2.0, 3.0])
-    # Pool {1, 2, 3}; ratio 0.5 -> rank 1 -> thr 2. +inf >= 2 but is never selected.
-    assert select_top_ratio(s, _all_valid(s), 0.5).tolist() == [[F_, F_, F_, F_, T_, T_]]
+    # Pool {1, 2, 3}; ratio 0.5 -> rank 1 -> thr 2. The released rule `valid & (s >= thr)` keeps +inf >= 2.
+    assert select_top_ratio(s, _all_valid(s), 0.5).tolist() == [[F_, T_, F_, F_, T_, T_]]
+    # a pool with no finite score has no threshold: nothing is selected, +inf included
+    only = _row([float("inf"), float("nan")])
+    assert select_top_ratio(only, _all_valid(only), 0.5).tolist() == [[F_, F_]]
 
 
 def test_invalid_tokens_are_left_out_of_the_pool() -> None:
@@ -92,7 +95,7 @@ def _reference(scores: torch.Tensor, valid: torch.Tensor, ratio: float, g: int) 
         block, kb = scores[start : start + g], keep[start : start + g]
         if kb.any():
             thr = torch.quantile(block[kb], 1 - ratio)
-            out[start : start + g] = kb & (block >= thr)
+            out[start : start + g] = valid[start : start + g] & (block >= thr)  # +inf kept, as released
     return out
 
 

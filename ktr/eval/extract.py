@@ -148,7 +148,11 @@ def extract_tempcompass_caption_matching(output: str, option_lines: Sequence[str
     Extraction(answer='Option 2', step='option_index')
     """
     pred = output.replace("</s>", "").strip()
-    sentences = [line.split(": ", 1)[1] if ": " in line else line for line in option_lines]
+    # The sentence is the text between the first and the second ": ", as in the official script's extraction and
+    # in the scoring below: a caption that itself holds ": " is therefore matched only as a whole line or by its
+    # index (the official script then asks its judge; ktr counts it unparsable). A line without ": " is its own
+    # sentence here, where the official script would raise.
+    sentences = [line.split(": ")[1] if ": " in line else line for line in option_lines]
     heads = [line.split(": ", 1)[0] for line in option_lines]
     indices = heads + [h.replace("Sentence ", "").replace("Option ", "").replace("Caption ", "") for h in heads]
     found = Extraction(None, NONE)
@@ -250,8 +254,9 @@ _TAG_LETTER_RE = re.compile(r"[\s\*\$\(\[]*([A-Z])(?:$|[\s\*\$\)\]\.:,])")
 
 def extract_mmvu(output: str, choices: Mapping[str, str]) -> Extraction:
     """ktr's rule for MMVU (the official scorer is a GPT-4o judge): the last "final answer is: X" with X
-    an option letter; else the last ``<answer>`` tag when it opens with an option letter ("B", "(B)", "B. text":
-    how R1-style models such as Video-KTR's answer, which a judge reads, step ``answer_tag``); else
+    an option letter; else the last ``<answer>`` tag when it opens with an option letter ("B", "(B)", "B. text",
+    "B text" when "text" is option B's: how R1-style models such as Video-KTR's answer, which a judge reads, step
+    ``answer_tag``; "A precipitate forms" is a sentence, not option A); else
     :func:`extract_mmmu`.
 
     >>> extract_mmvu("... Therefore, the final answer is: $B$", {"A": "1", "B": "2"})
@@ -265,9 +270,18 @@ def extract_mmvu(output: str, choices: Mapping[str, str]) -> Extraction:
         return Extraction(hits[-1], "final_answer")
     tags = ANSWER_RE.findall(output)
     tag = _TAG_LETTER_RE.match(tags[-1]) if tags else None
-    if tag is not None and tag.group(1) in choices:
+    if tag is not None and tag.group(1) in choices and _opens_with_the_letter(tags[-1], tag, choices[tag.group(1)]):
         return Extraction(tag.group(1), "answer_tag")
     return extract_mmmu(output, choices)
+
+
+def _opens_with_the_letter(text: str, tag: re.Match, option: str) -> bool:
+    """False where the letter is a word of a sentence ("A precipitate forms", "E = 10 g"): a letter followed by
+    a space and more text counts only when that text is the option's own ("B 2" for option B "2")."""
+    if not tag.group(0)[-1:].isspace():
+        return True  # the letter ends the tag or a delimiter follows it: "B", "(B)", "B. text", "B: text"
+    rest = text[tag.end():].strip().lower()
+    return not rest or rest.startswith(option.strip().lower())
 
 
 # -------------------------------------------------------------------------------------------- Holmes

@@ -2,8 +2,9 @@
 
 For one attribution signal, a token is key when its score reaches the ``1 - ratio`` quantile of its pool:
 ``thr = torch.quantile(scores[valid & finite], 1 - ratio)`` (linear interpolation) and
-``mask = valid & finite & (scores >= thr)``. The released pool is the group (all valid tokens of the G
-completions of one prompt). Signals are then combined by union.
+``mask = valid & (scores >= thr)``. The released pool is the group (all valid tokens of the G
+completions of one prompt). Signals are then combined by union. A ``+inf`` score (the token impossible in the
+perturbed pass) stays out of the quantile and is selected, as released; NaN and ``-inf`` never are.
 
 The quantile is computed here by one batched sort over all pools instead of ``torch.quantile`` per
 pool: it reproduces ``torch.quantile`` exactly (same float rank arithmetic and ``torch.lerp``, checked by
@@ -72,10 +73,11 @@ def select_top_ratio(scores: Tensor, valid: Tensor, ratio: float, group_size: in
         group_size: ``None`` pools all rows together; ``G`` pools consecutive blocks of ``G`` rows
             (``N % G == 0``), the released per-prompt group; ``1`` makes every row its own pool.
     Returns:
-        ``[N, T]`` bool: ``valid & isfinite(scores) & (scores >= thr_pool)``.
+        ``[N, T]`` bool: ``valid & (scores >= thr_pool)``.
 
     Behaviour at the edges, all following the quantile rule rather than a token count:
-        * non-finite scores (nan, +-inf) are never selected and are left out of the quantile;
+        * non-finite scores are left out of the quantile; ``+inf`` is then selected (it is above any threshold),
+          nan and ``-inf`` never are (before 2026-12-08 ktr dropped ``+inf`` too);
         * a pool without a valid finite token selects nothing;
         * ``ratio = 1``: the threshold is the pool minimum, so every valid finite token is kept;
         * ``ratio = 0``: the threshold is the pool maximum, so the max-valued token(s) are kept, not none
@@ -86,9 +88,11 @@ def select_top_ratio(scores: Tensor, valid: Tensor, ratio: float, group_size: in
 
 
 def above_thresholds(scores: Tensor, valid: Tensor, thresholds: Tensor) -> Tensor:
-    """`[N, T]` bool: valid finite scores at or above their row's threshold (`thresholds` `[N]`)."""
+    """`[N, T]` bool: valid scores at or above their row's threshold (`thresholds` `[N]`): ``+inf`` included,
+    nan never (its comparisons are false), and nothing where the threshold is nan (a pool without a finite
+    score)."""
     x = upcast(scores)  # [N, T]
-    return valid & torch.isfinite(x) & (x >= thresholds.unsqueeze(-1))  # NaN (empty pool) selects nothing
+    return valid & (x >= thresholds.unsqueeze(-1))
 
 
 def top_ratio_thresholds(scores: Tensor, valid: Tensor, ratio: float, group_size: int | None = None) -> Tensor:
@@ -96,7 +100,7 @@ def top_ratio_thresholds(scores: Tensor, valid: Tensor, ratio: float, group_size
 
     Same arguments as :func:`select_top_ratio`; rows of one pool share a value; NaN where the pool has no
     valid finite token (nothing selected there). Scores are upcast as in the selection, so
-    ``select_top_ratio(...) == valid & isfinite(s) & (upcast(s) >= thr[:, None])`` exactly.
+    ``select_top_ratio(...) == valid & (upcast(s) >= thr[:, None])`` exactly.
     """
     _check_ratio(ratio)
     if scores.dim() != 2:

@@ -126,7 +126,9 @@ def accuracy_reward_detail(completion: str, solution: str, problem_type: str) ->
     """Accuracy reward with its parse status; never raises.
 
     ``parse_ok`` is False (and the value 0) when the type is unknown, either text has no ``<answer>``
-    tag, a number cannot be read, or a scorer raised.
+    tag, a number cannot be read, or a scorer raised. The released code reads a missing tag as ``""``: the same 0
+    for a completion without one, but against a solution without one it compares empty strings (a tagless
+    multiple-choice completion then scores 1). ktr's loader skips such solutions (docs/method.md section 7).
 
     >>> accuracy_reward_detail("<answer>4</answer>", "<answer>4</answer>", "numerical")
     RewardResult(value=1.0, parse_ok=True, reason='')
