@@ -117,7 +117,7 @@ def test_tiny_qwen35_is_the_real_architecture(tiny_qwen35) -> None:
 def test_video_prompt_layout(tiny_qwen35, wrapper) -> None:
     """Qwen3-VL's timestamped layout with Qwen3.5's ids: per temporal patch `<t seconds>` + start + placeholders +
     end; the installed transformers maps `qwen3_5` to `Qwen3VLProcessor`, whose prompt equals ktr's layout of the
-    same name (5.24: `keep`)."""
+    same name (5.25+: `replace`; 5.10-5.24: `keep`)."""
     import transformers
 
     from tests.test_qwen3vl import _MESSAGES, _hf_video_prompt, _processor_layout, _video_sample
