@@ -1,4 +1,4 @@
-"""The one deprecation path: import paths that moved when the package took its layered layout (ktr 0.2).
+"""The one deprecation path: import paths that moved when the package took its layered layout (2026-12-05).
 
 Configs and saved runs name classes by dotted path (`class_path: ktr.sft.SFTModule`), and user code imports
 modules by path (`from ktr.policy import load_policy`). Every path that moved is in `MODULES` or `CLASSES`,
