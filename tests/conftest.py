@@ -6,16 +6,21 @@ import os
 from ktr.__main__ import allocator_defaults
 
 allocator_defaults()
+# Before anything imports huggingface_hub (Lightning does), which reads the variable once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
 
+# Lightning gives its loggers a handler on the `sys.stderr` of the moment it is first imported. Imported here, that is
+# the session's stream; first imported inside a test with `capsys`, it was that test's stream, closed when the test
+# ended, and every later Lightning log in the worker printed "--- Logging error ---" with a traceback to stderr
+# (test_first_contact's "no Traceback in stderr" check failed after test_readme's `--help` runs had imported it).
+import lightning.pytorch  # noqa: E402,F401
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests import FIXTURES  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 _SCHEDULING = (os.sched_getscheduler(0), os.sched_getparam(0)) if hasattr(os, "sched_getscheduler") else None
